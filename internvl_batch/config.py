@@ -1,0 +1,136 @@
+"""Typed, self-validating configuration for a run.
+
+Each stage gets its own frozen dataclass; `__post_init__` rejects nonsense with a message that
+says what to do, so bad flags fail before any model is loaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .sources import SourceSpec
+
+DEFAULT_PROMPT = "Describe this image in one sentence."
+
+
+class ConfigError(ValueError):
+    """A user error in flags or environment: reported as one line, exit code 2."""
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("INTERNVL_BATCH_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "internvl-batch"
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    prompt: str = DEFAULT_PROMPT
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if not self.prompt.strip():
+            raise ConfigError("--prompt is empty")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    ignore_eos: bool = False  # benchmarks: every variant decodes the same number of tokens
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ConfigError("--max-tokens must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError("--temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("--top-p must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model: str
+    compile: bool = False
+    max_dynamic_patch: int | None = None  # None: the checkpoint's own setting
+    max_model_len: int = 8192
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, small on CPU
+    dtype: str = "auto"
+    seed: int = 0
+    load_format: str | None = None  # None: "dummy" for synthesized checkpoints, else "auto"
+    enforce_eager: bool = False
+    mm_cache_gb: float | None = None  # vLLM's multimodal processor cache; 0 turns it off
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("--model is required")
+        if self.max_dynamic_patch is not None and not 1 <= self.max_dynamic_patch <= 40:
+            raise ConfigError("--max-dynamic-patch must be between 1 and 40")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        if self.max_model_len < 256:
+            raise ConfigError("--max-model-len must be >= 256")
+        if self.compile and self.enforce_eager:
+            raise ConfigError("--compile and --enforce-eager contradict each other")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    source: SourceSpec
+    engine: EngineSpec
+    output: Path
+    prompt: PromptSpec = field(default_factory=PromptSpec)
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    batch_size: int = 256
+    num_shards: int = 1
+    shard_index: int = 0
+    workers: int = 4
+    max_error_rate: float = 1.0
+    min_rows_for_error_rate: int = 20
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        if self.num_shards < 1:
+            raise ConfigError("--num-shards must be >= 1")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ConfigError(f"--shard-index {self.shard_index} is outside "
+                              f"0..{self.num_shards - 1} (--num-shards {self.num_shards})")
+        if self.workers < 0:
+            raise ConfigError("--workers must be >= 0")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ConfigError("--max-error-rate must be between 0 and 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d["cache_dir"] = str(self.cache_dir)
+        return d
+
+
+def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    """Explicit flags win; otherwise a Slurm array task is one shard of the array."""
+    if num_shards is None:
+        num_shards = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+        if "SLURM_ARRAY_TASK_COUNT" in os.environ and "SLURM_NTASKS" in os.environ \
+                and os.environ.get("IVB_TASKS_ARE_SHARDS") == "1":
+            num_shards *= int(os.environ["SLURM_NTASKS"])
+    if shard_index is None:
+        shard_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        if os.environ.get("IVB_TASKS_ARE_SHARDS") == "1":
+            # several srun tasks (one per GPU) inside one array task: each is its own shard
+            shard_index = shard_index * int(os.environ.get("SLURM_NTASKS", "1")) + \
+                int(os.environ.get("SLURM_PROCID", "0"))
+    return num_shards, shard_index

@@ -1,0 +1,157 @@
+"""Image decoding and validation, run ahead of the engine in worker processes.
+
+vLLM's `LLM.generate` does its own multimodal preprocessing serially in the calling process,
+so anything we leave undone (file I/O, JPEG decode, colour conversion) also runs serially
+there and the GPU waits. Decoding here, in a pool, in order, with a bounded window of work in
+flight, keeps the engine fed and memory flat.
+
+Every failure becomes an `ImageError` with a one-line reason that lands in the row's `error`
+column; a bad image never stops the run.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from .sources import Record
+
+# A 16-bit TIFF or a 10k x 10k PNG decodes to hundreds of MB; past this it is not a caption
+# job but a decompression bomb.
+MAX_PIXELS = 64_000_000
+# vLLM's tiler handles any aspect, but a 1:1000 strip has no content worth a caption and
+# blows up the tile search; reject beyond this.
+MAX_ASPECT = 200.0
+
+
+class ImageError(Exception):
+    pass
+
+
+@dataclass
+class Decoded:
+    record: Record
+    image: object | None  # PIL.Image.Image in RGB, or None on error
+    error: str | None = None
+
+
+def load_rgb(payload: bytes | str | None, max_side: int | None = None):
+    """Decode an image reference to an RGB PIL image, or raise ImageError(reason)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if payload is None:
+        raise ImageError("no image in this record")
+    if isinstance(payload, str):
+        if not os.path.exists(payload):
+            raise ImageError(f"missing file: {payload}")
+        if os.path.getsize(payload) == 0:
+            raise ImageError("empty file (0 bytes)")
+        src = payload
+    else:
+        if len(payload) == 0:
+            raise ImageError("empty image bytes")
+        src = io.BytesIO(payload)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(src) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ImageError(f"too large: {w}x{h} pixels (limit {MAX_PIXELS})")
+                if max(w, h) / max(1, min(w, h)) > MAX_ASPECT:
+                    raise ImageError(f"aspect ratio {w}x{h} exceeds {MAX_ASPECT:.0f}:1")
+                if max_side and max(w, h) > max_side:
+                    # draft() lets libjpeg decode at 1/2, 1/4, 1/8 scale: far cheaper than
+                    # decoding full size and resizing afterwards
+                    im.draft("RGB", (max_side, max_side))
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(im)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise ImageError(f"not a readable image: {str(e).splitlines()[0][:200]}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # truncated JPEG/PNG surface as OSError("image file is truncated") and friends
+        raise ImageError(f"corrupt image: {type(e).__name__}: {str(e)[:200]}") from None
+    if max_side and max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.BICUBIC)
+    return rgb
+
+
+def _to_rgb(im):
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit/float greyscale: convert("RGB") would clip to white; rescale to 8 bits
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(a.astype("uint8"), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # composite on white: black-background alpha makes dark captions ("a black image")
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im.convert("RGB") if im.mode != "RGB" else im.copy()
+
+
+def decode(record: Record, max_side: int | None = None) -> Decoded:
+    try:
+        return Decoded(record, load_rgb(record.payload, max_side))
+    except ImageError as e:
+        return Decoded(record, None, str(e))
+    except Exception as e:  # a decoder bug must cost one row, not the run
+        return Decoded(record, None, f"decode failed: {type(e).__name__}: {str(e)[:200]}")
+
+
+def _decode_many(records: list[Record], max_side: int | None) -> list[Decoded]:
+    return [decode(r, max_side) for r in records]
+
+
+def make_pool(workers: int) -> Executor | None:
+    """Processes sidestep the GIL for decode; 0 means decode inline (debugging, tiny runs)."""
+    if workers <= 0:
+        return None
+    import multiprocessing as mp
+
+    # fork would copy a process that may already hold CUDA/vLLM state; spawn is clean
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+
+
+def prefetch(records: Iterable[Record], pool: Executor | None, *, window: int = 512,
+             chunk: int = 16, max_side: int | None = None) -> Iterator[Decoded]:
+    """Decode `records` in `pool`, yielding in input order with at most `window` in flight."""
+    if pool is None:
+        for r in records:
+            yield decode(r, max_side)
+        return
+    pending: deque[Future] = deque()
+    in_flight = 0
+    buf: list[Record] = []
+    it = iter(records)
+    exhausted = False
+    while True:
+        while not exhausted and in_flight < window:
+            try:
+                buf.append(next(it))
+            except StopIteration:
+                exhausted = True
+            if buf and (len(buf) >= chunk or exhausted):
+                pending.append(pool.submit(_decode_many, buf, max_side))
+                in_flight += len(buf)
+                buf = []
+        if not pending:
+            return
+        done = pending.popleft().result()
+        in_flight -= len(done)
+        yield from done
+

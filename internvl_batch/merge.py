@@ -1,0 +1,72 @@
+"""Merge: check that every shard of an output directory is complete; combine their stats."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from . import stats as stats_mod
+
+SHARD_RE = re.compile(r"part-(\d{5})-of-(\d{5})")
+
+
+def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
+    if not output.is_dir():
+        return False, f"merge: {output} does not exist"
+    names = {m.group(0) for p in output.iterdir() if (m := SHARD_RE.match(p.name))}
+    names |= {m.group(0) for p in (output / "_parts").glob("*") if (m := SHARD_RE.match(p.name))}
+    counts = {int(SHARD_RE.match(n).group(2)) for n in names}
+    if not counts:
+        return False, f"merge: no shards in {output}"
+    if len(counts) > 1:
+        return False, f"merge: {output} mixes runs with different shard counts {sorted(counts)}"
+    total = counts.pop()
+    missing, failed, shards = [], [], []
+    for i in range(total):
+        name = f"part-{i:05d}-of-{total:05d}"
+        pq_path, st_path = output / f"{name}.parquet", output / f"{name}.stats.json"
+        if pq_path.is_file() and st_path.is_file():
+            shards.append((name, json.loads(st_path.read_text())))
+        elif (output / "_parts" / name).is_dir():
+            failed.append(name)  # started, never finished: failed, preempted or still running
+        else:
+            missing.append(name)
+    lines = []
+    if shards:
+        lines.append(f"{'shard':<22} {'rows':>8} {'errors':>7} {'img/s':>9} {'out tok/s':>10} "
+                     f"{'cache':>6}")
+        for name, s in shards:
+            cache = "-" if s.get("cache_hit") is None else ("hit" if s["cache_hit"] else "miss")
+            lines.append(f"{name:<22} {s.get('rows_in_shard', s['rows']):>8} {s['errors']:>7} "
+                         f"{s['images_per_s']:>9.2f} {s['output_tokens_per_s']:>10.1f} {cache:>6}")
+    if missing or failed:
+        if failed:
+            lines.append(f"merge: incomplete shards (failed or still running): {', '.join(failed)}")
+        if missing:
+            lines.append(f"merge: missing shards (never started): {', '.join(missing)}")
+        return False, "\n".join(lines)
+    summary = stats_mod.merge_parallel([s for _, s in shards])
+    summary["rows_in_output"] = sum(s.get("rows_in_shard", s["rows"]) for _, s in shards)
+    summary["shards"] = total
+    (output / "stats.json").write_text(json.dumps(
+        {**summary, "per_shard": {n: {k: s.get(k) for k in stats_mod.KEYS} for n, s in shards}},
+        indent=2, default=str))
+    if compact:
+        _compact(output, total, compact)
+        lines.append(f"compacted {summary['rows_in_output']} rows into {compact}")
+    lines.append(stats_mod.table(summary, f"merged {total} shards: "
+                                          f"{summary['rows_in_output']} rows"))
+    return True, "\n".join(lines)
+
+
+def _compact(output: Path, total: int, dest: Path):
+    import pyarrow.parquet as pq
+
+    paths = [output / f"part-{i:05d}-of-{total:05d}.parquet" for i in range(total)]
+    schema = pq.read_schema(paths[0])
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with pq.ParquetWriter(tmp, schema) as w:
+        for p in paths:
+            for batch in pq.ParquetFile(p).iter_batches(batch_size=8192):
+                w.write_batch(batch)
+    tmp.replace(dest)

@@ -1,0 +1,195 @@
+"""The run: source -> decode workers -> prompts -> engine -> Parquet sink -> stats.
+
+Exit codes: 0 shard complete; 3 stopped by --max-error-rate; 75 (EX_TEMPFAIL) stopped early by
+SIGUSR1/SIGTERM (Slurm preemption) with every finished row kept, so a rerun resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+from . import __version__, prompts, stats as stats_mod
+from .config import RunConfig
+from .images import Decoded, make_pool, prefetch
+from .sinks import ShardWriter
+from .sources import open_source
+
+EXIT_OK, EXIT_ERROR_RATE, EXIT_PREEMPTED = 0, 3, 75
+
+
+class Stop(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Signals:
+    """Turn SIGUSR1/SIGTERM into a flag checked between batches: finish the batch, flush."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _batches(items, n):
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
+    r = d.record
+    row = {"id": r.id, "seq": r.seq, "image_ref": r.image_ref, "references": list(r.references),
+           "prompt": prompt_text, "caption": None, "prompt_tokens": None, "image_tokens": None,
+           "tiles": None, "output_tokens": None, "finish_reason": None, "error": d.error}
+    if res is not None:
+        row.update(caption=res.text if not res.error else None,
+                   prompt_tokens=res.prompt_tokens, image_tokens=res.image_tokens,
+                   tiles=res.image_tokens // tokens_per_tile if tokens_per_tile else None,
+                   output_tokens=res.output_tokens, finish_reason=res.finish_reason,
+                   error=res.error)
+    return row
+
+
+def run(cfg: RunConfig, log=print) -> int:
+    writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
+    if writer.is_complete():
+        log(f"{writer.final} is complete: nothing to do (delete it to caption again)")
+        return EXIT_OK
+    done = writer.done_ids()
+    records = open_source(cfg.source)  # raises SourceError before any model is loaded
+    mine = (r for r in records
+            if r.seq % cfg.num_shards == cfg.shard_index and r.id not in done)
+    if done:
+        log(f"resuming {writer.name}: {len(done)} rows already written")
+
+    from .cache import CompileCache
+
+    t_start = time.perf_counter()
+    st = stats_mod.RunStats()
+    cache = CompileCache(cfg.cache_dir)
+    engine, entry = cache.start_engine(cfg.engine, log=log)
+    st.init_s = round(engine.timings.total_s, 3)
+    st.load_s, st.compile_s, st.cudagraph_s = (engine.timings.load_s, engine.timings.compile_s,
+                                               engine.timings.cudagraph_s)
+    st.warmup_s = round(engine.timings.warmup_s, 3)
+    st.cache_hit, st.cache_key = entry.hit, entry.key
+    info = engine.info()
+    st.gpu_name = info["device"] if info["cuda"] else None
+    tokens_per_tile = engine_tokens_per_tile(engine)
+    prompt_text = prompts.render(cfg.prompt)
+    metadata = {"internvl_batch": __version__, "config": cfg.to_dict(), "versions": info,
+                "model_config_hash": entry.fields.get("model_config_hash"),
+                "cache_key": entry.key, "git_sha": git_sha(), "argv": sys.argv}
+
+    writer.open()
+    previous = writer.previous_stats()
+    pool = make_pool(cfg.workers)
+    window = max(2 * cfg.batch_size, 64)
+    progress = _progress(cfg, len(done))
+    code, message = EXIT_OK, None
+    try:
+        with _Signals() as sig:
+            decoded = prefetch(mine, pool, window=window)
+            for batch in _batches(decoded, cfg.batch_size):
+                t0 = time.perf_counter()
+                ok = [d for d in batch if d.error is None]
+                results = iter(engine.generate(
+                    [prompts.request(prompt_text, d.image) for d in ok], cfg.sampling))
+                rows = []
+                for d in batch:
+                    res = next(results) if d.error is None else None
+                    rows.append(_row(d, prompt_text, tokens_per_tile, res))
+                    st.add_row(error=rows[-1]["error"], answered=res is not None and not res.error,
+                               prompt_tokens=res.prompt_tokens if res else 0,
+                               image_tokens=res.image_tokens if res else 0,
+                               output_tokens=res.output_tokens if res else 0)
+                writer.write(rows)
+                st.generate_s += time.perf_counter() - t0
+                progress.update(len(rows))
+                progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",
+                                     tok_s=f"{st.output_tokens / max(st.generate_s, 1e-9):.0f}",
+                                     err=st.errors)
+                if st.rows >= cfg.min_rows_for_error_rate and \
+                        st.errors / st.rows > cfg.max_error_rate:
+                    raise Stop(EXIT_ERROR_RATE,
+                               f"stopped: {st.errors}/{st.rows} rows failed, above "
+                               f"--max-error-rate {cfg.max_error_rate}; see the error column "
+                               f"in {writer.parts} (rows written so far are kept)")
+                if sig.received:
+                    raise Stop(EXIT_PREEMPTED,
+                               f"stopped by signal {signal.Signals(sig.received).name} after "
+                               f"{st.rows} rows; rerun the same command to resume")
+    except Stop as s:
+        code, message = s.code, str(s)
+    except KeyboardInterrupt:
+        code, message = EXIT_PREEMPTED, "interrupted; rerun the same command to resume"
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
+        engine.close()
+    st.generate_s = round(st.generate_s, 3)
+    st.total_s = round(time.perf_counter() - t_start, 3)
+    runs = previous + [st.to_dict()]
+    summary = stats_mod.summarize(runs)
+    if code != EXIT_OK:
+        writer.save_partial_stats(runs)
+        log(message)
+        return code
+    total_rows = writer.finalize(metadata)
+    stats_mod.write(writer.stats_path, summary, runs,
+                    {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
+                     "metadata": metadata})
+    log(stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} rows -> "
+                                 f"{writer.final}"))
+    return EXIT_OK
+
+
+def engine_tokens_per_tile(engine) -> int:
+    """(image_size / patch)^2 * downsample_ratio^2: 256 for InternVL3's 448 px tiles."""
+    try:
+        hf = engine.llm.llm_engine.model_config.hf_config
+        side = hf.force_image_size or hf.vision_config.image_size
+        return int((side // hf.vision_config.patch_size) ** 2 * hf.downsample_ratio ** 2)
+    except Exception:
+        return 256
+
+
+def _progress(cfg: RunConfig, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(desc=f"caption shard {cfg.shard_index}/{cfg.num_shards}", unit="img",
+                initial=initial, disable=not cfg.progress, dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
+
+
+def load_stats(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

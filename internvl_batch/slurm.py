@@ -1,0 +1,428 @@
+"""Slurm: render the sbatch scripts from templates and submit warm-cache -> caption array -> merge.
+
+The scripts live as templates in `internvl_batch/templates/` with `@@NAME@@` markers (bash
+uses `$` and `{}` itself). `jobs/*.sbatch` in the repository are the templates rendered with
+the GPU defaults (`internvl-batch slurm write-jobs jobs/`); a test keeps them equal.
+
+`internvl-batch slurm submit` renders the three scripts for one run into `<output>/slurm/`
+and submits them with `sbatch --parsable`, chained with `--dependency=afterok`.
+
+Only the standard library and click are imported here: no vllm, no torch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import click
+
+MARKER = re.compile(r"@@([A-Z_]+)@@")
+SCRIPTS = ("warm-cache.sbatch", "caption-array.sbatch", "merge.sbatch")
+# IVB_* variables the rendered scripts take from the environment before their own defaults;
+# `slurm submit` removes them from sbatch's environment so the options given to it win.
+BAKED_ENV = ("IVB_DATASET", "IVB_MODEL", "IVB_OUTPUT", "IVB_CACHE_DIR", "IVB_ENGINE_ARGS",
+             "IVB_EXTRA_ARGS", "IVB_GPU", "IVB_NUM_SHARDS", "IVB_MERGE_ARGS")
+# options that `slurm submit` sets itself and so may not appear in --extra-args
+OWN_OPTIONS = ("--dataset", "--output", "-o", "--model", "--cache-dir", "--num-shards",
+               "--shard-index")
+
+
+class SlurmError(click.ClickException):
+    """One-line user-facing error (exit 1, no traceback)."""
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+def template(name: str) -> str:
+    return resources.files("internvl_batch").joinpath("templates", name).read_text()
+
+
+def fill(text: str, values: dict[str, str]) -> str:
+    """Replace every @@NAME@@ in text; a marker without a value is an error."""
+    def sub(m):
+        if m.group(1) not in values:
+            raise KeyError(f"template marker @@{m.group(1)}@@ has no value")
+        return values[m.group(1)]
+    return MARKER.sub(sub, text)
+
+
+def q(value) -> str:
+    """A shell word for the configuration block (`ivb_set NAME WORD`)."""
+    return shlex.quote(str(value))
+
+
+@dataclass
+class Resources:
+    partition: str | None = None
+    time: str = "04:00:00"
+    mem: str | None = "64G"
+    cpus_per_task: int = 8
+    ntasks: int = 1           # srun tasks per job (array task): one per GPU
+    gpu: bool = True          # one GPU per task
+    partition_hint: bool = False  # a commented-out --partition line when there is none
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.partition:
+            out.append(f"#SBATCH --partition={self.partition}")
+        elif self.partition_hint:
+            out.append("##SBATCH --partition=gpu   # (remove one # to use; default: the cluster's)")
+        out += [f"#SBATCH --time={self.time}",
+               "#SBATCH --nodes=1",
+               f"#SBATCH --ntasks={self.ntasks}",
+               f"#SBATCH --cpus-per-task={self.cpus_per_task}"]
+        if self.mem:
+            out.append(f"#SBATCH --mem={self.mem}")
+        if self.gpu:
+            out.append("#SBATCH --gres=gpu:1" if self.ntasks == 1 else "#SBATCH --gpus-per-task=1")
+        return out
+
+
+@dataclass
+class Plan:
+    """Everything the three scripts of one run need. Values are plain strings (not shell)."""
+
+    dataset: str = "sample"
+    model: str = "OpenGVLab/InternVL3-2B"
+    output: str = "ivb-output"
+    cache_dir: str = "~/.cache/internvl-batch"
+    engine_args: str = ""
+    extra_args: str = ""
+    merge_args: str = ""
+    shards: int = 8
+    gpu: bool = True
+    tasks_per_job: int = 1      # --gpus-per-node: srun tasks (shards) per array task
+    caption: Resources = field(default_factory=Resources)
+    warm: Resources = field(default_factory=lambda: Resources(time="01:00:00"))
+    merge: Resources = field(default_factory=lambda: Resources(
+        time="00:30:00", mem="8G", cpus_per_task=2, gpu=False))
+    log_dir: str | None = None  # None: the job's working directory
+    max_running: int | None = None
+    bin: str = "internvl-batch"
+    activate: str = ""
+    generated: str = ""
+    # raw shell words overriding q(field) in the configuration block (the jobs/ defaults use
+    # them for values that expand at run time, like "${SLURM_SUBMIT_DIR:-$PWD}/ivb-output")
+    shell_values: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def array_size(self) -> int:
+        return math.ceil(self.shards / self.tasks_per_job)
+
+    @property
+    def array_spec(self) -> str:
+        spec = f"0-{self.array_size - 1}"
+        return f"{spec}%{self.max_running}" if self.max_running else spec
+
+    def _values(self) -> dict[str, str]:
+        v = {"DATASET": q(self.dataset), "MODEL": q(self.model), "OUTPUT": q(self.output),
+             "CACHE_DIR": q(self.cache_dir), "ENGINE_ARGS": q(self.engine_args),
+             "EXTRA_ARGS": q(self.extra_args), "MERGE_ARGS": q(self.merge_args),
+             "GPU": "1" if self.gpu else "0", "ACTIVATE": q(self.activate), "BIN": q(self.bin),
+             "NUM_SHARDS": q(self.shards), "GENERATED": self.generated}
+        v.update(self.shell_values)
+        return v
+
+    def _log(self, pattern: str) -> str:
+        return f"{self.log_dir.rstrip('/')}/{pattern}" if self.log_dir else pattern
+
+    def _render(self, name: str, title: str, description: list[str], sbatch: list[str]) -> str:
+        text = template(name).replace("@@COMMON@@", template("_common.sh").rstrip("\n"))
+        values = self._values()
+        values.update(TITLE=title, SBATCH="\n".join(sbatch),
+                      DESCRIPTION="\n".join(f"# {d}".rstrip() for d in description))
+        return fill(text, values)
+
+    def caption_script(self, array_in_script: bool = True) -> str:
+        k = self.tasks_per_job
+        res = replace(self.caption, ntasks=k, gpu=self.gpu)
+        sbatch = ["#SBATCH --job-name=ivb-caption", f"#SBATCH --output={self._log('%x-%A_%a.out')}",
+                  "#SBATCH --open-mode=append"]
+        if array_in_script:
+            sbatch.append(f"#SBATCH --array={self.array_spec}")
+        sbatch += res.lines() + ["#SBATCH --requeue", "#SBATCH --signal=B:USR1@120"]
+        unit = "GPU" if self.gpu else "task"
+        if k == 1:
+            title = "caption a dataset, one shard per Slurm array task"
+            desc = ["Array task i captions shard i of the array's task count (or IVB_NUM_SHARDS)",
+                    "and writes <output>/part-0000i-of-N.parquet; rerunning resumes."]
+        else:
+            title = f"caption a dataset, {k} shards per array task (one srun task per {unit})"
+            desc = [f"Each array task holds one node with {k} {unit}s and runs {k} srun tasks",
+                    "(--gpus-per-task=1), each its own shard: shard = array task id x tasks +",
+                    "SLURM_PROCID, shard count = array task count x tasks (or IVB_NUM_SHARDS)."]
+        return self._render("caption.sbatch", title, desc, sbatch)
+
+    def warm_script(self) -> str:
+        sbatch = ["#SBATCH --job-name=ivb-warm", f"#SBATCH --output={self._log('%x-%j.out')}"]
+        sbatch += replace(self.warm, gpu=self.gpu, ntasks=1).lines()
+        desc = ["Builds the compile-cache entry for the model and engine settings once, so the",
+                "caption array tasks start from it instead of each compiling on its own."]
+        return self._render("warm-cache.sbatch", "warm the shared compile cache", desc, sbatch)
+
+    def merge_script(self) -> str:
+        sbatch = ["#SBATCH --job-name=ivb-merge", f"#SBATCH --output={self._log('%x-%j.out')}"]
+        sbatch += replace(self.merge, gpu=False, ntasks=1).lines()
+        desc = ["Runs after the caption array: checks that every shard is complete and",
+                "combines their stats into <output>/stats.json."]
+        return self._render("merge.sbatch", "merge the shards of a run", desc, sbatch)
+
+    def scripts(self) -> dict[str, str]:
+        return {"warm-cache.sbatch": self.warm_script(),
+                "caption-array.sbatch": self.caption_script(),
+                "merge.sbatch": self.merge_script()}
+
+
+def default_plan(tasks_per_job: int = 1) -> Plan:
+    """The GPU defaults rendered into jobs/: every value can be overridden by IVB_* variables."""
+    sv = {"OUTPUT": '"${SLURM_SUBMIT_DIR:-$PWD}/ivb-output"',
+          "CACHE_DIR": '"${INTERNVL_BATCH_CACHE:-$HOME/.cache/internvl-batch}"',
+          "NUM_SHARDS": "''"}
+    return Plan(tasks_per_job=tasks_per_job, shards=8 * tasks_per_job, shell_values=sv,
+                caption=Resources(mem=f"{64 * tasks_per_job}G", partition_hint=True),
+                warm=Resources(time="01:00:00", partition_hint=True),
+                merge=Resources(time="00:30:00", mem="8G", cpus_per_task=2, gpu=False,
+                                partition_hint=True),
+                generated="Rendered from internvl_batch/templates/ by `internvl-batch slurm "
+                          "write-jobs jobs/`.")
+
+
+def default_job_files() -> dict[str, str]:
+    """The files of jobs/ (without README.md), rendered from the templates."""
+    plan, multi = default_plan(), default_plan(tasks_per_job=4)
+    return {"caption-array.sbatch": plan.caption_script(),
+            "caption-multigpu.sbatch": multi.caption_script(),
+            "warm-cache.sbatch": plan.warm_script(),
+            "merge.sbatch": plan.merge_script()}
+
+
+# -- options: which of --extra-args also go to `cache warm` -----------------------------------
+
+def _engine_option_names() -> dict[str, bool]:
+    """Options that both `run` and `cache warm` accept (engine settings) -> is it a flag."""
+    try:
+        from .cli import cli
+        run, warm = cli.commands["run"], cli.commands["cache"].commands["warm"]
+    except Exception:  # the CLI cannot be loaded: nothing is shared, warm uses its defaults
+        return {}
+
+    def names(cmd):
+        out = {}
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not p.hidden:
+                for o in [*p.opts, *p.secondary_opts]:
+                    out[o] = bool(p.is_flag or p.secondary_opts or p.count)
+        return out
+    r, w = names(run), names(warm)
+    return {o: r[o] for o in r.keys() & w.keys()}
+
+
+def split_engine_args(args: str) -> tuple[str, str]:
+    """Split --extra-args into (engine options for warm + run, options for run only)."""
+    try:
+        tokens = shlex.split(args)
+    except ValueError as e:
+        raise SlurmError(f"--extra-args: {e}") from None
+    shared = _engine_option_names()
+    engine, extra = [], []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        name = tok.split("=", 1)[0] if tok.startswith("--") else tok
+        if name in OWN_OPTIONS:
+            raise SlurmError(f"--extra-args: {name} is set by `slurm submit` itself; use its "
+                             f"own option")
+        if name in shared:
+            n = 1 if shared[name] or "=" in tok else 2
+            engine += tokens[i:i + n]
+            i += n
+        else:
+            extra.append(tok)
+            i += 1
+    return shlex.join(engine), shlex.join(extra)
+
+
+# -- submitting -------------------------------------------------------------------------------
+
+def default_bin() -> str:
+    here = Path(sys.executable).parent / "internvl-batch"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which("internvl-batch") or "internvl-batch"
+
+
+def default_cache_dir() -> str:
+    try:
+        from .config import default_cache_dir as app_default
+        return str(app_default())
+    except Exception:
+        return os.path.expanduser("~/.cache/internvl-batch")
+
+
+def sbatch_commands(paths: dict[str, Path], plan: Plan, workdir: str, sbatch_args: list[str],
+                    merge_after: str = "afterok", skip_warm: bool = False) -> list[list[str]]:
+    """The sbatch command lines; <warm> and <array> stand for the ids of the earlier jobs."""
+    base = ["sbatch", "--parsable", f"--chdir={workdir}", *sbatch_args]
+    cmds = []
+    if not skip_warm:
+        cmds.append([*base, str(paths["warm-cache.sbatch"])])
+    array = [*base]
+    if not skip_warm:
+        array.append("--dependency=afterok:<warm>")
+    cmds.append([*array, f"--array={plan.array_spec}", str(paths["caption-array.sbatch"])])
+    cmds.append([*base, f"--dependency={merge_after}:<array>", str(paths["merge.sbatch"])])
+    return cmds
+
+
+def _sbatch(cmd: list[str], env: dict[str, str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    except FileNotFoundError:
+        raise SlurmError("sbatch not found: run this on a Slurm login node (or use --dry-run "
+                         "to only render the scripts)") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"sbatch did not answer in 120 s: {shlex.join(cmd)}") from None
+    if p.returncode != 0:
+        msg = (p.stderr.strip() or p.stdout.strip() or "no message").splitlines()[-1]
+        raise SlurmError(f"sbatch failed (exit {p.returncode}): {msg}")
+    job_id = p.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch printed no job id: {p.stdout.strip()!r}")
+    return job_id
+
+
+def submit(paths: dict[str, Path], plan: Plan, workdir: str, sbatch_args: list[str],
+           merge_after: str = "afterok", skip_warm: bool = False) -> dict[str, str]:
+    """Submit the chain; on failure cancel what was already submitted. Returns name -> id."""
+    env = {k: v for k, v in os.environ.items() if k not in BAKED_ENV}
+    ids: dict[str, str] = {}
+    names = ([] if skip_warm else ["warm"]) + ["array", "merge"]
+    try:
+        for name, cmd in zip(names, sbatch_commands(paths, plan, workdir, sbatch_args,
+                                                     merge_after, skip_warm)):
+            cmd = [c.replace("<warm>", ids.get("warm", "")).replace("<array>", ids.get("array", ""))
+                   for c in cmd]
+            ids[name] = _sbatch(cmd, env)
+    except SlurmError:
+        if ids:
+            subprocess.run(["scancel", *ids.values()], capture_output=True)
+        raise
+    return ids
+
+
+# -- command line -----------------------------------------------------------------------------
+
+@click.group()
+def slurm():
+    """Run on a Slurm cluster: warm-cache job -> caption array -> merge job."""
+
+
+@slurm.command("submit")
+@click.option("--dataset", required=True, help="As for `run`: sample | coco | folder:DIR | ...")
+@click.option("--model", required=True, help="Checkpoint dir, hub id or preset:NAME.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Output directory; the scripts and logs go to <output>/slurm/.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Shared compile cache, visible from every node [default: the app's].")
+@click.option("--shards", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Total number of shards.")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Shards per array task, one srun task (GPU) each; array size = "
+                   "ceil(shards / this).")
+@click.option("--partition", default=None, help="[default: the cluster's default partition]")
+@click.option("--time", "time_", default="04:00:00", show_default=True,
+              help="Time limit of each caption array task.")
+@click.option("--mem", default=None, help="Memory per array task [default: 64G per GPU; "
+                                          "8G with --cpu].")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None,
+              help="[default: 8; 2 with --cpu]")
+@click.option("--cpu", is_flag=True, help="CPU-only variant: no GPU requests (CI, tests).")
+@click.option("--extra-args", default="", help="More `run` options, shell-quoted, e.g. "
+              "'--data-dir D --annotations A --max-tokens 32'. Engine options among them "
+              "(--compile, --max-model-len ...) also go to the warm-cache job.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Working directory of the jobs [default: the current one].")
+@click.option("--max-running", type=click.IntRange(min=1), default=None,
+              help="At most this many array tasks at once (--array=0-N%M).")
+@click.option("--sbatch-args", default="", help="Added to every sbatch call, e.g. "
+              "'--account=proj --qos=normal'.")
+@click.option("--merge-after", type=click.Choice(["afterok", "afterany"]), default="afterok",
+              show_default=True, help="afterany: merge even when shards failed, to name them.")
+@click.option("--skip-warm", is_flag=True, help="No warm-cache job (the entry exists).")
+@click.option("--bin", "bin_", default=None,
+              help="internvl-batch executable on the nodes [default: this one].")
+@click.option("--activate", default="", help="Shell line run first in each job, e.g. "
+              "'source /path/venv/bin/activate'.")
+@click.option("--dry-run", is_flag=True, help="Print the scripts and sbatch commands only.")
+def submit_cmd(dataset, model, output, cache_dir, shards, gpus_per_node, partition, time_, mem,
+               cpus_per_task, cpu, extra_args, workdir, max_running, sbatch_args, merge_after,
+               skip_warm, bin_, activate, dry_run):
+    """Render warm-cache, caption-array and merge scripts into <output>/slurm/ and submit them,
+    chained with afterok dependencies. Prints `warm ID`, `array ID`, `merge ID`."""
+    output = os.path.abspath(os.path.expanduser(output))
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    workdir = os.path.abspath(workdir or os.getcwd())
+    engine_args, run_args = split_engine_args(extra_args)
+    try:
+        sbatch_extra = shlex.split(sbatch_args)
+    except ValueError as e:
+        raise SlurmError(f"--sbatch-args: {e}") from None
+    k = gpus_per_node
+    cpus = cpus_per_task or (2 if cpu else 8)
+    caption_mem = mem or ("8G" if cpu else f"{64 * k}G")
+    slurm_dir = Path(output) / "slurm"
+    plan = Plan(
+        dataset=dataset, model=model, output=output, cache_dir=cache_dir,
+        engine_args=engine_args, extra_args=run_args, shards=shards, gpu=not cpu,
+        tasks_per_job=k, max_running=max_running, bin=bin_ or default_bin(), activate=activate,
+        log_dir=str(slurm_dir / "logs"),
+        caption=Resources(partition=partition, time=time_, mem=caption_mem, cpus_per_task=cpus),
+        warm=Resources(partition=partition, time="01:00:00", mem=mem or ("8G" if cpu else "64G"),
+                       cpus_per_task=cpus),
+        merge=Resources(partition=partition, time="00:30:00", mem="8G" if not cpu else "2G",
+                        cpus_per_task=1 if cpu else 2, gpu=False),
+        generated=f"Rendered by `internvl-batch slurm submit` for {output}.")
+    scripts = plan.scripts()
+    paths = {name: slurm_dir / name for name in scripts}
+    cmds = sbatch_commands(paths, plan, workdir, sbatch_extra, merge_after, skip_warm)
+    if dry_run:
+        for name, text in scripts.items():
+            if skip_warm and name == "warm-cache.sbatch":
+                continue
+            click.echo(f"==> {paths[name]} <==")
+            click.echo(text)
+        click.echo("# sbatch commands (<warm>, <array>: the ids printed by the earlier ones)")
+        for cmd in cmds:
+            click.echo(shlex.join(cmd))
+        return
+    try:
+        (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
+        for name, text in scripts.items():
+            paths[name].write_text(text)
+            paths[name].chmod(0o755)
+    except OSError as e:
+        raise SlurmError(f"cannot write the scripts to {slurm_dir}: {e}") from None
+    ids = submit(paths, plan, workdir, sbatch_extra, merge_after, skip_warm)
+    for name, job_id in ids.items():
+        click.echo(f"{name} {job_id}")
+    click.echo(f"scripts in {slurm_dir}, logs in {slurm_dir / 'logs'}", err=True)
+
+
+@slurm.command("write-jobs", hidden=True)
+@click.argument("directory", type=click.Path(file_okay=False), default="jobs")
+def write_jobs(directory):
+    """Write the default GPU scripts (jobs/*.sbatch) from the templates."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in default_job_files().items():
+        (d / name).write_text(text)
+        (d / name).chmod(0o755)
+        click.echo(f"wrote {d / name}")

@@ -1,0 +1,274 @@
+"""Sources: where images and reference captions come from.
+
+Every source yields `Record`s lazily, in a deterministic order, with a stable `seq` (position
+in the dataset) and `id`. Records carry a *reference* to the image (a path or raw bytes), not
+pixels: decoding happens later, in parallel workers (`images.py`), so memory stays bounded by
+the prefetch window however large the dataset is.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class SourceError(ValueError):
+    """A dataset that cannot be opened at all (wrong path, wrong format): a user error."""
+
+
+@dataclass(frozen=True)
+class Record:
+    seq: int
+    id: str
+    image_ref: str
+    payload: bytes | str | None = field(repr=False)  # raw bytes, a file path, or None if absent
+    references: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Parsed `--dataset` value plus the options that go with it."""
+
+    kind: str
+    target: str = ""
+    data_dir: str | None = None
+    annotations: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str | None = None
+    id_column: str | None = None
+    limit: int | None = None
+
+    KINDS = ("sample", "coco", "folder", "parquet", "hf")
+
+    @classmethod
+    def parse(cls, value: str, **options) -> "SourceSpec":
+        kind, _, target = value.partition(":")
+        spec = cls(kind=kind, target=target, **options)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if self.kind not in self.KINDS:
+            raise SourceError(f"unknown dataset {self.kind!r}: use sample, coco, "
+                              "folder:DIR, parquet:GLOB or hf:NAME_OR_PATH")
+        if self.kind in ("folder", "parquet", "hf") and not self.target:
+            raise SourceError(f"--dataset {self.kind}: needs a target, e.g. {self.kind}:PATH")
+        if self.kind == "coco" and not (self.data_dir or self.annotations or self.target):
+            raise SourceError("--dataset coco needs --data-dir (images) and --annotations "
+                              "(captions_*.json), or coco:DIR holding both")
+        if self.limit is not None and self.limit < 0:
+            raise SourceError("--limit must be >= 0")
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.target}" if self.target else self.kind
+
+
+def open_source(spec: SourceSpec) -> Iterator[Record]:
+    """Yield the dataset's records in order (all shards; the pipeline filters its own)."""
+    readers = {"sample": _sample, "coco": _coco, "folder": _folder, "parquet": _parquet,
+               "hf": _hf}
+    records = readers[spec.kind](spec)
+    if spec.limit is None:
+        return records
+    return (r for r in records if r.seq < spec.limit)
+
+
+# -- sample -----------------------------------------------------------------------------
+
+def sample_dir() -> Path:
+    return Path(str(resources.files("internvl_batch") / "data" / "sample"))
+
+
+def sample_captions() -> list[str]:
+    path = sample_dir() / "captions.jsonl"
+    if not path.is_file():
+        return []
+    return [c for line in path.read_text().splitlines() if line.strip()
+            for c in json.loads(line)["captions"]]
+
+
+def _sample(spec: SourceSpec) -> Iterator[Record]:
+    return _folder_records(sample_dir(), id_prefix="sample/")
+
+
+# -- folder -----------------------------------------------------------------------------
+
+def _folder(spec: SourceSpec) -> Iterator[Record]:
+    root = Path(spec.target)
+    if not root.is_dir():
+        raise SourceError(f"folder {root} does not exist or is not a directory")
+    return _folder_records(root)
+
+
+def _folder_records(root: Path, id_prefix: str = "") -> Iterator[Record]:
+    captions: dict[str, tuple[str, ...]] = {}
+    cap_file = root / "captions.jsonl"
+    if cap_file.is_file():
+        for n, line in enumerate(cap_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[row["file"]] = tuple(row.get("captions") or ())
+            except (ValueError, KeyError, TypeError):
+                raise SourceError(f"{cap_file}:{n}: expected {{\"file\": ..., \"captions\": [...]}}")
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+
+    def gen():
+        for seq, path in enumerate(files):
+            rel = path.relative_to(root).as_posix()
+            yield Record(seq, id_prefix + rel, rel, str(path), captions.get(rel, ()))
+    return gen()
+
+
+# -- COCO captions ------------------------------------------------------------------------
+
+def _coco(spec: SourceSpec) -> Iterator[Record]:
+    data_dir, ann = spec.data_dir, spec.annotations
+    if spec.target and not data_dir:
+        data_dir = spec.target
+    if not ann:
+        found = sorted(glob.glob(os.path.join(data_dir or ".", "**", "captions_*.json"),
+                                 recursive=True))
+        if not found:
+            raise SourceError(f"no captions_*.json under {data_dir}; pass --annotations FILE")
+        ann = found[0]
+    if not os.path.isfile(ann):
+        raise SourceError(f"annotations file {ann} not found")
+    try:
+        with open(ann) as f:
+            doc = json.load(f)
+        images = doc["images"]
+        annotations = doc.get("annotations", [])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"{ann} is not a COCO captions file (need images[] and "
+                          f"annotations[]): {e}") from None
+    image_root = Path(data_dir) if data_dir else Path(ann).parent
+    # COCO keeps images in train2017/ or val2017/ beside annotations/; accept either layout
+    refs: dict[int, list[str]] = {}
+    for a in annotations:
+        if "image_id" in a and "caption" in a:
+            refs.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
+
+    def gen():
+        for seq, img in enumerate(images):
+            name = str(img.get("file_name", ""))
+            path = image_root / name
+            image_id = img.get("id", seq)
+            yield Record(seq, str(image_id), name, str(path),
+                         tuple(refs.get(image_id, ())))
+    return gen()
+
+
+# -- Parquet ------------------------------------------------------------------------------
+
+def _parquet(spec: SourceSpec) -> Iterator[Record]:
+    files = sorted(glob.glob(spec.target, recursive=True))
+    if not files:
+        raise SourceError(f"no Parquet files match {spec.target!r}")
+    import pyarrow.parquet as pq
+
+    first = pq.read_schema(files[0])
+    if spec.image_column not in first.names:
+        raise SourceError(f"{files[0]} has no column {spec.image_column!r} "
+                          f"(columns: {', '.join(first.names)}); pass --image-column")
+
+    def gen():
+        seq = 0
+        for path in files:
+            pf = pq.ParquetFile(path)
+            cols = [c for c in (spec.image_column, spec.caption_column, spec.id_column)
+                    if c and c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=256, columns=cols):
+                for row in batch.to_pylist():
+                    payload, ref = _payload_of(row.get(spec.image_column), Path(path).parent)
+                    rid = row.get(spec.id_column) if spec.id_column else None
+                    yield Record(seq, str(rid) if rid is not None else f"{Path(path).name}:{seq}",
+                                 ref or f"{Path(path).name}[{seq}]", payload,
+                                 _captions_of(row.get(spec.caption_column)))
+                    seq += 1
+    return gen()
+
+
+def _payload_of(value, base: Path) -> tuple[bytes | str | None, str]:
+    """Image cell -> (payload, reference): bytes, {bytes, path} structs (HF style) or paths."""
+    if value is None:
+        return None, ""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), ""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"]), str(value.get("path") or "")
+        if value.get("path"):
+            value = value["path"]
+        else:
+            return None, ""
+    if isinstance(value, str):
+        p = Path(value)
+        return str(p if p.is_absolute() else base / p), value
+    if hasattr(value, "save"):  # a decoded PIL image (HF datasets without decode=False)
+        import io
+
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue(), ""
+    return None, ""
+
+
+def _captions_of(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, dict):  # e.g. {"raw": [...]} or {"text": ...}
+        for k in ("raw", "text", "caption", "captions"):
+            if k in value:
+                return _captions_of(value[k])
+        return ()
+    return tuple(str(v) for v in value)
+
+
+# -- Hugging Face datasets ----------------------------------------------------------------
+
+def _hf(spec: SourceSpec) -> Iterator[Record]:
+    try:
+        import datasets
+    except ImportError:
+        raise SourceError("--dataset hf: needs the 'datasets' package (pip install datasets)")
+    target = spec.target
+    try:
+        if os.path.isdir(target) and os.path.isfile(os.path.join(target, "dataset_info.json")):
+            ds = datasets.load_from_disk(target)  # a save_to_disk() Dataset
+        elif os.path.isdir(target) and os.path.isfile(os.path.join(target, "dataset_dict.json")):
+            ds = datasets.load_from_disk(target)[spec.split]
+        else:
+            ds = datasets.load_dataset(target, split=spec.split, streaming=True)
+    except Exception as e:  # datasets raises many types; all mean "cannot open this"
+        raise SourceError(f"cannot open hf:{target} (split {spec.split}): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    features = getattr(ds, "features", None) or {}
+    if features and spec.image_column not in features:
+        raise SourceError(f"hf:{target} has no column {spec.image_column!r} "
+                          f"(columns: {', '.join(features)}); pass --image-column")
+    if isinstance(features.get(spec.image_column), datasets.Image):
+        # raw bytes, so decoding runs in our workers instead of the reading thread
+        ds = ds.cast_column(spec.image_column, datasets.Image(decode=False))
+
+    def gen():
+        for seq, row in enumerate(ds):
+            payload, ref = _payload_of(row.get(spec.image_column), Path(target))
+            rid = row.get(spec.id_column) if spec.id_column else None
+            yield Record(seq, str(rid) if rid is not None else f"{spec.split}-{seq}",
+                         ref or f"{target}[{spec.split}][{seq}]", payload,
+                         _captions_of(row.get(spec.caption_column)))
+    return gen()
