@@ -78,9 +78,24 @@ def model_config_hash(model: str) -> str:
 
 
 def gpu_name() -> str:
-    from .engine import device_name
+    """Without initialising CUDA in this process: vLLM forks its engine core, and a fork
+    after CUDA init fails ("Cannot re-initialize CUDA in forked subprocess")."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from .engine import has_cuda
 
-    return device_name()
+    if has_cuda():
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _slug(s: str) -> str:
@@ -154,7 +169,8 @@ class Entry:
             pass
 
     def quarantine(self, reason: str) -> Path:
-        dest = self.root / "quarantine" / f"{self.key}.{time.strftime('%Y%m%d-%H%M%S')}"
+        dest = self.root / "quarantine" / \
+            f"{self.key}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}.{time.monotonic_ns()}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             os.replace(self.path, dest)
@@ -222,7 +238,10 @@ class CompileCache:
         """Return (started Engine, Entry): from a complete entry (hit) or by building it."""
         from .engine import Engine
 
+        from .engine import has_cuda, llm_kwargs
+
         spec = self.resolve(spec)
+        llm_kwargs(spec, cuda=has_cuda())  # flag errors now, before an entry is created
         entry = self.entry(spec)
         if entry.complete:
             entry.hit = True

@@ -205,6 +205,8 @@ def _filler_tokens(n: int, taken: set[str]):
     the vocabulary is padded with short lowercase strings (valid byte-level symbols).
     """
     count = 0
+    if n <= 0:
+        return
     for length in range(2, 6):
         for letters in product(string.ascii_lowercase, repeat=length):
             tok = "".join(letters)
@@ -243,8 +245,15 @@ def build_tokenizer(vocab_size: int, out: Path) -> dict[str, int]:
         for i, t in enumerate(specials)
     ]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps(state, ensure_ascii=False))
     ids = {t: base + i for i, t in enumerate(specials)}
+    # `tokenizers` renumbers added tokens that are missing from the model vocab, so the
+    # specials must sit in the vocab at their own ids, or they drift past the fillers
+    vocab.update(ids)
+    # ids between the last special and vocab_size (the model's padding rows) must decode too
+    top = base + len(specials)
+    for i, t in enumerate(_filler_tokens(vocab_size - top, set(vocab))):
+        vocab[t] = top + i
+    (out / "tokenizer.json").write_text(json.dumps(state, ensure_ascii=False))
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 32768,

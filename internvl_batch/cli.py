@@ -17,6 +17,10 @@ from .config import (DEFAULT_PROMPT, ConfigError, EngineSpec, PromptSpec, RunCon
 from .sources import SourceError, SourceSpec
 
 
+class UserError(click.ClickException):
+    exit_code = 2
+
+
 def user_errors(fn):
     """Turn the application's own error types into one-line Click errors."""
     @functools.wraps(fn)
@@ -26,7 +30,7 @@ def user_errors(fn):
         try:
             return fn(*a, **kw)
         except (ConfigError, SourceError, CacheError) as e:
-            raise click.ClickException(str(e)) from None
+            raise UserError(str(e)) from None
     return wrapper
 
 
@@ -168,6 +172,27 @@ def model_synth(preset, out):
     click.echo(f"wrote {preset} to {path} (vLLM: trust_remote_code=True, load_format='dummy')")
 
 
+# -- data -----------------------------------------------------------------------------------
+
+@cli.group()
+def data():
+    """Generated datasets for benchmarks and tests."""
+
+
+@data.command("coco-synth")
+@click.option("--n", type=int, required=True, help="Number of images.")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sizes", type=click.Choice(["coco", "448"]), default="coco", show_default=True,
+              help="COCO's size mix, or 448x448 only (one tile per image).")
+def data_coco_synth(n, out, seed, sizes):
+    """Write N generated JPEGs and a COCO captions file."""
+    from .synthdata import COCO_SIZES, SQUARE_448, make_coco
+
+    images, ann = make_coco(out, n, seed=seed, sizes=COCO_SIZES if sizes == "coco" else SQUARE_448)
+    click.echo(f"--dataset coco --data-dir {images} --annotations {ann}")
+
+
 # -- cache ----------------------------------------------------------------------------------
 
 @cli.group()
@@ -265,12 +290,14 @@ def cache_clear(cache_dir, older_than):
     from .cache import CompileCache
 
     secs = None
-    if older_than:
+    if older_than is not None:
         units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
         try:
             secs = float(older_than[:-1]) * units[older_than[-1]]
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, IndexError):
             raise ConfigError(f"--older-than {older_than!r}: use a number and d/h/m/s, e.g. 7d")
+        if not secs > 0:  # also rejects nan
+            raise ConfigError("--older-than must be positive, e.g. 7d")
     removed = CompileCache(cache_root(cache_dir)).clear(secs)
     click.echo(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}")
     for k in removed:

@@ -122,14 +122,14 @@ class RunConfig:
 
 def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
     """Explicit flags win; otherwise a Slurm array task is one shard of the array."""
+    tasks_are_shards = os.environ.get("IVB_TASKS_ARE_SHARDS") == "1"
     if num_shards is None:
         num_shards = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
-        if "SLURM_ARRAY_TASK_COUNT" in os.environ and "SLURM_NTASKS" in os.environ \
-                and os.environ.get("IVB_TASKS_ARE_SHARDS") == "1":
-            num_shards *= int(os.environ["SLURM_NTASKS"])
+        if tasks_are_shards:
+            num_shards *= int(os.environ.get("SLURM_NTASKS", "1"))
     if shard_index is None:
         shard_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-        if os.environ.get("IVB_TASKS_ARE_SHARDS") == "1":
+        if tasks_are_shards:
             # several srun tasks (one per GPU) inside one array task: each is its own shard
             shard_index = shard_index * int(os.environ.get("SLURM_NTASKS", "1")) + \
                 int(os.environ.get("SLURM_PROCID", "0"))

@@ -136,13 +136,9 @@ def has_cuda() -> bool:
 
 
 def device_name() -> str:
-    if has_cuda():
-        import torch
+    from .cache import gpu_name
 
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return gpu_name()
 
 
 def resolve_model(model: str) -> tuple[str, bool]:
@@ -154,7 +150,9 @@ def resolve_model(model: str) -> tuple[str, bool]:
         raise ConfigError(f"--model {model} is a preset name: run `internvl-batch model synth "
                           f"--preset {model} --out DIR` and pass DIR, or use --model "
                           f"preset:{model}")
-    if os.path.sep in model and not os.path.exists(model) and model.count("/") != 1:
+    looks_like_path = os.path.isabs(model) or model.startswith(("./", "../", "~")) or \
+        model.count("/") > 1
+    if looks_like_path:  # a hub id is exactly "org/name"
         raise ConfigError(f"--model {model}: no such directory")
     return model, False
 
@@ -212,6 +210,8 @@ class Engine:
 
     def start(self) -> "Engine":
         os.environ.update(self.cache_env)  # before vllm import: it reads these lazily
+        # spawn, not fork: a forked engine core dies if anything here touched CUDA first
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         self.cuda = has_cuda()
         kwargs = llm_kwargs(self.spec, cuda=self.cuda)
@@ -293,8 +293,6 @@ class Engine:
 
         d = {"vllm": vllm.__version__, "torch": torch.__version__, "device": device_name(),
              "cuda": self.cuda}
-        if self.cuda:
-            d["gpu_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         return d
 
     def gpu_memory_used_gb(self) -> float | None:

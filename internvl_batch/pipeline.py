@@ -77,7 +77,8 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
     return row
 
 
-def run(cfg: RunConfig, log=print) -> int:
+def run(cfg: RunConfig, log=print, started=None) -> int:
+    """Caption one shard. `started` = (Engine, Entry) reuses an engine (tests, benchmarks)."""
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
     if writer.is_complete():
         log(f"{writer.final} is complete: nothing to do (delete it to caption again)")
@@ -93,8 +94,7 @@ def run(cfg: RunConfig, log=print) -> int:
 
     t_start = time.perf_counter()
     st = stats_mod.RunStats()
-    cache = CompileCache(cfg.cache_dir)
-    engine, entry = cache.start_engine(cfg.engine, log=log)
+    engine, entry = started or CompileCache(cfg.cache_dir).start_engine(cfg.engine, log=log)
     st.init_s = round(engine.timings.total_s, 3)
     st.load_s, st.compile_s, st.cudagraph_s = (engine.timings.load_s, engine.timings.compile_s,
                                                engine.timings.cudagraph_s)
@@ -155,7 +155,8 @@ def run(cfg: RunConfig, log=print) -> int:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
-        engine.close()
+        if started is None:
+            engine.close()
     st.generate_s = round(st.generate_s, 3)
     st.total_s = round(time.perf_counter() - t_start, 3)
     runs = previous + [st.to_dict()]
@@ -168,6 +169,7 @@ def run(cfg: RunConfig, log=print) -> int:
     stats_mod.write(writer.stats_path, summary, runs,
                     {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
                      "metadata": metadata})
+    writer.commit()
     log(stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} rows -> "
                                  f"{writer.final}"))
     return EXIT_OK

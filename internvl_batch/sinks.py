@@ -95,7 +95,8 @@ class ShardWriter:
     def open(self):
         self.output.mkdir(parents=True, exist_ok=True)
         self.parts.mkdir(parents=True, exist_ok=True)
-        for stale in self.parts.glob(".*.tmp*"):  # a writer killed mid-chunk
+        # a writer killed mid-chunk, or between finalize() and commit()
+        for stale in [*self.parts.glob(".*.tmp*"), *self.output.glob(f".{self.name}.parquet.tmp*")]:
             stale.unlink(missing_ok=True)
         chunks = self._chunks()
         self._next = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 0
@@ -115,7 +116,9 @@ class ShardWriter:
         os.replace(tmp, self.partial_stats)
 
     def finalize(self, metadata: dict) -> int:
-        """Stream chunks into the final file in seq order; return its row count."""
+        """Stream chunks into the final file (under a temp name) in seq order; return its row
+        count. `commit()` makes it visible: the caller writes stats.json in between, so a
+        complete-looking shard always has its stats."""
         chunks = self._chunks()
         tmp = self.final.with_name(f".{self.final.name}.tmp{os.getpid()}")
         schema = SCHEMA.with_metadata({META_KEY: json.dumps(metadata).encode()})
@@ -136,13 +139,16 @@ class ShardWriter:
             pq.write_table(t.replace_schema_metadata(schema.metadata), tmp,
                            row_group_size=ROW_GROUP)
             total = t.num_rows
-        _fsync_rename(tmp, self.final)
+        self._pending = tmp
+        return total
+
+    def commit(self):
+        _fsync_rename(self._pending, self.final)
         shutil.rmtree(self.parts, ignore_errors=True)
         try:
             (self.output / "_parts").rmdir()
         except OSError:
             pass
-        return total
 
 
 def read_metadata(path: Path) -> dict:

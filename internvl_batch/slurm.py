@@ -375,7 +375,7 @@ def submit_cmd(dataset, model, output, cache_dir, shards, gpus_per_node, partiti
         sbatch_extra = shlex.split(sbatch_args)
     except ValueError as e:
         raise SlurmError(f"--sbatch-args: {e}") from None
-    k = gpus_per_node
+    k = min(gpus_per_node, shards)  # no array task with only idle GPUs
     cpus = cpus_per_task or (2 if cpu else 8)
     caption_mem = mem or ("8G" if cpu else f"{64 * k}G")
     slurm_dir = Path(output) / "slurm"

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -77,7 +78,7 @@ def open_source(spec: SourceSpec) -> Iterator[Record]:
     records = readers[spec.kind](spec)
     if spec.limit is None:
         return records
-    return (r for r in records if r.seq < spec.limit)
+    return islice(records, spec.limit)  # stop reading: a streamed hub dataset may be endless
 
 
 # -- sample -----------------------------------------------------------------------------
@@ -153,8 +154,7 @@ def _coco(spec: SourceSpec) -> Iterator[Record]:
     except (ValueError, KeyError, TypeError) as e:
         raise SourceError(f"{ann} is not a COCO captions file (need images[] and "
                           f"annotations[]): {e}") from None
-    image_root = Path(data_dir) if data_dir else Path(ann).parent
-    # COCO keeps images in train2017/ or val2017/ beside annotations/; accept either layout
+    image_root = _coco_image_root(data_dir, ann, images)
     refs: dict[int, list[str]] = {}
     for a in annotations:
         if "image_id" in a and "caption" in a:
@@ -168,6 +168,24 @@ def _coco(spec: SourceSpec) -> Iterator[Record]:
             yield Record(seq, str(image_id), name, str(path),
                          tuple(refs.get(image_id, ())))
     return gen()
+
+
+def _coco_image_root(data_dir: str | None, ann: str, images: list[dict]) -> Path:
+    """Where file_name is relative to. COCO ships DIR/annotations/captions_val2017.json beside
+    DIR/val2017/; flat layouts put images beside the JSON or in DIR/images. The first
+    candidate holding the first listed image wins; --data-dir given explicitly is trusted."""
+    if data_dir and not os.path.isdir(data_dir):
+        raise SourceError(f"--data-dir {data_dir} is not a directory")
+    top = Path(data_dir) if data_dir else Path(ann).parent
+    split = Path(ann).stem.split("_", 1)[-1]  # captions_val2017 -> val2017
+    candidates = [top, top / split, top / "images", top.parent / split, top.parent / "images",
+                  top.parent]
+    first = next((str(im.get("file_name", "")) for im in images if im.get("file_name")), None)
+    if first:
+        for c in candidates:
+            if (c / first).is_file():
+                return c
+    return top
 
 
 # -- Parquet ------------------------------------------------------------------------------

@@ -90,12 +90,16 @@ def test_dry_run_64_shards_gpu(tmp_path):
     assert not (tmp_path / "out").exists(), "--dry-run wrote files"
 
 
+GPU_DIRECTIVES = ("#SBATCH --gres", "#SBATCH --gpus", "#SBATCH --gpus-per-task",
+                  "#SBATCH --gpus-per-node")
+
+
 def test_dry_run_cpu_has_no_gpu_lines(tmp_path):
     parts = split_scripts(dry_run("--dataset", "sample", "--model", "preset:tiny",
                                   "--output", str(tmp_path), "--shards", "3", "--cpu"))
     for name in ("warm-cache.sbatch", "caption-array.sbatch", "merge.sbatch"):
         directives = [ln for ln in parts[name].splitlines() if ln.startswith("#SBATCH")]
-        assert directives and not [d for d in directives if d.split("=")[0] in ("#SBATCH --gres", "#SBATCH --gpus-per-task", "#SBATCH --gpus", "#SBATCH --gpus-per-node")], name
+        assert directives and not [d for d in directives if d.split("=")[0] in GPU_DIRECTIVES], name
         assert "ivb_set IVB_GPU 0" in parts[name]
     assert "--array=0-2" in parts["commands"]
 
@@ -337,13 +341,13 @@ def dump_logs(logs: Path | None):
             print(f"----- {p}\n{p.read_text()[-4000:]}")
 
 
-def rows(output: Path):
+def rows(output: Path, column: str = "id") -> list:
     import pyarrow.parquet as pq
 
-    ids = []
+    out = []
     for p in sorted(output.glob("part-*.parquet")):
-        ids += pq.read_table(p, columns=["id"]).column("id").to_pylist()
-    return ids
+        out += pq.read_table(p, columns=[column]).column(column).to_pylist()
+    return out
 
 
 def _tiny_model(request) -> str:
@@ -406,6 +410,7 @@ def test_e2e_warm_array_merge(e2e_run):
     ids = rows(out)
     print(f"merged rows {len(ids)} / dataset {N_IMAGES}")
     assert len(ids) == N_IMAGES and len(set(ids)) == N_IMAGES
+    assert [e for e in rows(out, "error") if e] == []
     assert sorted(p.name for p in out.glob("part-*.parquet")) == \
         [f"part-0000{i}-of-00003.parquet" for i in range(3)]
     merged = json.loads((out / "stats.json").read_text())
@@ -441,12 +446,19 @@ def test_merge_names_the_failed_shard(e2e_run, tmp_path):
 
 @pytest.mark.slurm
 @needs_cluster
-def test_requeue_resumes_without_duplicates(request, tmp_path):
-    """scontrol requeue of a running array task after it committed rows: it resumes."""
+@pytest.mark.parametrize("how", ["scontrol-requeue", "usr1"])
+def test_requeue_resumes_without_duplicates(request, tmp_path, how):
+    """A running array task is interrupted after it committed rows; it comes back and resumes.
+
+    scontrol-requeue: `scontrol requeue` (as an admin or a preemption would): Slurm stops
+    the job with SIGTERM and requeues it itself.
+    usr1: what `--signal=B:USR1@120` does before the time limit: the batch script gets USR1,
+    forwards it to the app, which stops after its batch (exit 75); the script requeues.
+    """
     if _cluster_up():
         pytest.skip(_cluster_up())
     model = _tiny_model(request)
-    n = int(os.environ.get("IVB_TEST_REQUEUE_IMAGES", "96"))
+    n = int(os.environ.get("IVB_TEST_REQUEUE_IMAGES", "120"))
     images, annotations = _make_coco(tmp_path / "coco", n)
     out = tmp_path / "out"
     ids = _submit(["--cpu", "--shards", "1", "--skip-warm", "--dataset", "coco",
@@ -467,16 +479,31 @@ def test_requeue_resumes_without_duplicates(request, tmp_path):
                         "raise IVB_TEST_REQUEUE_IMAGES")
         time.sleep(0.5)
     chunks = len(list((out / "_parts").glob("part-*/chunk-*.parquet")))
-    subprocess.run(["scontrol", "requeue", task], check=True)
-    print(f"requeued {task} after {chunks} committed chunk(s)")
+    if how == "usr1":
+        subprocess.run(["scancel", "--batch", "--signal=USR1", task], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", task], check=True)
+    print(f"{how}: {task} interrupted after {chunks} committed chunk(s)")
     states = wait_jobs([ids["array"], ids["merge"]], timeout=10 * 60, logs=logs)
     restarts = int(job_field(task, "Restarts") or 0)
-    print(f"requeue run: {states}, restarts {restarts}")
+    print(f"{how}: jobs {states}, restarts {restarts}")
     if set(states.values()) != {"COMPLETED"}:
         dump_logs(logs)
     assert set(states.values()) == {"COMPLETED"}, states
     assert restarts >= 1
     got = rows(out)
-    assert len(got) == n and len(set(got)) == n, (len(got), len(set(got)))
     log = (logs / f"ivb-caption-{task}.out").read_text()
+    errors = [e for e in rows(out, "error") if e]
+    print(f"{how}: rows {len(got)} / dataset {n}, unique {len(set(got))}, "
+          f"error rows {len(errors)}")
+    assert len(got) == n and len(set(got)) == n, (len(got), len(set(got)))
     assert "resuming" in log, log[-3000:]
+    if how == "usr1":
+        assert "got SIGUSR1, forwarding" in log and "requeued job" in log, log[-3000:]
+    if how == "scontrol-requeue" and errors and all("EngineDead" in e for e in errors):
+        # Slurm sends SIGTERM to every process of the job, vLLM's engine processes included:
+        # the batch in flight fails with EngineDeadError and is committed as error rows, so
+        # the resumed run skips those images instead of captioning them.
+        pytest.xfail(f"app: {len(errors)} rows of the batch in flight at the requeue were "
+                     f"kept as EngineDeadError rows")
+    assert errors == []

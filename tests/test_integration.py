@@ -1,0 +1,212 @@
+"""End to end with real vLLM on CPU and the tiny synthesized InternVL.
+
+Most tests share the session engine (one ~40 s start); the CLI tests start their own
+processes on purpose: kill -9, resume and the compile cache are about process boundaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from internvl_batch import stats as stats_mod
+from internvl_batch.config import PromptSpec, RunConfig, SamplingSpec
+from internvl_batch.pipeline import EXIT_ERROR_RATE, EXIT_OK, EXIT_PREEMPTED, run
+from internvl_batch.sources import SourceSpec
+from tests.conftest import needs_vllm
+from tests.helpers import BAD_IMAGES, make_coco
+
+pytestmark = [needs_vllm, pytest.mark.vllm]
+
+
+def _cfg(engine_spec, images, ann, out, **kw):
+    return RunConfig(
+        source=SourceSpec.parse("coco", data_dir=str(images), annotations=str(ann)),
+        engine=engine_spec, output=Path(out), sampling=SamplingSpec(max_tokens=kw.pop("max_tokens", 6)),
+        batch_size=kw.pop("batch_size", 8), workers=kw.pop("workers", 2), progress=False, **kw)
+
+
+def _rows(path):
+    return pq.read_table(path).to_pylist()
+
+
+def test_coco_with_bad_images(engine, engine_spec, coco_bad, tmp_path):
+    images, ann = coco_bad
+    out = tmp_path / "out"
+    assert run(_cfg(engine_spec, images, ann, out), started=engine) == EXIT_OK
+
+    rows = _rows(out / "part-00000-of-00001.parquet")
+    doc = json.loads(ann.read_text())
+    assert len(rows) == len(doc["images"]) == 20 + len(BAD_IMAGES)
+    assert [r["seq"] for r in rows] == sorted(r["seq"] for r in rows)
+    by_ref = {r["image_ref"]: r for r in rows}
+    for name, must_fail in BAD_IMAGES.items():
+        assert (by_ref[name]["error"] is not None) == must_fail, (name, by_ref[name]["error"])
+        if must_fail:
+            assert "\n" not in by_ref[name]["error"] and by_ref[name]["caption"] is None
+    good = [r for r in rows if r["error"] is None]
+    assert len(good) == 20 + sum(1 for v in BAD_IMAGES.values() if not v)
+    for r in good:
+        assert r["output_tokens"] == 6 or r["finish_reason"] == "stop"
+        assert r["prompt_tokens"] > r["image_tokens"] > 0
+        assert r["tiles"] >= 1 and r["image_tokens"] == r["tiles"] * 64  # tiny: 224 px tiles
+        assert isinstance(r["caption"], str)
+    # references travel from the COCO annotations
+    assert by_ref["000000000003.jpg"]["references"] and by_ref["ok_cmyk.jpg"]["references"] == ["ok_cmyk.jpg"]
+
+    st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
+    assert set(stats_mod.KEYS) <= set(st)
+    assert st["rows"] == len(rows) and st["errors"] == len(rows) - len(good)
+    assert st["images"] == st["requests"] == len(good)
+    assert st["output_tokens"] == sum(r["output_tokens"] for r in good)
+    assert st["input_tokens"] == sum(r["prompt_tokens"] for r in good)
+    assert st["total_tokens"] == st["input_tokens"] + st["output_tokens"]
+    assert st["images_per_s"] == pytest.approx(st["images"] / st["generate_s"], rel=1e-2)
+    assert st["generate_s"] < st["total_s"]
+    md = pq.read_schema(out / "part-00000-of-00001.parquet").metadata
+    meta = json.loads(md[b"internvl_batch"])
+    assert meta["versions"]["vllm"] and meta["model_config_hash"] and meta["cache_key"]
+
+
+def test_shards_partition_and_merge(engine, engine_spec, tmp_path, clean_env):
+    images, ann = make_coco(tmp_path / "coco", 13)
+    out = tmp_path / "out"
+    for i in range(3):
+        assert run(_cfg(engine_spec, images, ann, out, num_shards=3, shard_index=i),
+                   started=engine) == EXIT_OK
+    ids = [r["id"] for i in range(3) for r in _rows(out / f"part-{i:05d}-of-00003.parquet")]
+    assert sorted(ids, key=int) == [str(i) for i in range(13)]
+    from internvl_batch.merge import merge_output
+
+    ok, report = merge_output(out)
+    assert ok, report
+    assert json.loads((out / "stats.json").read_text())["rows_in_output"] == 13
+
+
+def test_signal_stops_cleanly_then_resumes(engine, engine_spec, tmp_path):
+    images, ann = make_coco(tmp_path / "coco", 24)
+    out = tmp_path / "out"
+    cfg = _cfg(engine_spec, images, ann, out, batch_size=2, workers=0)
+    parts = out / "_parts" / "part-00000-of-00001"
+
+    def preempt():  # what Slurm does before a requeue: SIGUSR1 while rows are being written
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 2:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    t = threading.Thread(target=preempt)
+    t.start()
+    assert run(cfg, started=engine) == EXIT_PREEMPTED
+    t.join()
+    assert not (out / "part-00000-of-00001.parquet").exists()
+    partial = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
+    assert 0 < partial < 24
+
+    assert run(cfg, started=engine) == EXIT_OK
+    ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
+    assert sorted(ids, key=int) == [str(i) for i in range(24)]
+    st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
+    assert len(st["runs"]) == 2 and st["rows"] == 24
+    # a third run has nothing to do
+    assert run(cfg, started=engine) == EXIT_OK
+
+
+def test_max_error_rate_stops_and_keeps_rows(engine, engine_spec, tmp_path):
+    images, ann = make_coco(tmp_path / "coco", 4, bad=True)
+    doc = json.loads(ann.read_text())
+    # mostly failing: move the bad images first
+    doc["images"].sort(key=lambda im: not str(im["file_name"]).startswith("bad_"))
+    ann.write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    cfg = _cfg(engine_spec, images, ann, out, batch_size=4, max_error_rate=0.3,
+               min_rows_for_error_rate=4)
+    assert run(cfg, started=engine) == EXIT_ERROR_RATE
+    chunks = list((out / "_parts" / "part-00000-of-00001").glob("chunk-*.parquet"))
+    assert chunks and sum(pq.read_metadata(c).num_rows for c in chunks) >= 4
+
+
+def test_prompt_too_long_is_an_error_row_not_a_crash(engine, engine_spec, tmp_path):
+    """A request vLLM rejects fails alone; the rest of its batch is captioned."""
+    images, ann = make_coco(tmp_path / "coco", 3)
+    out = tmp_path / "out"
+    cfg = _cfg(engine_spec, images, ann, out)
+    cfg = dataclasses.replace(cfg, prompt=PromptSpec("word " * 5000))
+    assert run(cfg, started=engine) == EXIT_OK
+    rows = _rows(out / "part-00000-of-00001.parquet")
+    assert len(rows) == 3 and all(r["error"] and r["error"].startswith("engine:") for r in rows)
+
+
+# -- real processes: the CLI, kill -9, the compile cache ---------------------------------
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "internvl_batch", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
+    images, ann = make_coco(tmp_path / "coco", 40)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["run", "--dataset", "coco", "--data-dir", str(images), "--annotations", str(ann),
+            "--model", tiny_model, "--output", str(out), "--cache-dir", str(cache),
+            "--max-tokens", "6", "--batch-size", "2", "--no-progress", "--max-model-len", "4096"]
+    p = _cli(*args)
+    parts = out / "_parts" / "part-00000-of-00001"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 3:
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # the engine core child dies with it
+    p.wait()
+    written = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
+    assert 0 < written < 40
+
+    p2 = _cli(*args)
+    log = p2.communicate(timeout=300)[0]
+    assert p2.returncode == 0, log
+    assert f"resuming part-00000-of-00001: {written} rows already written" in log
+    ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
+    assert len(ids) == len(set(ids)) == 40
+    st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
+    # run 1 built the cache entry (a miss; it was killed, so its stats were never saved),
+    # run 2 found it complete: a hit
+    assert [r["cache_hit"] for r in st["runs"]] == [True]
+    assert "images captioned" in log and "Traceback" not in log
+    entries = list((cache / "entries").iterdir())
+    assert len(entries) == 1 and (entries[0] / ".complete").is_file()
+    manifest = json.loads((entries[0] / "manifest.json").read_text())
+    assert manifest["fields"]["model"] == os.path.realpath(tiny_model)
+
+
+def test_cli_compile_on_cpu_fails_fast_with_one_line(tiny_model, tmp_path):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "internvl_batch", "run", "--dataset", "sample",
+                        "--model", tiny_model, "--compile", "--output", str(tmp_path / "o"),
+                        "--cache-dir", str(tmp_path / "c")], capture_output=True, text=True)
+    assert p.returncode != 0
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "--compile needs a CUDA GPU" in err[0], p.stderr
+    assert time.time() - t0 < 60
+
+
+def test_cache_verify_compares_against_eager(tiny_model, tmp_path, engine):
+    """`cache verify` runs the fixed probe on the cached (compiled-LM) engine and on a
+    fully eager reference process, and compares tokens and logprobs."""
+    cache = engine[1].root
+    p = subprocess.run([sys.executable, "-m", "internvl_batch", "cache", "verify",
+                        "--model", tiny_model, "--cache-dir", str(cache), "--max-model-len", "4096"],
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert "OK first-token agreement 100%" in p.stdout
+    refs = list((cache / "refs").glob("*.json"))
+    assert len(refs) == 1 and len(json.loads(refs[0].read_text())["token_ids"]) == 4
