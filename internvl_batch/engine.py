@@ -30,6 +30,15 @@ from . import checkpoint, prompts
 IMG_CONTEXT = "<IMG_CONTEXT>"
 
 
+class EngineDead(RuntimeError):
+    """vLLM's engine process is gone (killed by a signal, OOM): no request can succeed."""
+
+
+def _is_engine_death(e: BaseException) -> bool:
+    return type(e).__name__ == "EngineDeadError" or "EngineCore" in type(e).__name__ or \
+        isinstance(e, (BrokenPipeError, ConnectionError))
+
+
 @dataclass
 class GenResult:
     text: str
@@ -256,6 +265,10 @@ class Engine:
             outs = self.llm.generate(reqs, params, use_tqdm=False)
             return [self._result(o) for o in outs]
         except Exception as batch_error:
+            if _is_engine_death(batch_error):
+                # never turn a dead engine into error rows: the rerun must caption these
+                raise EngineDead(f"{type(batch_error).__name__}: "
+                                 f"{str(batch_error).splitlines()[0][:200] if str(batch_error) else ''}") from None
             if len(reqs) == 1:
                 return [GenResult("", 0, 0, 0, "error",
                                   error=f"engine: {type(batch_error).__name__}: "

@@ -1,7 +1,9 @@
 """The run: source -> decode workers -> prompts -> engine -> Parquet sink -> stats.
 
-Exit codes: 0 shard complete; 3 stopped by --max-error-rate; 75 (EX_TEMPFAIL) stopped early by
-SIGUSR1/SIGTERM (Slurm preemption) with every finished row kept, so a rerun resumes.
+Exit codes: 0 shard complete; 3 stopped by --max-error-rate; 4 the vLLM engine died; 75
+(EX_TEMPFAIL) stopped early by SIGUSR1/SIGTERM (Slurm preemption). In every case each
+finished row is kept and a rerun resumes; a batch whose engine died is never written, so its
+images are captioned by the rerun instead of becoming error rows.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from pathlib import Path
 
 from . import __version__, prompts, stats as stats_mod
 from .config import RunConfig
+from .engine import EngineDead
 from .images import Decoded, make_pool, prefetch
 from .sinks import ShardWriter
 from .sources import open_source
 
-EXIT_OK, EXIT_ERROR_RATE, EXIT_PREEMPTED = 0, 3, 75
+EXIT_OK, EXIT_ERROR_RATE, EXIT_ENGINE_DIED, EXIT_PREEMPTED = 0, 3, 4, 75
 
 
 class Stop(Exception):
@@ -89,12 +92,36 @@ def run(cfg: RunConfig, log=print, started=None) -> int:
             if r.seq % cfg.num_shards == cfg.shard_index and r.id not in done)
     if done:
         log(f"resuming {writer.name}: {len(done)} rows already written")
+    # trap preemption from the start: engine start-up alone can take minutes
+    with _Signals() as sig:
+        try:
+            return _run(cfg, writer, mine, len(done), sig, log, started)
+        except EngineDead as e:
+            if sig.received:
+                log(f"stopped by signal {signal.Signals(sig.received).name}; the batch in "
+                    "flight was dropped, rows written so far are kept; rerun to resume")
+                return EXIT_PREEMPTED
+            log(f"the vLLM engine died ({e}); rows written so far are kept; rerun to resume")
+            return EXIT_ENGINE_DIED
+        except Exception:
+            if sig.received:  # vLLM's processes got the job's SIGTERM too and died mid-start
+                log(f"stopped by signal {signal.Signals(sig.received).name} during start-up; "
+                    "rerun to resume")
+                return EXIT_PREEMPTED
+            raise
 
+
+def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals", log,
+         started) -> int:
     from .cache import CompileCache
 
     t_start = time.perf_counter()
     st = stats_mod.RunStats()
     engine, entry = started or CompileCache(cfg.cache_dir).start_engine(cfg.engine, log=log)
+    if sig.received:
+        if started is None:
+            engine.close()
+        raise Stop(EXIT_PREEMPTED, "signal during start-up")
     st.init_s = round(engine.timings.total_s, 3)
     st.load_s, st.compile_s, st.cudagraph_s = (engine.timings.load_s, engine.timings.compile_s,
                                                engine.timings.cudagraph_s)
@@ -112,40 +139,39 @@ def run(cfg: RunConfig, log=print, started=None) -> int:
     previous = writer.previous_stats()
     pool = make_pool(cfg.workers)
     window = max(2 * cfg.batch_size, 64)
-    progress = _progress(cfg, len(done))
+    progress = _progress(cfg, n_done)
     code, message = EXIT_OK, None
     try:
-        with _Signals() as sig:
-            decoded = prefetch(mine, pool, window=window)
-            for batch in _batches(decoded, cfg.batch_size):
-                t0 = time.perf_counter()
-                ok = [d for d in batch if d.error is None]
-                results = iter(engine.generate(
-                    [prompts.request(prompt_text, d.image) for d in ok], cfg.sampling))
-                rows = []
-                for d in batch:
-                    res = next(results) if d.error is None else None
-                    rows.append(_row(d, prompt_text, tokens_per_tile, res))
-                    st.add_row(error=rows[-1]["error"], answered=res is not None and not res.error,
-                               prompt_tokens=res.prompt_tokens if res else 0,
-                               image_tokens=res.image_tokens if res else 0,
-                               output_tokens=res.output_tokens if res else 0)
-                writer.write(rows)
-                st.generate_s += time.perf_counter() - t0
-                progress.update(len(rows))
-                progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",
-                                     tok_s=f"{st.output_tokens / max(st.generate_s, 1e-9):.0f}",
-                                     err=st.errors)
-                if st.rows >= cfg.min_rows_for_error_rate and \
-                        st.errors / st.rows > cfg.max_error_rate:
-                    raise Stop(EXIT_ERROR_RATE,
-                               f"stopped: {st.errors}/{st.rows} rows failed, above "
-                               f"--max-error-rate {cfg.max_error_rate}; see the error column "
-                               f"in {writer.parts} (rows written so far are kept)")
-                if sig.received:
-                    raise Stop(EXIT_PREEMPTED,
-                               f"stopped by signal {signal.Signals(sig.received).name} after "
-                               f"{st.rows} rows; rerun the same command to resume")
+        decoded = prefetch(mine, pool, window=window)
+        for batch in _batches(decoded, cfg.batch_size):
+            t0 = time.perf_counter()
+            ok = [d for d in batch if d.error is None]
+            results = iter(engine.generate(
+                [prompts.request(prompt_text, d.image) for d in ok], cfg.sampling))
+            rows = []
+            for d in batch:
+                res = next(results) if d.error is None else None
+                rows.append(_row(d, prompt_text, tokens_per_tile, res))
+                st.add_row(error=rows[-1]["error"], answered=res is not None and not res.error,
+                           prompt_tokens=res.prompt_tokens if res else 0,
+                           image_tokens=res.image_tokens if res else 0,
+                           output_tokens=res.output_tokens if res else 0)
+            writer.write(rows)
+            st.generate_s += time.perf_counter() - t0
+            progress.update(len(rows))
+            progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",
+                                 tok_s=f"{st.output_tokens / max(st.generate_s, 1e-9):.0f}",
+                                 err=st.errors)
+            if st.rows >= cfg.min_rows_for_error_rate and \
+                    st.errors / st.rows > cfg.max_error_rate:
+                raise Stop(EXIT_ERROR_RATE,
+                           f"stopped: {st.errors}/{st.rows} rows failed, above "
+                           f"--max-error-rate {cfg.max_error_rate}; see the error column "
+                           f"in {writer.parts} (rows written so far are kept)")
+            if sig.received:
+                raise Stop(EXIT_PREEMPTED,
+                           f"stopped by signal {signal.Signals(sig.received).name} after "
+                           f"{st.rows} rows; rerun the same command to resume")
     except Stop as s:
         code, message = s.code, str(s)
     except KeyboardInterrupt:
@@ -157,12 +183,13 @@ def run(cfg: RunConfig, log=print, started=None) -> int:
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
         if started is None:
             engine.close()
-    st.generate_s = round(st.generate_s, 3)
-    st.total_s = round(time.perf_counter() - t_start, 3)
-    runs = previous + [st.to_dict()]
+        st.generate_s = round(st.generate_s, 3)
+        st.total_s = round(time.perf_counter() - t_start, 3)
+        runs = previous + [st.to_dict()]
+        if code != EXIT_OK or sys.exc_info()[0] is not None:
+            writer.save_partial_stats(runs)  # an engine death too: the next run adds to these
     summary = stats_mod.summarize(runs)
     if code != EXIT_OK:
-        writer.save_partial_stats(runs)
         log(message)
         return code
     total_rows = writer.finalize(metadata)

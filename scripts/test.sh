@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's test command (README, `make test`, CI): install CPU vLLM and the package into
+# .venv, start a real one-node Slurm cluster (root + Debian), run every test, stop Slurm.
+# Without root the Slurm tests are skipped, everything else runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-cpu.sh .venv
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  bash .ci/slurm-up.sh
+  trap 'bash .ci/slurm-down.sh || true' EXIT
+  export IVB_REQUIRE_SLURM=1
+fi
+# vLLM's CPU backend pins threads; leave it the machine's cores (2 on CI)
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=1500 -rs "$@"
