@@ -256,7 +256,8 @@ class CompileCache:
                 log(f"compile cache: moved an incomplete entry aside to {moved}")
             entry.path.mkdir(parents=True, exist_ok=True)
             log(f"compile cache: miss, building {entry.key}")
-            must_verify = spec.compile if verify is None else verify
+            # a naive build stands for a cache written by plain vLLM: nothing checked
+            must_verify = (spec.compile and not naive) if verify is None else verify
             ref = self.reference(spec, log) if must_verify else None
             t0 = time.time()
             engine = Engine(spec, entry.env(), naive_warmup=naive).start()
