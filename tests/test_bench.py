@@ -1,0 +1,227 @@
+"""`internvl-batch bench` and its report: FLOP formulas, statistics, writers (pure, fast), and
+one real CPU run (marked vllm)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from internvl_batch import bench, report
+from internvl_batch.checkpoint import config_copy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- roofline ---------------------------------------------------------------------------------
+
+def test_vit_flops_per_tile_internvit_300m():
+    # 1025 tokens x 24 layers x hidden 1024 x mlp 4096: ~0.73 TFLOP per 448 px tile
+    layers_only = 24 * (2 * 1025 * (4 * 1024**2 + 2 * 1024 * 4096) + 4 * 1025**2 * 1024)
+    assert layers_only == pytest.approx(0.7224e12, rel=1e-3)
+    f = bench.vit_flops_per_tile(1024, 24, 4096)
+    assert f == pytest.approx(0.73e12, rel=0.05)
+    assert f > layers_only  # + patch embedding
+    coef = bench.model_flops(config_copy("internvl3-1b"))
+    assert coef["vit_per_tile"] == pytest.approx(0.73e12, rel=0.05)
+    assert coef["tokens_per_tile"] == 256
+
+
+def test_lm_params_match_the_published_models():
+    # Qwen2.5-0.5B / 1.5B (the LMs of InternVL3-1B / 2B): 0.36B / 1.31B non-embedding params
+    one, two = (bench.model_flops(config_copy(p)) for p in ("internvl3-1b", "internvl3-2b"))
+    assert one["lm_layer_params"] == pytest.approx(0.36e9, rel=0.02)
+    assert two["lm_layer_params"] == pytest.approx(1.31e9, rel=0.02)
+    assert one["lm_head_params"] == 896 * 151674
+    tiny = bench.model_flops(config_copy("tiny"))
+    assert tiny["tokens_per_tile"] == 64  # 224 px tiles
+
+
+def test_run_flops_adds_vit_prefill_and_decode():
+    coef = {"vit_per_tile": 1e9, "tokens_per_tile": 256, "lm_layer_params": 1000,
+            "lm_head_params": 100, "lm_hidden": 10, "lm_layers": 2}
+    f = bench.run_flops(coef, requests=2, prompt_tokens=2 * 300, image_tokens=2 * 512,
+                        output_tokens=2 * 4)
+    assert f["tiles"] == 4
+    assert f["vit"] == 4e9
+    assert f["prefill"] == 2 * 1000 * 600 + 2 * 2 * 2 * 10 * 300**2
+    assert f["decode"] == 8 * (2 * 1000 + 2 * 100 + 4 * 2 * 10 * (300 + 2))
+    assert f["total"] == f["vit"] + f["prefill"] + f["decode"]
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+def test_summarize_and_paired_ratios():
+    assert bench.summarize([3, 1, 2]) == {"median": 2, "min": 1, "max": 3, "n": 3}
+    assert bench.summarize([4, 1, 2, 3])["median"] == 2.5
+    assert bench.summarize([])["median"] is None
+    a = [{"r": 125.0}, {"r": 100.0}, {"r": 125.0}]
+    b = [{"r": 100.0}, {"r": 80.0}, {"r": 125.0}]
+    r = bench.ratio(a, b, "r")
+    assert r["per_repeat"] == [1.25, 1.25, 1.0]
+    assert (r["median"], r["min"], r["max"]) == (1.25, 1.0, 1.25)
+    assert r["of_medians"] == 125.0 / 100.0
+
+
+def test_gpu_share():
+    assert [bench.gpu_share(n, True) for n in (1, 2, 3, 4)] == [0.87, 0.42, 0.27, 0.19]
+    assert bench.gpu_share(3, False) == 0.1
+
+
+# -- writers ----------------------------------------------------------------------------------
+
+def _rep(seconds, requests=100, out=3200, tiles_per_image=1):
+    return {"seconds": seconds, "requests": requests, "output_tokens": out,
+            "prompt_tokens": requests * (256 * tiles_per_image + 20),
+            "image_tokens": requests * 256 * tiles_per_image, "errors": 0}
+
+
+def fake_doc(cuda: bool = True) -> dict:
+    coef = bench.model_flops(config_copy("internvl3-1b"))
+    peak = 800.0 if cuda else None
+    secs = {"eager": [1.0, 1.25, 0.8], "compiled": [0.8, 1.0, 0.8]}
+    reps = {v: [bench.repeat_row(_rep(s), coef if cuda else None, peak, str(k))
+                for k, s in enumerate(ss)] for v, ss in secs.items()}
+    infos = {"eager": {"init": {"total_s": 61.23}, "cache_hit": True},
+             "compiled": {"init": {"total_s": 95.0}, "cache_hit": False}}
+    doc = {"schema": 1, "name": "fake-1b", "command": "internvl-batch bench --name fake-1b",
+           "config": {"model": "preset:internvl3-1b", "images": 100, "sizes": "448",
+                      "max_dynamic_patch": 1, "max_tokens": 32, "repeats": 3,
+                      "warmup_images": 64, "notes": []},
+           "device": {"name": "NVIDIA H100 80GB HBM3" if cuda else "cpu (x86_64, 2 cores)",
+                      "cuda": cuda, "matmul_bf16_tflops": peak},
+           "versions": {"vllm": "0.26.0", "torch": "2.11.0", "internvl_batch": "0.1.0",
+                        "git_sha": "abc"}}
+    doc.update(bench.analyse(reps, infos))
+    return doc
+
+
+def test_results_markdown_exact_cells():
+    doc = fake_doc()
+    md = report.results_markdown(doc)
+    rows = {line.split(" | ")[0].lstrip("| "): [c.strip() for c in line.strip("|").split("|")]
+            for line in md.splitlines() if line.startswith("| ")}
+    # eager: 100/1.0, 100/1.25, 100/0.8 requests/s -> median 100, 80..125
+    assert rows["eager"][1] == "100.0 (80.0–125.0)"
+    assert rows["eager"][2] == "3,200.0 (2,560.0–4,000.0)"
+    assert rows["eager"][3] == "1.000"
+    assert rows["eager"][4] == "1.00"
+    assert rows["eager"][6:] == ["61.2", "hit"]
+    assert rows["compiled"][1] == "125.0 (100.0–125.0)"
+    assert rows["compiled"][7] == "miss"
+    roof = doc["variants"]["eager"]["summary"]["roofline_pct"]
+    # 100 one-tile images in 1 s: ViT 100 x 0.726 + prefill 2 x 0.358e9 x 27,600 + decode
+    # 3,200 x 2 x (0.358e9 + 0.136e9) ~= 95.9 TFLOP over 800 TFLOP/s ~= 12 %
+    assert roof["median"] == pytest.approx(11.99, abs=0.05)
+    assert rows["eager"][5] == "12.0 (9.6–15.0)"
+    # per repeat ratios 1.25, 1.25, 1.0 (same images in repeat k)
+    assert rows["compiled/eager"][1] == "1.250 (+25.0 %), per repeat 1.000–1.250"
+    assert "bf16 8192³ matmul: 800.0 TFLOP/s" in md
+    assert "CPU run" not in md
+
+
+def test_roofline_is_na_on_cpu_and_banner_shows():
+    doc = fake_doc(cuda=False)
+    md = report.results_markdown(doc)
+    eager = next(line for line in md.splitlines() if line.startswith("| eager |"))
+    assert eager.split(" | ")[5] == "n/a"
+    assert report.CPU_BANNER in md
+
+
+def test_reproduce_writes_markdown_and_small_png(tmp_path):
+    gpu, cpu = fake_doc(), fake_doc(cuda=False)
+    cpu["name"] = "cpu-tiny"
+    files = []
+    for d in (gpu, cpu):
+        p = tmp_path / f"{d['name']}.json"
+        p.write_text(json.dumps(d))
+        files.append(p)
+    md, png = report.reproduce(files, tmp_path / "out")
+    text = md.read_text()
+    assert text.splitlines()[2].startswith(f"> {report.CPU_BANNER}")  # at the top
+    assert "internvl-batch bench --name fake-1b" in text
+    assert "+4.3 % requests/s" in text and "+3.8 % output tok/s" in text
+    assert "fake-1b (NVIDIA H100 80GB HBM3): +25.0 % requests/s (per repeat +0.0 % … +25.0 %)" \
+        in text
+    assert "![median requests/s per variant](reproduce.png)" in text
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 150_000
+
+    gpu_only = report.reproduce([files[0]], tmp_path / "gpu")[0].read_text()
+    assert report.CPU_BANNER not in gpu_only
+
+
+def test_report_cli_missing_file(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+
+
+# -- the plain script and the CLI --------------------------------------------------------------
+
+def test_plain_script_uses_the_same_prompt():
+    from internvl_batch import prompts
+    from internvl_batch.bench_worker import load_plain
+    from internvl_batch.config import PromptSpec
+
+    plain = load_plain()
+    assert plain.PROMPT == prompts.render(PromptSpec())
+    assert callable(plain.run_once) and callable(plain.make_llm)
+
+
+def _cli(*args, timeout=120, **kw):
+    return subprocess.run([sys.executable, "-m", "internvl_batch", "bench", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def test_bad_variant_is_a_usage_error():
+    r = _cli("--variants", "eager,turbo")
+    assert r.returncode == 2 and "turbo" in r.stderr
+
+
+def test_compiled_refused_without_gpu(tmp_path):
+    from internvl_batch.engine import has_cuda
+
+    if has_cuda():
+        pytest.skip("a GPU is present")
+    r = _cli("--model", "preset:tiny", "--images", "2", "--variants", "eager,compiled",
+             "--cache-dir", str(tmp_path), "--results-dir", str(tmp_path / "res"))
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and "compiled needs a CUDA GPU" in err[0] and "--cpu-ok" in err[0]
+    assert not (tmp_path / "res").exists()
+
+
+# -- real vLLM on CPU -------------------------------------------------------------------------
+
+@pytest.mark.vllm
+def test_bench_cpu_end_to_end(tmp_path):
+    from tests.conftest import HAS_VLLM
+
+    if not HAS_VLLM:
+        pytest.skip("vLLM is not installed (scripts/install-cpu.sh)")
+    res = tmp_path / "results"
+    r = _cli("--model", "preset:tiny", "--images", "8", "--variants", "eager,plain",
+             "--repeats", "1", "--warmup-images", "1", "--max-tokens", "8", "--cpu-ok",
+             "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(res),
+             "--name", "t", timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads((res / "t.json").read_text())
+    assert list(doc["variants"]) == ["eager", "plain"]
+    for v, d in doc["variants"].items():
+        (rep,) = d["repeats"]
+        assert rep["requests"] == 8 and rep["errors"] == 0, v
+        assert rep["output_tokens"] == 8 * 8, v  # ignore_eos: exactly max_tokens each
+        assert rep["image_tokens"] % 64 == 0 and rep["tiles_per_image"] >= 1, v
+        assert rep["requests_per_s"] == pytest.approx(8 / rep["seconds"]), v
+        assert d["summary"]["requests_per_s"]["median"] == rep["requests_per_s"]
+    # both variants saw the same images
+    assert doc["variants"]["eager"]["repeats"][0]["image_tokens"] == \
+        doc["variants"]["plain"]["repeats"][0]["image_tokens"]
+    assert doc["variants"]["eager"]["cache_hit"] is False
+    assert doc["device"]["cuda"] is False and doc["device"]["matmul_bf16_tflops"] is None
+    assert doc["versions"]["vllm"] and doc["command"].startswith("internvl-batch bench")
+    md = (res / "t.md").read_text()
+    assert "| eager |" in md and "| plain |" in md and report.CPU_BANNER in md
+    assert "| eager |" in r.stdout  # the table is printed at the end
