@@ -1,32 +1,48 @@
 # internvl-batch: install, test, reproduce the benchmark.
 #   make reproduce             GPU host: the headline configs; no GPU: a small CPU run
 #   make reproduce PY=python3  a Python where the package is importable (GPU host: PYTHONPATH)
+# On a GPU host each config takes ~5-7 min (4 engine starts + runs); where one command may
+# only run 10 minutes, run `make bench-2b`, `make bench-1b`, `make report` as separate calls.
 PY ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 IVB = $(PY) -m internvl_batch
-# headline: one tile per image, 512 images per repeat, the four variants interleaved
-HEADLINE = --sizes 448 --max-dynamic-patch 1 --variants eager,compiled,plain,pipeline
+# headline: one 448 px tile per image (max_dynamic_patch 1), 512 images per repeat, 3 repeats,
+# the four variants interleaved after a warm-up as large as a repeat (a smaller one left the
+# first repeat slower on CPU)
+HEADLINE = --sizes 448 --max-dynamic-patch 1 --variants eager,compiled,plain,pipeline \
+           --images 512 --repeats 3 --warmup-images 512
 BENCH_ARGS ?=
+RESULTS ?= results
 CPU_OUT ?= results/cpu
+GPU_RUNS = $(RESULTS)/internvl3-2b-448-1tile.json $(RESULTS)/internvl3-1b-448-1tile.json
 
-.PHONY: install test reproduce reproduce-gpu reproduce-cpu
+.PHONY: install test reproduce reproduce-gpu reproduce-cpu bench-2b bench-1b report
 
 install:
 	bash scripts/install-cpu.sh
 
+# the README's test command (installs into .venv if needed, real Slurm when root on Debian)
 test:
-	.venv/bin/python -m pytest -q
+	bash scripts/test.sh $(TEST_ARGS)
 
 reproduce:
 	@if nvidia-smi >/dev/null 2>&1; then $(MAKE) --no-print-directory reproduce-gpu; \
 	else echo "no GPU (nvidia-smi failed): small CPU run, NOT the headline numbers"; \
 	$(MAKE) --no-print-directory reproduce-cpu; fi
 
-reproduce-gpu:
-	$(IVB) bench --model preset:internvl3-2b $(HEADLINE) --name internvl3-2b-448-1tile $(BENCH_ARGS)
-	$(IVB) bench --model preset:internvl3-1b $(HEADLINE) --name internvl3-1b-448-1tile $(BENCH_ARGS)
-	$(PY) -m internvl_batch.report results/internvl3-2b-448-1tile.json \
-	    results/internvl3-1b-448-1tile.json --out results
+reproduce-gpu: bench-2b bench-1b report
 
+bench-2b:
+	$(IVB) bench --model preset:internvl3-2b $(HEADLINE) --results-dir $(RESULTS) \
+	    --name internvl3-2b-448-1tile $(BENCH_ARGS)
+
+bench-1b:
+	$(IVB) bench --model preset:internvl3-1b $(HEADLINE) --results-dir $(RESULTS) \
+	    --name internvl3-1b-448-1tile $(BENCH_ARGS)
+
+report:
+	$(PY) -m internvl_batch.report $$(ls $(GPU_RUNS) 2>/dev/null) --out $(RESULTS)
+
+# tiny synthesized model, 32 images per repeat: exercises every path in ~2-3 min on 2 cores
 reproduce-cpu:
 	$(IVB) bench --model preset:tiny --images 32 --variants eager,plain,pipeline --repeats 2 \
 	    --warmup-images 32 --workers 2 --cpu-ok --results-dir $(CPU_OUT) --name cpu-tiny $(BENCH_ARGS)

@@ -28,6 +28,7 @@ import os
 import platform
 import select
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -236,27 +237,36 @@ class Child:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "internvl_batch", "bench", "--worker", str(cfg_path)],
             stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
-            pass_fds=(w,), env=env, text=True, cwd=os.getcwd())
+            pass_fds=(w,), env=env, text=True, cwd=os.getcwd(),
+            start_new_session=True)  # its own group: vLLM's processes can be stopped with it
         os.close(w)
-        self.reply = os.fdopen(r, "r")
+        self.reply_fd, self._buf = r, b""
         self.info: dict = {}
         self.compile = bool(cfg.get("compile"))
 
     def wait_reply(self) -> dict:
-        while True:
-            ready, _, _ = select.select([self.reply], [], [], 2.0)
+        """The child's next JSON line; ChildFailed if it exits (or closes the pipe) first."""
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([self.reply_fd], [], [], 2.0)
             if ready:
-                line = self.reply.readline()
-                if line:
-                    return json.loads(line)
-                break  # EOF: the child is gone
-            if self.proc.poll() is not None:
+                chunk = os.read(self.reply_fd, 65536)
+                if not chunk:
+                    break  # EOF: the child is gone
+                self._buf += chunk
+            elif self.proc.poll() is not None:
                 # it may have written its last line just before exiting
-                ready, _, _ = select.select([self.reply], [], [], 0.5)
-                if ready and (line := self.reply.readline()):
-                    return json.loads(line)
-                break
-        self.proc.wait(timeout=60)
+                ready, _, _ = select.select([self.reply_fd], [], [], 0.5)
+                if not ready or not (chunk := os.read(self.reply_fd, 65536)):
+                    break
+                self._buf += chunk
+        if b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            return json.loads(line)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # closed its end but lives on: stop it
+            self._kill_group()
+            self.proc.wait()
         raise ChildFailed(self, f"exited with code {self.proc.returncode}")
 
     def send(self, doc: dict):
@@ -270,17 +280,29 @@ class Child:
             raise ChildFailed(self, rep.get("error", "failed"))
         return rep
 
-    def stop(self, timeout: float = 120):
+    def stop(self, timeout: float = 120, force: bool = False):
         try:
+            if force:
+                raise RuntimeError("aborting")
             if self.proc.poll() is None:
                 self.send({"cmd": "quit"})
                 self.proc.stdin.close()
             self.proc.wait(timeout=timeout)
         except Exception:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+            self._kill_group()
+            self.proc.wait()
+        self._kill_group()  # whatever of vLLM's processes outlived the worker
         self.log.close()
+        try:
+            os.close(self.reply_fd)
+        except OSError:
+            pass
+
+    def _kill_group(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def tail(self, n: int = 25) -> str:
         try:
@@ -434,8 +456,9 @@ def run_bench(opts: dict, log=print) -> dict:
         tail = e.child.tail()
         raise click.ClickException(f"{e}\n--- last lines of {e.child.log_path} ---\n{tail}")
     finally:
+        aborting = sys.exc_info()[0] is not None  # a failure or Ctrl-C: don't wait for runs
         for c in children.values():
-            c.stop()
+            c.stop(force=aborting)
 
     first = next(iter(children.values())).info if children else {}
     versions = dict(first.get("versions") or _versions_from_metadata())
@@ -576,6 +599,10 @@ def bench(worker, **kw):
     from .cache import CacheError
     from .sources import SourceError
 
+    def _terminate(signum, frame):  # unwind, so the workers (own sessions) are stopped too
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         doc = run_bench(kw, log=lambda m: click.echo(m, err=True))
     except (ConfigError, SourceError, CacheError) as e:

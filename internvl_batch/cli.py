@@ -320,22 +320,15 @@ def merge(output, compact):
     sys.exit(0 if ok else 1)
 
 
-def _register_optional():
-    try:
-        from .slurm import slurm
+def _register_subcommands():
+    from .bench import bench
+    from .slurm import slurm
 
-        cli.add_command(slurm)
-    except ImportError:
-        pass
-    try:
-        from .bench import bench
-
-        cli.add_command(bench)
-    except ImportError:
-        pass
+    cli.add_command(slurm)
+    cli.add_command(bench)
 
 
-_register_optional()
+_register_subcommands()
 
 
 def main():

@@ -142,9 +142,12 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     progress = _progress(cfg, n_done)
     code, message = EXIT_OK, None
     try:
-        decoded = prefetch(mine, pool, window=window)
-        for batch in _batches(decoded, cfg.batch_size):
-            t0 = time.perf_counter()
+        batches = _batches(prefetch(mine, pool, window=window), cfg.batch_size)
+        while True:
+            t0 = time.perf_counter()  # before the pull: waiting on decode counts as generation
+            batch = next(batches, None)
+            if batch is None:
+                break
             ok = [d for d in batch if d.error is None]
             results = iter(engine.generate(
                 [prompts.request(prompt_text, d.image) for d in ok], cfg.sampling))
