@@ -67,10 +67,11 @@ class InitTimings:
 
 
 class LogTap:
-    """Tee fd 2 through a thread that records vLLM's timing lines.
+    """Tee fds 1 and 2 through threads that record vLLM's timing lines.
 
     fd-level (not logging-level) because the engine core runs in a child process that
-    inherits our fd 2. The reader is a daemon that lives until every writer is gone.
+    inherits our fds. The readers are daemons that live until every writer is gone; they
+    never stop draining, or a full pipe would block vLLM's logging.
     """
 
     PATTERNS = {
@@ -99,15 +100,19 @@ class LogTap:
             r, w = os.pipe()
             os.dup2(w, fd)
             os.close(w)
-            threading.Thread(target=self._pump, args=(r, self._saved[fd]), daemon=True).start()
+            # the pump gets its own copy: __exit__ closes the saved one
+            threading.Thread(target=self._pump, args=(r, os.dup(self._saved[fd])),
+                             daemon=True).start()
         return self
 
-    def _pump(self, r: int, out: int):
-        out_fd = os.dup(out)
+    def _pump(self, r: int, out_fd: int):
         with os.fdopen(r, "rb", buffering=0) as src:
             buf = b""
             while chunk := src.read(65536):
-                os.write(out_fd, chunk)
+                try:
+                    os.write(out_fd, chunk)
+                except OSError:  # our terminal went away: keep draining regardless
+                    pass
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for raw in lines:
