@@ -82,7 +82,6 @@ class LogTap:
         "cudagraph_s": re.compile(r"Graph capturing finished in ([\d.]+) sec"),
         "vllm_cache_loads": re.compile(r"Directly load"),
         "vllm_graphs_compiled": re.compile(r"Compiling a graph for"),
-        "crash": re.compile(r"split_with_sizes expects split_sizes to sum exactly"),
     }
 
     def __init__(self):
@@ -123,7 +122,7 @@ class LogTap:
             m = pat.search(line)
             if not m:
                 continue
-            if key in ("vllm_cache_loads", "vllm_graphs_compiled", "crash"):
+            if key in ("vllm_cache_loads", "vllm_graphs_compiled"):
                 self.values[key] = self.values.get(key, 0) + 1
             else:
                 self.values[key] = float(m.group(1))

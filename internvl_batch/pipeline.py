@@ -7,8 +7,6 @@ images are captioned by the rerun instead of becoming error rows.
 """
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -222,6 +220,3 @@ def _progress(cfg: RunConfig, initial: int):
                 initial=initial, disable=not cfg.progress, dynamic_ncols=True,
                 file=sys.stderr, mininterval=1.0)
 
-
-def load_stats(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
