@@ -348,9 +348,9 @@ def repeat_row(rep: dict, coef: dict | None, peak_tflops: float | None, slice_na
 
 
 def run_bench(opts: dict, log=print) -> dict:
-    from .cache import CompileCache, gpu_name
+    from .cache import CompileCache
     from .config import EngineSpec
-    from .engine import has_cuda, llm_kwargs
+    from .engine import device_name, has_cuda, llm_kwargs
 
     variants = opts["variants"]
     cuda = has_cuda()
@@ -482,7 +482,7 @@ def run_bench(opts: dict, log=print) -> dict:
                    "images_per_repeat": "distinct slice per repeat (same slice k for every "
                                         "variant); eager/compiled decode before the clock",
                    "notes": notes},
-        "device": {"name": gpu_name(), "cuda": cuda,
+        "device": {"name": device_name(), "cuda": cuda,
                    "matmul_bf16_tflops": peak["tflops"] if peak else None},
         "versions": versions, "flops": coef,
     }

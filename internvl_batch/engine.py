@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -149,9 +150,22 @@ def has_cuda() -> bool:
 
 
 def device_name() -> str:
-    from .cache import gpu_name
+    """Without initialising CUDA in this process: vLLM forks its engine core, and a fork
+    after CUDA init fails ("Cannot re-initialize CUDA in forked subprocess")."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    if has_cuda():
+        import torch
 
-    return gpu_name()
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def resolve_model(model: str) -> tuple[str, bool]:

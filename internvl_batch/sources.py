@@ -172,8 +172,9 @@ def _coco(spec: SourceSpec) -> Iterator[Record]:
 
 def _coco_image_root(data_dir: str | None, ann: str, images: list[dict]) -> Path:
     """Where file_name is relative to. COCO ships DIR/annotations/captions_val2017.json beside
-    DIR/val2017/; flat layouts put images beside the JSON or in DIR/images. The first
-    candidate holding the first listed image wins; --data-dir given explicitly is trusted."""
+    DIR/val2017/; flat layouts put images beside the JSON or in DIR/images. Candidates are
+    tried from --data-dir (or the JSON's folder) outwards; the first holding the first listed
+    image wins, and with no match file names stay relative to --data-dir."""
     if data_dir and not os.path.isdir(data_dir):
         raise SourceError(f"--data-dir {data_dir} is not a directory")
     top = Path(data_dir) if data_dir else Path(ann).parent

@@ -30,7 +30,7 @@ GPU = "NVIDIA H100 80GB HBM3"
 @pytest.fixture
 def fake_env(monkeypatch):
     """key_fields without torch/transformers: fixed GPU name, config hash from the path."""
-    monkeypatch.setattr(cache_mod, "gpu_name", lambda: GPU)
+    monkeypatch.setattr(cache_mod, "device_name", lambda: GPU)
     monkeypatch.setattr(cache_mod, "model_config_hash", lambda m: f"hash-of-{Path(m).name}")
 
 
