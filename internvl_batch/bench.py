@@ -404,7 +404,7 @@ def run_bench(opts: dict, log=print) -> dict:
             "gpu_memory_utilization": share, "max_tokens": opts["max_tokens"],
             "prompt": DEFAULT_PROMPT, "images_dir": str(images_dir), "slices": slices,
             "out_dir": str(raw_dir / "pipeline-out"), "batch_size": opts["batch_size"],
-            "workers": opts["workers"]}
+            "workers": opts["workers"], "replicas": opts["replicas"]}
     # compiling variants first: the compile cache's eager reference needs 0.45 of the GPU
     start_order = sorted(variants, key=lambda v: v not in ("compiled", "pipeline"))
     children: dict[str, Child] = {}
@@ -477,7 +477,7 @@ def run_bench(opts: dict, log=print) -> dict:
                    "repeats": repeats, "warmup_images": warm, "variants": variants,
                    "gpu_memory_utilization": share, "prompt": DEFAULT_PROMPT,
                    "pipeline": {"batch_size": opts["batch_size"], "workers": opts["workers"],
-                                "compile": pipeline_compile},
+                                "compile": pipeline_compile, "replicas": opts["replicas"]},
                    "dataset": str(images_dir.parent), "order": order_log,
                    "images_per_repeat": "distinct slice per repeat (same slice k for every "
                                         "variant); eager/compiled decode before the clock",
@@ -496,7 +496,8 @@ def analyse(reps: dict[str, list[dict]], infos: dict[str, dict]) -> dict:
     for v, rows in reps.items():
         info = infos.get(v, {})
         out["variants"][v] = {
-            "label": LABELS[v], "compile": info.get("compile"), "init": info.get("init"),
+            "label": LABELS[v] + (f", {info['replicas']} engine replicas"
+                                  if info.get("replicas", 1) > 1 else ""), "compile": info.get("compile"), "init": info.get("init"),
             "start_wall_s": info.get("start_wall_s"), "ready_after_s": info.get("ready_after_s"),
             "warmup_wall_s": info.get("warmup_wall_s"),
             "cache_hit": info.get("cache_hit"), "cache_key": info.get("cache_key"),
@@ -569,6 +570,8 @@ def _variants(ctx, param, value):
               help="pipeline variant: requests per LLM.generate call.")
 @click.option("--workers", type=click.IntRange(0), default=4, show_default=True,
               help="pipeline variant: decode processes.")
+@click.option("--replicas", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="pipeline variant: vLLM engines sharing the GPU (run --replicas).")
 @click.option("--cpu-ok", is_flag=True,
               help="Run without a GPU: drop `compiled` with a note instead of refusing.")
 @click.option("--worker", hidden=True, default=None)

@@ -29,6 +29,8 @@ import time
 import traceback
 from pathlib import Path
 
+from .engine import tokens_per_tile
+
 PLAIN_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "plain_vllm.py"
 
 
@@ -68,7 +70,7 @@ class Worker:
 
             return {"init": init, "cache_hit": None, "cache_key": None,
                     "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
-                    "tokens_per_tile": _tokens_per_tile(self.llm)}
+                    "tokens_per_tile": tokens_per_tile(self.llm)}
         from .cache import CompileCache
         from .config import EngineSpec
 
@@ -76,14 +78,20 @@ class Worker:
                           max_dynamic_patch=c["max_dynamic_patch"],
                           max_model_len=c["max_model_len"],
                           gpu_memory_utilization=c["gpu_memory_utilization"])
-        self.engine, self.entry = CompileCache(c["cache_dir"]).start_engine(
-            spec, log=lambda m: print(m, file=sys.stderr, flush=True))
-        self.llm = self.engine.llm
+        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        if self.variant == "pipeline" and c.get("replicas", 1) > 1:
+            from .replicas import ReplicaPool
+
+            self.engine = ReplicaPool(spec, Path(c["cache_dir"]), c["replicas"], log).start()
+            self.entry = self.engine.entry
+        else:
+            self.engine, self.entry = CompileCache(c["cache_dir"]).start_engine(spec, log=log)
         info = self.engine.info()
         return {"init": self.engine.timings.as_dict(), "cache_hit": self.entry.hit,
                 "cache_key": self.entry.key,
                 "versions": {"vllm": info["vllm"], "torch": info["torch"]},
-                "cuda": info["cuda"], "tokens_per_tile": _tokens_per_tile(self.llm)}
+                "cuda": info["cuda"], "tokens_per_tile": self.engine.tokens_per_tile,
+                "replicas": info.get("replicas", 1)}
 
     # -- one timed run ----------------------------------------------------------------------
     def run(self, slice_name: str) -> dict:
@@ -163,15 +171,6 @@ class Worker:
                 self.llm.llm_engine.engine_core.shutdown()
             except Exception:
                 pass
-
-
-def _tokens_per_tile(llm) -> int:
-    try:
-        hf = llm.llm_engine.model_config.hf_config
-        side = hf.force_image_size or hf.vision_config.image_size
-        return int((side // hf.vision_config.patch_size) ** 2 * hf.downsample_ratio ** 2)
-    except Exception:
-        return 256
 
 
 def main(config_path: str) -> int:

@@ -82,6 +82,9 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")[:24]
 
 
+NOT_IN_KEY = ("model", "seed", "gpu_memory_utilization", "kv_cache_gb", "mm_cache_gb")
+
+
 def key_fields(spec: EngineSpec) -> dict:
     return {
         "model": spec.model,
@@ -90,7 +93,8 @@ def key_fields(spec: EngineSpec) -> dict:
         "torch": _version("torch"),
         "gpu": device_name(),
         "compile_mm_encoder": spec.compile,
-        "engine": {k: v for k, v in spec.to_dict().items() if k not in ("model", "seed")},
+        # memory sizes change no compiled graph: one entry serves 1 engine or N replicas
+        "engine": {k: v for k, v in spec.to_dict().items() if k not in NOT_IN_KEY},
     }
 
 

@@ -54,6 +54,9 @@ def engine_options(fn):
         click.option("--enforce-eager", is_flag=True, help="No torch.compile, no CUDA graphs."),
         click.option("--mm-cache-gb", type=float, default=None,
                      help="vLLM multimodal processor cache size (0: off)."),
+        click.option("--kv-cache-gb", type=float, default=None,
+                     help="Fixed KV cache per engine instead of profiling free memory "
+                          "(GPU; default 4 with --replicas > 1)."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                      help="Compile-cache root [env INTERNVL_BATCH_CACHE; default "
                           "~/.cache/internvl-batch]."),
@@ -70,7 +73,7 @@ def make_engine_spec(kw: dict) -> EngineSpec:
         max_num_seqs=kw.pop("max_num_seqs"), max_num_batched_tokens=kw.pop("max_num_batched_tokens"),
         gpu_memory_utilization=kw.pop("gpu_memory_utilization"), dtype=kw.pop("dtype"),
         load_format=kw.pop("load_format"), enforce_eager=kw.pop("enforce_eager"),
-        mm_cache_gb=kw.pop("mm_cache_gb"), seed=kw.get("seed", 0) or 0)
+        mm_cache_gb=kw.pop("mm_cache_gb"), kv_cache_gb=kw.pop("kv_cache_gb"), seed=kw.get("seed", 0) or 0)
 
 
 def cache_root(value) -> Path:
@@ -114,6 +117,9 @@ def cli():
               help="Requests per LLM.generate call (also the commit granularity).")
 @click.option("--workers", type=int, default=4, show_default=True,
               help="Image-decoding processes (0: decode inline).")
+@click.option("--replicas", type=int, default=1, show_default=True,
+              help="vLLM engines sharing the GPU, each in its own process: vLLM preprocesses "
+                   "images serially per engine, so small models need several to fill a GPU.")
 @click.option("--num-shards", type=int, default=None,
               help="[default: $SLURM_ARRAY_TASK_COUNT or 1]")
 @click.option("--shard-index", type=int, default=None,
@@ -137,7 +143,7 @@ def run(**kw):
         prompt=PromptSpec(kw.pop("prompt"), kw.pop("system_prompt")),
         sampling=SamplingSpec(kw.pop("max_tokens"), kw.pop("temperature"), kw.pop("top_p"),
                               kw.pop("seed"), kw.pop("ignore_eos")),
-        batch_size=kw.pop("batch_size"), workers=kw.pop("workers"),
+        batch_size=kw.pop("batch_size"), workers=kw.pop("workers"), replicas=kw.pop("replicas"),
         num_shards=num_shards, shard_index=shard_index,
         max_error_rate=kw.pop("max_error_rate"), cache_dir=cache_root(kw.pop("cache_dir")),
         progress=not kw.pop("no_progress"))
@@ -151,6 +157,15 @@ def _exit(code: int):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+@cli.command("replica", hidden=True)
+@click.argument("config_path")
+def replica(config_path):
+    """One engine of `run --replicas N` (started by the parent, talks over pipes)."""
+    from .replicas import main as replica_main
+
+    _exit(replica_main(config_path))
 
 
 # -- model ----------------------------------------------------------------------------------

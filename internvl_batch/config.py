@@ -67,6 +67,7 @@ class EngineSpec:
     load_format: str | None = None  # None: "dummy" for synthesized checkpoints, else "auto"
     enforce_eager: bool = False
     mm_cache_gb: float | None = None  # vLLM's multimodal processor cache; 0 turns it off
+    kv_cache_gb: float | None = None  # a fixed KV cache instead of profiling free memory
 
     def __post_init__(self):
         if not self.model:
@@ -77,6 +78,8 @@ class EngineSpec:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.max_model_len < 256:
             raise ConfigError("--max-model-len must be >= 256")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ConfigError("--kv-cache-gb must be > 0")
         if self.compile and self.enforce_eager:
             raise ConfigError("--compile and --enforce-eager contradict each other")
 
@@ -95,6 +98,7 @@ class RunConfig:
     num_shards: int = 1
     shard_index: int = 0
     workers: int = 4
+    replicas: int = 1  # vLLM engines sharing the GPU, each with its own frontend process
     max_error_rate: float = 1.0
     min_rows_for_error_rate: int = 20
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -108,6 +112,8 @@ class RunConfig:
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"--shard-index {self.shard_index} is outside "
                               f"0..{self.num_shards - 1} (--num-shards {self.num_shards})")
+        if not 1 <= self.replicas <= 16:
+            raise ConfigError("--replicas must be between 1 and 16")
         if self.workers < 0:
             raise ConfigError("--workers must be >= 0")
         if not 0 <= self.max_error_rate <= 1:

@@ -207,6 +207,8 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         kw["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.mm_cache_gb is not None:
         kw["mm_processor_cache_gb"] = spec.mm_cache_gb
+    if spec.kv_cache_gb is not None and cuda:  # the CPU backend sizes it from RAM instead
+        kw["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * 2**30)
     if cuda:
         kw["compilation_config"] = {"compile_mm_encoder": bool(spec.compile)}
     return kw
@@ -327,10 +329,35 @@ class Engine:
         return d
 
     def gpu_memory_used_gb(self) -> float | None:
-        """Device memory in use (all processes): vLLM's engine core allocates in a child."""
-        if not self.cuda:
-            return None
-        import torch
+        return gpu_memory_used_gb() if self.cuda else None
 
-        free, total = torch.cuda.mem_get_info()
-        return round((total - free) / 2**30, 2)
+    @property
+    def tokens_per_tile(self) -> int:
+        return tokens_per_tile(self.llm)
+
+    def imap(self, work, sampling: SamplingSpec):
+        """(tag, requests) -> (tag, results), one batch at a time (`replicas.ReplicaPool`
+        has the same interface for several engines)."""
+        for tag, reqs in work:
+            yield tag, self.generate(reqs, sampling)
+
+
+def tokens_per_tile(llm) -> int:
+    """(image_size / patch)^2 * downsample_ratio^2: 256 for InternVL3's 448 px tiles."""
+    try:
+        hf = llm.llm_engine.model_config.hf_config
+        side = hf.force_image_size or hf.vision_config.image_size
+        return int((side // hf.vision_config.patch_size) ** 2 * hf.downsample_ratio ** 2)
+    except Exception:
+        return 256
+
+
+def gpu_memory_used_gb() -> float | None:
+    """Device memory in use by all processes (vLLM's engine cores allocate in children),
+    read through nvidia-smi so this process never opens a CUDA context."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, timeout=20)
+        return round(float(out.stdout.split()[0]) / 1024, 2) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None

@@ -111,11 +111,9 @@ def run(cfg: RunConfig, log=print, started=None) -> int:
 
 def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals", log,
          started) -> int:
-    from .cache import CompileCache
-
     t_start = time.perf_counter()
     st = stats_mod.RunStats()
-    engine, entry = started or CompileCache(cfg.cache_dir).start_engine(cfg.engine, log=log)
+    engine, entry = started or start_engines(cfg, log)
     if sig.received:
         if started is None:
             engine.close()
@@ -127,7 +125,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     st.cache_hit, st.cache_key = entry.hit, entry.key
     info = engine.info()
     st.gpu_name = info["device"] if info["cuda"] else None
-    tokens_per_tile = engine_tokens_per_tile(engine)
+    tokens_per_tile = engine.tokens_per_tile
     prompt_text = prompts.render(cfg.prompt)
     metadata = {"internvl_batch": __version__, "config": cfg.to_dict(), "versions": info,
                 "model_config_hash": entry.fields.get("model_config_hash"),
@@ -139,16 +137,17 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     window = max(2 * cfg.batch_size, 64)
     progress = _progress(cfg, n_done)
     code, message = EXIT_OK, None
+
+    def work():
+        for batch in _batches(prefetch(mine, pool, window=window), cfg.batch_size):
+            yield batch, [prompts.request(prompt_text, d.image)
+                          for d in batch if d.error is None]
+
+    stream = engine.imap(work(), cfg.sampling)
     try:
-        batches = _batches(prefetch(mine, pool, window=window), cfg.batch_size)
-        while True:
-            t0 = time.perf_counter()  # before the pull: waiting on decode counts as generation
-            batch = next(batches, None)
-            if batch is None:
-                break
-            ok = [d for d in batch if d.error is None]
-            results = iter(engine.generate(
-                [prompts.request(prompt_text, d.image) for d in ok], cfg.sampling))
+        t0 = time.perf_counter()  # waiting on decode or on engines counts as generation
+        for batch, results in stream:
+            results = iter(results)
             rows = []
             for d in batch:
                 res = next(results) if d.error is None else None
@@ -159,6 +158,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
                            output_tokens=res.output_tokens if res else 0)
             writer.write(rows)
             st.generate_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
             progress.update(len(rows))
             progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",
                                  tok_s=f"{st.output_tokens / max(st.generate_s, 1e-9):.0f}",
@@ -178,6 +178,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     except KeyboardInterrupt:
         code, message = EXIT_PREEMPTED, "interrupted; rerun the same command to resume"
     finally:
+        stream.close()  # batches still at replicas are dropped: a rerun captions them
         progress.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -203,14 +204,16 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     return EXIT_OK
 
 
-def engine_tokens_per_tile(engine) -> int:
-    """(image_size / patch)^2 * downsample_ratio^2: 256 for InternVL3's 448 px tiles."""
-    try:
-        hf = engine.llm.llm_engine.model_config.hf_config
-        side = hf.force_image_size or hf.vision_config.image_size
-        return int((side // hf.vision_config.patch_size) ** 2 * hf.downsample_ratio ** 2)
-    except Exception:
-        return 256
+def start_engines(cfg: RunConfig, log):
+    """One engine in this process, or `cfg.replicas` engine processes sharing the device."""
+    from .cache import CompileCache
+
+    if cfg.replicas > 1:
+        from .replicas import ReplicaPool
+
+        pool = ReplicaPool(cfg.engine, cfg.cache_dir, cfg.replicas, log).start()
+        return pool, pool.entry
+    return CompileCache(cfg.cache_dir).start_engine(cfg.engine, log=log)
 
 
 def _progress(cfg: RunConfig, initial: int):

@@ -65,14 +65,23 @@ def test_entry_key_stable(fake_env):
 @pytest.mark.parametrize("change", [
     {"max_model_len": 8192}, {"compile": True}, {"dtype": "bfloat16"},
     {"max_dynamic_patch": 6}, {"max_num_batched_tokens": 8192}, {"max_num_seqs": 64},
-    {"enforce_eager": True}, {"load_format": "auto"}, {"mm_cache_gb": 0.0},
-    {"gpu_memory_utilization": 0.5}, {"model": "/m/other"},
+    {"enforce_eager": True}, {"load_format": "auto"}, {"model": "/m/other"},
 ])
 def test_entry_key_changes_with_settings(fake_env, change):
     base = {"model": "/m/tiny", "max_model_len": 4096}
     a = entry_key(cache_mod.key_fields(EngineSpec(**base)))
     b = entry_key(cache_mod.key_fields(EngineSpec(**{**base, **change})))
     assert a != b
+
+
+@pytest.mark.parametrize("change", [
+    {"gpu_memory_utilization": 0.5}, {"kv_cache_gb": 4.0}, {"mm_cache_gb": 0.0}, {"seed": 3},
+])
+def test_entry_key_ignores_memory_sizes(fake_env, change):
+    """One entry serves one engine and N replicas (each with a smaller memory share)."""
+    base = {"model": "/m/tiny", "max_model_len": 4096}
+    a = entry_key(cache_mod.key_fields(EngineSpec(**base)))
+    assert entry_key(cache_mod.key_fields(EngineSpec(**{**base, **change}))) == a
 
 
 def test_entry_key_changes_with_gpu_and_versions(fake_env):

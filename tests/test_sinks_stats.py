@@ -336,6 +336,12 @@ class FakeEngine:
     def gpu_memory_used_gb(self):
         return None
 
+    tokens_per_tile = 256
+
+    def imap(self, work, sampling):
+        for tag, reqs in work:
+            yield tag, self.generate(reqs, sampling)
+
     def close(self):
         self.closed = True
 

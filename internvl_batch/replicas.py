@@ -1,0 +1,310 @@
+"""Several vLLM engines on one GPU, each in its own process, fed batches in order.
+
+Why: `LLM.generate` preprocesses every image (tiling, normalisation, hashing, tokenising)
+serially in the calling process before the engine core sees it. For one 448 px tile per image
+that frontend work, not the GPU, sets the rate (measured on H100: ~96 images/s with the GPU
+mostly idle; see results/h100/ISSUE6.md). N engines give N frontends and N engine cores that
+time-share the GPU; the parent only decodes (in its pool), dispatches and writes.
+
+Each replica is `python -m internvl_batch replica CONFIG`: it starts its engine through the
+compile cache (so the first replica builds the entry under the cache lock and the others load
+it, and the poisoned-entry self-heal can re-execute it), then answers frames on stdin with
+frames on a reply fd: 8-byte length + pickle. Replicas start concurrently; each reserves a
+fixed KV cache (`kv_cache_gb`) instead of profiling free memory, which other replicas
+starting at the same moment would distort.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterable, Iterator
+
+from .config import EngineSpec, SamplingSpec
+from .engine import EngineDead, InitTimings
+
+_LEN = struct.Struct("<Q")
+DEFAULT_KV_CACHE_GB = 4.0  # per replica: ~340k tokens of InternVL3-1B, ~150k of 2B
+
+
+def send_frame(f, obj) -> None:
+    data = pickle.dumps(obj, protocol=5)
+    f.write(_LEN.pack(len(data)))
+    f.write(data)
+    f.flush()
+
+
+def recv_frame(f):
+    head = f.read(_LEN.size)
+    if len(head) < _LEN.size:
+        raise EOFError("replica pipe closed")
+    (n,) = _LEN.unpack(head)
+    data = f.read(n)
+    if len(data) < n:
+        raise EOFError("replica pipe closed mid-frame")
+    return pickle.loads(data)
+
+
+def replica_spec(spec: EngineSpec, n: int, cuda: bool) -> EngineSpec:
+    """Each replica's engine: a fixed KV cache on GPU (no free-memory profiling while the
+    others start) and a memory fraction only used for vLLM's start-up free-memory check."""
+    if n == 1:
+        return spec
+    kw = {}
+    if cuda:
+        kw["kv_cache_gb"] = spec.kv_cache_gb or DEFAULT_KV_CACHE_GB
+        kw["gpu_memory_utilization"] = spec.gpu_memory_utilization or \
+            round(min(0.9 / n, 0.3), 2)
+    else:
+        # CPU: the fraction sizes each replica's KV cache from host RAM
+        kw["gpu_memory_utilization"] = spec.gpu_memory_utilization or 0.1
+    return replace(spec, **kw)
+
+
+class ReplicaPool:
+    """Looks like `engine.Engine` to the pipeline: timings, info(), imap(), close()."""
+
+    def __init__(self, spec: EngineSpec, cache_dir: Path, n: int, log=print):
+        self.spec, self.cache_dir, self.n, self.log = spec, Path(cache_dir), n, log
+        self.procs: list[_Replica] = []
+        self.timings = InitTimings()
+        self.entry = None
+        self.cuda = False
+        self.tokens_per_tile = 256
+        self._info: dict = {}
+
+    def start(self) -> "ReplicaPool":
+        import time
+
+        from .engine import has_cuda
+
+        t0 = time.perf_counter()
+        self.cuda = has_cuda()
+        spec = replica_spec(self.spec, self.n, self.cuda)
+        self.log(f"starting {self.n} engine replicas on one device (each: "
+                 f"gpu_memory_utilization {spec.gpu_memory_utilization}, "
+                 f"kv cache {spec.kv_cache_gb or 'profiled'} GiB)")
+        self._tmp = tempfile.TemporaryDirectory(prefix="ivb-replicas-")
+        self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name))
+                      for k in range(self.n)]
+        readies = []
+        try:
+            for r in self.procs:
+                readies.append(r.wait_ready())
+        except BaseException:
+            self.close()
+            raise
+        first = readies[0]
+        self.timings = InitTimings(**first["timings"])
+        self.timings.total_s = time.perf_counter() - t0  # wall: replicas start together
+        self.entry = SimpleNamespace(key=first["cache_key"],
+                                     hit=all(r["cache_hit"] for r in readies),
+                                     fields=first["cache_fields"])
+        self._info = first["info"]
+        self.tokens_per_tile = first["tokens_per_tile"]
+        self.log(f"{self.n} replicas ready in {self.timings.total_s:.1f}s (cache "
+                 f"{'hit' if self.entry.hit else 'built'}: {self.entry.key})")
+        return self
+
+    def info(self) -> dict:
+        return dict(self._info, replicas=self.n)
+
+    def gpu_memory_used_gb(self) -> float | None:
+        if not self.cuda:
+            return None
+        from .engine import gpu_memory_used_gb
+
+        return gpu_memory_used_gb()
+
+    def imap(self, work: Iterable[tuple[object, list[dict]]], sampling: SamplingSpec,
+             per_replica: int = 2) -> Iterator[tuple[object, list]]:
+        """(tag, requests) in, (tag, results) out, in input order; at most `per_replica`
+        batches queued at each replica so memory stays flat and no frontend idles."""
+        jobs: queue.Queue = queue.Queue()
+        done: dict[int, object] = {}
+        cond = threading.Condition()
+        stop = threading.Event()
+        tags: dict[int, object] = {}
+
+        def feed(rep: "_Replica"):
+            slots = threading.Semaphore(per_replica)
+
+            def receive():
+                while True:
+                    try:
+                        idx, reply = rep.recv()
+                    except BaseException as e:
+                        reply, idx = {"dead": True, "error": f"replica {rep.k}: {e}"}, -1
+                    with cond:
+                        done[idx] = reply
+                        cond.notify_all()
+                    if idx < 0 or reply.get("dead"):
+                        return
+                    slots.release()
+
+            threading.Thread(target=receive, daemon=True).start()
+            while not stop.is_set():
+                slots.acquire()
+                job = jobs.get()
+                if job is None:
+                    return
+                try:
+                    rep.send(job[0], job[1], sampling)
+                except BaseException as e:
+                    with cond:
+                        done[-1] = {"dead": True, "error": f"replica {rep.k}: {e}"}
+                        cond.notify_all()
+                    return
+
+        feeders = [threading.Thread(target=feed, args=(r,), daemon=True) for r in self.procs]
+        for t in feeders:
+            t.start()
+        it = iter(work)
+        submitted = yielded = 0
+        limit = per_replica * self.n + 1
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and submitted - yielded < limit:
+                    nxt = next(it, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    tags[submitted] = nxt[0]
+                    jobs.put((submitted, nxt[1]))
+                    submitted += 1
+                if yielded == submitted:
+                    return
+                with cond:
+                    while yielded not in done and -1 not in done:
+                        cond.wait(1.0)
+                    if -1 in done:
+                        raise EngineDead(done[-1]["error"])
+                    reply = done.pop(yielded)
+                if reply.get("dead"):
+                    raise EngineDead(reply["error"])
+                yield tags.pop(yielded), reply["results"]
+                yielded += 1
+        finally:
+            stop.set()
+            for _ in feeders:
+                jobs.put(None)
+
+    def close(self):
+        for r in self.procs:
+            r.close()
+        self.procs = []
+
+
+class _Replica:
+    def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, tmp: Path):
+        self.k = k
+        r, w = os.pipe()
+        cfg = {"spec": asdict(spec), "cache_dir": str(cache_dir), "reply_fd": w, "index": k}
+        path = tmp / f"replica-{k}.json"
+        path.write_text(json.dumps(cfg))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "internvl_batch", "replica", str(path)],
+            stdin=subprocess.PIPE, stdout=sys.stderr.fileno(), pass_fds=(w,), env=env,
+            start_new_session=True)  # its own group: vLLM's processes stop with it
+        os.close(w)
+        self.replies = os.fdopen(r, "rb")
+        self._send_lock = threading.Lock()
+
+    def wait_ready(self) -> dict:
+        try:
+            _, msg = recv_frame(self.replies)
+        except EOFError:
+            code = self.proc.wait()
+            raise RuntimeError(f"engine replica {self.k} exited with code {code} while "
+                               "starting; its log is above") from None
+        if not msg.get("ready"):
+            raise RuntimeError(f"engine replica {self.k} failed to start: {msg.get('error')}")
+        return msg
+
+    def send(self, idx: int, reqs: list[dict], sampling: SamplingSpec):
+        with self._send_lock:
+            send_frame(self.proc.stdin, (idx, {"reqs": reqs, "sampling": sampling}))
+
+    def recv(self):
+        return recv_frame(self.replies)
+
+    def close(self):
+        import signal
+
+        try:
+            self.proc.stdin.close()
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            self.proc.wait()
+        try:
+            self.replies.close()
+        except Exception:
+            pass
+
+
+# -- the replica process ----------------------------------------------------------------------
+
+def main(config_path: str) -> int:
+    """One replica: start the engine, then answer (idx, batch) frames until stdin closes."""
+    from .cache import CompileCache
+    from .engine import _is_engine_death
+
+    cfg = json.loads(Path(config_path).read_text())
+    reply = os.fdopen(int(cfg["reply_fd"]), "wb")
+    spec = EngineSpec(**cfg["spec"])
+    tag = f"[replica {cfg['index']}]"
+    try:
+        engine, entry = CompileCache(cfg["cache_dir"]).start_engine(
+            spec, log=lambda m: print(f"{tag} {m}", file=sys.stderr, flush=True))
+    except BaseException as e:
+        send_frame(reply, (-1, {"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}))
+        return 1
+    send_frame(reply, (-1, {"ready": True, "timings": engine.timings.as_dict(),
+                            "cache_key": entry.key, "cache_hit": entry.hit,
+                            "cache_fields": entry.fields, "info": engine.info(),
+                            "tokens_per_tile": engine.tokens_per_tile}))
+    # read ahead: the next batch is unpickled while this one generates
+    inbox: queue.Queue = queue.Queue(maxsize=2)
+
+    def read():
+        try:
+            while True:
+                inbox.put(recv_frame(sys.stdin.buffer))
+        except EOFError:
+            inbox.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    code = 0
+    while (item := inbox.get()) is not None:
+        idx, job = item
+        try:
+            out = {"results": engine.generate(job["reqs"], job["sampling"])}
+        except BaseException as e:
+            dead = isinstance(e, EngineDead) or _is_engine_death(e)
+            out = {"dead": True, "error": f"{type(e).__name__}: {str(e)[:300]}",
+                   "engine_dead": dead}
+            code = 1
+        send_frame(reply, (idx, out))
+        if code:
+            break
+    engine.close()
+    reply.close()
+    return code
