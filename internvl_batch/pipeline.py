@@ -181,7 +181,9 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
         stream.close()  # batches still at replicas are dropped: a rerun captions them
         progress.close()
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            # no wait: after a job-wide SIGTERM the decode workers are dead and waiting on
+            # them can hang (seen on the GPU host under `timeout`); they exit with us
+            pool.shutdown(wait=False, cancel_futures=True)
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
         if started is None:
             engine.close()

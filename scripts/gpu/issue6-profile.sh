@@ -6,8 +6,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
 export INTERNVL_BATCH_CACHE=${INTERNVL_BATCH_CACHE:-/tmp/ivb-cache}
-N=${N:-4096}
-REPLICAS=${REPLICAS:-"1 2 4"}
+N=${N:-3072}
+REPLICAS=${REPLICAS:-"4 1 2"}  # 4 first: its replica 0 builds the cold cache entry, 3 wait
 EXTRA=${EXTRA:-}
 PROFILE=${PROFILE:-1}
 
@@ -26,7 +26,8 @@ for r in $REPLICAS; do
   ( while sleep 1; do ps -C python3 -o rss= | awk '{s+=$1} END {print s/1048576}'; done ) \
     > "/tmp/rss-r$r.txt" &
   rss=$!
-  timeout 280 python3 -m internvl_batch run --dataset coco --data-dir /tmp/d448/images \
+  limit=$([ -z "${warm:-}" ] && echo 340 || echo 140); warm=1
+  timeout "$limit" python3 -m internvl_batch run --dataset coco --data-dir /tmp/d448/images \
     --annotations /tmp/d448/annotations/captions_synth.json --model preset:internvl3-1b \
     --compile --max-dynamic-patch 1 --max-tokens 32 --ignore-eos --replicas "$r" \
     --no-progress $EXTRA --output "/tmp/sweep-r$r" >> "$OUT/sweep.log" 2>&1
