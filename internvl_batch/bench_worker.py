@@ -77,7 +77,8 @@ class Worker:
         spec = EngineSpec(model=c["model"], compile=bool(c["compile"]),
                           max_dynamic_patch=c["max_dynamic_patch"],
                           max_model_len=c["max_model_len"],
-                          gpu_memory_utilization=c["gpu_memory_utilization"])
+                          gpu_memory_utilization=c["gpu_memory_utilization"],
+                          kv_cache_gb=c.get("kv_cache_gb"))
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         if self.variant == "pipeline" and c.get("replicas", 1) > 1:
             from .replicas import ReplicaPool

@@ -220,7 +220,7 @@ class CompileCache:
     def start_engine(self, spec: EngineSpec, log=print, *, naive: bool = False,
                      verify: bool | None = None):
         """Return (started Engine, Entry): from a complete entry (hit) or by building it."""
-        from .engine import Engine, has_cuda, llm_kwargs
+        from .engine import has_cuda, llm_kwargs
 
         spec = self.resolve(spec)
         llm_kwargs(spec, cuda=has_cuda())  # flag errors now, before an entry is created
@@ -229,36 +229,44 @@ class CompileCache:
             entry.hit = True
             return self._start_hit(spec, entry, log), entry
         with self.lock(entry.key, log):
-            if entry.complete:  # built by the job we waited for
-                entry.hit = True
-                log(f"compile cache: {entry.key} was built by another job; loading it")
-                return self._start_hit(spec, entry, log), entry
-            if entry.path.exists():
-                moved = entry.quarantine("incomplete: its builder died before finishing")
-                log(f"compile cache: moved an incomplete entry aside to {moved}")
-            entry.path.mkdir(parents=True, exist_ok=True)
-            log(f"compile cache: miss, building {entry.key}")
-            # a naive build stands for a cache written by plain vLLM: nothing checked
-            must_verify = (spec.compile and not naive) if verify is None else verify
-            ref = self.reference(spec, log) if must_verify else None
-            t0 = time.time()
-            engine = Engine(spec, entry.env(), naive_warmup=naive).start()
-            check = None
-            if ref is not None:
-                check = compare_probe(ref, run_probe(engine))
-                if not check["ok"]:
-                    engine.close()
-                    moved = entry.quarantine(f"probe check failed: {check}")
-                    raise CacheError(f"compiled outputs differ from eager beyond tolerance "
-                                     f"({check}); entry moved to {moved}")
-            entry.write_manifest({
-                "key": entry.key, "fields": entry.fields, "built_by": {
-                    "host": socket.gethostname(), "pid": os.getpid(),
-                    "slurm_job": os.environ.get("SLURM_JOB_ID")},
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_s": round(time.time() - t0, 2),
-                "timings": engine.timings.as_dict(), "probe_check": check, "naive": naive})
-            entry.mark_complete()
-            return engine, entry
+            if not entry.complete:
+                return self._build(spec, entry, log, naive, verify), entry
+        # built by the job we waited for; loading needs no lock, so replicas and array tasks
+        # that queued behind one build all start at once
+        entry.hit = True
+        log(f"compile cache: {entry.key} was built by another job; loading it")
+        return self._start_hit(spec, entry, log), entry
+
+    def _build(self, spec: EngineSpec, entry: "Entry", log, naive: bool, verify: bool | None):
+        """Build `entry` (caller holds its lock): eager reference, engine, probe, manifest."""
+        from .engine import Engine
+
+        if entry.path.exists():
+            moved = entry.quarantine("incomplete: its builder died before finishing")
+            log(f"compile cache: moved an incomplete entry aside to {moved}")
+        entry.path.mkdir(parents=True, exist_ok=True)
+        log(f"compile cache: miss, building {entry.key}")
+        # a naive build stands for a cache written by plain vLLM: nothing checked
+        must_verify = (spec.compile and not naive) if verify is None else verify
+        ref = self.reference(spec, log) if must_verify else None
+        t0 = time.time()
+        engine = Engine(spec, entry.env(), naive_warmup=naive).start()
+        check = None
+        if ref is not None:
+            check = compare_probe(ref, run_probe(engine))
+            if not check["ok"]:
+                engine.close()
+                moved = entry.quarantine(f"probe check failed: {check}")
+                raise CacheError(f"compiled outputs differ from eager beyond tolerance "
+                                 f"({check}); entry moved to {moved}")
+        entry.write_manifest({
+            "key": entry.key, "fields": entry.fields, "built_by": {
+                "host": socket.gethostname(), "pid": os.getpid(),
+                "slurm_job": os.environ.get("SLURM_JOB_ID")},
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_s": round(time.time() - t0, 2),
+            "timings": engine.timings.as_dict(), "probe_check": check, "naive": naive})
+        entry.mark_complete()
+        return engine
 
     def _start_hit(self, spec: EngineSpec, entry: Entry, log):
         from .engine import Engine

@@ -26,7 +26,7 @@ for r in $REPLICAS; do
   ( while sleep 1; do ps -C python3 -o rss= | awk '{s+=$1} END {print s/1048576}'; done ) \
     > "/tmp/rss-r$r.txt" &
   rss=$!
-  limit=$([ -z "${warm:-}" ] && echo 340 || echo 140); warm=1
+  limit=$([ -z "${warm:-}" ] && echo "${FIRST_LIMIT:-340}" || echo 140); warm=1
   timeout "$limit" python3 -m internvl_batch run --dataset coco --data-dir /tmp/d448/images \
     --annotations /tmp/d448/annotations/captions_synth.json --model preset:internvl3-1b \
     --compile --max-dynamic-patch 1 --max-tokens 32 --ignore-eos --replicas "$r" \
