@@ -19,11 +19,11 @@ import json
 import os
 import pickle
 import queue
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,26 +32,27 @@ from typing import Iterable, Iterator
 from .config import EngineSpec, SamplingSpec
 from .engine import EngineDead, InitTimings
 
-_LEN = struct.Struct("<Q")
 DEFAULT_KV_CACHE_GB = 4.0  # per replica: ~340k tokens of InternVL3-1B, ~150k of 2B
 
 
-def send_frame(f, obj) -> None:
-    data = pickle.dumps(obj, protocol=5)
-    f.write(_LEN.pack(len(data)))
-    f.write(data)
+# Pickles are self-delimiting, so they go straight onto the pipe: a batch is a header and
+# then one pickle per request. One 150 MB bytes object per batch of 256 decoded images cost
+# ~4.6 ms per image to build and as much to unpickle on a 2-core machine (page faults of a
+# fresh buffer); streamed, each image is a small, reused write.
+
+def send_frame(f, obj, items: list | None = None) -> None:
+    pickle.dump(obj, f, protocol=5)
+    for it in items or ():
+        pickle.dump(it, f, protocol=5)
     f.flush()
 
 
-def recv_frame(f):
-    head = f.read(_LEN.size)
-    if len(head) < _LEN.size:
-        raise EOFError("replica pipe closed")
-    (n,) = _LEN.unpack(head)
-    data = f.read(n)
-    if len(data) < n:
-        raise EOFError("replica pipe closed mid-frame")
-    return pickle.loads(data)
+def recv_frame(f, with_items: bool = False):
+    head = pickle.load(f)  # EOFError when the other side is gone
+    if not with_items:
+        return head
+    idx, n, extra = head
+    return idx, [pickle.load(f) for _ in range(n)], extra
 
 
 def replica_spec(spec: EngineSpec, n: int, cuda: bool) -> EngineSpec:
@@ -63,7 +64,7 @@ def replica_spec(spec: EngineSpec, n: int, cuda: bool) -> EngineSpec:
     if cuda:
         kw["kv_cache_gb"] = spec.kv_cache_gb or DEFAULT_KV_CACHE_GB
         kw["gpu_memory_utilization"] = spec.gpu_memory_utilization or \
-            round(min(0.9 / n, 0.3), 2)
+            int(min(0.9 / n, 0.3) * 100) / 100
     else:
         # CPU: the fraction sizes each replica's KV cache from host RAM
         kw["gpu_memory_utilization"] = spec.gpu_memory_utilization or 0.1
@@ -83,8 +84,6 @@ class ReplicaPool:
         self._info: dict = {}
 
     def start(self) -> "ReplicaPool":
-        import time
-
         from .engine import has_cuda
 
         t0 = time.perf_counter()
@@ -94,7 +93,10 @@ class ReplicaPool:
                  f"gpu_memory_utilization {spec.gpu_memory_utilization}, "
                  f"kv cache {spec.kv_cache_gb or 'profiled'} GiB)")
         self._tmp = tempfile.TemporaryDirectory(prefix="ivb-replicas-")
-        self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name))
+        # torch's CPU pool defaults to every core in every process; N frontends each spinning
+        # that many OpenMP threads for small per-image tensor ops would fight over the host
+        threads = max(1, (os.cpu_count() or 2) // (2 * self.n)) if self.cuda else None
+        self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads)
                       for k in range(self.n)]
         readies = []
         try:
@@ -149,6 +151,8 @@ class ReplicaPool:
                         cond.notify_all()
                     if idx < 0 or reply.get("dead"):
                         return
+                    rep.busy_s += reply.get("busy_s", 0.0)
+                    rep.images += len(reply.get("results", ()))
                     slots.release()
 
             threading.Thread(target=receive, daemon=True).start()
@@ -169,6 +173,7 @@ class ReplicaPool:
         for t in feeders:
             t.start()
         it = iter(work)
+        t_start = time.perf_counter()
         submitted = yielded = 0
         limit = per_replica * self.n + 1
         try:
@@ -198,6 +203,12 @@ class ReplicaPool:
             stop.set()
             for _ in feeders:
                 jobs.put(None)
+            wall = time.perf_counter() - t_start
+            # busy near 100 %: the replicas (their frontends or the shared GPU) set the pace;
+            # well below: this process (decode, dispatch, writing) does
+            self.log("replicas busy in generate: " + ", ".join(
+                f"#{r.k} {100 * r.busy_s / wall:.0f}% ({r.images} img)" for r in self.procs)
+                + f" over {wall:.1f}s")
 
     def close(self):
         for r in self.procs:
@@ -206,13 +217,18 @@ class ReplicaPool:
 
 
 class _Replica:
-    def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, tmp: Path):
+    def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, tmp: Path,
+                 threads: int | None = None):
         self.k = k
+        self.busy_s = 0.0  # time its engine spent in generate
+        self.images = 0
         r, w = os.pipe()
         cfg = {"spec": asdict(spec), "cache_dir": str(cache_dir), "reply_fd": w, "index": k}
         path = tmp / f"replica-{k}.json"
         path.write_text(json.dumps(cfg))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if threads:
+            env.setdefault("OMP_NUM_THREADS", str(threads))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "internvl_batch", "replica", str(path)],
             stdin=subprocess.PIPE, stdout=sys.stderr.fileno(), pass_fds=(w,), env=env,
@@ -234,7 +250,7 @@ class _Replica:
 
     def send(self, idx: int, reqs: list[dict], sampling: SamplingSpec):
         with self._send_lock:
-            send_frame(self.proc.stdin, (idx, {"reqs": reqs, "sampling": sampling}))
+            send_frame(self.proc.stdin, (idx, len(reqs), sampling), reqs)
 
     def recv(self):
         return recv_frame(self.replies)
@@ -287,16 +303,18 @@ def main(config_path: str) -> int:
     def read():
         try:
             while True:
-                inbox.put(recv_frame(sys.stdin.buffer))
+                inbox.put(recv_frame(sys.stdin.buffer, with_items=True))
         except EOFError:
             inbox.put(None)
 
     threading.Thread(target=read, daemon=True).start()
     code = 0
     while (item := inbox.get()) is not None:
-        idx, job = item
+        idx, reqs, sampling = item
+        t0 = time.perf_counter()
         try:
-            out = {"results": engine.generate(job["reqs"], job["sampling"])}
+            out = {"results": engine.generate(reqs, sampling),
+                   "busy_s": time.perf_counter() - t0}
         except BaseException as e:
             dead = isinstance(e, EngineDead) or _is_engine_death(e)
             out = {"dead": True, "error": f"{type(e).__name__}: {str(e)[:300]}",

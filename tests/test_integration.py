@@ -210,3 +210,25 @@ def test_cache_verify_compares_against_eager(tiny_model, tmp_path, engine):
     assert "OK first-token agreement 100%" in p.stdout
     refs = list((cache / "refs").glob("*.json"))
     assert len(refs) == 1 and len(json.loads(refs[0].read_text())["token_ids"]) == 4
+
+
+def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad, tmp_path):
+    """`--replicas 2`: two real engine processes, batches dispatched and written back in
+    order; captions (greedy) and error rows identical to the single in-process engine."""
+    images, ann = coco_bad
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(_cfg(engine_spec, images, ann, one, batch_size=4), started=engine) == EXIT_OK
+    cfg = dataclasses.replace(_cfg(engine_spec, images, ann, two, batch_size=4), replicas=2,
+                              cache_dir=tmp_path / "cache")
+    logs = []
+    assert run(cfg, log=logs.append) == EXIT_OK
+    a = _rows(one / "part-00000-of-00001.parquet")
+    b = _rows(two / "part-00000-of-00001.parquet")
+    assert [r["seq"] for r in b] == sorted(r["seq"] for r in b)
+    keys = ("id", "caption", "error", "prompt_tokens", "image_tokens", "output_tokens")
+    assert [{k: r[k] for k in keys} for r in b] == [{k: r[k] for k in keys} for r in a]
+    assert any(r["error"] for r in b) and any(r["caption"] for r in b)
+    busy = [m for m in logs if m.startswith("replicas busy")]
+    assert busy and "#0" in busy[0] and "#1" in busy[0]
+    meta = json.loads(pq.read_schema(two / "part-00000-of-00001.parquet").metadata[b"internvl_batch"])
+    assert meta["config"]["replicas"] == 2 and meta["versions"]["replicas"] == 2

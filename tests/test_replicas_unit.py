@@ -1,0 +1,44 @@
+"""The replica wire format and memory plan, without vLLM."""
+from __future__ import annotations
+
+import os
+import threading
+
+from PIL import Image
+
+from internvl_batch.config import EngineSpec, SamplingSpec
+from internvl_batch.replicas import recv_frame, replica_spec, send_frame
+
+
+def test_frames_stream_a_batch_of_images_through_a_pipe():
+    r, w = os.pipe()
+    rf, wf = os.fdopen(r, "rb"), os.fdopen(w, "wb")
+    reqs = [{"prompt": f"p{i}", "multi_modal_data": {"image": Image.new("RGB", (448, 448), (i, 0, 0))}}
+            for i in range(40)]  # ~24 MB: far more than a pipe buffer holds
+    got = {}
+    t = threading.Thread(target=lambda: got.update(v=recv_frame(rf, with_items=True)))
+    t.start()
+    send_frame(wf, (7, len(reqs), SamplingSpec(max_tokens=3)), reqs)
+    t.join(timeout=60)
+    idx, items, sampling = got["v"]
+    assert idx == 7 and sampling.max_tokens == 3 and len(items) == 40
+    assert [x["prompt"] for x in items] == [f"p{i}" for i in range(40)]
+    assert items[5]["multi_modal_data"]["image"].getpixel((0, 0)) == (5, 0, 0)
+    send_frame(wf, (-1, {"ready": True}))
+    assert recv_frame(rf) == (-1, {"ready": True})
+    wf.close()
+    try:
+        recv_frame(rf)
+        raise AssertionError("expected EOFError")
+    except EOFError:
+        pass
+
+
+def test_replica_spec_fixes_the_kv_cache_on_gpu_only():
+    spec = EngineSpec(model="/m")
+    assert replica_spec(spec, 1, cuda=True) is spec
+    gpu = replica_spec(spec, 4, cuda=True)
+    assert gpu.kv_cache_gb == 4.0 and gpu.gpu_memory_utilization == 0.22
+    assert replica_spec(EngineSpec(model="/m", kv_cache_gb=2.0), 2, cuda=True).kv_cache_gb == 2.0
+    cpu = replica_spec(spec, 2, cuda=False)
+    assert cpu.kv_cache_gb is None and cpu.gpu_memory_utilization == 0.1
