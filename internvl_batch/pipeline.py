@@ -158,6 +158,8 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
                            output_tokens=res.output_tokens if res else 0)
             writer.write(rows)
             st.generate_s += time.perf_counter() - t0
+            st.last_batch_at = time.time()
+            st.first_batch_at = st.first_batch_at or st.last_batch_at
             t0 = time.perf_counter()
             progress.update(len(rows))
             progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",

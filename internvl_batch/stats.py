@@ -44,6 +44,10 @@ class RunStats:
     cache_hit: bool | None = None
     cache_key: str | None = None
     started_at: float = field(default_factory=time.time)
+    # wall clock of the first and last batch written: lines up GPU/host monitoring with the
+    # steady state, engine start-up excluded
+    first_batch_at: float | None = None
+    last_batch_at: float | None = None
 
     def add_row(self, *, error: str | None, prompt_tokens: int = 0, image_tokens: int = 0,
                 output_tokens: int = 0, answered: bool = False):
