@@ -137,11 +137,20 @@ class ReplicaPool:
         stop = threading.Event()
         tags: dict[int, object] = {}
 
+        receivers: list[threading.Thread] = []
+
         def feed(rep: "_Replica"):
             slots = threading.Semaphore(per_replica)
+            pending = threading.Semaphore(0)  # replies owed: the receiver reads no more
 
             def receive():
+                # never outlives this imap with nothing owed: a second imap over the same
+                # pool (bench repeats) must be the only reader of the reply pipe
                 while True:
+                    if not pending.acquire(timeout=0.2):
+                        if stop.is_set():
+                            return
+                        continue
                     try:
                         idx, reply = rep.recv()
                     except BaseException as e:
@@ -155,7 +164,9 @@ class ReplicaPool:
                     rep.images += len(reply.get("results", ()))
                     slots.release()
 
-            threading.Thread(target=receive, daemon=True).start()
+            t = threading.Thread(target=receive, daemon=True)
+            receivers.append(t)
+            t.start()
             while not stop.is_set():
                 slots.acquire()
                 job = jobs.get()
@@ -163,6 +174,7 @@ class ReplicaPool:
                     return
                 try:
                     rep.send(job[0], job[1], sampling)
+                    pending.release()
                 except BaseException as e:
                     with cond:
                         done[-1] = {"dead": True, "error": f"replica {rep.k}: {e}"}
@@ -203,6 +215,8 @@ class ReplicaPool:
             stop.set()
             for _ in feeders:
                 jobs.put(None)
+            for t in receivers:  # done at once unless replies are still owed (an abort)
+                t.join(timeout=30)
             wall = time.perf_counter() - t_start
             # busy near 100 %: the replicas (their frontends or the shared GPU) set the pace;
             # well below: this process (decode, dispatch, writing) does

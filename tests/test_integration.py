@@ -214,21 +214,31 @@ def test_cache_verify_compares_against_eager(tiny_model, tmp_path, engine):
 
 def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad, tmp_path):
     """`--replicas 2`: two real engine processes, batches dispatched and written back in
-    order; captions (greedy) and error rows identical to the single in-process engine."""
+    order; captions (greedy) and error rows identical to the single in-process engine. The
+    pool serves two runs in a row (as in `bench`), so its pipes must stay in step."""
+    from internvl_batch.replicas import ReplicaPool
+
     images, ann = coco_bad
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     assert run(_cfg(engine_spec, images, ann, one, batch_size=4), started=engine) == EXIT_OK
-    cfg = dataclasses.replace(_cfg(engine_spec, images, ann, two, batch_size=4), replicas=2,
-                              cache_dir=tmp_path / "cache")
-    logs = []
-    assert run(cfg, log=logs.append) == EXIT_OK
     a = _rows(one / "part-00000-of-00001.parquet")
-    b = _rows(two / "part-00000-of-00001.parquet")
-    assert [r["seq"] for r in b] == sorted(r["seq"] for r in b)
     keys = ("id", "caption", "error", "prompt_tokens", "image_tokens", "output_tokens")
-    assert [{k: r[k] for k in keys} for r in b] == [{k: r[k] for k in keys} for r in a]
-    assert any(r["error"] for r in b) and any(r["caption"] for r in b)
+    logs = []
+    pool = ReplicaPool(engine_spec, tmp_path / "cache", 2, log=logs.append).start()
+    try:
+        for k in range(2):
+            out = tmp_path / f"two-{k}"
+            cfg = dataclasses.replace(_cfg(engine_spec, images, ann, out, batch_size=4),
+                                      replicas=2, cache_dir=tmp_path / "cache")
+            assert run(cfg, log=logs.append, started=(pool, pool.entry)) == EXIT_OK
+            b = _rows(out / "part-00000-of-00001.parquet")
+            assert [r["seq"] for r in b] == sorted(r["seq"] for r in b)
+            assert [{k: r[k] for k in keys} for r in b] == [{k: r[k] for k in keys} for r in a]
+    finally:
+        pool.close()
+    assert any(r["error"] for r in a) and any(r["caption"] for r in a)
     busy = [m for m in logs if m.startswith("replicas busy")]
-    assert busy and "#0" in busy[0] and "#1" in busy[0]
-    meta = json.loads(pq.read_schema(two / "part-00000-of-00001.parquet").metadata[b"internvl_batch"])
+    assert len(busy) == 2 and "#0" in busy[0] and "#1" in busy[0]
+    meta = json.loads(pq.read_schema(tmp_path / "two-1" / "part-00000-of-00001.parquet")
+                      .metadata[b"internvl_batch"])
     assert meta["config"]["replicas"] == 2 and meta["versions"]["replicas"] == 2
