@@ -76,6 +76,18 @@ def make_engine_spec(kw: dict) -> EngineSpec:
         mm_cache_gb=kw.pop("mm_cache_gb"), kv_cache_gb=kw.pop("kv_cache_gb"), seed=kw.get("seed", 0) or 0)
 
 
+def _replicas(ctx, param, value):
+    if value in (None, "auto"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: a number of engines (1-16) or auto") from None
+    if not 1 <= n <= 16:
+        raise click.BadParameter(f"{n}: between 1 and 16, or auto")
+    return n
+
+
 def cache_root(value) -> Path:
     return Path(value) if value else default_cache_dir()
 
@@ -117,9 +129,10 @@ def cli():
               help="Requests per LLM.generate call (also the commit granularity).")
 @click.option("--workers", type=int, default=4, show_default=True,
               help="Image-decoding processes (0: decode inline).")
-@click.option("--replicas", type=int, default=1, show_default=True,
+@click.option("--replicas", default="auto", show_default=True, callback=_replicas,
               help="vLLM engines sharing the GPU, each in its own process: vLLM preprocesses "
-                   "images serially per engine, so small models need several to fill a GPU.")
+                   "images serially per engine, so small models need several to fill a GPU "
+                   "(auto: as many as fit in memory, at most 4, on GPU; 1 on CPU).")
 @click.option("--num-shards", type=int, default=None,
               help="[default: $SLURM_ARRAY_TASK_COUNT or 1]")
 @click.option("--shard-index", type=int, default=None,

@@ -98,7 +98,7 @@ class RunConfig:
     num_shards: int = 1
     shard_index: int = 0
     workers: int = 4
-    replicas: int = 1  # vLLM engines sharing the GPU, each with its own frontend process
+    replicas: int | None = None  # vLLM engines sharing the GPU (own frontend each); None: auto
     max_error_rate: float = 1.0
     min_rows_for_error_rate: int = 20
     cache_dir: Path = field(default_factory=default_cache_dir)
@@ -112,7 +112,7 @@ class RunConfig:
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"--shard-index {self.shard_index} is outside "
                               f"0..{self.num_shards - 1} (--num-shards {self.num_shards})")
-        if not 1 <= self.replicas <= 16:
+        if self.replicas is not None and not 1 <= self.replicas <= 16:
             raise ConfigError("--replicas must be between 1 and 16")
         if self.workers < 0:
             raise ConfigError("--workers must be >= 0")

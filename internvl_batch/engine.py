@@ -352,6 +352,15 @@ def tokens_per_tile(llm) -> int:
         return 256
 
 
+def gpu_memory_total_gb() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, timeout=20)
+        return round(float(out.stdout.split()[0]) / 1024, 2) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
 def gpu_memory_used_gb() -> float | None:
     """Device memory in use by all processes (vLLM's engine cores allocate in children),
     read through nvidia-smi so this process never opens a CUDA context."""

@@ -212,12 +212,23 @@ def start_engines(cfg: RunConfig, log):
     """One engine in this process, or `cfg.replicas` engine processes sharing the device."""
     from .cache import CompileCache
 
-    if cfg.replicas > 1:
+    cache = CompileCache(cfg.cache_dir)
+    n = cfg.replicas
+    if n is None:
+        from .engine import gpu_memory_total_gb, has_cuda
+        from .replicas import auto_replicas
+
+        cuda = has_cuda()
+        n, why = auto_replicas(cache.resolve(cfg.engine).model, cuda,
+                               gpu_memory_total_gb() if cuda else None,
+                               cfg.engine.kv_cache_gb or 4.0)
+        log(f"--replicas auto: {why}")
+    if n > 1:
         from .replicas import ReplicaPool
 
-        pool = ReplicaPool(cfg.engine, cfg.cache_dir, cfg.replicas, log).start()
+        pool = ReplicaPool(cfg.engine, cfg.cache_dir, n, log).start()
         return pool, pool.entry
-    return CompileCache(cfg.cache_dir).start_engine(cfg.engine, log=log)
+    return cache.start_engine(cfg.engine, log=log)
 
 
 def _progress(cfg: RunConfig, initial: int):

@@ -42,3 +42,31 @@ def test_replica_spec_fixes_the_kv_cache_on_gpu_only():
     assert replica_spec(EngineSpec(model="/m", kv_cache_gb=2.0), 2, cuda=True).kv_cache_gb == 2.0
     cpu = replica_spec(spec, 2, cuda=False)
     assert cpu.kv_cache_gb is None and cpu.gpu_memory_utilization == 0.1
+
+
+def test_auto_replicas_fit_the_device(tmp_path):
+    from internvl_batch.checkpoint import synthesize
+    from internvl_batch.replicas import auto_replicas, weights_gb
+
+    one_b = synthesize("internvl3-1b", tmp_path / "1b")
+    eight_b = synthesize("internvl3-8b", tmp_path / "8b")
+    # InternVL3-1B: 1.76 GB of weights by vLLM's own count on H100 (0.6B LM + 0.3B ViT)
+    assert 1.5 < weights_gb(one_b) < 2.2
+    assert 14 < weights_gb(eight_b) < 18
+    assert auto_replicas(one_b, True, 79.6)[0] == 4   # measured: 4 fill an H100
+    assert auto_replicas(one_b, True, 24.0)[0] == 2
+    assert auto_replicas(eight_b, True, 79.6)[0] == 2
+    assert auto_replicas(eight_b, True, 24.0)[0] == 1
+    assert auto_replicas(one_b, False, None) == (1, "CPU: one engine")
+    assert auto_replicas(str(tmp_path / "nope"), True, 79.6)[0] == 1
+
+
+def test_cli_replicas_option():
+    from click.testing import CliRunner
+
+    from internvl_batch.cli import cli
+
+    r = CliRunner().invoke(cli, ["run", "--dataset", "sample", "-o", "/tmp/x", "--replicas", "0"])
+    assert r.exit_code == 2 and "between 1 and 16" in r.output
+    r = CliRunner().invoke(cli, ["run", "--dataset", "sample", "-o", "/tmp/x", "--replicas", "many"])
+    assert r.exit_code == 2 and "or auto" in r.output
