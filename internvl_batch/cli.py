@@ -132,7 +132,7 @@ def cli():
 @click.option("--replicas", default="auto", show_default=True, callback=_replicas,
               help="vLLM engines sharing the GPU, each in its own process: vLLM preprocesses "
                    "images serially per engine, so small models need several to fill a GPU "
-                   "(auto: as many as fit in memory, at most 4, on GPU; 1 on CPU).")
+                   "(auto: as many as fit in GPU memory and ~3 CPUs each, at most 4; 1 on CPU).")
 @click.option("--num-shards", type=int, default=None,
               help="[default: $SLURM_ARRAY_TASK_COUNT or 1]")
 @click.option("--shard-index", type=int, default=None,

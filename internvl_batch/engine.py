@@ -353,19 +353,18 @@ def tokens_per_tile(llm) -> int:
 
 
 def gpu_memory_total_gb() -> float | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
-                              "-i", "0"], capture_output=True, text=True, timeout=20)
-        return round(float(out.stdout.split()[0]) / 1024, 2) if out.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
-        return None
+    return _nvidia_smi_gb("memory.total")
 
 
 def gpu_memory_used_gb() -> float | None:
-    """Device memory in use by all processes (vLLM's engine cores allocate in children),
-    read through nvidia-smi so this process never opens a CUDA context."""
+    """Device memory in use by all processes (vLLM's engine cores allocate in children)."""
+    return _nvidia_smi_gb("memory.used")
+
+
+def _nvidia_smi_gb(field: str) -> float | None:
+    """GPU 0's memory figure via nvidia-smi, so this process never opens a CUDA context."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits",
                               "-i", "0"], capture_output=True, text=True, timeout=20)
         return round(float(out.stdout.split()[0]) / 1024, 2) if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):

@@ -59,6 +59,7 @@ MAX_AUTO_REPLICAS = 4  # measured: 4 x InternVL3-1B fill an H100 (GPU 97 % busy,
 # device memory per replica beyond weights and KV cache (CUDA context, activations of the
 # profile run, CUDA graphs): 4 x InternVL3-1B with 4 GiB KV each peaked at 41.1 GB on H100
 REPLICA_OVERHEAD_GB = 4.5
+CPUS_PER_REPLICA = 3
 
 
 def weights_gb(model_dir: str) -> float | None:
@@ -85,19 +86,32 @@ def weights_gb(model_dir: str) -> float | None:
         return None
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a Slurm allocation's cpuset, not the whole node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def auto_replicas(model_dir: str, cuda: bool, device_gb: float | None,
-                  kv_gb: float = DEFAULT_KV_CACHE_GB) -> tuple[int, str]:
+                  kv_gb: float = DEFAULT_KV_CACHE_GB, cpus: int | None = None) -> tuple[int, str]:
     """How many engines share the device when the user did not say: as many as fit in 90 %
-    of its memory, at most MAX_AUTO_REPLICAS; one on CPU or when the size is unknown."""
+    of its memory and in the CPUs (each replica keeps ~3 busy: frontend, engine core, its
+    share of decoding and dispatch), at most MAX_AUTO_REPLICAS; one on CPU or when the model
+    size is unknown."""
     if not cuda:
         return 1, "CPU: one engine"
     w = weights_gb(model_dir)
     if w is None or not device_gb:
         return 1, "model or device size unknown: one engine (pass --replicas N to override)"
+    cpus = cpus or usable_cpus()
     per = w + kv_gb + REPLICA_OVERHEAD_GB
-    n = max(1, min(MAX_AUTO_REPLICAS, int(0.9 * device_gb // per)))
+    by_mem, by_cpu = int(0.9 * device_gb // per), cpus // CPUS_PER_REPLICA
+    n = max(1, min(MAX_AUTO_REPLICAS, by_mem, by_cpu))
     return n, (f"{n} engine replica(s): ~{per:.1f} GB each ({w:.1f} GB weights + {kv_gb:g} GB "
-               f"KV + {REPLICA_OVERHEAD_GB:g} GB) in 90 % of {device_gb:.0f} GB")
+               f"KV + {REPLICA_OVERHEAD_GB:g} GB) in 90 % of {device_gb:.0f} GB, "
+               f"{CPUS_PER_REPLICA} of {cpus} CPUs each")
 
 
 def replica_spec(spec: EngineSpec, n: int, cuda: bool) -> EngineSpec:
@@ -140,7 +154,7 @@ class ReplicaPool:
         self._tmp = tempfile.TemporaryDirectory(prefix="ivb-replicas-")
         # torch's CPU pool defaults to every core in every process; N frontends each spinning
         # that many OpenMP threads for small per-image tensor ops would fight over the host
-        threads = max(1, (os.cpu_count() or 2) // (2 * self.n)) if self.cuda else None
+        threads = max(1, usable_cpus() // (2 * self.n)) if self.cuda else None
         self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads)
                       for k in range(self.n)]
         readies = []

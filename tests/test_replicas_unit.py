@@ -53,10 +53,13 @@ def test_auto_replicas_fit_the_device(tmp_path):
     # InternVL3-1B: 1.76 GB of weights by vLLM's own count on H100 (0.6B LM + 0.3B ViT)
     assert 1.5 < weights_gb(one_b) < 2.2
     assert 14 < weights_gb(eight_b) < 18
-    assert auto_replicas(one_b, True, 79.6)[0] == 4   # measured: 4 fill an H100
-    assert auto_replicas(one_b, True, 24.0)[0] == 2
-    assert auto_replicas(eight_b, True, 79.6)[0] == 2
-    assert auto_replicas(eight_b, True, 24.0)[0] == 1
+    # measured: 4 fill an H100 host (16 CPUs)
+    assert auto_replicas(one_b, True, 79.6, cpus=16)[0] == 4
+    assert auto_replicas(one_b, True, 79.6, cpus=8)[0] == 2   # a Slurm task with 8 CPUs
+    assert auto_replicas(one_b, True, 24.0, cpus=16)[0] == 2
+    assert auto_replicas(eight_b, True, 79.6, cpus=16)[0] == 2
+    assert auto_replicas(eight_b, True, 24.0, cpus=16)[0] == 1
+    assert auto_replicas(one_b, True, 79.6, cpus=2)[0] == 1
     assert auto_replicas(one_b, False, None) == (1, "CPU: one engine")
     assert auto_replicas(str(tmp_path / "nope"), True, 79.6)[0] == 1
 
