@@ -283,7 +283,10 @@ class CompileCache:
             # a complete entry that crashes on a multi-tile batch is poisoned (a graph traced
             # on one tile): move it aside and start over in a fresh process, since this one
             # holds a dead engine and torch.compile state
-            moved = entry.quarantine(f"crashed on load/warm-up: {type(e).__name__}: {e}"[:2000])
+            # several replicas (or array tasks) crash on the same entry: only move it if it is
+            # still the complete one, never a rebuild another process has started meanwhile
+            moved = entry.quarantine(f"crashed on load/warm-up: {type(e).__name__}: {e}"[:2000]) \
+                if entry.complete else "(already moved aside by another process)"
             log(f"WARNING compile cache: entry {entry.key} is poisoned "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
                 f"moved to {moved}, rebuilding")
