@@ -126,12 +126,11 @@ def main():
     plain = load_plain()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
     import vllm
-    from vllm import SamplingParams
+    from vllm import LLM, SamplingParams
 
     kw = {}
     if a.mm_cache_gb is not None:
         kw["mm_processor_cache_gb"] = a.mm_cache_gb
-    from vllm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(model=model, trust_remote_code=True, load_format="dummy", max_model_len=8192,

@@ -501,7 +501,8 @@ def analyse(reps: dict[str, list[dict]], infos: dict[str, dict]) -> dict:
         info = infos.get(v, {})
         out["variants"][v] = {
             "label": LABELS[v] + (f", {info['replicas']} engine replicas"
-                                  if info.get("replicas", 1) > 1 else ""), "compile": info.get("compile"), "init": info.get("init"),
+                                  if info.get("replicas", 1) > 1 else ""),
+            "compile": info.get("compile"), "init": info.get("init"),
             "start_wall_s": info.get("start_wall_s"), "ready_after_s": info.get("ready_after_s"),
             "warmup_wall_s": info.get("warmup_wall_s"),
             "cache_hit": info.get("cache_hit"), "cache_key": info.get("cache_key"),

@@ -221,7 +221,7 @@ def start_engines(cfg: RunConfig, log):
         cuda = has_cuda()
         n, why = auto_replicas(cache.resolve(cfg.engine).model, cuda,
                                gpu_memory_total_gb() if cuda else None,
-                               cfg.engine.kv_cache_gb or 4.0)
+                               cfg.engine.kv_cache_gb)
         if cuda:  # on CPU it is always one engine: nothing worth a line
             log(f"--replicas auto: {why}")
     if n > 1:

@@ -8,8 +8,8 @@ time-share the GPU; the parent only decodes (in its pool), dispatches and writes
 
 Each replica is `python -m internvl_batch replica CONFIG`: it starts its engine through the
 compile cache (so the first replica builds the entry under the cache lock and the others load
-it, and the poisoned-entry self-heal can re-execute it), then answers frames on stdin with
-frames on a reply fd: 8-byte length + pickle. Replicas start concurrently; each reserves a
+it, and the poisoned-entry self-heal can re-execute it), then answers batches on stdin with
+results on a reply fd, as streamed pickles. Replicas start concurrently; each reserves a
 fixed KV cache (`kv_cache_gb`) instead of profiling free memory, which other replicas
 starting at the same moment would distort.
 """
@@ -95,13 +95,14 @@ def usable_cpus() -> int:
 
 
 def auto_replicas(model_dir: str, cuda: bool, device_gb: float | None,
-                  kv_gb: float = DEFAULT_KV_CACHE_GB, cpus: int | None = None) -> tuple[int, str]:
+                  kv_gb: float | None = None, cpus: int | None = None) -> tuple[int, str]:
     """How many engines share the device when the user did not say: as many as fit in 90 %
     of its memory and in the CPUs (each replica keeps ~3 busy: frontend, engine core, its
     share of decoding and dispatch), at most MAX_AUTO_REPLICAS; one on CPU or when the model
     size is unknown."""
     if not cuda:
         return 1, "CPU: one engine"
+    kv_gb = kv_gb or DEFAULT_KV_CACHE_GB
     w = weights_gb(model_dir)
     if w is None or not device_gb:
         return 1, "model or device size unknown: one engine (pass --replicas N to override)"
