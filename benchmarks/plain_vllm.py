@@ -57,7 +57,7 @@ def run_once(llm, paths: list[str], max_tokens: int = 32, prompt: str = PROMPT,
         stats["prompt_tokens"] = sum(len(o.prompt_token_ids or ()) for o in answered)
         stats["image_tokens"] = sum(sum(1 for t in (o.prompt_token_ids or ()) if t == img_id)
                                     for o in answered)
-        stats["captions"] = [o.outputs[0].text for o in answered[:3]]
+        stats["captions"] = [o.outputs[0].text if o.outputs else None for o in outputs]
     return seconds, len(answered), output_tokens
 
 

@@ -32,6 +32,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +88,72 @@ def gpu_share(n_variants: int, cuda: bool) -> float:
     if not cuda:
         return 0.1
     return int((0.9 / n_variants - 0.03) * 100) / 100
+
+
+def caption_agreement(captions: dict[str, list[str | None]]) -> dict:
+    """How many captions each variant shares, word for word, with the slow path's on the same
+    images: the plain script if it ran, else the eager engine. Greedy decoding makes equal
+    numerics give equal text; the common-prefix share says how early a divergence starts."""
+    if len(captions) < 2:
+        return {}
+    ref = next((v for v in ("plain", "eager") if v in captions), next(iter(captions)))
+    base = captions[ref]
+    out: dict = {"reference": ref, "images": len(base), "variants": {}}
+    for v, got in captions.items():
+        if v == ref:
+            continue
+        pairs = [(a, b) for a, b in zip(base, got) if a is not None and b is not None]
+        same = sum(a == b for a, b in pairs)
+        prefix = [len(os.path.commonprefix([a, b])) / max(len(a), 1) for a, b in pairs]
+        out["variants"][v] = {
+            "compared": len(pairs), "identical": same,
+            "identical_pct": round(100 * same / len(pairs), 2) if pairs else None,
+            "mean_common_prefix_pct": round(100 * statistics.fmean(prefix), 2) if pairs else None}
+    return out
+
+
+class GpuBusy:
+    """GPU 0's `utilization.gpu`, sampled every 100 ms by one `nvidia-smi -lms` child, so each
+    repeat records how busy the GPU was while it ran: a variant at 20 % is bound by its host
+    side, and no encoder speed-up can show in its rate. Timestamps come from nvidia-smi itself,
+    since its output reaches us through a pipe buffer."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, float]] = []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "GpuBusy":
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu",
+                 "--format=csv,noheader,nounits", "-i", "0", "-lms", "100"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return self
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            got = self.parse(line)
+            if got:
+                self.samples.append(got)
+
+    @staticmethod
+    def parse(line: str) -> tuple[float, float] | None:
+        try:
+            stamp, util = (x.strip() for x in line.split(","))
+            return datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp(), float(util)
+        except ValueError:
+            return None
+
+    def mean(self, t0: float, t1: float) -> float | None:
+        vals = [u for t, u in list(self.samples) if t0 <= t <= t1]
+        return round(statistics.fmean(vals), 1) if len(vals) >= 3 else None
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
 
 
 # -- roofline ----------------------------------------------------------------------------------
@@ -275,8 +342,8 @@ class Child:
         self.proc.stdin.write(json.dumps(doc) + "\n")
         self.proc.stdin.flush()
 
-    def run(self, slice_name: str) -> dict:
-        self.send({"cmd": "run", "slice": slice_name})
+    def run(self, slice_name: str, captions: bool = False) -> dict:
+        self.send({"cmd": "run", "slice": slice_name, "captions": captions})
         rep = self.wait_reply()
         if not rep.get("ok"):
             raise ChildFailed(self, rep.get("error", "failed"))
@@ -335,7 +402,7 @@ def repeat_row(rep: dict, coef: dict | None, peak_tflops: float | None, slice_na
            "image_tokens": rep.get("image_tokens"), "errors": rep.get("errors", 0),
            "requests_per_s": rep["requests"] / s, "output_tokens_per_s": rep["output_tokens"] / s,
            "images_per_s": rep["requests"] / s}
-    for k in ("decode_s_untimed", "pipeline_generate_s", "pipeline_total_s"):
+    for k in ("decode_s_untimed", "pipeline_generate_s", "pipeline_total_s", "gpu_busy_pct"):
         if k in rep:
             row[k] = rep[k]
     if coef and rep.get("image_tokens") is not None:
@@ -418,6 +485,8 @@ def run_bench(opts: dict, log=print) -> dict:
     # a user runs it) starts alone first; our engines reserve a fixed KV cache (`kv_cache_gb`,
     # no profiling) and then all start at once, the compile cache serialising any build.
     started_at: dict[str, float] = {}
+    captions: dict[str, list] = {}
+    busy = GpuBusy().start() if cuda else GpuBusy()
 
     def ready(v: str):
         child = children[v]
@@ -441,10 +510,13 @@ def run_bench(opts: dict, log=print) -> dict:
                 children[v] = Child(v, dict(base, compile=compile_), raw_dir)
             for v in group:
                 ready(v)
+        # every variant's captions of one slice (the warm-up's, else repeat 0's) are compared
+        # with the slow path's: the fast paths must not change what the model says
+        probe = "warmup" if warm else "0"
         if warm:
             for v in variants:
                 ts = time.perf_counter()
-                children[v].run("warmup")
+                captions[v] = children[v].run("warmup", captions=True)["captions"]
                 children[v].info["warmup_wall_s"] = round(time.perf_counter() - ts, 2)
             log(f"warm-up: {warm} images per variant")
         from tqdm import tqdm
@@ -453,15 +525,21 @@ def run_bench(opts: dict, log=print) -> dict:
             order = variants[k % len(variants):] + variants[:k % len(variants)]
             order_log.append(order)
             for v in order:
-                reps[v].append(repeat_row(children[v].run(str(k)), coef,
-                                          peak["tflops"] if peak else None, str(k)))
+                t0 = time.time()
+                rep = children[v].run(str(k), captions=probe == str(k))
+                rep["gpu_busy_pct"] = busy.mean(t0, time.time())
+                if "captions" in rep:
+                    captions[v] = rep.pop("captions")
+                reps[v].append(repeat_row(rep, coef, peak["tflops"] if peak else None, str(k)))
     except ChildFailed as e:
         tail = e.child.tail()
         raise click.ClickException(f"{e}\n--- last lines of {e.child.log_path} ---\n{tail}")
     finally:
+        busy.stop()
         aborting = sys.exc_info()[0] is not None  # a failure or Ctrl-C: don't wait for runs
         for c in children.values():
             c.stop(force=aborting)
+    (raw_dir / "captions.json").write_text(json.dumps(captions, indent=0))
 
     first = next(iter(children.values())).info if children else {}
     versions = dict(first.get("versions") or _versions_from_metadata())
@@ -491,6 +569,7 @@ def run_bench(opts: dict, log=print) -> dict:
         "versions": versions, "flops": coef,
     }
     doc.update(analyse(reps, {v: children[v].info for v in variants}))
+    doc["captions"] = dict(caption_agreement(captions), slice=probe)
     return doc
 
 
@@ -508,7 +587,8 @@ def analyse(reps: dict[str, list[dict]], infos: dict[str, dict]) -> dict:
             "cache_hit": info.get("cache_hit"), "cache_key": info.get("cache_key"),
             "tokens_per_tile": info.get("tokens_per_tile"), "repeats": rows,
             "summary": {m: summarize([r[m] for r in rows])
-                        for m in METRICS + ("roofline_pct", "achieved_tflops", "tiles_per_image")
+                        for m in METRICS + ("roofline_pct", "achieved_tflops", "tiles_per_image",
+                                            "gpu_busy_pct")
                         if rows and all(r.get(m) is not None for r in rows)},
         }
     pipe_engine = "compiled" if infos.get("pipeline", {}).get("compile") else "eager"

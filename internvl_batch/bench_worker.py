@@ -5,7 +5,9 @@ memory each, and sends them one command at a time over stdin (JSON lines), so on
 variant computes at any moment. Replies go back, one JSON line each, on the file descriptor
 named in the worker's config (stdout and stderr belong to vLLM's log, tee'd to a file).
 
-Workloads, per command `{"cmd": "run", "slice": NAME}` (a slice = a disjoint set of images):
+Workloads, per command `{"cmd": "run", "slice": NAME}` (a slice = a disjoint set of images;
+`"captions": true` also returns every caption, in the slice's file order, for the parent's
+caption-agreement check):
 
 * `eager`, `compiled`: `CompileCache.start_engine` (compiled: the safe multi-tile warm-up and
   the cache); the slice's images are decoded *before* the clock starts, then one timed
@@ -95,20 +97,26 @@ class Worker:
                 "replicas": info.get("replicas", 1)}
 
     # -- one timed run ----------------------------------------------------------------------
-    def run(self, slice_name: str) -> dict:
+    def run(self, slice_name: str, captions: bool = False) -> dict:
         s = self.cfg["slices"][slice_name]
         paths = [os.path.join(self.cfg["images_dir"], f) for f in s["files"]]
         if self.variant == "plain":
             stats: dict = {}
             seconds, n, out_toks = self.plain.run_once(self.llm, paths, self.cfg["max_tokens"],
                                                        stats=stats)
-            return {"seconds": seconds, "requests": n, "output_tokens": out_toks,
-                    "prompt_tokens": stats["prompt_tokens"],
-                    "image_tokens": stats["image_tokens"], "errors": len(paths) - n,
-                    "sample": stats["captions"][:1]}
-        if self.variant == "pipeline":
-            return self._run_pipeline(slice_name, s)
-        return self._run_engine(paths)
+            rep = {"seconds": seconds, "requests": n, "output_tokens": out_toks,
+                   "prompt_tokens": stats["prompt_tokens"],
+                   "image_tokens": stats["image_tokens"], "errors": len(paths) - n,
+                   "captions": stats["captions"]}
+        elif self.variant == "pipeline":
+            rep = self._run_pipeline(slice_name, s)
+        else:
+            rep = self._run_engine(paths)
+        texts = rep.pop("captions")
+        rep["sample"] = [t for t in texts[:1] if t is not None]
+        if captions:
+            rep["captions"] = texts
+        return rep
 
     def _sampling(self):
         from .config import SamplingSpec
@@ -135,7 +143,7 @@ class Worker:
                 "prompt_tokens": sum(r.prompt_tokens for r in ok),
                 "image_tokens": sum(r.image_tokens for r in ok),
                 "errors": len(res) - len(ok), "decode_s_untimed": round(decode_s, 3),
-                "sample": [r.text for r in ok[:1]]}
+                "captions": [None if r.error else r.text for r in res]}
 
     def _run_pipeline(self, slice_name: str, s: dict) -> dict:
         from . import pipeline
@@ -158,11 +166,13 @@ class Worker:
         if code != pipeline.EXIT_OK:
             raise RuntimeError(f"pipeline.run exited {code}")
         st = json.loads(next(out.glob("*.stats.json")).read_text())
+        by_file = _captions_by_file(out)
         shutil.rmtree(out, ignore_errors=True)
         return {"seconds": seconds, "requests": st["requests"],
                 "output_tokens": st["output_tokens"], "prompt_tokens": st["input_tokens"],
                 "image_tokens": st["image_tokens"], "errors": st["errors"],
-                "pipeline_generate_s": st["generate_s"], "pipeline_total_s": st["total_s"]}
+                "pipeline_generate_s": st["generate_s"], "pipeline_total_s": st["total_s"],
+                "captions": [by_file.get(f) for f in s["files"]]}
 
     def close(self):
         if self.engine is not None:
@@ -172,6 +182,17 @@ class Worker:
                 self.llm.llm_engine.engine_core.shutdown()
             except Exception:
                 pass
+
+
+def _captions_by_file(out_dir: Path) -> dict[str, str | None]:
+    """Caption per image file name from a pipeline run's Parquet output."""
+    import pyarrow.parquet as pq
+
+    got: dict[str, str | None] = {}
+    for part in sorted(out_dir.glob("*.parquet")):
+        t = pq.read_table(part, columns=["image_ref", "caption"]).to_pydict()
+        got.update((os.path.basename(r), c) for r, c in zip(t["image_ref"], t["caption"]))
+    return got
 
 
 def main(config_path: str) -> int:
@@ -201,7 +222,7 @@ def main(config_path: str) -> int:
             break
         try:
             print(f"[bench {worker.variant}] run {cmd['slice']}", file=sys.stderr, flush=True)
-            send({"ok": True, **worker.run(cmd["slice"])})
+            send({"ok": True, **worker.run(cmd["slice"], bool(cmd.get("captions")))})
         except BaseException as e:
             traceback.print_exc()
             send({"ok": False, "error": _one_line(e)})

@@ -60,9 +60,9 @@ def title(doc: dict) -> str:
 
 def variant_table(doc: dict) -> str:
     head = ("| variant | requests/s median (min–max) | output tok/s median (min–max) | "
-            "s/repeat median | tiles/image | % roofline median (min–max) | engine init s | "
-            "compile cache |")
-    lines = [head, "|" + "---|" * 8]
+            "s/repeat median | tiles/image | % roofline median (min–max) | GPU busy % median | "
+            "engine init s | compile cache |")
+    lines = [head, "|" + "---|" * 9]
     for v, d in doc["variants"].items():
         s = d["summary"]
         init = (d.get("init") or {}).get("total_s")
@@ -72,7 +72,7 @@ def variant_table(doc: dict) -> str:
             f"| {v} | {mmm(s.get('requests_per_s'))} | {mmm(s.get('output_tokens_per_s'))} | "
             f"{num((s.get('seconds') or {}).get('median'), 3)} | "
             f"{num((s.get('tiles_per_image') or {}).get('median'))} | {roof} | "
-            f"{num(init, 1)} | {'-' if hit is None else ('hit' if hit else 'miss')} |")
+            f"{num((s.get('gpu_busy_pct') or {}).get('median'), 1)} | {num(init, 1)} | {'-' if hit is None else ('hit' if hit else 'miss')} |")
     return "\n".join(lines)
 
 
@@ -84,6 +84,19 @@ def ratio_table(doc: dict) -> str:
         lines.append(f"| {k} | {ratio_cell(r.get('requests_per_s'))} | "
                      f"{ratio_cell(r.get('output_tokens_per_s'))} |")
     return "\n".join(lines)
+
+
+def captions_line(doc: dict) -> str:
+    """'Captions of the 512 warm-up images, compared with plain: compiled 512/512 ...'."""
+    c = doc.get("captions") or {}
+    if not c.get("variants"):
+        return ""
+    where = "warm-up images" if c.get("slice") == "warmup" else "images of repeat 0"
+    parts = [f"{v} {d['identical']}/{d['compared']} identical "
+             f"(mean common prefix {num(d['mean_common_prefix_pct'], 1)} %)"
+             for v, d in c["variants"].items()]
+    return (f"Captions (greedy) of the {c['images']} {where}, compared with {c['reference']}'s: "
+            + "; ".join(parts) + ".")
 
 
 def device_line(doc: dict) -> str:
@@ -103,6 +116,9 @@ def results_markdown(doc: dict) -> str:
     if rt:
         out += ["Ratios: median of per-repeat ratios (repeat k of both variants ran on the "
                 "same images), with their range.", "", rt, ""]
+    cap = captions_line(doc)
+    if cap:
+        out += [cap, ""]
     notes = list(doc["config"].get("notes") or [])
     pipe = doc["variants"].get("pipeline")
     if pipe and pipe["repeats"] and all("pipeline_generate_s" in r for r in pipe["repeats"]):
@@ -128,14 +144,22 @@ def pr_sentence(docs: list[dict]) -> str:
         if not r:
             continue
         q, t = r["requests_per_s"], r["output_tokens_per_s"]
-        found.append(f"{d['name']} ({d['device']['name']}): {pct(q['median'])} requests/s "
+        es = d["variants"]["eager"]["summary"]
+        tiles = (es.get("tiles_per_image") or {}).get("median")
+        busy = (es.get("gpu_busy_pct") or {}).get("median")
+        found.append(f"{d['name']} ({d['device']['name']}; {num(tiles, 1)} tiles per image, "
+                     f"GPU busy {'n/a' if busy is None else f'{busy:.0f} %'} during the eager runs): "
+                     f"{pct(q['median'])} requests/s "
                      f"(per repeat {pct(q['min'])} … {pct(q['max'])}) and "
                      f"{pct(t['median'])} output tok/s")
     if not found:
         return (base + " These results have no compiled variant (the compiled encoder needs "
                 "CUDA), so they cannot be compared with it.")
     return (base + " Here, offline `LLM.generate` with dummy weights and exactly "
-            "`--max-tokens` output tokens, compiled/eager gives " + "; ".join(found) + ".")
+            "`--max-tokens` output tokens, compiled/eager gives " + "; ".join(found) + ". "
+            "Compiling speeds up only the encoder's GPU time: a run whose GPU sits idle while "
+            "the calling process prepares requests (low GPU busy %) cannot show it, and the "
+            "encoder's share of the GPU's work grows with the tiles per image.")
 
 
 def reproduce_markdown(docs: list[dict], png_name: str | None = "reproduce.png") -> str:

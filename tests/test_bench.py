@@ -109,9 +109,9 @@ def test_results_markdown_exact_cells():
     assert rows["eager"][2] == "3,200.0 (2,560.0–4,000.0)"
     assert rows["eager"][3] == "1.000"
     assert rows["eager"][4] == "1.00"
-    assert rows["eager"][6:] == ["61.2", "hit"]
+    assert rows["eager"][6:] == ["n/a", "61.2", "hit"]  # GPU busy: not sampled here
     assert rows["compiled"][1] == "125.0 (100.0–125.0)"
-    assert rows["compiled"][7] == "miss"
+    assert rows["compiled"][8] == "miss"
     roof = doc["variants"]["eager"]["summary"]["roofline_pct"]
     # 100 one-tile images in 1 s: ViT 100 x 0.726 + prefill 2 x 0.358e9 x 27,600 + decode
     # 3,200 x 2 x (0.358e9 + 0.136e9) ~= 95.9 TFLOP over 800 TFLOP/s ~= 12 %
@@ -121,6 +121,38 @@ def test_results_markdown_exact_cells():
     assert rows["compiled/eager"][1] == "1.250 (+25.0 %), per repeat 1.000–1.250"
     assert "bf16 8192³ matmul: 800.0 TFLOP/s" in md
     assert "CPU run" not in md
+
+
+def test_caption_agreement_against_the_slow_path():
+    caps = {"compiled": ["a cat", "a dog", None, "xyz"],
+            "plain": ["a cat", "a dot", "a cow", "abc"],
+            "eager": ["a cat", "a dog", "a cow", "abc"]}
+    got = bench.caption_agreement(caps)
+    assert got["reference"] == "plain" and got["images"] == 4
+    # the failed row (None) is not compared; "a dog" vs "a dot" shares 4 of 5 characters
+    assert got["variants"]["compiled"] == {"compared": 3, "identical": 1,
+                                           "identical_pct": 33.33,
+                                           "mean_common_prefix_pct": 60.0}
+    assert got["variants"]["eager"]["identical"] == 3
+    assert bench.caption_agreement({"eager": ["x"]}) == {}
+    doc = fake_doc()
+    doc["captions"] = dict(got, slice="warmup")
+    line = report.captions_line(doc)
+    assert line.startswith("Captions (greedy) of the 4 warm-up images, compared with plain's: ")
+    assert "compiled 1/3 identical (mean common prefix 60.0 %)" in line
+    assert line in report.results_markdown(doc)
+
+
+def test_gpu_busy_windows_use_nvidia_smi_timestamps():
+    b = bench.GpuBusy()
+    lines = ["2026/11/24 13:00:00.000, 10", "2026/11/24 13:00:00.100, 20",
+             "2026/11/24 13:00:00.200, 90", "2026/11/24 13:00:00.300, 100", "garbage", ""]
+    b.samples = [x for x in map(bench.GpuBusy.parse, lines) if x]
+    assert len(b.samples) == 4
+    t0 = b.samples[0][0]
+    assert b.mean(t0 + 0.05, t0 + 0.35) == 70.0  # 20, 90, 100
+    assert b.mean(t0, t0 + 0.15) is None  # under 3 samples: no number
+    b.stop()  # never started: nothing to stop
 
 
 def test_roofline_is_na_on_cpu_and_banner_shows():
@@ -144,8 +176,8 @@ def test_reproduce_writes_markdown_and_small_png(tmp_path):
     assert text.splitlines()[2].startswith(f"> {report.CPU_BANNER}")  # at the top
     assert "internvl-batch bench --name fake-1b" in text
     assert "+4.3 % requests/s" in text and "+3.8 % output tok/s" in text
-    assert "fake-1b (NVIDIA H100 80GB HBM3): +25.0 % requests/s (per repeat +0.0 % … +25.0 %)" \
-        in text
+    assert ("fake-1b (NVIDIA H100 80GB HBM3; 1.0 tiles per image, GPU busy n/a during the "
+            "eager runs): +25.0 % requests/s (per repeat +0.0 % … +25.0 %)") in text
     assert "![median requests/s per variant](reproduce.png)" in text
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 150_000
@@ -202,13 +234,13 @@ def test_bench_cpu_end_to_end(tmp_path):
     if not HAS_VLLM:
         pytest.skip("vLLM is not installed (scripts/install-cpu.sh)")
     res = tmp_path / "results"
-    r = _cli("--model", "preset:tiny", "--images", "8", "--variants", "eager,plain",
+    r = _cli("--model", "preset:tiny", "--images", "8", "--variants", "eager,plain,pipeline",
              "--repeats", "1", "--warmup-images", "1", "--max-tokens", "8", "--cpu-ok",
              "--cache-dir", str(tmp_path / "cache"), "--results-dir", str(res),
              "--name", "t", timeout=300, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads((res / "t.json").read_text())
-    assert list(doc["variants"]) == ["eager", "plain"]
+    assert list(doc["variants"]) == ["eager", "plain", "pipeline"]
     for v, d in doc["variants"].items():
         (rep,) = d["repeats"]
         assert rep["requests"] == 8 and rep["errors"] == 0, v
@@ -225,3 +257,9 @@ def test_bench_cpu_end_to_end(tmp_path):
     md = (res / "t.md").read_text()
     assert "| eager |" in md and "| plain |" in md and report.CPU_BANNER in md
     assert "| eager |" in r.stdout  # the table is printed at the end
+    # the one warm-up image: our engine and the run path say exactly what the plain script says
+    assert doc["captions"]["reference"] == "plain" and doc["captions"]["slice"] == "warmup"
+    for v in ("eager", "pipeline"):
+        assert doc["captions"]["variants"][v]["compared"] == 1, v
+        assert doc["captions"]["variants"][v]["identical"] == 1, v
+    assert "Captions (greedy) of the 1 warm-up images, compared with plain's" in md
