@@ -19,45 +19,10 @@ import cProfile
 import json
 import os
 import pstats
-import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class GpuBusy:
-    """nvidia-smi's utilization.gpu (% of time a kernel ran) sampled while the block runs."""
-
-    def __enter__(self):
-        self.samples: list[float] = []
-        try:
-            self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                 "-lms", "100", "-i", "0"], stdout=subprocess.PIPE, text=True,
-                stderr=subprocess.DEVNULL)
-        except OSError:
-            self.proc = None
-            return self
-        threading.Thread(target=self._read, daemon=True).start()
-        return self
-
-    def _read(self):
-        for line in self.proc.stdout:
-            try:
-                self.samples.append(float(line.strip()))
-            except ValueError:
-                pass
-
-    def __exit__(self, *exc):
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait()
-
-    @property
-    def mean(self):
-        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
 def split_profile(prof: cProfile.Profile, top: int = 20) -> dict:
@@ -108,7 +73,7 @@ def main():
 
     from pathlib import Path
 
-    from internvl_batch.bench import dataset
+    from internvl_batch.bench import GpuBusy, dataset
     from internvl_batch.bench_worker import load_plain
     from internvl_batch.cache import CompileCache
     from internvl_batch.config import EngineSpec, default_cache_dir
@@ -145,10 +110,12 @@ def main():
     w, n = a.warmup, a.images
     llm.generate(reqs(images[:w]), params, use_tqdm=False)
 
-    with GpuBusy() as busy:
-        t0 = time.perf_counter()
-        llm.generate(reqs(images[w:w + n]), params, use_tqdm=False)
-        plain_s = time.perf_counter() - t0
+    busy = GpuBusy().start()
+    wall0, t0 = time.time(), time.perf_counter()
+    llm.generate(reqs(images[w:w + n]), params, use_tqdm=False)
+    plain_s = time.perf_counter() - t0
+    busy_pct = busy.mean(wall0, time.time())
+    busy.stop()
 
     prof = cProfile.Profile()
     t0 = time.perf_counter()
@@ -177,7 +144,7 @@ def main():
         "max_tokens": a.max_tokens, "mm_cache_gb": a.mm_cache_gb, "vllm": vllm.__version__,
         "init_s": round(init_s, 1),
         "generate_s": round(plain_s, 3), "images_per_s": round(n / plain_s, 2),
-        "gpu_busy_pct_mean": busy.mean, "gpu_busy_samples": len(busy.samples),
+        "gpu_busy_pct_mean": busy_pct,
         "profiled_generate_s": round(profiled_s, 3),
         "profiled_images_per_s": round(n / profiled_s, 2),
         "per_image_ms": {
