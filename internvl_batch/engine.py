@@ -227,6 +227,8 @@ def warmup_requests(n: int = 2) -> list[dict]:
 
 
 class Engine:
+    replicas = 1  # the pipeline sizes batches by this; `ReplicaPool` has N
+
     def __init__(self, spec: EngineSpec, cache_env: dict[str, str] | None = None, *,
                  naive_warmup: bool = False):
         self.spec = spec

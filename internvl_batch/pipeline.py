@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 from . import __version__, prompts, stats as stats_mod
@@ -62,6 +62,22 @@ def _batches(items, n):
     it = iter(items)
     while chunk := list(islice(it, n)):
         yield chunk
+
+
+def fit_batches(records, batch_size: int, engines: int):
+    """(records, batch size) so that a small input still reaches every engine replica.
+
+    Replicas take whole batches, so 192 images in batches of 256 would all go to one of four
+    engines (measured on COCO sizes: 1.26x the plain script instead of ~2x). Looking ahead
+    at most `batch_size * engines` records (cheap: images are decoded later) tells whether
+    the input is that small; if so it is split evenly. Large inputs keep `batch_size`."""
+    if engines <= 1:
+        return records, batch_size
+    records = iter(records)
+    head = list(islice(records, batch_size * engines))
+    if len(head) < batch_size * engines:
+        batch_size = max(1, -(-len(head) // engines))
+    return chain(head, records), batch_size
 
 
 def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
@@ -133,13 +149,14 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
 
     writer.open()
     previous = writer.previous_stats()
+    mine, batch_size = fit_batches(mine, cfg.batch_size, engine.replicas)
     pool = make_pool(cfg.workers)
-    window = max(2 * cfg.batch_size, 64)
+    window = max(2 * batch_size, 64)
     progress = _progress(cfg, n_done)
     code, message = EXIT_OK, None
 
     def work():
-        for batch in _batches(prefetch(mine, pool, window=window), cfg.batch_size):
+        for batch in _batches(prefetch(mine, pool, window=window), batch_size):
             yield batch, [prompts.request(prompt_text, d.image)
                           for d in batch if d.error is None]
 

@@ -143,6 +143,10 @@ class ReplicaPool:
         self.tokens_per_tile = 256
         self._info: dict = {}
 
+    @property
+    def replicas(self) -> int:
+        return self.n
+
     def start(self) -> "ReplicaPool":
         from .engine import has_cuda
 

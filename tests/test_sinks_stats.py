@@ -1,6 +1,7 @@
 """Parquet sink (chunks, finalize, resume), stats arithmetic and `merge`. No engine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -322,6 +323,7 @@ class FakeEngine:
         self.timings = InitTimings(total_s=0.5, warmup_s=0.1)
         self.llm = None
         self.requests = 0
+        self.batches: list[int] = []
         self.closed = False
 
     def info(self):
@@ -337,9 +339,11 @@ class FakeEngine:
         return None
 
     tokens_per_tile = 256
+    replicas = 1
 
     def imap(self, work, sampling):
         for tag, reqs in work:
+            self.batches.append(len(reqs))
             yield tag, self.generate(reqs, sampling)
 
     def close(self):
@@ -415,6 +419,27 @@ def test_pipeline_writes_stats_between_finalize_and_commit(tmp_path, fake_engine
     assert list(out.glob(".*")) == []  # no temp file left
     ok, report = merge_mod.merge_output(out)
     assert ok, report
+
+
+def test_fit_batches_reaches_every_replica():
+    from internvl_batch.pipeline import fit_batches
+
+    cases = [  # (records, batch size, engines) -> batch size used
+        (192, 256, 4, 48), (7, 256, 4, 2), (1023, 256, 4, 256), (1024, 256, 4, 256),
+        (3072, 256, 4, 256), (192, 256, 1, 256), (0, 256, 4, 1)]
+    for n, batch, engines, want in cases:
+        recs, got = fit_batches(iter(range(n)), batch, engines)
+        assert got == want, (n, batch, engines)
+        assert list(recs) == list(range(n))  # the look-ahead loses and reorders nothing
+
+
+def test_pipeline_splits_a_small_input_across_replicas(tmp_path, fake_engine, monkeypatch):
+    from internvl_batch import pipeline
+
+    monkeypatch.setattr(FakeEngine, "replicas", 4)
+    cfg = dataclasses.replace(_run_cfg(tmp_path, tmp_path / "out"), batch_size=256)
+    assert pipeline.run(cfg, log=lambda m: None) == 0
+    assert fake_engine[0].batches == [2, 2, 1]  # 5 images, 4 replicas: none gets all 5
 
 
 def test_pipeline_crash_before_commit_is_not_complete(tmp_path, fake_engine, monkeypatch):
