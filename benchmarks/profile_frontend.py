@@ -43,8 +43,10 @@ def split_profile(prof: cProfile.Profile, top: int = 20) -> dict:
                          for (f, ln, n), (cc, nc, tt, ct, _) in st.stats.items()),
                         reverse=True)[:top]
     return {
+        # vLLM 0.26 preprocesses inside a generator (`_preprocess_cmpl`), whose time cProfile
+        # does not roll up into the `*_add_requests` caller
         "add_requests_s": find("_render_and_add_requests", "_add_completion_requests",
-                               "_validate_and_add_requests"),
+                               "_validate_and_add_requests", "_preprocess_cmpl"),
         "run_engine_s": find("_run_engine"),
         "mm_processing_s": find("_process_multimodal", "apply"),
         "pixel_values_s": find("image_to_pixel_values_internvl"),

@@ -16,6 +16,9 @@ Design (what makes the numbers comparable):
   summarised as median and min-max.
 * **Counted, not estimated.** Requests, prompt, image and output tokens come from vLLM's
   outputs; `ignore_eos` makes every variant decode exactly `--max-tokens` tokens.
+* **Checked and explained.** Every variant's greedy captions of the warm-up slice are compared
+  with the plain script's (a fast path must not change what the model says), and the GPU's
+  busy % is sampled through each repeat (a host-bound variant cannot show a GPU speed-up).
 
 What each variant times: `eager` / `compiled` one `LLM.generate` over pre-decoded images
 (engine throughput); `plain` `benchmarks/plain_vllm.py`'s loop including its own serial image

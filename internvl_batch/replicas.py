@@ -245,6 +245,8 @@ class ReplicaPool:
                         cond.notify_all()
                     return
 
+        # the log line covers this imap alone: a pool serves several (bench repeats)
+        before = {r.k: (r.busy_s, r.images) for r in self.procs}
         feeders = [threading.Thread(target=feed, args=(r,), daemon=True) for r in self.procs]
         for t in feeders:
             t.start()
@@ -285,7 +287,8 @@ class ReplicaPool:
             # busy near 100 %: the replicas (their frontends or the shared GPU) set the pace;
             # well below: this process (decode, dispatch, writing) does
             self.log("replicas busy in generate: " + ", ".join(
-                f"#{r.k} {100 * r.busy_s / wall:.0f}% ({r.images} img)" for r in self.procs)
+                f"#{r.k} {100 * (r.busy_s - before[r.k][0]) / wall:.0f}% "
+                f"({r.images - before[r.k][1]} img)" for r in self.procs)
                 + f" over {wall:.1f}s")
 
     def close(self):

@@ -4,7 +4,8 @@
 
 writes OUT/REPRODUCE.md (device, versions, command lines, one table per configuration with
 median and min-max per variant, ratios, % of roofline, the comparison with vLLM PR #38049) and
-OUT/reproduce.png (median requests/s per variant, min-max error bars, one group per config).
+OUT/reproduce.png (the paired ratios, compiled/eager and pipeline/plain, one bar per config,
+min-max error bars).
 """
 from __future__ import annotations
 
@@ -199,50 +200,74 @@ def reproduce_markdown(docs: list[dict], png_name: str | None = "reproduce.png")
         out += [results_markdown(d)]
     out += ["## Compared with vLLM PR #38049", "", pr_sentence(docs), ""]
     if png_name:
-        out += [f"![median requests/s per variant]({png_name})", ""]
+        out += [f"![compiled/eager and pipeline/plain ratios per configuration]({png_name})", ""]
     return "\n".join(out)
 
 
+def short_label(doc: dict, with_replicas: bool = False) -> str:
+    """'InternVL3-1B / 448 px, 1.0 tiles / 4 replicas' over three lines, for the x axis."""
+    c = doc["config"]
+    model = c["model"].split(":")[-1].upper().replace("INTERNVL", "InternVL")  # InternVL3-1B
+    tiles = None
+    for v in doc["variants"].values():
+        tiles = (v["summary"].get("tiles_per_image") or {}).get("median") or tiles
+    size = "448 px" if c["sizes"] == "448" else "COCO"
+    lines = [model, f"{size}, {num(tiles, 1)} tiles"]
+    if with_replicas:
+        lines.append(f"{(c.get('pipeline') or {}).get('replicas') or 1} repl., "
+                     f"{c['images']}/rep")
+    return "\n".join(lines)
+
+
 def plot(docs: list[dict], path: Path) -> Path:
+    """Two panels of paired ratios (median of per-repeat ratios, min-max bars): compiled vs
+    eager encoder, with the PR's +4.3 % for scale, and internvl-batch vs the plain script."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = []
-    for d in docs:
-        for v in d["variants"]:
-            if v not in variants:
-                variants.append(v)
-    fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=100)
-    width = 0.8 / max(1, len(variants))
-    colors = {"eager": "#7f7f7f", "compiled": "#1f77b4", "plain": "#ff7f0e",
-              "pipeline": "#2ca02c"}
-    for i, v in enumerate(variants):
-        xs, ys, lo, hi = [], [], [], []
-        for g, d in enumerate(docs):
-            s = d["variants"].get(v, {}).get("summary", {}).get("requests_per_s")
-            if not s or s.get("median") is None:
-                continue
-            xs.append(g - 0.4 + width * (i + 0.5))
-            ys.append(s["median"])
-            lo.append(s["median"] - s["min"])
-            hi.append(s["max"] - s["median"])
-        if xs:
-            ax.bar(xs, ys, width * 0.92, yerr=[lo, hi], capsize=3, label=v,
-                   color=colors.get(v), error_kw={"elinewidth": 1})
-            for x, y, h in zip(xs, ys, hi):
-                ax.annotate(num(y, 1), (x, y + h), xytext=(0, 2), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(docs)))
-    ax.set_xticklabels([f"{d['name']}\n{d['device']['name'][:32]}" for d in docs], fontsize=8)
-    ax.set_ylabel("requests/s (median, min–max bars)")
+    panels = [("compiled/eager", "compiled ÷ eager encoder (one engine)", "#1f77b4"),
+              ("pipeline/plain", "internvl-batch run path ÷ plain vLLM script", "#2ca02c")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=100)
+    for ax, (key, name, color) in zip(axes, panels):
+        rows = [(d, d["ratios"][key]["requests_per_s"]) for d in docs
+                if key in d.get("ratios", {})]
+        ax.set_title(name, fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+        if not rows:
+            ax.text(0.5, 0.5, "not measured in these results", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="#777777")
+            ax.set_xticks([])
+            continue
+        meds = [r["median"] for _, r in rows]
+        err = [[r["median"] - r["min"] for _, r in rows], [r["max"] - r["median"] for _, r in rows]]
+        xs = list(range(len(rows)))
+        # points, not bars: a ratio's baseline is 1, not 0
+        ax.errorbar(xs, meds, yerr=err, fmt="o", capsize=5, color=color, ms=7, elinewidth=1.2)
+        for x, m in zip(xs, meds):
+            ax.annotate(f"{m:.2f}×", (x, m), xytext=(9, 0), textcoords="offset points",
+                        ha="left", va="center", fontsize=8)
+        ax.axhline(1.0, color="black", lw=0.8)
+        if key == "compiled/eager":
+            pr = 1 + PR_GAINS["requests_per_s"] / 100
+            ax.axhline(pr, color="#d62728", lw=1, ls="--",
+                       label=f"vLLM PR #38049: +{PR_GAINS['requests_per_s']} %")
+            ax.legend(fontsize=8, frameon=False, loc="upper left")
+            ax.set_ylim(min(0.85, min(r["min"] for _, r in rows) - 0.03),
+                        max(1.12, max(r["max"] for _, r in rows) + 0.04))
+        else:
+            ax.set_ylim(0, max(r["max"] for _, r in rows) * 1.15)
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([short_label(d, key.startswith("pipeline")) for d, _ in rows],
+                           fontsize=7)
+        ax.set_ylabel("requests/s ratio (median, min–max)", fontsize=9)
     cpu = any(is_cpu(d) for d in docs)
-    ax.set_title(("CPU run — NOT the headline numbers\n" if cpu else "") +
-                 "internvl-batch bench", fontsize=10, color="#b00000" if cpu else "black")
-    ax.legend(fontsize=8, frameon=False, ncol=min(4, len(variants)))
-    ax.margins(y=0.15)
-    ax.spines[["top", "right"]].set_visible(False)
+    devices = ", ".join(sorted({d["device"]["name"] for d in docs}))
+    fig.suptitle(("CPU run — NOT the headline numbers · " if cpu else "") +
+                 f"internvl-batch bench · {devices}", fontsize=10,
+                 color="#b00000" if cpu else "black")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -178,7 +178,7 @@ def test_reproduce_writes_markdown_and_small_png(tmp_path):
     assert "+4.3 % requests/s" in text and "+3.8 % output tok/s" in text
     assert ("fake-1b (NVIDIA H100 80GB HBM3; 1.0 tiles per image, GPU busy n/a during the "
             "eager runs): +25.0 % requests/s (per repeat +0.0 % … +25.0 %)") in text
-    assert "![median requests/s per variant](reproduce.png)" in text
+    assert "![compiled/eager and pipeline/plain ratios per configuration](reproduce.png)" in text
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 150_000
 

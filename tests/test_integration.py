@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -239,6 +240,10 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     assert any(r["error"] for r in a) and any(r["caption"] for r in a)
     busy = [m for m in logs if m.startswith("replicas busy")]
     assert len(busy) == 2 and "#0" in busy[0] and "#1" in busy[0]
+    # each line counts its own run (the pool's counters run on across runs)
+    answered = sum(1 for r in a if r["caption"] is not None)
+    for line in busy:
+        assert sum(int(n) for n in re.findall(r"\((\d+) img\)", line)) == answered, line
     meta = json.loads(pq.read_schema(tmp_path / "two-1" / "part-00000-of-00001.parquet")
                       .metadata[b"internvl_batch"])
     assert meta["config"]["replicas"] == 2 and meta["versions"]["replicas"] == 2
