@@ -4,7 +4,7 @@
 
 writes OUT/REPRODUCE.md (device, versions, command lines, one table per configuration with
 median and min-max per variant, ratios, % of roofline, the comparison with vLLM PR #38049) and
-OUT/reproduce.png (the paired ratios, compiled/eager and pipeline/plain, one bar per config,
+OUT/reproduce.png (the paired ratios, compiled/eager and pipeline/plain, one point per config,
 min-max error bars).
 """
 from __future__ import annotations
