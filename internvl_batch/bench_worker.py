@@ -112,10 +112,8 @@ class Worker:
             rep = self._run_pipeline(slice_name, s)
         else:
             rep = self._run_engine(paths)
-        texts = rep.pop("captions")
-        rep["sample"] = [t for t in texts[:1] if t is not None]
-        if captions:
-            rep["captions"] = texts
+        if not captions:
+            del rep["captions"]
         return rep
 
     def _sampling(self):

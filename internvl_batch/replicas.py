@@ -245,8 +245,10 @@ class ReplicaPool:
                         cond.notify_all()
                     return
 
-        # the log line covers this imap alone: a pool serves several (bench repeats)
-        before = {r.k: (r.busy_s, r.images) for r in self.procs}
+        # the counters (only for the log line below) cover this imap alone: a pool serves
+        # several (bench repeats); the previous imap's receivers are gone
+        for r in self.procs:
+            r.busy_s, r.images = 0.0, 0
         feeders = [threading.Thread(target=feed, args=(r,), daemon=True) for r in self.procs]
         for t in feeders:
             t.start()
@@ -287,8 +289,7 @@ class ReplicaPool:
             # busy near 100 %: the replicas (their frontends or the shared GPU) set the pace;
             # well below: this process (decode, dispatch, writing) does
             self.log("replicas busy in generate: " + ", ".join(
-                f"#{r.k} {100 * (r.busy_s - before[r.k][0]) / wall:.0f}% "
-                f"({r.images - before[r.k][1]} img)" for r in self.procs)
+                f"#{r.k} {100 * r.busy_s / wall:.0f}% ({r.images} img)" for r in self.procs)
                 + f" over {wall:.1f}s")
 
     def close(self):
@@ -301,7 +302,7 @@ class _Replica:
     def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, tmp: Path,
                  threads: int | None = None):
         self.k = k
-        self.busy_s = 0.0  # time its engine spent in generate
+        self.busy_s = 0.0  # time its engine spent in generate, in the current imap
         self.images = 0
         r, w = os.pipe()
         cfg = {"spec": asdict(spec), "cache_dir": str(cache_dir), "reply_fd": w, "index": k}
