@@ -73,8 +73,8 @@ class Worker:
             return {"init": init, "cache_hit": None, "cache_key": None,
                     "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
                     "tokens_per_tile": tokens_per_tile(self.llm)}
-        from .cache import CompileCache
         from .config import EngineSpec
+        from .pipeline import open_engines
 
         spec = EngineSpec(model=c["model"], compile=bool(c["compile"]),
                           max_dynamic_patch=c["max_dynamic_patch"],
@@ -82,13 +82,8 @@ class Worker:
                           gpu_memory_utilization=c["gpu_memory_utilization"],
                           kv_cache_gb=c.get("kv_cache_gb"))
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-        if self.variant == "pipeline" and c.get("replicas", 1) > 1:
-            from .replicas import ReplicaPool
-
-            self.engine = ReplicaPool(spec, Path(c["cache_dir"]), c["replicas"], log).start()
-            self.entry = self.engine.entry
-        else:
-            self.engine, self.entry = CompileCache(c["cache_dir"]).start_engine(spec, log=log)
+        replicas = c.get("replicas", 1) if self.variant == "pipeline" else 1
+        self.engine, self.entry = open_engines(spec, Path(c["cache_dir"]), replicas, log)
         info = self.engine.info()
         return {"init": self.engine.timings.as_dict(), "cache_hit": self.entry.hit,
                 "cache_key": self.entry.key,

@@ -227,26 +227,31 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
 
 def start_engines(cfg: RunConfig, log):
     """One engine in this process, or `cfg.replicas` engine processes sharing the device."""
+    return open_engines(cfg.engine, cfg.cache_dir, cfg.replicas, log)
+
+
+def open_engines(spec, cache_dir, replicas: int | None, log):
+    """(engine, cache entry) for `spec`: `replicas` engine processes when > 1, else one engine
+    here; None picks the count from the model's and the device's sizes."""
     from .cache import CompileCache
 
-    cache = CompileCache(cfg.cache_dir)
-    n = cfg.replicas
+    cache = CompileCache(cache_dir)
+    n = replicas
     if n is None:
         from .engine import gpu_memory_total_gb, has_cuda
         from .replicas import auto_replicas
 
         cuda = has_cuda()
-        n, why = auto_replicas(cache.resolve(cfg.engine).model, cuda,
-                               gpu_memory_total_gb() if cuda else None,
-                               cfg.engine.kv_cache_gb)
+        n, why = auto_replicas(cache.resolve(spec).model, cuda,
+                               gpu_memory_total_gb() if cuda else None, spec.kv_cache_gb)
         if cuda:  # on CPU it is always one engine: nothing worth a line
             log(f"--replicas auto: {why}")
     if n > 1:
         from .replicas import ReplicaPool
 
-        pool = ReplicaPool(cfg.engine, cfg.cache_dir, n, log).start()
+        pool = ReplicaPool(spec, cache_dir, n, log).start()
         return pool, pool.entry
-    return cache.start_engine(cfg.engine, log=log)
+    return cache.start_engine(spec, log=log)
 
 
 def _progress(cfg: RunConfig, initial: int):
