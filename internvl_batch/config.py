@@ -113,7 +113,7 @@ class RunConfig:
             raise ConfigError(f"--shard-index {self.shard_index} is outside "
                               f"0..{self.num_shards - 1} (--num-shards {self.num_shards})")
         if self.replicas is not None and not 1 <= self.replicas <= 16:
-            raise ConfigError("--replicas must be between 1 and 16")
+            raise ConfigError(f"--replicas {self.replicas}: must be between 1 and 16, or auto")
         if self.workers < 0:
             raise ConfigError("--workers must be >= 0")
         if not 0 <= self.max_error_rate <= 1:
