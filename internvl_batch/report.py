@@ -73,7 +73,8 @@ def variant_table(doc: dict) -> str:
             f"| {v} | {mmm(s.get('requests_per_s'))} | {mmm(s.get('output_tokens_per_s'))} | "
             f"{num((s.get('seconds') or {}).get('median'), 3)} | "
             f"{num((s.get('tiles_per_image') or {}).get('median'))} | {roof} | "
-            f"{num((s.get('gpu_busy_pct') or {}).get('median'), 1)} | {num(init, 1)} | {'-' if hit is None else ('hit' if hit else 'miss')} |")
+            f"{num((s.get('gpu_busy_pct') or {}).get('median'), 1)} | {num(init, 1)} | "
+            f"{'-' if hit is None else ('hit' if hit else 'miss')} |")
     return "\n".join(lines)
 
 
