@@ -55,13 +55,13 @@ bench-coco:
 	    --name internvl3-1b-coco --replicas 2 $(BENCH_ARGS)
 
 report:
-	$(PY) -m internvl_batch.report $$(ls $(GPU_RUNS) 2>/dev/null) --out $(RESULTS)
+	$(PY) -m internvl_batch.bench.report $$(ls $(GPU_RUNS) 2>/dev/null) --out $(RESULTS)
 
 # tiny synthesized model, 32 images per repeat: exercises every path in ~2-3 min on 2 cores
 reproduce-cpu:
 	$(IVB) bench --model preset:tiny --images 32 --variants eager,plain,pipeline --repeats 2 \
 	    --warmup-images 32 --workers 2 --cpu-ok --results-dir $(CPU_OUT) --name cpu-tiny $(BENCH_ARGS)
-	$(PY) -m internvl_batch.report $(CPU_OUT)/cpu-tiny.json --out $(CPU_OUT)
+	$(PY) -m internvl_batch.bench.report $(CPU_OUT)/cpu-tiny.json --out $(CPU_OUT)
 
 # issue 6, the throughput goal: `run`'s path (4 compiled engine replicas) against the plain
 # script, in one command, on repeats long enough (3 batches of 256 per replica) that filling

@@ -3,7 +3,7 @@
 
     python benchmarks/profile_frontend.py --model preset:internvl3-1b --images 1024 --out prof.json
 
-One engine as a plain script builds it (benchmarks/plain_vllm.py), images decoded before the
+One engine as a plain script builds it (internvl_batch/bench/plain.py), images decoded before the
 clock, then three measurements on distinct image slices after a warm-up:
 
 1. `generate` unprofiled, with the GPU's busy % sampled by nvidia-smi every 100 ms;
@@ -76,7 +76,7 @@ def main():
     from pathlib import Path
 
     from internvl_batch.bench import GpuBusy, dataset
-    from internvl_batch.bench_worker import load_plain
+    from internvl_batch.bench.worker import load_plain
     from internvl_batch.cache import CompileCache
     from internvl_batch.config import EngineSpec, default_cache_dir
     from internvl_batch.images import load_rgb

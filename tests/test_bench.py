@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from internvl_batch import bench, report
+from internvl_batch import bench
+from internvl_batch.bench import report
 from internvl_batch.checkpoint import config_copy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +195,7 @@ def test_report_cli_missing_file(tmp_path, capsys):
 
 def test_plain_script_uses_the_same_prompt():
     from internvl_batch import prompts
-    from internvl_batch.bench_worker import load_plain
+    from internvl_batch.bench.worker import load_plain
     from internvl_batch.config import PromptSpec
 
     plain = load_plain()

@@ -12,7 +12,7 @@ caption-agreement check):
 * `eager`, `compiled`: `CompileCache.start_engine` (compiled: the safe multi-tile warm-up and
   the cache); the slice's images are decoded *before* the clock starts, then one timed
   `Engine.generate` over all of them: engine throughput alone.
-* `plain`: `benchmarks/plain_vllm.py`'s `run_once`: a user's script, its serial
+* `plain`: `bench/plain.py`'s `run_once`: a user's script, its serial
   `PIL.Image.open(...).convert("RGB")` loop inside the clock.
 * `pipeline`: `pipeline.run` with the started engine (decode workers, batches, Parquet sink,
   stats.json) into a fresh output directory, timed end to end (wall clock of the call).
@@ -31,15 +31,15 @@ import time
 import traceback
 from pathlib import Path
 
-from .engine import tokens_per_tile
+from ..engine import tokens_per_tile
 
-PLAIN_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "plain_vllm.py"
-
-
-def load_plain(path: Path = PLAIN_SCRIPT):
+def load_plain(path: Path | None = None):
+    """The plain-vLLM baseline: `internvl_batch.bench.plain`, or a user's own copy at `path`."""
+    if path is None:
+        from . import plain
+        return plain
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the plain variant needs the repository's "
-                                "benchmarks/ folder")
+        raise FileNotFoundError(f"{path} not found")
     spec = importlib.util.spec_from_file_location("plain_vllm", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -61,7 +61,7 @@ class Worker:
         if self.variant == "plain":
             # nothing touches CUDA before LLM(): a user's script would not, and vLLM forks its
             # engine core unless CUDA is already initialised
-            self.plain = load_plain(Path(c.get("plain_script") or PLAIN_SCRIPT))
+            self.plain = load_plain(Path(c["plain_script"]) if c.get("plain_script") else None)
             os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
             t0 = time.perf_counter()
             self.llm = self.plain.make_llm(c["model"], c["gpu_memory_utilization"],
@@ -73,8 +73,8 @@ class Worker:
             return {"init": init, "cache_hit": None, "cache_key": None,
                     "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
                     "tokens_per_tile": tokens_per_tile(self.llm)}
-        from .config import EngineSpec
-        from .pipeline import open_engines
+        from ..config import EngineSpec
+        from ..pipeline import open_engines
 
         spec = EngineSpec(model=c["model"], compile=bool(c["compile"]),
                           max_dynamic_patch=c["max_dynamic_patch"],
@@ -112,15 +112,15 @@ class Worker:
         return rep
 
     def _sampling(self):
-        from .config import SamplingSpec
+        from ..config import SamplingSpec
 
         return SamplingSpec(max_tokens=self.cfg["max_tokens"], temperature=0.0,
                             ignore_eos=True)
 
     def _run_engine(self, paths: list[str]) -> dict:
-        from . import prompts
-        from .config import PromptSpec
-        from .images import load_rgb
+        from .. import prompts
+        from ..config import PromptSpec
+        from ..images import load_rgb
 
         t0 = time.perf_counter()
         images = [load_rgb(p) for p in paths]  # decoded before the clock: engine throughput
@@ -139,9 +139,9 @@ class Worker:
                 "captions": [None if r.error else r.text for r in res]}
 
     def _run_pipeline(self, slice_name: str, s: dict) -> dict:
-        from . import pipeline
-        from .config import PromptSpec, RunConfig
-        from .sources import SourceSpec
+        from .. import pipeline
+        from ..config import PromptSpec, RunConfig
+        from ..sources import SourceSpec
 
         c = self.cfg
         out = Path(c["out_dir"]) / f"{self.variant}-{slice_name}"

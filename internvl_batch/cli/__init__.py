@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from .config import (DEFAULT_PROMPT, ConfigError, EngineSpec, PromptSpec, RunConfig,
+from ..config import (DEFAULT_PROMPT, ConfigError, EngineSpec, PromptSpec, RunConfig,
                      SamplingSpec, default_cache_dir, shard_from_env)
-from .sources import SourceError, SourceSpec
+from ..sources import SourceError, SourceSpec
 
 
 class UserError(click.ClickException):
@@ -25,7 +25,7 @@ def user_errors(fn):
     """Turn the application's own error types into one-line Click errors."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from .cache import CacheError
+        from ..cache import CacheError
 
         try:
             return fn(*a, **kw)
@@ -141,7 +141,7 @@ def cli():
 @user_errors
 def run(**kw):
     """Caption a dataset shard and write Parquet + stats.json (resumable)."""
-    from .pipeline import run as run_pipeline
+    from ..pipeline import run as run_pipeline
 
     source = SourceSpec.parse(
         kw.pop("dataset"), data_dir=kw.pop("data_dir"), annotations=kw.pop("annotations"),
@@ -174,7 +174,7 @@ def _exit(code: int):
 @click.argument("config_path")
 def replica(config_path):
     """One engine of `run --replicas N` (started by the parent, talks over pipes)."""
-    from .replicas import main as replica_main
+    from ..replicas import main as replica_main
 
     _exit(replica_main(config_path))
 
@@ -192,7 +192,7 @@ def model():
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 def model_synth(preset, out):
     """Write a loadable InternVL checkpoint directory (load with dummy weights)."""
-    from .checkpoint import synthesize
+    from ..checkpoint import synthesize
 
     path = synthesize(preset, out)
     click.echo(f"wrote {preset} to {path} (vLLM: trust_remote_code=True, load_format='dummy')")
@@ -213,7 +213,7 @@ def data():
               help="COCO's size mix, or 448x448 only (one tile per image).")
 def data_coco_synth(n, out, seed, sizes):
     """Write N generated JPEGs and a COCO captions file."""
-    from .synthdata import COCO_SIZES, SQUARE_448, make_coco
+    from ..synthdata import COCO_SIZES, SQUARE_448, make_coco
 
     images, ann = make_coco(out, n, seed=seed, sizes=COCO_SIZES if sizes == "coco" else SQUARE_448)
     click.echo(f"--dataset coco --data-dir {images} --annotations {ann}")
@@ -233,7 +233,7 @@ def cache():
 @user_errors
 def cache_warm(naive, **kw):
     """Build the entry for a model/config and exit (what a Slurm warm-up job runs)."""
-    from .cache import CompileCache
+    from ..cache import CompileCache
 
     cc = CompileCache(cache_root(kw.pop("cache_dir")))
     engine, entry = cc.start_engine(make_engine_spec(kw), log=lambda m: click.echo(m, err=True),
@@ -251,7 +251,7 @@ def cache_ls(cache_dir):
     """List entries: key, size, state, model, GPU, last used."""
     import time
 
-    from .cache import CompileCache, dir_size
+    from ..cache import CompileCache, dir_size
 
     cc = CompileCache(cache_root(cache_dir))
     entries = cc.entries()
@@ -287,7 +287,7 @@ def _locked(cc, key) -> bool:
 @user_errors
 def cache_verify(**kw):
     """Load the entry and check compiled outputs against eager on the fixed probe."""
-    from .cache import CacheError, CompileCache, compare_probe, run_probe
+    from ..cache import CacheError, CompileCache, compare_probe, run_probe
 
     cc = CompileCache(cache_root(kw.pop("cache_dir")))
     spec = cc.resolve(make_engine_spec(kw))
@@ -313,7 +313,7 @@ def cache_verify(**kw):
 @user_errors
 def cache_clear(cache_dir, older_than):
     """Remove entries (all, or those unused for --older-than)."""
-    from .cache import CompileCache
+    from ..cache import CompileCache
 
     secs = None
     if older_than is not None:
@@ -339,7 +339,7 @@ def cache_clear(cache_dir, older_than):
 @user_errors
 def merge(output, compact):
     """Check every shard is complete and combine their stats (exit 1 naming missing shards)."""
-    from .merge import merge_output
+    from ..merge import merge_output
 
     ok, report = merge_output(Path(output), compact=Path(compact) if compact else None)
     click.echo(report)
@@ -347,8 +347,8 @@ def merge(output, compact):
 
 
 def _register_subcommands():
-    from .bench import bench
-    from .slurm import slurm
+    from ..bench import bench
+    from ..slurm import slurm
 
     cli.add_command(slurm)
     cli.add_command(bench)

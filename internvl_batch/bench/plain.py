@@ -2,7 +2,7 @@
 """What a user writes without internvl-batch: caption a folder of images with InternVL through
 vLLM's `LLM.generate`, vLLM defaults otherwise.
 
-    python benchmarks/plain_vllm.py --model /models/InternVL3-1B --images /data/coco/val2017
+    python -m internvl_batch.bench.plain --model /models/InternVL3-1B --images /data/coco/val2017
 
 Images are opened and converted serially in the loop, in the calling process, and then the
 whole list goes to one `llm.generate`. This file is also the `plain` variant of
