@@ -48,6 +48,13 @@ class CacheError(RuntimeError):
     pass
 
 
+class EntryPoisoned(RuntimeError):
+    """A complete compiled entry crashed on load or warm-up and has been moved aside. This
+    process holds a dead engine and torch.compile state: the caller restarts its command in
+    a fresh process (setting HEALED_ENV), which rebuilds the entry. With HEALED_ENV already
+    set the original error is raised instead, so a rebuild that crashes too stops."""
+
+
 def _version(*dists: str) -> str:
     for d in dists:
         try:
@@ -290,10 +297,19 @@ class CompileCache:
             log(f"WARNING compile cache: entry {entry.key} is poisoned "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
                 f"moved to {moved}, rebuilding")
-            os.environ[HEALED_ENV] = "1"
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execv(sys.executable, [sys.executable, "-m", "internvl_batch", *sys.argv[1:]])
+            raise EntryPoisoned(f"{entry.key}: {type(e).__name__}: {e}"[:500]) from e
+
+    def is_locked(self, key: str) -> bool:
+        """Someone holds `key`'s lock: a build is running."""
+        p = self.root / "locks" / f"{key}.lock"
+        if not p.exists():
+            return False
+        with open(p) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                return True
 
     # -- eager reference for the probe --------------------------------------------------------
     def reference(self, spec: EngineSpec, log=print) -> dict:

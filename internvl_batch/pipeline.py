@@ -101,9 +101,9 @@ def run(cfg: RunConfig, log=print, started=None) -> int:
         log(f"{writer.final} is complete: nothing to do (delete it to caption again)")
         return EXIT_OK
     done = writer.done_ids()
-    records = open_source(cfg.source)  # raises SourceError before any model is loaded
-    mine = (r for r in records
-            if r.seq % cfg.num_shards == cfg.shard_index and r.id not in done)
+    # raises SourceError before any model is loaded
+    records = open_source(cfg.source, cfg.shard_index, cfg.num_shards)
+    mine = (r for r in records if r.id not in done)
     if done:
         log(f"resuming {writer.name}: {len(done)} rows already written")
     # trap preemption from the start: engine start-up alone can take minutes

@@ -362,7 +362,7 @@ class _Replica:
 
 def main(config_path: str) -> int:
     """One replica: start the engine, then answer (idx, batch) frames until stdin closes."""
-    from .cache import CompileCache
+    from .cache import CompileCache, EntryPoisoned
     from .engine import _is_engine_death
 
     cfg = json.loads(Path(config_path).read_text())
@@ -372,6 +372,8 @@ def main(config_path: str) -> int:
     try:
         engine, entry = CompileCache(cfg["cache_dir"]).start_engine(
             spec, log=lambda m: print(f"{tag} {m}", file=sys.stderr, flush=True))
+    except EntryPoisoned:
+        raise  # the command layer restarts this replica in a fresh process
     except BaseException as e:
         send_frame(reply, (-1, {"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}))
         return 1

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import select
-import shlex
 import signal
 import statistics
 import subprocess
@@ -39,8 +38,6 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-
-import click
 
 from ..config import ConfigError, DEFAULT_PROMPT
 
@@ -384,6 +381,10 @@ class Child:
         return "\n".join(lines[-n:])
 
 
+class BenchFailed(RuntimeError):
+    """A variant's worker failed: the message ends with the last lines of its log."""
+
+
 class ChildFailed(RuntimeError):
     def __init__(self, child: Child, msg: str):
         super().__init__(f"variant {child.variant}: {msg} (log: {child.log_path})")
@@ -536,7 +537,7 @@ def run_bench(opts: dict, log=print) -> dict:
                 reps[v].append(repeat_row(rep, coef, peak["tflops"] if peak else None, str(k)))
     except ChildFailed as e:
         tail = e.child.tail()
-        raise click.ClickException(f"{e}\n--- last lines of {e.child.log_path} ---\n{tail}")
+        raise BenchFailed(f"{e}\n--- last lines of {e.child.log_path} ---\n{tail}") from None
     finally:
         busy.stop()
         aborting = sys.exc_info()[0] is not None  # a failure or Ctrl-C: don't wait for runs
@@ -617,92 +618,7 @@ def write_results(doc: dict, results_dir: Path) -> tuple[Path, Path]:
     return jpath, mpath
 
 
-# -- CLI -------------------------------------------------------------------------------------
-
-def _variants(ctx, param, value):
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in VARIANTS]
-    if bad or not items:
-        raise click.BadParameter(f"{','.join(bad) or value!r}: choose from {','.join(VARIANTS)}")
-    return list(dict.fromkeys(items))
-
-
-@click.command()
-@click.option("--model", default="preset:internvl3-1b", show_default=True,
-              help="preset:{tiny,internvl3-1b,internvl3-2b,internvl3-8b} or a checkpoint dir.")
-@click.option("--images", type=click.IntRange(1), default=512, show_default=True,
-              help="Images per timed repeat (each repeat gets its own images).")
-@click.option("--sizes", type=click.Choice(["coco", "448"]), default="coco", show_default=True,
-              help="COCO's size mix, or 448x448 only.")
-@click.option("--max-dynamic-patch", type=int, default=None,
-              help="Max tiles per image [default: the checkpoint's].")
-@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True,
-              help="Output tokens per request (ignore_eos: always exactly this many).")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--warmup-images", type=click.IntRange(0), default=64, show_default=True)
-@click.option("--variants", default="eager,compiled,plain,pipeline", show_default=True,
-              callback=_variants, help="Comma list of eager, compiled, plain, pipeline.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Compile-cache root (also holds presets and, by default, the data).")
-@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the generated dataset lives [default: CACHE_DIR/bench-data].")
-@click.option("--name", default=None, help="results/<name>.json and .md [default: from the config].")
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results",
-              show_default=True)
-@click.option("--gpu-memory-utilization", type=float, default=None,
-              help="Per engine [default: 0.9/len(variants) - 0.03 on GPU, 0.1 on CPU].")
-@click.option("--pipeline-engine", type=click.Choice(["auto", "compiled", "eager"]),
-              default="auto", show_default=True,
-              help="Encoder of the pipeline variant (auto: compiled on GPU, eager on CPU).")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
-              help="pipeline variant: requests per LLM.generate call.")
-@click.option("--workers", type=click.IntRange(0), default=4, show_default=True,
-              help="pipeline variant: decode processes.")
-@click.option("--replicas", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="pipeline variant: vLLM engines sharing the GPU (run --replicas).")
-@click.option("--cpu-ok", is_flag=True,
-              help="Run without a GPU: drop `compiled` with a note instead of refusing.")
-@click.option("--worker", hidden=True, default=None)
-def bench(worker, **kw):
-    """Benchmark compiled vs eager encoder and internvl-batch vs a plain vLLM script.
-
-    Each variant runs in its own process with its own engine; repeats are interleaved
-    after a warm-up; results go to RESULTS_DIR/NAME.json and NAME.md.
-    """
-    if worker:
-        from .worker import main
-
-        code = main(worker)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    from ..cli import UserError, cache_root
-
-    if kw["gpu_memory_utilization"] is not None and not 0 < kw["gpu_memory_utilization"] <= 1:
-        raise UserError("--gpu-memory-utilization must be in (0, 1]")
-    kw["cache_dir"] = cache_root(kw["cache_dir"])
-    if not kw["name"]:
-        model = kw["model"].split(":")[-1].rstrip("/").split("/")[-1]
-        kw["name"] = f"{model}-{kw['sizes']}" + \
-            (f"-mdp{kw['max_dynamic_patch']}" if kw["max_dynamic_patch"] else "")
-    kw["command"] = "internvl-batch bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "bench" else " ".join(map(shlex.quote, sys.argv))
-    from ..cache import CacheError
-    from ..sources import SourceError
-
-    def _terminate(signum, frame):  # unwind, so the workers (own sessions) are stopped too
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        doc = run_bench(kw, log=lambda m: click.echo(m, err=True))
-    except (ConfigError, SourceError, CacheError) as e:
-        raise UserError(str(e)) from None
-    jpath, mpath = write_results(doc, Path(kw["results_dir"]))
-    from .report import results_markdown
-
-    click.echo(results_markdown(doc))
-    click.echo(f"wrote {jpath} and {mpath}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def default_name(model: str, sizes: str, max_dynamic_patch: int | None) -> str:
+    """results/<name>.json when --name is not given: model, sizes, max_dynamic_patch."""
+    base = model.split(":")[-1].rstrip("/").split("/")[-1]
+    return f"{base}-{sizes}" + (f"-mdp{max_dynamic_patch}" if max_dynamic_patch else "")
