@@ -39,7 +39,9 @@ from pathlib import Path
 
 from .config import ConfigError, EngineSpec, SamplingSpec
 from .engine import device_name
+from .sizing import gpu_memory_fraction
 
+REFERENCE_GPU_FRACTION = gpu_memory_fraction(2)  # 0.45
 PROBE_TOLERANCE = {"first_token_agreement": 0.75, "mean_abs_logprob_diff": 0.25}
 HEALED_ENV = "INTERNVL_BATCH_HEALED"
 
@@ -411,8 +413,10 @@ def _reference_main(spec_json: str, out: str):
     from .engine import Engine, has_cuda
 
     d = json.loads(spec_json)
+    # half of the usual share: the reference may run beside the engine being built
     d.update(compile=False, enforce_eager=True,
-             gpu_memory_utilization=0.45 if has_cuda() else d.get("gpu_memory_utilization"))
+             gpu_memory_utilization=REFERENCE_GPU_FRACTION if has_cuda()
+             else d.get("gpu_memory_utilization"))
     engine = Engine(EngineSpec(**d)).start()
     Path(out).write_text(json.dumps(run_probe(engine)))
     engine.close()

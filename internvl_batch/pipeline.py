@@ -13,13 +13,17 @@ import sys
 import time
 from itertools import chain, islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, prompts, stats as stats_mod
-from .config import RunConfig
-from .engine import EngineDead
+from .config import EngineSpec, RunConfig
+from .engine import EngineDead, Engines
 from .images import Decoded, make_pool, prefetch
 from .sinks import ShardWriter
 from .sources import open_source
+
+if TYPE_CHECKING:
+    from .cache import Entry
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_ENGINE_DIED, EXIT_PREEMPTED = 0, 3, 4, 75
 
@@ -225,12 +229,13 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     return EXIT_OK
 
 
-def start_engines(cfg: RunConfig, log):
+def start_engines(cfg: RunConfig, log) -> "tuple[Engines, Entry]":
     """One engine in this process, or `cfg.replicas` engine processes sharing the device."""
     return open_engines(cfg.engine, cfg.cache_dir, cfg.replicas, log)
 
 
-def open_engines(spec, cache_dir, replicas: int | None, log):
+def open_engines(spec: EngineSpec, cache_dir, replicas: int | None,
+                 log) -> "tuple[Engines, Entry]":
     """(engine, cache entry) for `spec`: `replicas` engine processes when > 1, else one engine
     here; None picks the count from the model's and the device's sizes."""
     from .cache import CompileCache
@@ -239,7 +244,7 @@ def open_engines(spec, cache_dir, replicas: int | None, log):
     n = replicas
     if n is None:
         from .engine import gpu_memory_total_gb, has_cuda
-        from .replicas import auto_replicas
+        from .sizing import auto_replicas
 
         cuda = has_cuda()
         n, why = auto_replicas(cache.resolve(spec).model, cuda,

@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import select
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import children
 from ..config import ConfigError, DEFAULT_PROMPT
+from ..sizing import CPU_FRACTION_SHARED, gpu_memory_fraction, lm_shape
 
 VARIANTS = ("eager", "compiled", "plain", "pipeline")
 LABELS = {
@@ -86,8 +86,8 @@ def gpu_share(n_variants: int, cuda: bool) -> float:
     GPU: 0.9 split evenly minus a 0.03 margin (2 -> 0.42, 3 -> 0.27, 4 -> 0.19). CPU: vLLM
     reserves this fraction of host RAM per engine (KV cache + the worker's own memory)."""
     if not cuda:
-        return 0.1
-    return int((0.9 / n_variants - 0.03) * 100) / 100
+        return CPU_FRACTION_SHARED
+    return gpu_memory_fraction(n_variants, margin=0.03)
 
 
 def caption_agreement(captions: dict[str, list[str | None]]) -> dict:
@@ -175,18 +175,6 @@ def vit_flops_per_tile(hidden: int, layers: int, mlp: int, image_size: int = 448
         d_in = int(hidden / (downsample * downsample))
         proj = 2 * tokens * (d_in * lm_hidden + lm_hidden * lm_hidden)
     return layers * per_layer + embed + proj
-
-
-def lm_shape(cfg: dict) -> dict:
-    llm = cfg.get("llm_config") or cfg.get("text_config") or cfg
-    d = llm["hidden_size"]
-    heads = llm["num_attention_heads"]
-    kv = llm.get("num_key_value_heads", heads)
-    hd = llm.get("head_dim") or d // heads
-    per_layer = d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * llm["intermediate_size"]
-    return {"hidden": d, "layers": llm["num_hidden_layers"],
-            "layer_params": per_layer * llm["num_hidden_layers"],
-            "head_params": d * llm["vocab_size"]}
 
 
 def model_flops(cfg: dict) -> dict:
@@ -292,93 +280,49 @@ def make_slices(ann: Path, out_dir: Path, warmup: int, n: int, repeats: int) -> 
 # -- children --------------------------------------------------------------------------------
 
 class Child:
+    """One variant's worker process (`bench/worker.py`): JSON lines both ways."""
+
     def __init__(self, variant: str, cfg: dict, raw_dir: Path):
         self.variant = variant
         self.log_path = raw_dir / f"{variant}.log"
-        r, w = os.pipe()
-        cfg = dict(cfg, variant=variant, reply_fd=w)
-        cfg_path = raw_dir / f"{variant}.worker.json"
-        cfg_path.write_text(json.dumps(cfg, indent=1))
-        self.log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # `python -m internvl_batch bench --worker`: the CLI, so the compile cache's self-heal
-        # (which re-executes `python -m internvl_batch <same args>`) restarts this worker
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "internvl_batch", "bench", "--worker", str(cfg_path)],
-            stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
-            pass_fds=(w,), env=env, text=True, cwd=os.getcwd(),
-            start_new_session=True)  # its own group: vLLM's processes can be stopped with it
-        os.close(w)
-        self.reply_fd, self._buf = r, b""
+        # `python -m internvl_batch bench --worker`: the command line, which restarts the
+        # worker in a fresh process if the compile cache finds its entry poisoned
+        self.worker = children.Child(["bench", "--worker"], dict(cfg, variant=variant),
+                                     raw_dir / f"{variant}.worker.json",
+                                     log_path=self.log_path, text=True)
+        self.proc = self.worker.proc
         self.info: dict = {}
         self.compile = bool(cfg.get("compile"))
 
     def wait_reply(self) -> dict:
         """The child's next JSON line; ChildFailed if it exits (or closes the pipe) first."""
-        while b"\n" not in self._buf:
-            ready, _, _ = select.select([self.reply_fd], [], [], 2.0)
-            if ready:
-                chunk = os.read(self.reply_fd, 65536)
-                if not chunk:
-                    break  # EOF: the child is gone
-                self._buf += chunk
-            elif self.proc.poll() is not None:
-                # it may have written its last line just before exiting
-                ready, _, _ = select.select([self.reply_fd], [], [], 0.5)
-                if not ready or not (chunk := os.read(self.reply_fd, 65536)):
-                    break
-                self._buf += chunk
-        if b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
+        line = self.worker.read_line()
+        if line is not None:
             return json.loads(line)
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:  # closed its end but lives on: stop it
-            self._kill_group()
+            self.worker.kill_group()
             self.proc.wait()
         raise ChildFailed(self, f"exited with code {self.proc.returncode}")
 
-    def send(self, doc: dict):
-        self.proc.stdin.write(json.dumps(doc) + "\n")
-        self.proc.stdin.flush()
-
     def run(self, slice_name: str, captions: bool = False) -> dict:
-        self.send({"cmd": "run", "slice": slice_name, "captions": captions})
+        self.worker.send_json({"cmd": "run", "slice": slice_name, "captions": captions})
         rep = self.wait_reply()
         if not rep.get("ok"):
             raise ChildFailed(self, rep.get("error", "failed"))
         return rep
 
     def stop(self, timeout: float = 120, force: bool = False):
-        try:
-            if force:
-                raise RuntimeError("aborting")
-            if self.proc.poll() is None:
-                self.send({"cmd": "quit"})
-                self.proc.stdin.close()
-            self.proc.wait(timeout=timeout)
-        except Exception:
-            self._kill_group()
-            self.proc.wait()
-        self._kill_group()  # whatever of vLLM's processes outlived the worker
-        self.log.close()
-        try:
-            os.close(self.reply_fd)
-        except OSError:
-            pass
-
-    def _kill_group(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if not force and self.proc.poll() is None:
+            try:
+                self.worker.send_json({"cmd": "quit"})
+            except Exception:
+                force = True
+        self.worker.stop(timeout, force=force, kill_rest=True)
 
     def tail(self, n: int = 25) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+        return self.worker.tail(n)
 
 
 class BenchFailed(RuntimeError):

@@ -192,9 +192,10 @@ def main(config_path: str) -> int:
     """Run the command loop; returns the exit code. Errors go to the parent, except
     EntryPoisoned, which the command layer answers by restarting this worker."""
     from ..cache import EntryPoisoned
+    from ..children import reply_file
 
     cfg = json.loads(Path(config_path).read_text())
-    reply = os.fdopen(int(cfg["reply_fd"]), "w", buffering=1)
+    reply = reply_file(cfg, "w")
 
     def send(doc: dict):
         reply.write(json.dumps(doc, default=str) + "\n")
