@@ -375,10 +375,9 @@ def probe_requests() -> list[dict]:
     from PIL import Image
 
     from . import prompts
-    from .config import PromptSpec
 
     rng = np.random.default_rng(1234)
-    text = prompts.render(PromptSpec("Describe the image."))
+    text = prompts.render(prompts.PROBE)
     sizes = [(640, 480), (448, 448), (1024, 512), (300, 700)]
     return [prompts.request(text, Image.fromarray(
         rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")) for w, h in sizes]

@@ -7,7 +7,9 @@ Three things here are not plain vLLM:
   dimension to 1 (its 0/1 specialisation) and every later multi-tile batch crashes with
   `split_with_sizes expects split_sizes to sum exactly to ...`; the bad graph is also saved to
   the compile cache. So before any user batch we run a warm-up whose first encoder call holds
-  several tiles (measured on H100 with vLLM 0.26: works, +7.9 % over eager).
+  several tiles. On H100 with vLLM 0.26 the compiled encoder then runs; its throughput
+  against eager ranged from −3.9 % to +5.3 % requests/s over the committed configurations,
+  every per-repeat spread including zero (results/h100/REPRODUCE.md).
 * **Timings.** vLLM reports load / compile / CUDA-graph seconds only in its log, partly from
   the engine-core child process. `LogTap` tees our stderr (fd 2, inherited by the child)
   through a reader that picks out those lines.
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
-from .config import ConfigError, EngineSpec, PromptSpec, SamplingSpec
+from .config import ConfigError, EngineSpec, SamplingSpec
 from . import checkpoint, prompts
 from .sizing import CPU_FRACTION, gpu_memory_fraction
 
@@ -224,7 +226,7 @@ def warmup_requests(n: int = 2) -> list[dict]:
     """
     from PIL import Image
 
-    text = prompts.render(PromptSpec("Describe the image."))
+    text = prompts.render(prompts.PROBE)
     imgs = [Image.new("RGB", (896, 448), (40 * i % 255, 90, 160)) for i in range(n)]
     return [prompts.request(text, im, {"max_dynamic_patch": 2}) for im in imgs]
 
@@ -308,7 +310,7 @@ class Engine(Engines):
         if self.naive_warmup:  # what a plain script does: first encoder call = one tile
             from PIL import Image
 
-            text = prompts.render(PromptSpec("Describe the image."))
+            text = prompts.render(prompts.PROBE)
             reqs = [prompts.request(text, Image.new("RGB", (448, 448)), {"max_dynamic_patch": 1})]
         else:
             reqs = warmup_requests()

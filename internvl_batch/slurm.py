@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
+from .config import default_cache_dir, default_cache_dir_shell
+
 MARKER = re.compile(r"@@([A-Z_]+)@@")
 SCRIPTS = ("warm-cache.sbatch", "caption-array.sbatch", "merge.sbatch")
 # IVB_* variables the rendered scripts take from the environment before their own defaults;
@@ -92,7 +94,7 @@ class Plan:
     dataset: str = "sample"
     model: str = "OpenGVLab/InternVL3-2B"
     output: str = "ivb-output"
-    cache_dir: str = "~/.cache/internvl-batch"
+    cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
     engine_args: str = ""
     extra_args: str = ""
     merge_args: str = ""
@@ -183,7 +185,7 @@ class Plan:
 def default_plan(tasks_per_job: int = 1) -> Plan:
     """The GPU defaults rendered into jobs/: every value can be overridden by IVB_* variables."""
     sv = {"OUTPUT": '"${SLURM_SUBMIT_DIR:-$PWD}/ivb-output"',
-          "CACHE_DIR": '"${INTERNVL_BATCH_CACHE:-$HOME/.cache/internvl-batch}"',
+          "CACHE_DIR": default_cache_dir_shell(),
           "NUM_SHARDS": "''"}
     return Plan(tasks_per_job=tasks_per_job, shards=8 * tasks_per_job, shell_values=sv,
                 caption=Resources(mem=f"{64 * tasks_per_job}G", partition_hint=True),
