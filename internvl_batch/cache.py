@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from importlib import metadata as md
 from pathlib import Path
 
+from .children import module_argv
 from .config import ConfigError, EngineSpec, SamplingSpec
 from .engine import device_name
 from .sizing import gpu_memory_fraction
@@ -326,7 +327,7 @@ class CompileCache:
         ref_path.parent.mkdir(parents=True, exist_ok=True)
         log("compile cache: computing the eager reference for the probe check")
         tmp = ref_path.with_suffix(f".tmp{os.getpid()}")
-        cmd = [sys.executable, "-m", "internvl_batch.cache", json.dumps(spec.to_dict()), str(tmp)]
+        cmd = module_argv("internvl_batch.cache", json.dumps(spec.to_dict()), tmp)
         env = dict(os.environ, VLLM_CACHE_ROOT=str(self.root / "refs" / "vllm"))
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0 or not tmp.is_file():
