@@ -99,7 +99,7 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
 
 
 def run(cfg: RunConfig, log=print, started=None) -> int:
-    """Caption one shard. `started` = (Engine, Entry) reuses an engine (tests, benchmarks)."""
+    """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks)."""
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
     if writer.is_complete():
         log(f"{writer.final} is complete: nothing to do (delete it to caption again)")
