@@ -37,15 +37,25 @@ from dataclasses import dataclass, replace
 from importlib import metadata as md
 from pathlib import Path
 
+from .children import module_argv
 from .config import ConfigError, EngineSpec, SamplingSpec
 from .engine import device_name
+from .sizing import gpu_memory_fraction
 
+REFERENCE_GPU_FRACTION = gpu_memory_fraction(2)  # 0.45
 PROBE_TOLERANCE = {"first_token_agreement": 0.75, "mean_abs_logprob_diff": 0.25}
 HEALED_ENV = "INTERNVL_BATCH_HEALED"
 
 
 class CacheError(RuntimeError):
     pass
+
+
+class EntryPoisoned(RuntimeError):
+    """A complete compiled entry crashed on load or warm-up and has been moved aside. This
+    process holds a dead engine and torch.compile state: the caller restarts its command in
+    a fresh process (setting HEALED_ENV), which rebuilds the entry. With HEALED_ENV already
+    set the original error is raised instead, so a rebuild that crashes too stops."""
 
 
 def _version(*dists: str) -> str:
@@ -290,10 +300,19 @@ class CompileCache:
             log(f"WARNING compile cache: entry {entry.key} is poisoned "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
                 f"moved to {moved}, rebuilding")
-            os.environ[HEALED_ENV] = "1"
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.execv(sys.executable, [sys.executable, "-m", "internvl_batch", *sys.argv[1:]])
+            raise EntryPoisoned(f"{entry.key}: {type(e).__name__}: {e}"[:500]) from e
+
+    def is_locked(self, key: str) -> bool:
+        """Someone holds `key`'s lock: a build is running."""
+        p = self.root / "locks" / f"{key}.lock"
+        if not p.exists():
+            return False
+        with open(p) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except BlockingIOError:
+                return True
 
     # -- eager reference for the probe --------------------------------------------------------
     def reference(self, spec: EngineSpec, log=print) -> dict:
@@ -308,7 +327,7 @@ class CompileCache:
         ref_path.parent.mkdir(parents=True, exist_ok=True)
         log("compile cache: computing the eager reference for the probe check")
         tmp = ref_path.with_suffix(f".tmp{os.getpid()}")
-        cmd = [sys.executable, "-m", "internvl_batch.cache", json.dumps(spec.to_dict()), str(tmp)]
+        cmd = module_argv("internvl_batch.cache", json.dumps(spec.to_dict()), tmp)
         env = dict(os.environ, VLLM_CACHE_ROOT=str(self.root / "refs" / "vllm"))
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0 or not tmp.is_file():
@@ -357,10 +376,9 @@ def probe_requests() -> list[dict]:
     from PIL import Image
 
     from . import prompts
-    from .config import PromptSpec
 
     rng = np.random.default_rng(1234)
-    text = prompts.render(PromptSpec("Describe the image."))
+    text = prompts.render(prompts.PROBE)
     sizes = [(640, 480), (448, 448), (1024, 512), (300, 700)]
     return [prompts.request(text, Image.fromarray(
         rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")) for w, h in sizes]
@@ -395,8 +413,10 @@ def _reference_main(spec_json: str, out: str):
     from .engine import Engine, has_cuda
 
     d = json.loads(spec_json)
+    # half of the usual share: the reference may run beside the engine being built
     d.update(compile=False, enforce_eager=True,
-             gpu_memory_utilization=0.45 if has_cuda() else d.get("gpu_memory_utilization"))
+             gpu_memory_utilization=REFERENCE_GPU_FRACTION if has_cuda()
+             else d.get("gpu_memory_utilization"))
     engine = Engine(EngineSpec(**d)).start()
     Path(out).write_text(json.dumps(run_probe(engine)))
     engine.close()

@@ -18,12 +18,21 @@ class ConfigError(ValueError):
     """A user error in flags or environment: reported as one line, exit code 2."""
 
 
+CACHE_ENV = "INTERNVL_BATCH_CACHE"
+
+
 def default_cache_dir() -> Path:
-    env = os.environ.get("INTERNVL_BATCH_CACHE")
+    """$INTERNVL_BATCH_CACHE, else $XDG_CACHE_HOME/internvl-batch, else ~/.cache/internvl-batch."""
+    env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "internvl-batch"
+
+
+def default_cache_dir_shell() -> str:
+    """`default_cache_dir()` as a quoted bash expression, expanded where a job runs."""
+    return f'"${{{CACHE_ENV}:-${{XDG_CACHE_HOME:-$HOME/.cache}}/internvl-batch}}"'
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Three things here are not plain vLLM:
   dimension to 1 (its 0/1 specialisation) and every later multi-tile batch crashes with
   `split_with_sizes expects split_sizes to sum exactly to ...`; the bad graph is also saved to
   the compile cache. So before any user batch we run a warm-up whose first encoder call holds
-  several tiles (measured on H100 with vLLM 0.26: works, +7.9 % over eager).
+  several tiles. On H100 with vLLM 0.26 the compiled encoder then runs; its throughput
+  against eager ranged from −3.9 % to +5.3 % requests/s over the committed configurations,
+  every per-repeat spread including zero (results/h100/REPRODUCE.md).
 * **Timings.** vLLM reports load / compile / CUDA-graph seconds only in its log, partly from
   the engine-core child process. `LogTap` tees our stderr (fd 2, inherited by the child)
   through a reader that picks out those lines.
@@ -24,9 +26,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Protocol
 
-from .config import ConfigError, EngineSpec, PromptSpec, SamplingSpec
+from .config import ConfigError, EngineSpec, SamplingSpec
 from . import checkpoint, prompts
+from .sizing import CPU_FRACTION, gpu_memory_fraction
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
 
@@ -196,7 +200,8 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         max_model_len=spec.max_model_len, limit_mm_per_prompt={"image": 1},
         load_format=spec.load_format or ("dummy" if synthesized else "auto"),
         # the CPU backend sizes its KV cache from host RAM with this fraction
-        gpu_memory_utilization=spec.gpu_memory_utilization or (0.9 if cuda else 0.2),
+        gpu_memory_utilization=spec.gpu_memory_utilization or
+        (gpu_memory_fraction() if cuda else CPU_FRACTION),
         enforce_eager=spec.enforce_eager,
     )
     if spec.max_dynamic_patch is not None:
@@ -221,13 +226,46 @@ def warmup_requests(n: int = 2) -> list[dict]:
     """
     from PIL import Image
 
-    text = prompts.render(PromptSpec("Describe the image."))
+    text = prompts.render(prompts.PROBE)
     imgs = [Image.new("RGB", (896, 448), (40 * i % 255, 90, 160)) for i in range(n)]
     return [prompts.request(text, im, {"max_dynamic_patch": 2}) for im in imgs]
 
 
-class Engine:
-    replicas = 1  # the pipeline sizes batches by this; `ReplicaPool` has N
+Work = Iterable[tuple[object, list[dict]]]  # (tag, requests) per batch
+
+
+class Engines(Protocol):
+    """What the pipeline and the benchmark drive: one `Engine` in this process or a
+    `replicas.ReplicaPool` of engine processes. Both subclass this explicitly."""
+
+    spec: EngineSpec
+    timings: InitTimings
+    tokens_per_tile: int  # image tokens per 448 px tile: tiles = image tokens / this
+
+    @property
+    def replicas(self) -> int:
+        """How many engines take batches in parallel (the pipeline sizes batches by it)."""
+        ...
+
+    def generate(self, reqs: list[dict], sampling: SamplingSpec) -> list["GenResult"]:
+        """One batch: one result per request, in order; a bad request is an error result."""
+        ...
+
+    def imap(self, work: Work, sampling: SamplingSpec) -> Iterator[tuple[object, list]]:
+        """(tag, requests) in, (tag, results) out, in input order."""
+        ...
+
+    def info(self) -> dict:
+        """Versions and device: vllm, torch, device, cuda (+ replicas for a pool)."""
+        ...
+
+    def gpu_memory_used_gb(self) -> float | None: ...
+
+    def close(self) -> None: ...
+
+
+class Engine(Engines):
+    """One vLLM `LLM` in this process."""
 
     def __init__(self, spec: EngineSpec, cache_env: dict[str, str] | None = None, *,
                  naive_warmup: bool = False):
@@ -272,7 +310,7 @@ class Engine:
         if self.naive_warmup:  # what a plain script does: first encoder call = one tile
             from PIL import Image
 
-            text = prompts.render(PromptSpec("Describe the image."))
+            text = prompts.render(prompts.PROBE)
             reqs = [prompts.request(text, Image.new("RGB", (448, 448)), {"max_dynamic_patch": 1})]
         else:
             reqs = warmup_requests()
@@ -336,6 +374,10 @@ class Engine:
     @property
     def tokens_per_tile(self) -> int:
         return tokens_per_tile(self.llm)
+
+    @property
+    def replicas(self) -> int:
+        return 1
 
     def imap(self, work, sampling: SamplingSpec):
         """(tag, requests) -> (tag, results), one batch at a time (`replicas.ReplicaPool`

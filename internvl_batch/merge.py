@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from . import stats as stats_mod
-
-SHARD_RE = re.compile(r"part-(\d{5})-of-(\d{5})")
+from .sinks import SHARD_RE, shard_name
 
 
 def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
@@ -23,7 +21,7 @@ def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
     total = counts.pop()
     missing, failed, shards = [], [], []
     for i in range(total):
-        name = f"part-{i:05d}-of-{total:05d}"
+        name = shard_name(i, total)
         pq_path, st_path = output / f"{name}.parquet", output / f"{name}.stats.json"
         if pq_path.is_file() and st_path.is_file():
             shards.append((name, json.loads(st_path.read_text())))
@@ -62,7 +60,7 @@ def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
 def _compact(output: Path, total: int, dest: Path):
     import pyarrow.parquet as pq
 
-    paths = [output / f"part-{i:05d}-of-{total:05d}.parquet" for i in range(total)]
+    paths = [output / f"{shard_name(i, total)}.parquet" for i in range(total)]
     schema = pq.read_schema(paths[0])
     tmp = dest.with_name(f".{dest.name}.tmp")
     with pq.ParquetWriter(tmp, schema) as w:

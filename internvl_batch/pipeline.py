@@ -13,13 +13,17 @@ import sys
 import time
 from itertools import chain, islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, prompts, stats as stats_mod
-from .config import RunConfig
-from .engine import EngineDead
+from .config import EngineSpec, RunConfig
+from .engine import EngineDead, Engines
 from .images import Decoded, make_pool, prefetch
 from .sinks import ShardWriter
 from .sources import open_source
+
+if TYPE_CHECKING:
+    from .cache import Entry
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_ENGINE_DIED, EXIT_PREEMPTED = 0, 3, 4, 75
 
@@ -95,15 +99,15 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
 
 
 def run(cfg: RunConfig, log=print, started=None) -> int:
-    """Caption one shard. `started` = (Engine, Entry) reuses an engine (tests, benchmarks)."""
+    """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks)."""
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
     if writer.is_complete():
         log(f"{writer.final} is complete: nothing to do (delete it to caption again)")
         return EXIT_OK
     done = writer.done_ids()
-    records = open_source(cfg.source)  # raises SourceError before any model is loaded
-    mine = (r for r in records
-            if r.seq % cfg.num_shards == cfg.shard_index and r.id not in done)
+    # raises SourceError before any model is loaded
+    records = open_source(cfg.source, cfg.shard_index, cfg.num_shards)
+    mine = (r for r in records if r.id not in done)
     if done:
         log(f"resuming {writer.name}: {len(done)} rows already written")
     # trap preemption from the start: engine start-up alone can take minutes
@@ -128,70 +132,27 @@ def run(cfg: RunConfig, log=print, started=None) -> int:
 def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals", log,
          started) -> int:
     t_start = time.perf_counter()
-    st = stats_mod.RunStats()
     engine, entry = started or start_engines(cfg, log)
     if sig.received:
         if started is None:
             engine.close()
         raise Stop(EXIT_PREEMPTED, "signal during start-up")
-    st.init_s = round(engine.timings.total_s, 3)
-    st.load_s, st.compile_s, st.cudagraph_s = (engine.timings.load_s, engine.timings.compile_s,
-                                               engine.timings.cudagraph_s)
-    st.warmup_s = round(engine.timings.warmup_s, 3)
-    st.cache_hit, st.cache_key = entry.hit, entry.key
     info = engine.info()
-    st.gpu_name = info["device"] if info["cuda"] else None
-    tokens_per_tile = engine.tokens_per_tile
+    st = _start_stats(engine, entry, info)
     prompt_text = prompts.render(cfg.prompt)
-    metadata = {"internvl_batch": __version__, "config": cfg.to_dict(), "versions": info,
-                "model_config_hash": entry.fields.get("model_config_hash"),
-                "cache_key": entry.key, "git_sha": git_sha(), "argv": sys.argv}
+    metadata = _metadata(cfg, info, entry)
 
     writer.open()
     previous = writer.previous_stats()
     mine, batch_size = fit_batches(mine, cfg.batch_size, engine.replicas)
     pool = make_pool(cfg.workers)
-    window = max(2 * batch_size, 64)
+    stream = engine.imap(_requests(mine, pool, batch_size, prompt_text), cfg.sampling)
     progress = _progress(cfg, n_done)
     code, message = EXIT_OK, None
-
-    def work():
-        for batch in _batches(prefetch(mine, pool, window=window), batch_size):
-            yield batch, [prompts.request(prompt_text, d.image)
-                          for d in batch if d.error is None]
-
-    stream = engine.imap(work(), cfg.sampling)
+    tokens_per_tile = engine.tokens_per_tile
     try:
-        t0 = time.perf_counter()  # waiting on decode or on engines counts as generation
-        for batch, results in stream:
-            results = iter(results)
-            rows = []
-            for d in batch:
-                res = next(results) if d.error is None else None
-                rows.append(_row(d, prompt_text, tokens_per_tile, res))
-                st.add_row(error=rows[-1]["error"], answered=res is not None and not res.error,
-                           prompt_tokens=res.prompt_tokens if res else 0,
-                           image_tokens=res.image_tokens if res else 0,
-                           output_tokens=res.output_tokens if res else 0)
-            writer.write(rows)
-            st.generate_s += time.perf_counter() - t0
-            st.last_batch_at = time.time()
-            st.first_batch_at = st.first_batch_at or st.last_batch_at
-            t0 = time.perf_counter()
-            progress.update(len(rows))
-            progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",
-                                 tok_s=f"{st.output_tokens / max(st.generate_s, 1e-9):.0f}",
-                                 err=st.errors)
-            if st.rows >= cfg.min_rows_for_error_rate and \
-                    st.errors / st.rows > cfg.max_error_rate:
-                raise Stop(EXIT_ERROR_RATE,
-                           f"stopped: {st.errors}/{st.rows} rows failed, above "
-                           f"--max-error-rate {cfg.max_error_rate}; see the error column "
-                           f"in {writer.parts} (rows written so far are kept)")
-            if sig.received:
-                raise Stop(EXIT_PREEMPTED,
-                           f"stopped by signal {signal.Signals(sig.received).name} after "
-                           f"{st.rows} rows; rerun the same command to resume")
+        _write_batches(cfg, stream, writer, st, progress, sig,
+                       lambda d, res: _row(d, prompt_text, tokens_per_tile, res))
     except Stop as s:
         code, message = s.code, str(s)
     except KeyboardInterrupt:
@@ -211,10 +172,80 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
         runs = previous + [st.to_dict()]
         if code != EXIT_OK or sys.exc_info()[0] is not None:
             writer.save_partial_stats(runs)  # an engine death too: the next run adds to these
-    summary = stats_mod.summarize(runs)
     if code != EXIT_OK:
         log(message)
         return code
+    return _finish(writer, runs, metadata, log)
+
+
+def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunStats:
+    """This run's stats, starting with how the engine started."""
+    st = stats_mod.RunStats()
+    t = engine.timings
+    st.init_s = round(t.total_s, 3)
+    st.load_s, st.compile_s, st.cudagraph_s = t.load_s, t.compile_s, t.cudagraph_s
+    st.warmup_s = round(t.warmup_s, 3)
+    st.cache_hit, st.cache_key = entry.hit, entry.key
+    st.gpu_name = info["device"] if info["cuda"] else None
+    return st
+
+
+def _metadata(cfg: RunConfig, info: dict, entry: "Entry") -> dict:
+    """What the finished Parquet file records about how it was made."""
+    return {"internvl_batch": __version__, "config": cfg.to_dict(), "versions": info,
+            "model_config_hash": entry.fields.get("model_config_hash"),
+            "cache_key": entry.key, "git_sha": git_sha(), "argv": sys.argv}
+
+
+def _requests(records, pool, batch_size: int, prompt_text: str):
+    """(decoded batch, requests of its decodable images): decode runs `window` ahead."""
+    window = max(2 * batch_size, 64)
+    for batch in _batches(prefetch(records, pool, window=window), batch_size):
+        yield batch, [prompts.request(prompt_text, d.image) for d in batch if d.error is None]
+
+
+def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.RunStats,
+                   progress, sig: "_Signals", make_row) -> None:
+    """Write each batch's rows as it comes back; Stop on the error-rate rule or a signal."""
+    t0 = time.perf_counter()  # waiting on decode or on engines counts as generation
+    for batch, results in stream:
+        results = iter(results)
+        rows = []
+        for d in batch:
+            res = next(results) if d.error is None else None
+            rows.append(make_row(d, res))
+            st.add_row(error=rows[-1]["error"], answered=res is not None and not res.error,
+                       prompt_tokens=res.prompt_tokens if res else 0,
+                       image_tokens=res.image_tokens if res else 0,
+                       output_tokens=res.output_tokens if res else 0)
+        writer.write(rows)
+        st.generate_s += time.perf_counter() - t0
+        st.last_batch_at = time.time()
+        st.first_batch_at = st.first_batch_at or st.last_batch_at
+        t0 = time.perf_counter()
+        progress.update(len(rows))
+        progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",
+                             tok_s=f"{st.output_tokens / max(st.generate_s, 1e-9):.0f}",
+                             err=st.errors)
+        _check_stop(cfg, st, writer, sig)
+
+
+def _check_stop(cfg: RunConfig, st: stats_mod.RunStats, writer: ShardWriter,
+                sig: "_Signals") -> None:
+    if st.rows >= cfg.min_rows_for_error_rate and st.errors / st.rows > cfg.max_error_rate:
+        raise Stop(EXIT_ERROR_RATE,
+                   f"stopped: {st.errors}/{st.rows} rows failed, above "
+                   f"--max-error-rate {cfg.max_error_rate}; see the error column "
+                   f"in {writer.parts} (rows written so far are kept)")
+    if sig.received:
+        raise Stop(EXIT_PREEMPTED,
+                   f"stopped by signal {signal.Signals(sig.received).name} after "
+                   f"{st.rows} rows; rerun the same command to resume")
+
+
+def _finish(writer: ShardWriter, runs: list[dict], metadata: dict, log) -> int:
+    """Final Parquet file, then stats.json, then the rename that makes the shard complete."""
+    summary = stats_mod.summarize(runs)
     total_rows = writer.finalize(metadata)
     stats_mod.write(writer.stats_path, summary, runs,
                     {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
@@ -225,12 +256,13 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     return EXIT_OK
 
 
-def start_engines(cfg: RunConfig, log):
+def start_engines(cfg: RunConfig, log) -> "tuple[Engines, Entry]":
     """One engine in this process, or `cfg.replicas` engine processes sharing the device."""
     return open_engines(cfg.engine, cfg.cache_dir, cfg.replicas, log)
 
 
-def open_engines(spec, cache_dir, replicas: int | None, log):
+def open_engines(spec: EngineSpec, cache_dir, replicas: int | None,
+                 log) -> "tuple[Engines, Entry]":
     """(engine, cache entry) for `spec`: `replicas` engine processes when > 1, else one engine
     here; None picks the count from the model's and the device's sizes."""
     from .cache import CompileCache
@@ -239,7 +271,7 @@ def open_engines(spec, cache_dir, replicas: int | None, log):
     n = replicas
     if n is None:
         from .engine import gpu_memory_total_gb, has_cuda
-        from .replicas import auto_replicas
+        from .sizing import auto_replicas
 
         cuda = has_cuda()
         n, why = auto_replicas(cache.resolve(spec).model, cuda,

@@ -10,6 +10,9 @@ from .config import PromptSpec, SamplingSpec
 
 STOP_STRINGS = ["<|im_end|>", "<|endoftext|>"]
 IMAGE_MARKER = "<image>"
+# the prompt of the engine's own requests (encoder warm-up, the compile cache's probe): fixed,
+# so a probe's outputs stay comparable across builds
+PROBE = PromptSpec("Describe the image.")
 
 
 def render(spec: PromptSpec) -> str:

@@ -8,7 +8,7 @@ time-share the GPU; the parent only decodes (in its pool), dispatches and writes
 
 Each replica is `python -m internvl_batch replica CONFIG`: it starts its engine through the
 compile cache (so the first replica builds the entry under the cache lock and the others load
-it, and the poisoned-entry self-heal can re-execute it), then answers batches on stdin with
+it, and a replica that finds the entry poisoned restarts itself), then answers batches on stdin with
 results on a reply fd, as streamed pickles. Replicas start concurrently; each reserves a
 fixed KV cache (`kv_cache_gb`) instead of profiling free memory, which other replicas
 starting at the same moment would distort.
@@ -17,102 +17,20 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import queue
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterable, Iterator
 
+from .cache import CompileCache, Entry, EntryPoisoned
+from .children import Child, recv_frame, reply_file, send_frame
 from .config import EngineSpec, SamplingSpec
-from .engine import EngineDead, InitTimings
-
-DEFAULT_KV_CACHE_GB = 4.0  # per replica: ~340k tokens of InternVL3-1B, ~150k of 2B
-
-
-# Pickles are self-delimiting, so they go straight onto the pipe: a batch is a header and
-# then one pickle per request. One 150 MB bytes object per batch of 256 decoded images cost
-# ~4.6 ms per image to build and as much to unpickle on a 2-core machine (page faults of a
-# fresh buffer); streamed, each image is a small, reused write.
-
-def send_frame(f, obj, items: list | None = None) -> None:
-    pickle.dump(obj, f, protocol=5)
-    for it in items or ():
-        pickle.dump(it, f, protocol=5)
-    f.flush()
-
-
-def recv_frame(f, with_items: bool = False):
-    head = pickle.load(f)  # EOFError when the other side is gone
-    if not with_items:
-        return head
-    idx, n, extra = head
-    return idx, [pickle.load(f) for _ in range(n)], extra
-
-
-MAX_AUTO_REPLICAS = 4  # measured: 4 x InternVL3-1B fill an H100 (GPU 97 % busy, 315 img/s)
-# device memory per replica beyond weights and KV cache (CUDA context, activations of the
-# profile run, CUDA graphs): 4 x InternVL3-1B with 4 GiB KV each peaked at 41.1 GB on H100
-REPLICA_OVERHEAD_GB = 4.5
-CPUS_PER_REPLICA = 3
-
-
-def weights_gb(model_dir: str) -> float | None:
-    """Checkpoint weights in GB: the files if present, else estimated from config.json (bf16;
-    synthesized checkpoints have no weight files)."""
-    d = Path(model_dir)
-    if not d.is_dir():
-        return None
-    files = [f for pat in ("*.safetensors", "*.bin") for f in d.glob(pat)]
-    if files:
-        return sum(f.stat().st_size for f in files) / 1e9
-    try:
-        from .bench import lm_shape
-
-        cfg = json.loads((d / "config.json").read_text())
-        lm = lm_shape(cfg)
-        v = cfg["vision_config"]
-        h, m, layers = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"]
-        tied = (cfg.get("llm_config") or {}).get("tie_word_embeddings", False)
-        params = lm["layer_params"] + lm["head_params"] * (1 if tied else 2) + \
-            layers * (4 * h * h + 2 * h * m) + 4 * h * lm["hidden"] + lm["hidden"] ** 2
-        return params * 2 / 1e9
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (a Slurm allocation's cpuset, not the whole node)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def auto_replicas(model_dir: str, cuda: bool, device_gb: float | None,
-                  kv_gb: float | None = None, cpus: int | None = None) -> tuple[int, str]:
-    """How many engines share the device when the user did not say: as many as fit in 90 %
-    of its memory and in the CPUs (each replica keeps ~3 busy: frontend, engine core, its
-    share of decoding and dispatch), at most MAX_AUTO_REPLICAS; one on CPU or when the model
-    size is unknown."""
-    if not cuda:
-        return 1, "CPU: one engine"
-    kv_gb = kv_gb or DEFAULT_KV_CACHE_GB
-    w = weights_gb(model_dir)
-    if w is None or not device_gb:
-        return 1, "model or device size unknown: one engine (pass --replicas N to override)"
-    cpus = cpus or usable_cpus()
-    per = w + kv_gb + REPLICA_OVERHEAD_GB
-    by_mem, by_cpu = int(0.9 * device_gb // per), cpus // CPUS_PER_REPLICA
-    n = max(1, min(MAX_AUTO_REPLICAS, by_mem, by_cpu))
-    return n, (f"{n} engine replica(s): ~{per:.1f} GB each ({w:.1f} GB weights + {kv_gb:g} GB "
-               f"KV + {REPLICA_OVERHEAD_GB:g} GB) in 90 % of {device_gb:.0f} GB, "
-               f"{CPUS_PER_REPLICA} of {cpus} CPUs each")
+from .engine import EngineDead, Engines, InitTimings
+from .sizing import CPU_FRACTION_SHARED, DEFAULT_KV_CACHE_GB, gpu_memory_fraction, usable_cpus
 
 
 def replica_spec(spec: EngineSpec, n: int, cuda: bool) -> EngineSpec:
@@ -124,21 +42,22 @@ def replica_spec(spec: EngineSpec, n: int, cuda: bool) -> EngineSpec:
     if cuda:
         kw["kv_cache_gb"] = spec.kv_cache_gb or DEFAULT_KV_CACHE_GB
         kw["gpu_memory_utilization"] = spec.gpu_memory_utilization or \
-            int(min(0.9 / n, 0.3) * 100) / 100
+            gpu_memory_fraction(n, cap=0.3)
     else:
         # CPU: the fraction sizes each replica's KV cache from host RAM
-        kw["gpu_memory_utilization"] = spec.gpu_memory_utilization or 0.1
+        kw["gpu_memory_utilization"] = spec.gpu_memory_utilization or CPU_FRACTION_SHARED
     return replace(spec, **kw)
 
 
-class ReplicaPool:
-    """Looks like `engine.Engine` to the pipeline: timings, info(), imap(), close()."""
+class ReplicaPool(Engines):
+    """N engine processes behind the `Engines` interface; batches go to whichever replica
+    has a free slot and come back in input order."""
 
     def __init__(self, spec: EngineSpec, cache_dir: Path, n: int, log=print):
         self.spec, self.cache_dir, self.n, self.log = spec, Path(cache_dir), n, log
         self.procs: list[_Replica] = []
         self.timings = InitTimings()
-        self.entry = None
+        self.entry: Entry | None = None
         self.cuda = False
         self.tokens_per_tile = 256
         self._info: dict = {}
@@ -162,19 +81,16 @@ class ReplicaPool:
         threads = max(1, usable_cpus() // (2 * self.n)) if self.cuda else None
         self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads)
                       for k in range(self.n)]
-        readies = []
         try:
-            for r in self.procs:
-                readies.append(r.wait_ready())
+            readies = [r.wait_ready() for r in self.procs]
         except BaseException:
             self.close()
             raise
         first = readies[0]
         self.timings = InitTimings(**first["timings"])
         self.timings.total_s = time.perf_counter() - t0  # wall: replicas start together
-        self.entry = SimpleNamespace(key=first["cache_key"],
-                                     hit=all(r["cache_hit"] for r in readies),
-                                     fields=first["cache_fields"])
+        self.entry = Entry(CompileCache(self.cache_dir).root, first["cache_key"],
+                           first["cache_fields"], hit=all(r["cache_hit"] for r in readies))
         self._info = first["info"]
         self.tokens_per_tile = first["tokens_per_tile"]
         self.log(f"{self.n} replicas ready in {self.timings.total_s:.1f}s (cache "
@@ -191,106 +107,49 @@ class ReplicaPool:
 
         return gpu_memory_used_gb()
 
+    def generate(self, reqs: list[dict], sampling: SamplingSpec) -> list:
+        """One batch, on whichever replica is free."""
+        stream = self.imap([(None, reqs)], sampling)
+        try:
+            return next(stream)[1]
+        finally:
+            stream.close()
+
     def imap(self, work: Iterable[tuple[object, list[dict]]], sampling: SamplingSpec,
              per_replica: int = 2) -> Iterator[tuple[object, list]]:
         """(tag, requests) in, (tag, results) out, in input order; at most `per_replica`
         batches queued at each replica so memory stays flat and no frontend idles."""
-        jobs: queue.Queue = queue.Queue()
-        done: dict[int, object] = {}
-        cond = threading.Condition()
-        stop = threading.Event()
-        tags: dict[int, object] = {}
-
-        receivers: list[threading.Thread] = []
-
-        def feed(rep: "_Replica"):
-            slots = threading.Semaphore(per_replica)
-            pending = threading.Semaphore(0)  # replies owed: the receiver reads no more
-
-            def receive():
-                # never outlives this imap with nothing owed: a second imap over the same
-                # pool (bench repeats) must be the only reader of the reply pipe
-                while True:
-                    if not pending.acquire(timeout=0.2):
-                        if stop.is_set():
-                            return
-                        continue
-                    try:
-                        idx, reply = rep.recv()
-                    except BaseException as e:
-                        reply, idx = {"dead": True, "error": f"replica {rep.k}: {e}"}, -1
-                    with cond:
-                        done[idx] = reply
-                        cond.notify_all()
-                    if idx < 0 or reply.get("dead"):
-                        return
-                    rep.busy_s += reply.get("busy_s", 0.0)
-                    rep.images += len(reply.get("results", ()))
-                    slots.release()
-
-            t = threading.Thread(target=receive, daemon=True)
-            receivers.append(t)
-            t.start()
-            while not stop.is_set():
-                slots.acquire()
-                job = jobs.get()
-                if job is None:
-                    return
-                try:
-                    rep.send(job[0], job[1], sampling)
-                    pending.release()
-                except BaseException as e:
-                    with cond:
-                        done[-1] = {"dead": True, "error": f"replica {rep.k}: {e}"}
-                        cond.notify_all()
-                    return
-
-        # the counters (only for the log line below) cover this imap alone: a pool serves
-        # several (bench repeats); the previous imap's receivers are gone
-        for r in self.procs:
-            r.busy_s, r.images = 0.0, 0
-        feeders = [threading.Thread(target=feed, args=(r,), daemon=True) for r in self.procs]
-        for t in feeders:
-            t.start()
+        dispatch = _Dispatch(self.procs, sampling, per_replica)
         it = iter(work)
-        t_start = time.perf_counter()
+        tags: dict[int, object] = {}
         submitted = yielded = 0
-        limit = per_replica * self.n + 1
+        ahead = per_replica * self.n + 1
+        t_start = time.perf_counter()
         try:
             exhausted = False
             while True:
-                while not exhausted and submitted - yielded < limit:
+                while not exhausted and submitted - yielded < ahead:
                     nxt = next(it, None)
                     if nxt is None:
                         exhausted = True
                         break
                     tags[submitted] = nxt[0]
-                    jobs.put((submitted, nxt[1]))
+                    dispatch.put(submitted, nxt[1])
                     submitted += 1
                 if yielded == submitted:
                     return
-                with cond:
-                    while yielded not in done and -1 not in done:
-                        cond.wait(1.0)
-                    if -1 in done:
-                        raise EngineDead(done[-1]["error"])
-                    reply = done.pop(yielded)
-                if reply.get("dead"):
-                    raise EngineDead(reply["error"])
-                yield tags.pop(yielded), reply["results"]
+                yield tags.pop(yielded), dispatch.take(yielded)
                 yielded += 1
         finally:
-            stop.set()
-            for _ in feeders:
-                jobs.put(None)
-            for t in receivers:  # done at once unless replies are still owed (an abort)
-                t.join(timeout=30)
-            wall = time.perf_counter() - t_start
-            # busy near 100 %: the replicas (their frontends or the shared GPU) set the pace;
-            # well below: this process (decode, dispatch, writing) does
-            self.log("replicas busy in generate: " + ", ".join(
-                f"#{r.k} {100 * r.busy_s / wall:.0f}% ({r.images} img)" for r in self.procs)
-                + f" over {wall:.1f}s")
+            dispatch.close()
+            self._log_busy(time.perf_counter() - t_start)
+
+    def _log_busy(self, wall: float):
+        # busy near 100 %: the replicas (their frontends or the shared GPU) set the pace;
+        # well below: this process (decode, dispatch, writing) does
+        self.log("replicas busy in generate: " + ", ".join(
+            f"#{r.k} {100 * r.busy_s / wall:.0f}% ({r.images} img)" for r in self.procs)
+            + f" over {wall:.1f}s")
 
     def close(self):
         for r in self.procs:
@@ -298,32 +157,115 @@ class ReplicaPool:
         self.procs = []
 
 
+class _Dispatch:
+    """The threads of one `imap`: per replica a feeder, which sends it the next batch from
+    the shared queue whenever it has a free slot, and a receiver, which files its replies by
+    batch index. A failure is filed under index -1 and ends the imap."""
+
+    FAILED = -1
+
+    def __init__(self, procs: list["_Replica"], sampling: SamplingSpec, per_replica: int):
+        self.sampling, self.per_replica = sampling, per_replica
+        self.jobs: queue.Queue = queue.Queue()
+        self.done: dict[int, dict] = {}
+        self.cond = threading.Condition()
+        self.stopping = threading.Event()
+        self.receivers: list[threading.Thread] = []
+        # the counters (only for the busy log line) cover this imap alone: a pool serves
+        # several (bench repeats); the previous imap's receivers are gone
+        for r in procs:
+            r.busy_s, r.images = 0.0, 0
+        self.feeders = [threading.Thread(target=self._feed, args=(r,), daemon=True)
+                        for r in procs]
+        for t in self.feeders:
+            t.start()
+
+    def put(self, idx: int, reqs: list[dict]):
+        self.jobs.put((idx, reqs))
+
+    def take(self, idx: int) -> list:
+        """Batch `idx`'s results, once they are back; EngineDead if a replica failed."""
+        with self.cond:
+            while idx not in self.done and self.FAILED not in self.done:
+                self.cond.wait(1.0)
+            if self.FAILED in self.done:
+                raise EngineDead(self.done[self.FAILED]["error"])
+            reply = self.done.pop(idx)
+        if reply.get("dead"):
+            raise EngineDead(reply["error"])
+        return reply["results"]
+
+    def close(self):
+        self.stopping.set()
+        for _ in self.feeders:
+            self.jobs.put(None)
+        for t in self.receivers:  # done at once unless replies are still owed (an abort)
+            t.join(timeout=30)
+
+    def _file(self, idx: int, reply: dict):
+        with self.cond:
+            self.done[idx] = reply
+            self.cond.notify_all()
+
+    def _feed(self, rep: "_Replica"):
+        slots = threading.Semaphore(self.per_replica)
+        owed = threading.Semaphore(0)  # replies owed: the receiver reads no more than these
+        t = threading.Thread(target=self._receive, args=(rep, slots, owed), daemon=True)
+        self.receivers.append(t)
+        t.start()
+        while not self.stopping.is_set():
+            slots.acquire()
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                rep.send(job[0], job[1], self.sampling)
+                owed.release()
+            except BaseException as e:
+                self._file(self.FAILED, {"dead": True, "error": f"replica {rep.k}: {e}"})
+                return
+
+    def _receive(self, rep: "_Replica", slots: threading.Semaphore, owed: threading.Semaphore):
+        # never outlives this imap with nothing owed: a second imap over the same pool
+        # (bench repeats) must be the only reader of the reply pipe
+        while True:
+            if not owed.acquire(timeout=0.2):
+                if self.stopping.is_set():
+                    return
+                continue
+            try:
+                idx, reply = rep.recv()
+            except BaseException as e:
+                idx, reply = self.FAILED, {"dead": True, "error": f"replica {rep.k}: {e}"}
+            self._file(idx, reply)
+            if idx < 0 or reply.get("dead"):
+                return
+            rep.busy_s += reply.get("busy_s", 0.0)
+            rep.images += len(reply.get("results", ()))
+            slots.release()
+
+
 class _Replica:
+    """One replica process: batches go out as pickled frames on its stdin, results come
+    back on its reply pipe."""
+
     def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, tmp: Path,
                  threads: int | None = None):
         self.k = k
         self.busy_s = 0.0  # time its engine spent in generate, in the current imap
         self.images = 0
-        r, w = os.pipe()
-        cfg = {"spec": asdict(spec), "cache_dir": str(cache_dir), "reply_fd": w, "index": k}
-        path = tmp / f"replica-{k}.json"
-        path.write_text(json.dumps(cfg))
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if threads:
-            env.setdefault("OMP_NUM_THREADS", str(threads))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "internvl_batch", "replica", str(path)],
-            stdin=subprocess.PIPE, stdout=sys.stderr.fileno(), pass_fds=(w,), env=env,
-            start_new_session=True)  # its own group: vLLM's processes stop with it
-        os.close(w)
-        self.replies = os.fdopen(r, "rb")
+        env = {"OMP_NUM_THREADS": str(threads)} \
+            if threads and "OMP_NUM_THREADS" not in os.environ else {}
+        self.child = Child(["replica"], {"spec": asdict(spec), "cache_dir": str(cache_dir),
+                                         "index": k}, tmp / f"replica-{k}.json", env=env)
+        self.replies = os.fdopen(self.child.reply_fd, "rb", closefd=False)
         self._send_lock = threading.Lock()
 
     def wait_ready(self) -> dict:
         try:
             _, msg = recv_frame(self.replies)
         except EOFError:
-            code = self.proc.wait()
+            code = self.child.proc.wait()
             raise RuntimeError(f"engine replica {self.k} exited with code {code} while "
                                "starting; its log is above") from None
         if not msg.get("ready"):
@@ -332,46 +274,34 @@ class _Replica:
 
     def send(self, idx: int, reqs: list[dict], sampling: SamplingSpec):
         with self._send_lock:
-            send_frame(self.proc.stdin, (idx, len(reqs), sampling), reqs)
+            send_frame(self.child.proc.stdin, (idx, len(reqs), sampling), reqs)
 
     def recv(self):
         return recv_frame(self.replies)
 
     def close(self):
-        import signal
-
-        try:
-            self.proc.stdin.close()
-        except Exception:
-            pass
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            self.proc.wait()
         try:
             self.replies.close()
         except Exception:
             pass
+        self.child.stop(timeout=20)
 
 
 # -- the replica process ----------------------------------------------------------------------
 
 def main(config_path: str) -> int:
     """One replica: start the engine, then answer (idx, batch) frames until stdin closes."""
-    from .cache import CompileCache
     from .engine import _is_engine_death
 
     cfg = json.loads(Path(config_path).read_text())
-    reply = os.fdopen(int(cfg["reply_fd"]), "wb")
+    reply = reply_file(cfg, "wb")
     spec = EngineSpec(**cfg["spec"])
     tag = f"[replica {cfg['index']}]"
     try:
         engine, entry = CompileCache(cfg["cache_dir"]).start_engine(
             spec, log=lambda m: print(f"{tag} {m}", file=sys.stderr, flush=True))
+    except EntryPoisoned:
+        raise  # the command layer restarts this replica in a fresh process
     except BaseException as e:
         send_frame(reply, (-1, {"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}))
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable
@@ -40,6 +41,9 @@ ROW_GROUP = 8192
 
 def shard_name(index: int, count: int) -> str:
     return f"part-{index:05d}-of-{count:05d}"
+
+
+SHARD_RE = re.compile(r"part-(\d{5})-of-(\d{5})")  # matches shard_name(): index, count
 
 
 def _atomic_write_table(table: pa.Table, path: Path, metadata: dict | None = None):

@@ -7,7 +7,8 @@ the GPU defaults (`internvl-batch slurm write-jobs jobs/`); a test keeps them eq
 `internvl-batch slurm submit` renders the three scripts for one run into `<output>/slurm/`
 and submits them with `sbatch --parsable`, chained with `--dependency=afterok`.
 
-Only the standard library and click are imported here: no vllm, no torch.
+Only the standard library is imported here: no vllm, no torch; the commands are in
+`cli/slurm.py`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-import click
+from .config import default_cache_dir, default_cache_dir_shell
 
 MARKER = re.compile(r"@@([A-Z_]+)@@")
 SCRIPTS = ("warm-cache.sbatch", "caption-array.sbatch", "merge.sbatch")
@@ -35,8 +36,8 @@ OWN_OPTIONS = ("--dataset", "--output", "-o", "--model", "--cache-dir", "--num-s
                "--shard-index")
 
 
-class SlurmError(click.ClickException):
-    """One-line user-facing error (exit 1, no traceback)."""
+class SlurmError(RuntimeError):
+    """One-line user-facing error (the command line reports it: exit 1, no traceback)."""
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class Plan:
     dataset: str = "sample"
     model: str = "OpenGVLab/InternVL3-2B"
     output: str = "ivb-output"
-    cache_dir: str = "~/.cache/internvl-batch"
+    cache_dir: str = field(default_factory=lambda: str(default_cache_dir()))
     engine_args: str = ""
     extra_args: str = ""
     merge_args: str = ""
@@ -184,7 +185,7 @@ class Plan:
 def default_plan(tasks_per_job: int = 1) -> Plan:
     """The GPU defaults rendered into jobs/: every value can be overridden by IVB_* variables."""
     sv = {"OUTPUT": '"${SLURM_SUBMIT_DIR:-$PWD}/ivb-output"',
-          "CACHE_DIR": '"${INTERNVL_BATCH_CACHE:-$HOME/.cache/internvl-batch}"',
+          "CACHE_DIR": default_cache_dir_shell(),
           "NUM_SHARDS": "''"}
     return Plan(tasks_per_job=tasks_per_job, shards=8 * tasks_per_job, shell_values=sv,
                 caption=Resources(mem=f"{64 * tasks_per_job}G", partition_hint=True),
@@ -206,32 +207,13 @@ def default_job_files() -> dict[str, str]:
 
 # -- options: which of --extra-args also go to `cache warm` -----------------------------------
 
-def _engine_option_names() -> dict[str, bool]:
-    """Options that both `run` and `cache warm` accept (engine settings) -> is it a flag."""
-    try:
-        from .cli import cli
-        run, warm = cli.commands["run"], cli.commands["cache"].commands["warm"]
-    except Exception:  # the CLI cannot be loaded: nothing is shared, warm uses its defaults
-        return {}
-
-    def names(cmd):
-        out = {}
-        for p in cmd.params:
-            if isinstance(p, click.Option) and not p.hidden:
-                for o in [*p.opts, *p.secondary_opts]:
-                    out[o] = bool(p.is_flag or p.secondary_opts or p.count)
-        return out
-    r, w = names(run), names(warm)
-    return {o: r[o] for o in r.keys() & w.keys()}
-
-
-def split_engine_args(args: str) -> tuple[str, str]:
-    """Split --extra-args into (engine options for warm + run, options for run only)."""
+def split_engine_args(args: str, shared: dict[str, bool]) -> tuple[str, str]:
+    """Split --extra-args into (engine options for warm + run, options for run only).
+    `shared`: the option spellings `run` and `cache warm` both accept -> is it a flag."""
     try:
         tokens = shlex.split(args)
     except ValueError as e:
         raise SlurmError(f"--extra-args: {e}") from None
-    shared = _engine_option_names()
     engine, extra = [], []
     i = 0
     while i < len(tokens):
@@ -257,14 +239,6 @@ def default_bin() -> str:
     if here.is_file() and os.access(here, os.X_OK):
         return str(here)
     return shutil.which("internvl-batch") or "internvl-batch"
-
-
-def default_cache_dir() -> str:
-    try:
-        from .config import default_cache_dir as app_default
-        return str(app_default())
-    except Exception:
-        return os.path.expanduser("~/.cache/internvl-batch")
 
 
 def sbatch_commands(paths: dict[str, Path], plan: Plan, workdir: str, sbatch_args: list[str],
@@ -318,111 +292,45 @@ def submit(paths: dict[str, Path], plan: Plan, workdir: str, sbatch_args: list[s
     return ids
 
 
-# -- command line -----------------------------------------------------------------------------
 
-@click.group()
-def slurm():
-    """Run on a Slurm cluster: warm-cache job -> caption array -> merge job."""
-
-
-@slurm.command("submit")
-@click.option("--dataset", required=True, help="As for `run`: sample | coco | folder:DIR | ...")
-@click.option("--model", required=True, help="Checkpoint dir, hub id or preset:NAME.")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
-              help="Output directory; the scripts and logs go to <output>/slurm/.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Shared compile cache, visible from every node [default: the app's].")
-@click.option("--shards", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Total number of shards.")
-@click.option("--gpus-per-node", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Shards per array task, one srun task (GPU) each; array size = "
-                   "ceil(shards / this).")
-@click.option("--partition", default=None, help="[default: the cluster's default partition]")
-@click.option("--time", "time_", default="04:00:00", show_default=True,
-              help="Time limit of each caption array task.")
-@click.option("--mem", default=None, help="Memory per array task [default: 64G per GPU; "
-                                          "8G with --cpu].")
-@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None,
-              help="[default: 8; 2 with --cpu]")
-@click.option("--cpu", is_flag=True, help="CPU-only variant: no GPU requests (CI, tests).")
-@click.option("--extra-args", default="", help="More `run` options, shell-quoted, e.g. "
-              "'--data-dir D --annotations A --max-tokens 32'. Engine options among them "
-              "(--compile, --max-model-len ...) also go to the warm-cache job.")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Working directory of the jobs [default: the current one].")
-@click.option("--max-running", type=click.IntRange(min=1), default=None,
-              help="At most this many array tasks at once (--array=0-N%M).")
-@click.option("--sbatch-args", default="", help="Added to every sbatch call, e.g. "
-              "'--account=proj --qos=normal'.")
-@click.option("--merge-after", type=click.Choice(["afterok", "afterany"]), default="afterok",
-              show_default=True, help="afterany: merge even when shards failed, to name them.")
-@click.option("--skip-warm", is_flag=True, help="No warm-cache job (the entry exists).")
-@click.option("--bin", "bin_", default=None,
-              help="internvl-batch executable on the nodes [default: this one].")
-@click.option("--activate", default="", help="Shell line run first in each job, e.g. "
-              "'source /path/venv/bin/activate'.")
-@click.option("--dry-run", is_flag=True, help="Print the scripts and sbatch commands only.")
-def submit_cmd(dataset, model, output, cache_dir, shards, gpus_per_node, partition, time_, mem,
-               cpus_per_task, cpu, extra_args, workdir, max_running, sbatch_args, merge_after,
-               skip_warm, bin_, activate, dry_run):
-    """Render warm-cache, caption-array and merge scripts into <output>/slurm/ and submit them,
-    chained with afterok dependencies. Prints `warm ID`, `array ID`, `merge ID`."""
-    output = os.path.abspath(os.path.expanduser(output))
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    workdir = os.path.abspath(workdir or os.getcwd())
-    engine_args, run_args = split_engine_args(extra_args)
-    try:
-        sbatch_extra = shlex.split(sbatch_args)
-    except ValueError as e:
-        raise SlurmError(f"--sbatch-args: {e}") from None
+def submit_plan(*, dataset: str, model: str, output: str, cache_dir: str, engine_args: str,
+                run_args: str, shards: int, gpus_per_node: int, partition: str | None,
+                time_: str, mem: str | None, cpus_per_task: int | None, cpu: bool,
+                max_running: int | None, bin_: str | None, activate: str) -> Plan:
+    """The Plan of `slurm submit`: resources per job from its options (paths absolute)."""
     k = min(gpus_per_node, shards)  # no array task with only idle GPUs
     cpus = cpus_per_task or (2 if cpu else 8)
     caption_mem = mem or ("8G" if cpu else f"{64 * k}G")
-    slurm_dir = Path(output) / "slurm"
-    plan = Plan(
+    return Plan(
         dataset=dataset, model=model, output=output, cache_dir=cache_dir,
         engine_args=engine_args, extra_args=run_args, shards=shards, gpu=not cpu,
         tasks_per_job=k, max_running=max_running, bin=bin_ or default_bin(), activate=activate,
-        log_dir=str(slurm_dir / "logs"),
+        log_dir=str(Path(output) / "slurm" / "logs"),
         caption=Resources(partition=partition, time=time_, mem=caption_mem, cpus_per_task=cpus),
         warm=Resources(partition=partition, time="01:00:00", mem=mem or ("8G" if cpu else "64G"),
                        cpus_per_task=cpus),
         merge=Resources(partition=partition, time="00:30:00", mem="8G" if not cpu else "2G",
                         cpus_per_task=1 if cpu else 2, gpu=False),
         generated=f"Rendered by `internvl-batch slurm submit` for {output}.")
-    scripts = plan.scripts()
-    paths = {name: slurm_dir / name for name in scripts}
-    cmds = sbatch_commands(paths, plan, workdir, sbatch_extra, merge_after, skip_warm)
-    if dry_run:
-        for name, text in scripts.items():
-            if skip_warm and name == "warm-cache.sbatch":
-                continue
-            click.echo(f"==> {paths[name]} <==")
-            click.echo(text)
-        click.echo("# sbatch commands (<warm>, <array>: the ids printed by the earlier ones)")
-        for cmd in cmds:
-            click.echo(shlex.join(cmd))
-        return
+
+
+def write_scripts(scripts: dict[str, str], paths: dict[str, Path]) -> None:
+    """Write the rendered scripts (executable) and create their logs directory."""
     try:
-        (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
         for name, text in scripts.items():
+            paths[name].parent.joinpath("logs").mkdir(parents=True, exist_ok=True)
             paths[name].write_text(text)
             paths[name].chmod(0o755)
     except OSError as e:
-        raise SlurmError(f"cannot write the scripts to {slurm_dir}: {e}") from None
-    ids = submit(paths, plan, workdir, sbatch_extra, merge_after, skip_warm)
-    for name, job_id in ids.items():
-        click.echo(f"{name} {job_id}")
-    click.echo(f"scripts in {slurm_dir}, logs in {slurm_dir / 'logs'}", err=True)
+        raise SlurmError(f"cannot write the scripts to {paths[name].parent}: {e}") from None
 
 
-@slurm.command("write-jobs", hidden=True)
-@click.argument("directory", type=click.Path(file_okay=False), default="jobs")
-def write_jobs(directory):
+def write_default_jobs(directory: Path) -> list[Path]:
     """Write the default GPU scripts (jobs/*.sbatch) from the templates."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
     for name, text in default_job_files().items():
-        (d / name).write_text(text)
-        (d / name).chmod(0o755)
-        click.echo(f"wrote {d / name}")
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o755)
+        out.append(directory / name)
+    return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -46,8 +46,6 @@ class SourceSpec:
     id_column: str | None = None
     limit: int | None = None
 
-    KINDS = ("sample", "coco", "folder", "parquet", "hf")
-
     @classmethod
     def parse(cls, value: str, **options) -> "SourceSpec":
         kind, _, target = value.partition(":")
@@ -56,14 +54,12 @@ class SourceSpec:
         return spec
 
     def validate(self) -> None:
-        if self.kind not in self.KINDS:
-            raise SourceError(f"unknown dataset {self.kind!r}: use sample, coco, "
-                              "folder:DIR, parquet:GLOB or hf:NAME_OR_PATH")
-        if self.kind in ("folder", "parquet", "hf") and not self.target:
+        if self.kind not in READERS:
+            raise SourceError(f"unknown dataset {self.kind!r}: use {_usages(' or ')}")
+        reader = READERS[self.kind]
+        if reader.needs_target and not self.target:
             raise SourceError(f"--dataset {self.kind}: needs a target, e.g. {self.kind}:PATH")
-        if self.kind == "coco" and not (self.data_dir or self.annotations or self.target):
-            raise SourceError("--dataset coco needs --data-dir (images) and --annotations "
-                              "(captions_*.json), or coco:DIR holding both")
+        reader.check(self)
         if self.limit is not None and self.limit < 0:
             raise SourceError("--limit must be >= 0")
 
@@ -71,14 +67,58 @@ class SourceSpec:
         return f"{self.kind}:{self.target}" if self.target else self.kind
 
 
-def open_source(spec: SourceSpec) -> Iterator[Record]:
-    """Yield the dataset's records in order (all shards; the pipeline filters its own)."""
-    readers = {"sample": _sample, "coco": _coco, "folder": _folder, "parquet": _parquet,
-               "hf": _hf}
-    records = readers[spec.kind](spec)
-    if spec.limit is None:
-        return records
-    return islice(records, spec.limit)  # stop reading: a streamed hub dataset may be endless
+# -- the registry of readers --------------------------------------------------------------
+
+class Reader:
+    """One kind of dataset. A subclass sets `kind` and `usage` and writes `records()` (every
+    record in dataset order, `seq` = position); the base applies --limit and picks a shard.
+    Adding a kind = one `@register`ed subclass here."""
+
+    kind: ClassVar[str]
+    usage: ClassVar[str]          # how --dataset spells it, e.g. "folder:DIR"
+    needs_target: ClassVar[bool] = False
+
+    def __init__(self, spec: SourceSpec):
+        self.spec = spec
+
+    @classmethod
+    def check(cls, spec: SourceSpec) -> None:
+        """Reject options this kind cannot work with (cheap: no file is opened)."""
+
+    def records(self) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def read(self, shard_index: int = 0, num_shards: int = 1) -> Iterator[Record]:
+        records = self.records()  # raises SourceError now, before any model is loaded
+        if self.spec.limit is not None:
+            # stop reading: a streamed hub dataset may be endless
+            records = islice(records, self.spec.limit)
+        if num_shards == 1:
+            return records
+        return (r for r in records if r.seq % num_shards == shard_index)
+
+
+READERS: dict[str, type[Reader]] = {}
+
+
+def register(cls: type[Reader]) -> type[Reader]:
+    READERS[cls.kind] = cls
+    return cls
+
+
+def _usages(last_sep: str = ", ") -> str:
+    u = [r.usage for r in READERS.values()]
+    return ", ".join(u[:-1]) + last_sep + u[-1] if len(u) > 1 else "".join(u)
+
+
+def dataset_help() -> str:
+    """--dataset's help text, from the registry."""
+    return " | ".join(r.usage for r in READERS.values())
+
+
+def open_source(spec: SourceSpec, shard_index: int = 0, num_shards: int = 1) -> Iterator[Record]:
+    """Yield the dataset's records in order (by default all shards, else one shard's)."""
+    return READERS[spec.kind](spec).read(shard_index, num_shards)
 
 
 # -- sample -----------------------------------------------------------------------------
@@ -95,44 +135,33 @@ def sample_captions() -> list[str]:
             for c in json.loads(line)["captions"]]
 
 
-def _sample(spec: SourceSpec) -> Iterator[Record]:
-    return _folder_records(sample_dir(), id_prefix="sample/")
+@register
+class SampleReader(Reader):
+    """The photos embedded in the package (with reference captions)."""
 
+    kind, usage = "sample", "sample"
 
-# -- folder -----------------------------------------------------------------------------
-
-def _folder(spec: SourceSpec) -> Iterator[Record]:
-    root = Path(spec.target)
-    if not root.is_dir():
-        raise SourceError(f"folder {root} does not exist or is not a directory")
-    return _folder_records(root)
-
-
-def _folder_records(root: Path, id_prefix: str = "") -> Iterator[Record]:
-    captions: dict[str, tuple[str, ...]] = {}
-    cap_file = root / "captions.jsonl"
-    if cap_file.is_file():
-        for n, line in enumerate(cap_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                captions[row["file"]] = tuple(row.get("captions") or ())
-            except (ValueError, KeyError, TypeError):
-                raise SourceError(f"{cap_file}:{n}: expected {{\"file\": ..., \"captions\": [...]}}")
-    files = sorted(p for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-
-    def gen():
-        for seq, path in enumerate(files):
-            rel = path.relative_to(root).as_posix()
-            yield Record(seq, id_prefix + rel, rel, str(path), captions.get(rel, ()))
-    return gen()
+    def records(self) -> Iterator[Record]:
+        return _folder_records(sample_dir(), id_prefix="sample/")
 
 
 # -- COCO captions ------------------------------------------------------------------------
+
+@register
+class CocoReader(Reader):
+    """A COCO captions file (images[] + annotations[]) and its image directory."""
+
+    kind, usage = "coco", "coco"
+
+    @classmethod
+    def check(cls, spec: SourceSpec) -> None:
+        if not (spec.data_dir or spec.annotations or spec.target):
+            raise SourceError("--dataset coco needs --data-dir (images) and --annotations "
+                              "(captions_*.json), or coco:DIR holding both")
+
+    def records(self) -> Iterator[Record]:
+        return _coco(self.spec)
+
 
 def _coco(spec: SourceSpec) -> Iterator[Record]:
     data_dir, ann = spec.data_dir, spec.annotations
@@ -189,7 +218,56 @@ def _coco_image_root(data_dir: str | None, ann: str, images: list[dict]) -> Path
     return top
 
 
+# -- folder -----------------------------------------------------------------------------
+
+@register
+class FolderReader(Reader):
+    """Every image under a directory (sorted), captions from its captions.jsonl if any."""
+
+    kind, usage, needs_target = "folder", "folder:DIR", True
+
+    def records(self) -> Iterator[Record]:
+        root = Path(self.spec.target)
+        if not root.is_dir():
+            raise SourceError(f"folder {root} does not exist or is not a directory")
+        return _folder_records(root)
+
+
+def _folder_records(root: Path, id_prefix: str = "") -> Iterator[Record]:
+    captions: dict[str, tuple[str, ...]] = {}
+    cap_file = root / "captions.jsonl"
+    if cap_file.is_file():
+        for n, line in enumerate(cap_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions[row["file"]] = tuple(row.get("captions") or ())
+            except (ValueError, KeyError, TypeError):
+                raise SourceError(f"{cap_file}:{n}: expected {{\"file\": ..., \"captions\": [...]}}")
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise SourceError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+
+    def gen():
+        for seq, path in enumerate(files):
+            rel = path.relative_to(root).as_posix()
+            yield Record(seq, id_prefix + rel, rel, str(path), captions.get(rel, ()))
+    return gen()
+
+
 # -- Parquet ------------------------------------------------------------------------------
+
+@register
+class ParquetReader(Reader):
+    """Parquet files matching a glob: image bytes, {bytes, path} structs or paths."""
+
+    kind, usage, needs_target = "parquet", "parquet:GLOB", True
+
+    def records(self) -> Iterator[Record]:
+        return _parquet(self.spec)
+
 
 def _parquet(spec: SourceSpec) -> Iterator[Record]:
     files = sorted(glob.glob(spec.target, recursive=True))
@@ -258,6 +336,16 @@ def _captions_of(value) -> tuple[str, ...]:
 
 
 # -- Hugging Face datasets ----------------------------------------------------------------
+
+@register
+class HFReader(Reader):
+    """A Hugging Face dataset: a save_to_disk() directory or a hub name (streamed)."""
+
+    kind, usage, needs_target = "hf", "hf:NAME_OR_PATH", True
+
+    def records(self) -> Iterator[Record]:
+        return _hf(self.spec)
+
 
 def _hf(spec: SourceSpec) -> Iterator[Record]:
     try:

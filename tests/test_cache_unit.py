@@ -427,3 +427,66 @@ def test_resolve_other_models(tmp_path):
     (tmp_path / "link").symlink_to(real)
     assert cc.resolve(EngineSpec(model=str(tmp_path / "link"))).model == os.path.realpath(real)
     assert cc.resolve(EngineSpec(model="OpenGVLab/InternVL3-1B")).model == "OpenGVLab/InternVL3-1B"
+
+
+# -- a poisoned entry: moved aside, and the command restarts itself -----------------------------
+
+def _poisoned_start(tmp_path, monkeypatch):
+    """A complete compiled entry whose engine crashes on start (as a graph traced on one tile
+    does on the first multi-tile batch)."""
+    from internvl_batch import engine
+
+    monkeypatch.setattr(engine, "has_cuda", lambda: True)
+    monkeypatch.setattr(engine.Engine, "start", lambda self: (_ for _ in ()).throw(
+        RuntimeError("split_with_sizes expects split_sizes to sum exactly to 1025")))
+    monkeypatch.setattr(engine.Engine, "close", lambda self: None)
+    model = tmp_path / "model"
+    model.mkdir()
+    cc = CompileCache(tmp_path / "cache")
+    spec = cc.resolve(EngineSpec(model=str(model), compile=True))
+    entry = cc.entry(spec)
+    _entry(cc.root, entry.key)
+    return cc, spec, entry
+
+
+def test_poisoned_entry_is_moved_aside_and_reported(tmp_path, monkeypatch, fake_env):
+    monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
+    cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
+    logs = []
+    with pytest.raises(cache_mod.EntryPoisoned, match=entry.key):
+        cc.start_engine(spec, log=logs.append)
+    assert not entry.path.exists()
+    moved = list((cc.root / "quarantine").iterdir())
+    assert len(moved) == 1 and "split_with_sizes" in (moved[0] / "QUARANTINED").read_text()
+    assert any("is poisoned" in m for m in logs)
+
+
+def test_poisoned_entry_after_a_restart_raises_the_crash(tmp_path, monkeypatch, fake_env):
+    """A rebuilt entry that crashes too: no second restart, the original error."""
+    monkeypatch.setenv(cache_mod.HEALED_ENV, "1")
+    cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
+    with pytest.raises(RuntimeError, match="split_with_sizes"):
+        cc.start_engine(spec, log=lambda m: None)
+    assert entry.complete  # left alone
+
+
+def test_command_restarts_itself_on_a_poisoned_entry(monkeypatch):
+    """The command layer answers EntryPoisoned by re-executing the same command, marked."""
+    import sys
+
+    from internvl_batch.cli import common
+
+    monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(common.os, "execv", lambda exe, argv: calls.append((exe, argv)))
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/internvl-batch", "run", "--dataset", "sample"])
+
+    @common.user_errors
+    def command():
+        raise cache_mod.EntryPoisoned("k: crashed")
+
+    command()
+    assert calls == [(sys.executable, [sys.executable, "-m", "internvl_batch", "run",
+                                       "--dataset", "sample"])]
+    assert os.environ[cache_mod.HEALED_ENV] == "1"
+    monkeypatch.delenv(cache_mod.HEALED_ENV)

@@ -188,7 +188,7 @@ def test_user_error_subprocess(tmp_path, i):
 
 
 def test_user_errors_exit_2_as_documented(no_engine, tmp_path):
-    from internvl_batch.cli import UserError
+    from internvl_batch.cli.common import UserError
 
     res = CliRunner().invoke(cli, ["run", "--dataset", "nope", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2

@@ -7,7 +7,8 @@ import threading
 from PIL import Image
 
 from internvl_batch.config import EngineSpec, SamplingSpec
-from internvl_batch.replicas import recv_frame, replica_spec, send_frame
+from internvl_batch.children import recv_frame, send_frame
+from internvl_batch.replicas import replica_spec
 
 
 def test_frames_stream_a_batch_of_images_through_a_pipe():
@@ -46,7 +47,7 @@ def test_replica_spec_fixes_the_kv_cache_on_gpu_only():
 
 def test_auto_replicas_fit_the_device(tmp_path):
     from internvl_batch.checkpoint import synthesize
-    from internvl_batch.replicas import auto_replicas, weights_gb
+    from internvl_batch.sizing import auto_replicas, weights_gb
 
     one_b = synthesize("internvl3-1b", tmp_path / "1b")
     eight_b = synthesize("internvl3-8b", tmp_path / "8b")

@@ -25,7 +25,9 @@ import pytest
 from click.testing import CliRunner
 
 from internvl_batch import slurm as slurm_mod
-from internvl_batch.slurm import default_job_files, slurm
+from internvl_batch.cli.common import engine_option_flags
+from internvl_batch.cli.slurm import slurm
+from internvl_batch.slurm import default_job_files
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent / "internvl-batch")
@@ -138,12 +140,12 @@ def test_scripts_are_valid_bash(name, tmp_path):
 def test_extra_args_split():
     engine, extra = slurm_mod.split_engine_args(
         "--data-dir '/a b' --max-model-len=4096 --compile --dtype half --max-tokens 8 "
-        "--prompt 'say \"hi\"'")
+        "--prompt 'say \"hi\"'", engine_option_flags())
     assert shlex.split(engine) == ["--max-model-len=4096", "--compile", "--dtype", "half"]
     assert shlex.split(extra) == ["--data-dir", "/a b", "--max-tokens", "8", "--prompt",
                                   'say "hi"']
     with pytest.raises(slurm_mod.SlurmError, match="--output"):
-        slurm_mod.split_engine_args("--output /x")
+        slurm_mod.split_engine_args("--output /x", engine_option_flags())
 
 
 def _fake_tool(path: Path, body: str):

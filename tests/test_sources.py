@@ -273,16 +273,41 @@ def test_limit():
 def test_limit_stops_reading(monkeypatch):
     consumed = []
 
-    def huge(spec):
+    def huge(self):
         def gen():
             for i in range(10_000):
                 consumed.append(i)
                 yield Record(i, str(i), str(i), None)
         return gen()
 
-    monkeypatch.setattr(sources, "_sample", huge)
+    monkeypatch.setattr(sources.READERS["sample"], "records", huge)
     assert [r.seq for r in open_source(SourceSpec.parse("sample", limit=5))] == [0, 1, 2, 3, 4]
     assert len(consumed) <= 6
+
+
+def test_reader_owns_sharding_after_the_limit():
+    """--limit counts the dataset's first N records; each shard then takes its seq % N."""
+    spec = SourceSpec.parse("sample", limit=7)
+    shards = [[r.seq for r in open_source(spec, i, 3)] for i in range(3)]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_registry_drives_parse_and_help():
+    assert list(sources.READERS) == ["sample", "coco", "folder", "parquet", "hf"]
+    assert sources.dataset_help() == "sample | coco | folder:DIR | parquet:GLOB | hf:NAME_OR_PATH"
+
+    @sources.register
+    class Numbers(sources.Reader):
+        kind, usage, needs_target = "numbers", "numbers:N", True
+
+        def records(self):
+            return (Record(i, str(i), str(i), None) for i in range(int(self.spec.target)))
+
+    try:
+        assert [r.id for r in open_source(SourceSpec.parse("numbers:4"), 1, 2)] == ["1", "3"]
+        assert "numbers:N" in sources.dataset_help()
+    finally:
+        del sources.READERS["numbers"]
 
 
 # -- Parquet ---------------------------------------------------------------------------------

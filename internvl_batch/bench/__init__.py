@@ -4,9 +4,10 @@ Design (what makes the numbers comparable):
 
 * **One process per variant, all alive together.** Each variant gets its own fresh vLLM
   engine in a child process (`bench/worker.py`) holding `0.9 / len(variants)` of GPU memory
-  (minus a margin), so no engine has to be torn down and rebuilt between repeats. Children are
-  started one at a time (vLLM profiles free memory at start-up; compiling variants first,
-  since the compile cache's eager reference run needs 0.45 of the GPU for a moment).
+  (minus a margin), so no engine has to be torn down and rebuilt between repeats. On GPU the
+  plain script starts alone first (vLLM profiles free memory at start-up); our engines reserve
+  a fixed KV cache and then start together, compiling variants first, since the compile
+  cache's eager reference run needs `cache.REFERENCE_GPU_FRACTION` of the GPU for a moment.
 * **Interleaved repeats after a warm-up.** The parent sends "run" to one child at a time
   (the others wait idle), rotating the order each round: A B C, B C A, C A B, ... so drift
   (clocks, thermals) lands on every variant alike.
@@ -29,20 +30,22 @@ from __future__ import annotations
 import json
 import os
 import platform
-import select
-import shlex
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import click
-
+from .. import children
 from ..config import ConfigError, DEFAULT_PROMPT
+from ..sizing import CPU_FRACTION_SHARED, gpu_memory_fraction, lm_shape
+
+if TYPE_CHECKING:
+    from ..config import EngineSpec
 
 VARIANTS = ("eager", "compiled", "plain", "pipeline")
 LABELS = {
@@ -89,8 +92,8 @@ def gpu_share(n_variants: int, cuda: bool) -> float:
     GPU: 0.9 split evenly minus a 0.03 margin (2 -> 0.42, 3 -> 0.27, 4 -> 0.19). CPU: vLLM
     reserves this fraction of host RAM per engine (KV cache + the worker's own memory)."""
     if not cuda:
-        return 0.1
-    return int((0.9 / n_variants - 0.03) * 100) / 100
+        return CPU_FRACTION_SHARED
+    return gpu_memory_fraction(n_variants, margin=0.03)
 
 
 def caption_agreement(captions: dict[str, list[str | None]]) -> dict:
@@ -178,18 +181,6 @@ def vit_flops_per_tile(hidden: int, layers: int, mlp: int, image_size: int = 448
         d_in = int(hidden / (downsample * downsample))
         proj = 2 * tokens * (d_in * lm_hidden + lm_hidden * lm_hidden)
     return layers * per_layer + embed + proj
-
-
-def lm_shape(cfg: dict) -> dict:
-    llm = cfg.get("llm_config") or cfg.get("text_config") or cfg
-    d = llm["hidden_size"]
-    heads = llm["num_attention_heads"]
-    kv = llm.get("num_key_value_heads", heads)
-    hd = llm.get("head_dim") or d // heads
-    per_layer = d * heads * hd * 2 + 2 * d * kv * hd + 3 * d * llm["intermediate_size"]
-    return {"hidden": d, "layers": llm["num_hidden_layers"],
-            "layer_params": per_layer * llm["num_hidden_layers"],
-            "head_params": d * llm["vocab_size"]}
 
 
 def model_flops(cfg: dict) -> dict:
@@ -295,93 +286,53 @@ def make_slices(ann: Path, out_dir: Path, warmup: int, n: int, repeats: int) -> 
 # -- children --------------------------------------------------------------------------------
 
 class Child:
+    """One variant's worker process (`bench/worker.py`): JSON lines both ways."""
+
     def __init__(self, variant: str, cfg: dict, raw_dir: Path):
         self.variant = variant
         self.log_path = raw_dir / f"{variant}.log"
-        r, w = os.pipe()
-        cfg = dict(cfg, variant=variant, reply_fd=w)
-        cfg_path = raw_dir / f"{variant}.worker.json"
-        cfg_path.write_text(json.dumps(cfg, indent=1))
-        self.log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # `python -m internvl_batch bench --worker`: the CLI, so the compile cache's self-heal
-        # (which re-executes `python -m internvl_batch <same args>`) restarts this worker
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "internvl_batch", "bench", "--worker", str(cfg_path)],
-            stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
-            pass_fds=(w,), env=env, text=True, cwd=os.getcwd(),
-            start_new_session=True)  # its own group: vLLM's processes can be stopped with it
-        os.close(w)
-        self.reply_fd, self._buf = r, b""
+        # `python -m internvl_batch bench --worker`: the command line, which restarts the
+        # worker in a fresh process if the compile cache finds its entry poisoned
+        self.worker = children.Child(["bench", "--worker"], dict(cfg, variant=variant),
+                                     raw_dir / f"{variant}.worker.json",
+                                     log_path=self.log_path, text=True)
+        self.proc = self.worker.proc
         self.info: dict = {}
         self.compile = bool(cfg.get("compile"))
 
     def wait_reply(self) -> dict:
         """The child's next JSON line; ChildFailed if it exits (or closes the pipe) first."""
-        while b"\n" not in self._buf:
-            ready, _, _ = select.select([self.reply_fd], [], [], 2.0)
-            if ready:
-                chunk = os.read(self.reply_fd, 65536)
-                if not chunk:
-                    break  # EOF: the child is gone
-                self._buf += chunk
-            elif self.proc.poll() is not None:
-                # it may have written its last line just before exiting
-                ready, _, _ = select.select([self.reply_fd], [], [], 0.5)
-                if not ready or not (chunk := os.read(self.reply_fd, 65536)):
-                    break
-                self._buf += chunk
-        if b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
+        line = self.worker.read_line()
+        if line is not None:
             return json.loads(line)
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:  # closed its end but lives on: stop it
-            self._kill_group()
+            self.worker.kill_group()
             self.proc.wait()
         raise ChildFailed(self, f"exited with code {self.proc.returncode}")
 
-    def send(self, doc: dict):
-        self.proc.stdin.write(json.dumps(doc) + "\n")
-        self.proc.stdin.flush()
-
     def run(self, slice_name: str, captions: bool = False) -> dict:
-        self.send({"cmd": "run", "slice": slice_name, "captions": captions})
+        self.worker.send_json({"cmd": "run", "slice": slice_name, "captions": captions})
         rep = self.wait_reply()
         if not rep.get("ok"):
             raise ChildFailed(self, rep.get("error", "failed"))
         return rep
 
     def stop(self, timeout: float = 120, force: bool = False):
-        try:
-            if force:
-                raise RuntimeError("aborting")
-            if self.proc.poll() is None:
-                self.send({"cmd": "quit"})
-                self.proc.stdin.close()
-            self.proc.wait(timeout=timeout)
-        except Exception:
-            self._kill_group()
-            self.proc.wait()
-        self._kill_group()  # whatever of vLLM's processes outlived the worker
-        self.log.close()
-        try:
-            os.close(self.reply_fd)
-        except OSError:
-            pass
-
-    def _kill_group(self):
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if not force and self.proc.poll() is None:
+            try:
+                self.worker.send_json({"cmd": "quit"})
+            except Exception:
+                force = True
+        self.worker.stop(timeout, force=force, kill_rest=True)
 
     def tail(self, n: int = 25) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+        return self.worker.tail(n)
+
+
+class BenchFailed(RuntimeError):
+    """A variant's worker failed: the message ends with the last lines of its log."""
 
 
 class ChildFailed(RuntimeError):
@@ -419,10 +370,23 @@ def repeat_row(rep: dict, coef: dict | None, peak_tflops: float | None, slice_na
     return row
 
 
-def run_bench(opts: dict, log=print) -> dict:
+@dataclass
+class _Plan:
+    """What runs, settled before anything starts (config errors are raised here)."""
+
+    variants: list[str]
+    spec: "EngineSpec"
+    cache_root: Path
+    cuda: bool
+    share: float  # gpu_memory_utilization of each variant's engine
+    pipeline_compile: bool
+    notes: list[str]
+
+
+def _plan(opts: dict, log) -> _Plan:
     from ..cache import CompileCache
     from ..config import EngineSpec
-    from ..engine import device_name, has_cuda, llm_kwargs
+    from ..engine import has_cuda, llm_kwargs
 
     variants = opts["variants"]
     cuda = has_cuda()
@@ -449,130 +413,168 @@ def run_bench(opts: dict, log=print) -> dict:
     if "pipeline" in variants and pipeline_compile and not cuda:
         raise ConfigError("--pipeline-engine compiled needs a CUDA GPU")
     share = opts["gpu_memory_utilization"] or gpu_share(len(variants), cuda)
+    return _Plan(variants, spec, cache.root, cuda, share, pipeline_compile, notes)
 
-    name = opts["name"]
-    results_dir = Path(opts["results_dir"])
-    raw_dir = results_dir / "raw" / name
+
+def _roofline(plan: _Plan, log) -> tuple[dict | None, dict | None]:
+    """(the GPU's measured bf16 matmul peak, the model's FLOP coefficients)."""
+    peak = matmul_peak() if plan.cuda else None
+    if plan.cuda:
+        log(f"bf16 8192^3 matmul: {peak['tflops']:.0f} TFLOP/s" if peak else
+            "bf16 matmul measurement failed: roofline n/a")
+    try:
+        coef = model_flops(json.loads((Path(plan.spec.model) / "config.json").read_text()))
+    except (OSError, KeyError, ValueError):
+        coef = None
+    return peak, coef
+
+
+class _Session:
+    """The variants' workers, all alive together, and what they measured."""
+
+    def __init__(self, plan: _Plan, base: dict, raw_dir: Path, log):
+        self.plan, self.base, self.raw_dir, self.log = plan, base, raw_dir, log
+        self.children: dict[str, Child] = {}
+        self.reps: dict[str, list[dict]] = {v: [] for v in plan.variants}
+        self.captions: dict[str, list] = {}
+        self.order_log: list[list[str]] = []
+        self.busy = GpuBusy().start() if plan.cuda else GpuBusy()
+
+    def start(self):
+        # Starts: vLLM sizes its KV cache from free memory measured during its start-up,
+        # which another engine starting beside it would disturb. So the plain script (vLLM
+        # defaults, as a user runs it) starts alone first; our engines reserve a fixed KV
+        # cache (`kv_cache_gb`, no profiling) and then all start at once, the compile cache
+        # serialising any build. Compiling variants first: the compile cache's eager
+        # reference needs REFERENCE_GPU_FRACTION of the GPU.
+        p = self.plan
+        start_order = sorted(p.variants, key=lambda v: v not in ("compiled", "pipeline"))
+        alone = [v for v in start_order if v == "plain" and p.cuda]
+        together = [v for v in start_order if v not in alone]
+        for group in (alone, together):
+            started_at = {}
+            for v in group:
+                compile_ = v == "compiled" or (v == "pipeline" and p.pipeline_compile)
+                self.log(f"starting {v} (gpu_memory_utilization {p.share})")
+                started_at[v] = time.perf_counter()
+                self.children[v] = Child(v, dict(self.base, compile=compile_), self.raw_dir)
+            for v in group:
+                self._ready(v, started_at[v])
+
+    def _ready(self, v: str, started_at: float):
+        child = self.children[v]
+        rep = child.wait_reply()
+        if not rep.get("ready"):
+            raise ChildFailed(child, rep.get("error", "start failed"))
+        child.info = dict(rep, compile=child.compile,
+                          ready_after_s=round(time.perf_counter() - started_at, 2))
+        hit = rep.get("cache_hit")
+        self.log(f"  {v} ready in {child.info['start_wall_s']:.1f}s"
+                 + ("" if hit is None else f" (compile cache {'hit' if hit else 'miss'})"))
+
+    def warmup(self, images: int):
+        for v in self.plan.variants:
+            ts = time.perf_counter()
+            self.captions[v] = self.children[v].run("warmup", captions=True)["captions"]
+            self.children[v].info["warmup_wall_s"] = round(time.perf_counter() - ts, 2)
+        self.log(f"warm-up: {images} images per variant")
+
+    def repeats(self, repeats: int, probe: str, coef: dict | None, peak: dict | None):
+        """Repeat k runs every variant on slice k, rotating the order each round."""
+        from tqdm import tqdm
+
+        variants = self.plan.variants
+        for k in tqdm(range(repeats), desc="repeats", unit="round", file=sys.stderr):
+            order = variants[k % len(variants):] + variants[:k % len(variants)]
+            self.order_log.append(order)
+            for v in order:
+                t0 = time.time()
+                rep = self.children[v].run(str(k), captions=probe == str(k))
+                rep["gpu_busy_pct"] = self.busy.mean(t0, time.time())
+                if "captions" in rep:
+                    self.captions[v] = rep.pop("captions")
+                self.reps[v].append(repeat_row(rep, coef, peak["tflops"] if peak else None,
+                                               str(k)))
+
+    def stop(self, aborting: bool):
+        """Stop every worker; `aborting` (a failure or Ctrl-C): without waiting for runs."""
+        self.busy.stop()
+        for c in self.children.values():
+            c.stop(force=aborting)
+
+
+def run_bench(opts: dict, log=print) -> dict:
+    plan = _plan(opts, log)
+    raw_dir = Path(opts["results_dir"]) / "raw" / opts["name"]
     raw_dir.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(opts["work_dir"]) if opts["work_dir"] else cache.root / "bench-data"
+    work_dir = Path(opts["work_dir"]) if opts["work_dir"] else plan.cache_root / "bench-data"
     n, repeats, warm = opts["images"], opts["repeats"], opts["warmup_images"]
     t0 = time.perf_counter()
     images_dir, ann = dataset(work_dir, opts["sizes"], warm + repeats * n)
     slices = make_slices(ann, raw_dir / "slices", warm, n, repeats)
     log(f"dataset: {warm} warm-up + {repeats} x {n} images ({opts['sizes']}) under "
         f"{images_dir.parent} ({time.perf_counter() - t0:.1f}s)")
-
-    peak = matmul_peak() if cuda else None
-    if cuda:
-        log(f"bf16 8192^3 matmul: {peak['tflops']:.0f} TFLOP/s" if peak else
-            "bf16 matmul measurement failed: roofline n/a")
-    try:
-        coef = model_flops(json.loads((Path(spec.model) / "config.json").read_text()))
-    except (OSError, KeyError, ValueError):
-        coef = None
-
-    base = {"model": spec.model, "cache_dir": str(cache.root),
+    peak, coef = _roofline(plan, log)
+    base = {"model": plan.spec.model, "cache_dir": str(plan.cache_root),
             "max_dynamic_patch": opts["max_dynamic_patch"], "max_model_len": 8192,
-            "gpu_memory_utilization": share, "max_tokens": opts["max_tokens"],
+            "gpu_memory_utilization": plan.share, "max_tokens": opts["max_tokens"],
             "prompt": DEFAULT_PROMPT, "images_dir": str(images_dir), "slices": slices,
             "out_dir": str(raw_dir / "pipeline-out"), "batch_size": opts["batch_size"],
             "workers": opts["workers"], "replicas": opts["replicas"],
-            "kv_cache_gb": KV_CACHE_GB if cuda else None}
-    # compiling variants first: the compile cache's eager reference needs 0.45 of the GPU
-    start_order = sorted(variants, key=lambda v: v not in ("compiled", "pipeline"))
-    children: dict[str, Child] = {}
-    reps: dict[str, list[dict]] = {v: [] for v in variants}
-    order_log = []
-    # Starts: vLLM sizes its KV cache from free memory measured during its start-up, which
-    # another engine starting beside it would disturb. So the plain script (vLLM defaults, as
-    # a user runs it) starts alone first; our engines reserve a fixed KV cache (`kv_cache_gb`,
-    # no profiling) and then all start at once, the compile cache serialising any build.
-    started_at: dict[str, float] = {}
-    captions: dict[str, list] = {}
-    busy = GpuBusy().start() if cuda else GpuBusy()
-
-    def ready(v: str):
-        child = children[v]
-        rep = child.wait_reply()
-        if not rep.get("ready"):
-            raise ChildFailed(child, rep.get("error", "start failed"))
-        child.info = dict(rep, compile=child.compile,
-                          ready_after_s=round(time.perf_counter() - started_at[v], 2))
-        hit = rep.get("cache_hit")
-        log(f"  {v} ready in {child.info['start_wall_s']:.1f}s"
-            + ("" if hit is None else f" (compile cache {'hit' if hit else 'miss'})"))
-
+            "kv_cache_gb": KV_CACHE_GB if plan.cuda else None}
+    # every variant's captions of one slice (the warm-up's, else repeat 0's) are compared
+    # with the slow path's: the fast paths must not change what the model says
+    probe = "warmup" if warm else "0"
+    session = _Session(plan, base, raw_dir, log)
     try:
-        alone = [v for v in start_order if v == "plain" and cuda]
-        together = [v for v in start_order if v not in alone]
-        for group in (alone, together):
-            for v in group:
-                compile_ = v == "compiled" or (v == "pipeline" and pipeline_compile)
-                log(f"starting {v} (gpu_memory_utilization {share})")
-                started_at[v] = time.perf_counter()
-                children[v] = Child(v, dict(base, compile=compile_), raw_dir)
-            for v in group:
-                ready(v)
-        # every variant's captions of one slice (the warm-up's, else repeat 0's) are compared
-        # with the slow path's: the fast paths must not change what the model says
-        probe = "warmup" if warm else "0"
+        session.start()
         if warm:
-            for v in variants:
-                ts = time.perf_counter()
-                captions[v] = children[v].run("warmup", captions=True)["captions"]
-                children[v].info["warmup_wall_s"] = round(time.perf_counter() - ts, 2)
-            log(f"warm-up: {warm} images per variant")
-        from tqdm import tqdm
-
-        for k in tqdm(range(repeats), desc="repeats", unit="round", file=sys.stderr):
-            order = variants[k % len(variants):] + variants[:k % len(variants)]
-            order_log.append(order)
-            for v in order:
-                t0 = time.time()
-                rep = children[v].run(str(k), captions=probe == str(k))
-                rep["gpu_busy_pct"] = busy.mean(t0, time.time())
-                if "captions" in rep:
-                    captions[v] = rep.pop("captions")
-                reps[v].append(repeat_row(rep, coef, peak["tflops"] if peak else None, str(k)))
+            session.warmup(warm)
+        session.repeats(repeats, probe, coef, peak)
     except ChildFailed as e:
         tail = e.child.tail()
-        raise click.ClickException(f"{e}\n--- last lines of {e.child.log_path} ---\n{tail}")
+        raise BenchFailed(f"{e}\n--- last lines of {e.child.log_path} ---\n{tail}") from None
     finally:
-        busy.stop()
-        aborting = sys.exc_info()[0] is not None  # a failure or Ctrl-C: don't wait for runs
-        for c in children.values():
-            c.stop(force=aborting)
-    (raw_dir / "captions.json").write_text(json.dumps(captions, indent=0))
+        session.stop(aborting=sys.exc_info()[0] is not None)
+    (raw_dir / "captions.json").write_text(json.dumps(session.captions, indent=0))
+    doc = _document(opts, plan, session, images_dir, peak, coef)
+    doc["captions"] = dict(caption_agreement(session.captions), slice=probe)
+    return doc
 
+
+def _document(opts: dict, plan: _Plan, session: _Session, images_dir: Path,
+              peak: dict | None, coef: dict | None) -> dict:
+    """The results document (without the caption check)."""
+    from ..engine import device_name
+    from ..pipeline import git_sha
+
+    children = session.children
     first = next(iter(children.values())).info if children else {}
     versions = dict(first.get("versions") or _versions_from_metadata())
     versions.update(internvl_batch=__import__("internvl_batch").__version__,
-                    python=platform.python_version())
-    from ..pipeline import git_sha
-
-    versions["git_sha"] = git_sha()
+                    python=platform.python_version(), git_sha=git_sha())
     doc = {
-        "schema": 1, "name": name,
+        "schema": 1, "name": opts["name"],
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": opts.get("command"),
-        "config": {"model": opts["model"], "model_path": spec.model, "images": n,
-                   "sizes": opts["sizes"], "max_dynamic_patch": opts["max_dynamic_patch"],
+        "config": {"model": opts["model"], "model_path": plan.spec.model,
+                   "images": opts["images"], "sizes": opts["sizes"],
+                   "max_dynamic_patch": opts["max_dynamic_patch"],
                    "max_tokens": opts["max_tokens"], "ignore_eos": True,
-                   "repeats": repeats, "warmup_images": warm, "variants": variants,
-                   "gpu_memory_utilization": share, "prompt": DEFAULT_PROMPT,
-                   "kv_cache_gb": base["kv_cache_gb"],
+                   "repeats": opts["repeats"], "warmup_images": opts["warmup_images"],
+                   "variants": plan.variants, "gpu_memory_utilization": plan.share,
+                   "prompt": DEFAULT_PROMPT, "kv_cache_gb": session.base["kv_cache_gb"],
                    "pipeline": {"batch_size": opts["batch_size"], "workers": opts["workers"],
-                                "compile": pipeline_compile, "replicas": opts["replicas"]},
-                   "dataset": str(images_dir.parent), "order": order_log,
+                                "compile": plan.pipeline_compile, "replicas": opts["replicas"]},
+                   "dataset": str(images_dir.parent), "order": session.order_log,
                    "images_per_repeat": "distinct slice per repeat (same slice k for every "
                                         "variant); eager/compiled decode before the clock",
-                   "notes": notes},
-        "device": {"name": device_name(), "cuda": cuda,
+                   "notes": plan.notes},
+        "device": {"name": device_name(), "cuda": plan.cuda,
                    "matmul_bf16_tflops": peak["tflops"] if peak else None},
         "versions": versions, "flops": coef,
     }
-    doc.update(analyse(reps, {v: children[v].info for v in variants}))
-    doc["captions"] = dict(caption_agreement(captions), slice=probe)
+    doc.update(analyse(session.reps, {v: children[v].info for v in plan.variants}))
     return doc
 
 
@@ -617,92 +619,7 @@ def write_results(doc: dict, results_dir: Path) -> tuple[Path, Path]:
     return jpath, mpath
 
 
-# -- CLI -------------------------------------------------------------------------------------
-
-def _variants(ctx, param, value):
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in VARIANTS]
-    if bad or not items:
-        raise click.BadParameter(f"{','.join(bad) or value!r}: choose from {','.join(VARIANTS)}")
-    return list(dict.fromkeys(items))
-
-
-@click.command()
-@click.option("--model", default="preset:internvl3-1b", show_default=True,
-              help="preset:{tiny,internvl3-1b,internvl3-2b,internvl3-8b} or a checkpoint dir.")
-@click.option("--images", type=click.IntRange(1), default=512, show_default=True,
-              help="Images per timed repeat (each repeat gets its own images).")
-@click.option("--sizes", type=click.Choice(["coco", "448"]), default="coco", show_default=True,
-              help="COCO's size mix, or 448x448 only.")
-@click.option("--max-dynamic-patch", type=int, default=None,
-              help="Max tiles per image [default: the checkpoint's].")
-@click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True,
-              help="Output tokens per request (ignore_eos: always exactly this many).")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--warmup-images", type=click.IntRange(0), default=64, show_default=True)
-@click.option("--variants", default="eager,compiled,plain,pipeline", show_default=True,
-              callback=_variants, help="Comma list of eager, compiled, plain, pipeline.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Compile-cache root (also holds presets and, by default, the data).")
-@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the generated dataset lives [default: CACHE_DIR/bench-data].")
-@click.option("--name", default=None, help="results/<name>.json and .md [default: from the config].")
-@click.option("--results-dir", type=click.Path(file_okay=False), default="results",
-              show_default=True)
-@click.option("--gpu-memory-utilization", type=float, default=None,
-              help="Per engine [default: 0.9/len(variants) - 0.03 on GPU, 0.1 on CPU].")
-@click.option("--pipeline-engine", type=click.Choice(["auto", "compiled", "eager"]),
-              default="auto", show_default=True,
-              help="Encoder of the pipeline variant (auto: compiled on GPU, eager on CPU).")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
-              help="pipeline variant: requests per LLM.generate call.")
-@click.option("--workers", type=click.IntRange(0), default=4, show_default=True,
-              help="pipeline variant: decode processes.")
-@click.option("--replicas", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="pipeline variant: vLLM engines sharing the GPU (run --replicas).")
-@click.option("--cpu-ok", is_flag=True,
-              help="Run without a GPU: drop `compiled` with a note instead of refusing.")
-@click.option("--worker", hidden=True, default=None)
-def bench(worker, **kw):
-    """Benchmark compiled vs eager encoder and internvl-batch vs a plain vLLM script.
-
-    Each variant runs in its own process with its own engine; repeats are interleaved
-    after a warm-up; results go to RESULTS_DIR/NAME.json and NAME.md.
-    """
-    if worker:
-        from .worker import main
-
-        code = main(worker)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    from ..cli import UserError, cache_root
-
-    if kw["gpu_memory_utilization"] is not None and not 0 < kw["gpu_memory_utilization"] <= 1:
-        raise UserError("--gpu-memory-utilization must be in (0, 1]")
-    kw["cache_dir"] = cache_root(kw["cache_dir"])
-    if not kw["name"]:
-        model = kw["model"].split(":")[-1].rstrip("/").split("/")[-1]
-        kw["name"] = f"{model}-{kw['sizes']}" + \
-            (f"-mdp{kw['max_dynamic_patch']}" if kw["max_dynamic_patch"] else "")
-    kw["command"] = "internvl-batch bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "bench" else " ".join(map(shlex.quote, sys.argv))
-    from ..cache import CacheError
-    from ..sources import SourceError
-
-    def _terminate(signum, frame):  # unwind, so the workers (own sessions) are stopped too
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        doc = run_bench(kw, log=lambda m: click.echo(m, err=True))
-    except (ConfigError, SourceError, CacheError) as e:
-        raise UserError(str(e)) from None
-    jpath, mpath = write_results(doc, Path(kw["results_dir"]))
-    from .report import results_markdown
-
-    click.echo(results_markdown(doc))
-    click.echo(f"wrote {jpath} and {mpath}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def default_name(model: str, sizes: str, max_dynamic_patch: int | None) -> str:
+    """results/<name>.json when --name is not given: model, sizes, max_dynamic_patch."""
+    base = model.split(":")[-1].rstrip("/").split("/")[-1]
+    return f"{base}-{sizes}" + (f"-mdp{max_dynamic_patch}" if max_dynamic_patch else "")

@@ -189,9 +189,13 @@ def _captions_by_file(out_dir: Path) -> dict[str, str | None]:
 
 
 def main(config_path: str) -> int:
-    """Run the command loop; returns the exit code. Never raises: errors go to the parent."""
+    """Run the command loop; returns the exit code. Errors go to the parent, except
+    EntryPoisoned, which the command layer answers by restarting this worker."""
+    from ..cache import EntryPoisoned
+    from ..children import reply_file
+
     cfg = json.loads(Path(config_path).read_text())
-    reply = os.fdopen(int(cfg["reply_fd"]), "w", buffering=1)
+    reply = reply_file(cfg, "w")
 
     def send(doc: dict):
         reply.write(json.dumps(doc, default=str) + "\n")
@@ -202,6 +206,8 @@ def main(config_path: str) -> int:
     try:
         info = worker.start()
         send({"ready": True, "start_wall_s": round(time.perf_counter() - t0, 2), **info})
+    except EntryPoisoned:
+        raise  # the command layer restarts this worker in a fresh process
     except BaseException as e:
         traceback.print_exc()
         send({"ready": False, "error": _one_line(e)})

@@ -1,0 +1,135 @@
+"""Child processes of this package: `python -m internvl_batch ...` workers with pipes.
+
+One helper for every place that starts a worker (engine replicas, benchmark variants, the
+compile cache's eager reference): the command line, a process group of its own (so vLLM's
+engine-core processes stop with the worker), stdin as the command pipe, a second pipe for
+replies whose write end the child finds in its JSON config as `reply_fd`, and stopping:
+wait, then kill the whole group.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+# Pickles are self-delimiting, so they go straight onto the pipe: a batch is a header and
+# then one pickle per request. One 150 MB bytes object per batch of 256 decoded images cost
+# ~4.6 ms per image to build and as much to unpickle on a 2-core machine (page faults of a
+# fresh buffer); streamed, each image is a small, reused write.
+
+def send_frame(f, obj, items: list | None = None) -> None:
+    pickle.dump(obj, f, protocol=5)
+    for it in items or ():
+        pickle.dump(it, f, protocol=5)
+    f.flush()
+
+
+def recv_frame(f, with_items: bool = False):
+    head = pickle.load(f)  # EOFError when the other side is gone
+    if not with_items:
+        return head
+    idx, n, extra = head
+    return idx, [pickle.load(f) for _ in range(n)], extra
+
+
+def module_argv(module: str, *args: str) -> list[str]:
+    """`python -m module args...` with this interpreter."""
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+class Child:
+    """`python -m internvl_batch *args CONFIG` where CONFIG (written to `config_path`) is
+    `config` plus `reply_fd`. Output goes to `log_path` (stdout and stderr), else to our
+    stderr. `text`: stdin takes str (JSON lines) instead of bytes (pickles)."""
+
+    def __init__(self, args: list[str], config: dict, config_path: Path, *,
+                 log_path: Path | None = None, env: dict[str, str] | None = None,
+                 text: bool = False):
+        r, w = os.pipe()
+        config_path.write_text(json.dumps(dict(config, reply_fd=w), indent=1))
+        self.log_path = log_path
+        self._log = open(log_path, "w") if log_path else None
+        child_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        child_env.update(env or {})
+        self.proc = subprocess.Popen(
+            module_argv("internvl_batch", *args, config_path), stdin=subprocess.PIPE,
+            stdout=self._log or sys.stderr.fileno(),
+            stderr=subprocess.STDOUT if self._log else None, pass_fds=(w,), env=child_env,
+            text=text, start_new_session=True)  # its own group: vLLM's processes stop with it
+        os.close(w)
+        self.reply_fd = r
+        self._buf = b""
+
+    def send_json(self, doc: dict):
+        """One JSON line on stdin (a `text` child)."""
+        self.proc.stdin.write(json.dumps(doc) + "\n")
+        self.proc.stdin.flush()
+
+    def read_line(self) -> bytes | None:
+        """The next line on the reply pipe; None once the child has closed it or exited."""
+        while b"\n" not in self._buf:
+            chunk = self.read_available(2.0)
+            if chunk is None and self.proc.poll() is None:
+                continue
+            if chunk is None:  # it may have written its last line just before exiting
+                chunk = self.read_available(0.5)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def read_available(self, timeout: float) -> bytes | None:
+        """Bytes from the reply pipe within `timeout` s: b'' at EOF, None if nothing came."""
+        ready, _, _ = select.select([self.reply_fd], [], [], timeout)
+        return os.read(self.reply_fd, 65536) if ready else None
+
+    def kill_group(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, timeout: float, *, force: bool = False, kill_rest: bool = False):
+        """Close stdin (the child's signal to finish) and wait up to `timeout` s, then kill
+        its group; `force`: kill at once; `kill_rest`: kill the group also after a clean
+        exit (whatever of vLLM's processes outlived the worker)."""
+        try:
+            if force:
+                raise TimeoutError("aborting")
+            try:
+                self.proc.stdin.close()
+            except Exception:
+                pass
+            self.proc.wait(timeout=timeout)
+        except Exception:
+            self.kill_group()
+            self.proc.wait()
+        if kill_rest:
+            self.kill_group()
+        if self._log:
+            self._log.close()
+        try:
+            os.close(self.reply_fd)
+        except OSError:
+            pass
+
+    def tail(self, n: int = 25) -> str:
+        """The last `n` lines of its log file ('' without one)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except (OSError, AttributeError):
+            return ""
+        return "\n".join(lines[-n:])
+
+
+def reply_file(config: dict, mode: str = "wb"):
+    """In the child: the reply pipe named by its config."""
+    return os.fdopen(int(config["reply_fd"]), mode, **({"buffering": 1} if "b" not in mode
+                                                       else {}))

@@ -1,0 +1,118 @@
+"""What every command shares: user-error mapping, the engine options, the exit helper.
+
+User errors (ConfigError, SourceError, CacheError) print one line and exit 2; no tracebacks.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..config import ConfigError, EngineSpec, default_cache_dir
+from ..sources import SourceError
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+def user_errors(fn):
+    """Turn the application's own error types into one-line Click errors, and restart the
+    command in a fresh process when the compile cache found a poisoned entry."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from ..cache import CacheError, EntryPoisoned
+
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, SourceError, CacheError) as e:
+            raise UserError(str(e)) from None
+        except EntryPoisoned as e:
+            restart_after_poison(e)
+    return wrapper
+
+
+def restart_after_poison(e) -> None:
+    """Re-execute this command (same arguments) in a fresh process: this one holds a dead
+    engine and torch.compile state. The cache has moved the entry aside; the new process
+    rebuilds it, and the environment marker stops a second restart."""
+    from ..cache import HEALED_ENV
+
+    os.environ[HEALED_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "internvl_batch", *sys.argv[1:]])
+
+
+def exit_now(code: int):
+    """Leave at once: vLLM's engine teardown at interpreter exit can take many seconds or
+    hang on CUDA; callers have flushed and renamed everything by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def log(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def cache_root(value) -> Path:
+    return Path(value) if value else default_cache_dir()
+
+
+ENGINE_OPTIONS = [
+    click.option("--model", default="preset:tiny", show_default=True,
+                 help="Checkpoint dir, hub id, or preset:{tiny,internvl3-1b,internvl3-2b,"
+                      "internvl3-8b} (synthesized once under the cache dir, dummy weights)."),
+    click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+                 help="torch.compile the InternViT encoder (CUDA only; safe warm-up)."),
+    click.option("--max-dynamic-patch", type=int, default=None,
+                 help="Max tiles per image (default: the checkpoint's, 12 for InternVL3)."),
+    click.option("--max-model-len", type=int, default=8192, show_default=True),
+    click.option("--max-num-seqs", type=int, default=None),
+    click.option("--max-num-batched-tokens", type=int, default=None),
+    click.option("--gpu-memory-utilization", type=float, default=None,
+                 help="Fraction of GPU memory (on CPU: of RAM for the KV cache)."),
+    click.option("--dtype", default="auto", show_default=True),
+    click.option("--load-format", default=None,
+                 help="vLLM load format (default: dummy for synthesized checkpoints)."),
+    click.option("--enforce-eager", is_flag=True, help="No torch.compile, no CUDA graphs."),
+    click.option("--mm-cache-gb", type=float, default=None,
+                 help="vLLM multimodal processor cache size (0: off)."),
+    click.option("--kv-cache-gb", type=float, default=None,
+                 help="Fixed KV cache per engine instead of profiling free memory "
+                      "(GPU; default 4 with --replicas > 1)."),
+    click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                 help="Compile-cache root [env INTERNVL_BATCH_CACHE; default "
+                      "~/.cache/internvl-batch]."),
+]
+
+
+def engine_options(fn):
+    for o in reversed(ENGINE_OPTIONS):
+        fn = o(fn)
+    return fn
+
+
+def engine_option_flags() -> dict[str, bool]:
+    """Every spelling of the engine options (what `run` and `cache warm` share) -> is it a
+    flag (takes no value). `slurm submit` sends these from --extra-args to the warm job too."""
+    probe = engine_options(lambda: None)  # the decorators collect into __click_params__
+    out = {}
+    for p in probe.__click_params__:
+        for o in [*p.opts, *p.secondary_opts]:
+            out[o] = bool(p.is_flag or p.secondary_opts or p.count)
+    return out
+
+
+def make_engine_spec(kw: dict) -> EngineSpec:
+    return EngineSpec(
+        model=kw.pop("model"), compile=kw.pop("compile_"),
+        max_dynamic_patch=kw.pop("max_dynamic_patch"), max_model_len=kw.pop("max_model_len"),
+        max_num_seqs=kw.pop("max_num_seqs"), max_num_batched_tokens=kw.pop("max_num_batched_tokens"),
+        gpu_memory_utilization=kw.pop("gpu_memory_utilization"), dtype=kw.pop("dtype"),
+        load_format=kw.pop("load_format"), enforce_eager=kw.pop("enforce_eager"),
+        mm_cache_gb=kw.pop("mm_cache_gb"), kv_cache_gb=kw.pop("kv_cache_gb"), seed=kw.get("seed", 0) or 0)

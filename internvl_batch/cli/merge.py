@@ -1,0 +1,23 @@
+"""`merge`: check that every shard of an output is complete and combine their stats."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .common import user_errors
+
+
+@click.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--compact", type=click.Path(dir_okay=False), default=None,
+              help="Also write all shards into this one Parquet file.")
+@user_errors
+def merge(output, compact):
+    """Check every shard is complete and combine their stats (exit 1 naming missing shards)."""
+    from ..merge import merge_output
+
+    ok, report = merge_output(Path(output), compact=Path(compact) if compact else None)
+    click.echo(report)
+    sys.exit(0 if ok else 1)

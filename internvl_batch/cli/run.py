@@ -1,0 +1,93 @@
+"""`run` (caption a dataset shard) and the hidden `replica` command that `run --replicas N`
+starts once per engine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import DEFAULT_PROMPT, PromptSpec, RunConfig, SamplingSpec, shard_from_env
+from ..sources import SourceSpec, dataset_help
+from .common import (cache_root, engine_options, exit_now, log, make_engine_spec,
+                     restart_after_poison, user_errors)
+
+
+def _replicas(ctx, param, value):
+    """'auto' -> None; a number passes through for RunConfig to range-check."""
+    if value in (None, "auto"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: a number of engines (1-16) or auto") from None
+
+
+@click.command()
+@click.option("--dataset", required=True, help=dataset_help())
+@click.option("--data-dir", help="coco: image directory.")
+@click.option("--annotations", help="coco: captions_*.json (images[] + annotations[]).")
+@click.option("--split", default="train", show_default=True, help="hf: split.")
+@click.option("--image-column", default="image", show_default=True)
+@click.option("--caption-column", default=None, help="hf/parquet: reference captions column.")
+@click.option("--id-column", default=None, help="hf/parquet: id column (default: position).")
+@click.option("--limit", type=int, default=None, help="Only the first N records.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Output directory (one Parquet + stats.json per shard).")
+@engine_options
+@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
+@click.option("--system-prompt", default=None)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ignore-eos", is_flag=True, help="Always decode --max-tokens (benchmarks).")
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Requests per LLM.generate call (also the commit granularity).")
+@click.option("--workers", type=int, default=4, show_default=True,
+              help="Image-decoding processes (0: decode inline).")
+@click.option("--replicas", default="auto", show_default=True, callback=_replicas,
+              help="vLLM engines sharing the GPU, each in its own process: vLLM preprocesses "
+                   "images serially per engine, so small models need several to fill a GPU "
+                   "(auto: as many as fit in GPU memory and ~3 CPUs each, at most 4; 1 on CPU).")
+@click.option("--num-shards", type=int, default=None,
+              help="[default: $SLURM_ARRAY_TASK_COUNT or 1]")
+@click.option("--shard-index", type=int, default=None,
+              help="[default: $SLURM_ARRAY_TASK_ID or 0]")
+@click.option("--max-error-rate", type=float, default=1.0, show_default=True,
+              help="Stop (exit 3) when more than this fraction of rows fail.")
+@click.option("--no-progress", is_flag=True)
+@user_errors
+def run(**kw):
+    """Caption a dataset shard and write Parquet + stats.json (resumable)."""
+    from ..pipeline import run as run_pipeline
+
+    source = SourceSpec.parse(
+        kw.pop("dataset"), data_dir=kw.pop("data_dir"), annotations=kw.pop("annotations"),
+        split=kw.pop("split"), image_column=kw.pop("image_column"),
+        caption_column=kw.pop("caption_column"), id_column=kw.pop("id_column"),
+        limit=kw.pop("limit"))
+    num_shards, shard_index = shard_from_env(kw.pop("num_shards"), kw.pop("shard_index"))
+    cfg = RunConfig(
+        source=source, engine=make_engine_spec(kw), output=Path(kw.pop("output")),
+        prompt=PromptSpec(kw.pop("prompt"), kw.pop("system_prompt")),
+        sampling=SamplingSpec(kw.pop("max_tokens"), kw.pop("temperature"), kw.pop("top_p"),
+                              kw.pop("seed"), kw.pop("ignore_eos")),
+        batch_size=kw.pop("batch_size"), workers=kw.pop("workers"), replicas=kw.pop("replicas"),
+        num_shards=num_shards, shard_index=shard_index,
+        max_error_rate=kw.pop("max_error_rate"), cache_dir=cache_root(kw.pop("cache_dir")),
+        progress=not kw.pop("no_progress"))
+    exit_now(run_pipeline(cfg, log=log))
+
+
+@click.command("replica", hidden=True)
+@click.argument("config_path")
+def replica(config_path):
+    """One engine of `run --replicas N` (started by the parent, talks over pipes)."""
+    from ..cache import EntryPoisoned
+    from ..replicas import main as replica_main
+
+    try:
+        code = replica_main(config_path)
+    except EntryPoisoned as e:  # the reply pipe stays open across the restart
+        restart_after_poison(e)
+    exit_now(code)
