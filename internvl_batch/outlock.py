@@ -217,7 +217,11 @@ class ShardLock:
     def acquire(self, wait: bool = False, log=print) -> "ShardLock":
         said = False
         while True:
-            ok, info = self.try_acquire()
+            try:
+                ok, info = self.try_acquire()
+            except OSError as e:  # read-only mount, /proc, no permission: before any engine
+                raise ConfigError(f"--output {self.output} is not writable: "
+                                  f"{e.strerror or e}") from None
             if ok:
                 if info:
                     log(f"{self.name}: {info}")

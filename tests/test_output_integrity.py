@@ -565,3 +565,26 @@ def test_cli_malformed_coco_exits_2_with_one_line(tmp_path):
         f"Error: {ann} is not a COCO captions file (need images[] of {{id, file_name}} and "
         "annotations[] of {image_id, caption}): annotations is a str, not a list"]
     assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    """Found when the lock is taken: before any engine starts (issue 13 item 3)."""
+    with pytest.raises(ConfigError, match="^--output /proc/ivb is not writable: "):
+        ShardLock(Path("/proc/ivb"), NAME).acquire()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            return  # root: permissions are not enforced; /proc above stands for them
+        with pytest.raises(ConfigError, match=f"^--output {ro}/out is not writable: "):
+            ShardLock(ro / "out", NAME).acquire()
+    finally:
+        ro.chmod(0o700)
+
+
+def test_cli_output_under_proc_exits_2_before_the_engine(tmp_path):
+    code, err = _cli_run(tmp_path, "--dataset", "sample", "-o", "/proc/ivb-out",
+                         "--model", "/nonexistent-model")
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("Error: --output /proc/ivb-out is not writable: ")
