@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from ..config import (DEFAULT_MAX_ERROR_RATE, DEFAULT_PROMPT, ConfigError, EngineSpec, PromptSpec, RunConfig,
-                     SamplingSpec, default_cache_dir, shard_from_env)
+from ..config import (DEFAULT_MAX_ERROR_RATE, DEFAULT_PROMPT, ConfigError, EngineSpec,
+                     PromptSpec, RunConfig, SamplingSpec, default_cache_dir, shard_from_env)
 from ..sources import SourceError, SourceSpec
 
 
