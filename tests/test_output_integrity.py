@@ -444,7 +444,8 @@ def test_stats_count_the_whole_shard_after_a_run_lost_its_stats(tmp_path, fake_e
 
     out = tmp_path / "out"
     w = ShardWriter(out, 0, 1).open()
-    w.write([sample_row(0), sample_row(1, error="missing file: /x")])  # the killed run's rows, no stats
+    # the killed run's rows, no stats
+    w.write([sample_row(0), sample_row(1, error="missing file: /x")])
     assert pipeline.run(_run_cfg(tmp_path, out), log=lambda m: None) == 0
     st = json.loads((out / f"{NAME}.stats.json").read_text())
     assert (st["rows"], st["rows_in_shard"], st["errors"]) == (5, 5, 1)
