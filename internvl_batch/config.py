@@ -12,6 +12,7 @@ from pathlib import Path
 from .sources import SourceSpec
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
+DEFAULT_MAX_ERROR_RATE = 0.5
 
 
 class ConfigError(ValueError):
@@ -108,10 +109,15 @@ class RunConfig:
     shard_index: int = 0
     workers: int = 4
     replicas: int | None = None  # vLLM engines sharing the GPU (own frontend each); None: auto
-    max_error_rate: float = 1.0
+    # More than half the rows failing means the input is wrong (a --data-dir that does not
+    # match the annotations, the wrong column), not a few bad files in a crawl, which stays
+    # well below: exit 3 rather than publish a shard of error rows as a success.
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
     min_rows_for_error_rate: int = 20
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True
+    overwrite: bool = False  # remove the shard's old rows (under its lock) and start afresh
+    wait: bool = False  # wait for another run holding the shard instead of exiting 2
 
     def __post_init__(self):
         if self.batch_size < 1:

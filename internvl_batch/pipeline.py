@@ -1,6 +1,8 @@
 """The run: source -> decode workers -> prompts -> engine -> Parquet sink -> stats.
 
-Exit codes: 0 shard complete; 3 stopped by --max-error-rate; 4 the vLLM engine died; 75
+Exit codes: 0 shard complete; 2 a user error, another run holds the shard, or its rows were
+written with other settings; 3 more than --max-error-rate of the rows failed (stopped early,
+or the finished shard as a whole); 4 the vLLM engine died; 75
 (EX_TEMPFAIL) stopped early by SIGUSR1/SIGTERM (Slurm preemption). In every case each
 finished row is kept and a rerun resumes; a batch whose engine died is never written, so its
 images are captioned by the rerun instead of becoming error rows.
@@ -15,10 +17,11 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, prompts, stats as stats_mod
+from . import __version__, fingerprint, prompts, stats as stats_mod
 from .config import EngineSpec, RunConfig
 from .engine import EngineDead, Engines
 from .images import Decoded, make_pool, prefetch
+from .outlock import ShardLock
 from .sinks import ShardWriter
 from .sources import open_source
 
@@ -101,12 +104,36 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
 def run(cfg: RunConfig, log=print, started=None) -> int:
     """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks)."""
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
-    if writer.is_complete():
-        log(f"{writer.final} is complete: nothing to do (delete it to caption again)")
-        return EXIT_OK
-    done = writer.done_ids()
+    writer.fingerprint = fingerprint.of(cfg)
+    if writer.is_complete() and not cfg.overwrite:
+        return _complete(cfg, writer, log)
     # raises SourceError before any model is loaded
     records = open_source(cfg.source, cfg.shard_index, cfg.num_shards)
+    # one writer per shard, from before reading what is written to the final commit
+    with ShardLock(cfg.output, writer.name).acquire(wait=cfg.wait, log=log) as lock:
+        writer.lock = lock
+        if cfg.overwrite:
+            log(f"--overwrite: removed {', '.join(str(p) for p in writer.clear()) or 'nothing'}")
+        elif writer.is_complete():  # finished by the run we waited for
+            return _complete(cfg, writer, log)
+        writer.check_settings(writer.fingerprint)  # before any engine starts
+        return _run_locked(cfg, writer, records, log, started)
+
+
+def _complete(cfg: RunConfig, writer: ShardWriter, log) -> int:
+    """A finished shard: nothing to do, unless it was made with other settings (exit 2) or
+    too many of its rows failed (exit 3, again: a rerun must not turn a failure into 0)."""
+    writer.check_settings(writer.fingerprint)
+    bad = stats_mod.error_rate_exceeded(writer.final_counts(), cfg.max_error_rate)
+    if bad:
+        log(f"{writer.final} is complete but {bad}")
+        return EXIT_ERROR_RATE
+    log(f"{writer.final} is complete: nothing to do (delete it to caption again)")
+    return EXIT_OK
+
+
+def _run_locked(cfg: RunConfig, writer: ShardWriter, records, log, started) -> int:
+    done = writer.done_ids()
     mine = (r for r in records if r.id not in done)
     if done:
         log(f"resuming {writer.name}: {len(done)} rows already written")
@@ -151,7 +178,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     code, message = EXIT_OK, None
     tokens_per_tile = engine.tokens_per_tile
     try:
-        _write_batches(cfg, stream, writer, st, progress, sig,
+        _write_batches(cfg, stream, writer, st, previous, progress, sig,
                        lambda d, res: _row(d, prompt_text, tokens_per_tile, res))
     except Stop as s:
         code, message = s.code, str(s)
@@ -175,7 +202,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     if code != EXIT_OK:
         log(message)
         return code
-    return _finish(writer, runs, metadata, log)
+    return _finish(cfg, writer, st, runs, metadata, log)
 
 
 def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunStats:
@@ -205,9 +232,10 @@ def _requests(records, pool, batch_size: int, prompt_text: str):
 
 
 def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.RunStats,
-                   progress, sig: "_Signals", make_row) -> None:
+                   previous: list[dict], progress, sig: "_Signals", make_row) -> None:
     """Write each batch's rows as it comes back; Stop on the error-rate rule or a signal."""
     t0 = time.perf_counter()  # waiting on decode or on engines counts as generation
+    st.generate_started_at = time.time()
     for batch, results in stream:
         results = iter(results)
         rows = []
@@ -222,6 +250,7 @@ def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.Ru
         st.generate_s += time.perf_counter() - t0
         st.last_batch_at = time.time()
         st.first_batch_at = st.first_batch_at or st.last_batch_at
+        writer.save_partial_stats(previous + [st.to_dict()])  # survives kill -9
         t0 = time.perf_counter()
         progress.update(len(rows))
         progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",
@@ -235,7 +264,8 @@ def _check_stop(cfg: RunConfig, st: stats_mod.RunStats, writer: ShardWriter,
     if st.rows >= cfg.min_rows_for_error_rate and st.errors / st.rows > cfg.max_error_rate:
         raise Stop(EXIT_ERROR_RATE,
                    f"stopped: {st.errors}/{st.rows} rows failed, above "
-                   f"--max-error-rate {cfg.max_error_rate}; see the error column "
+                   f"--max-error-rate {cfg.max_error_rate} "
+                   f"({stats_mod.format_kinds(st.error_kinds)}); see the error column "
                    f"in {writer.parts} (rows written so far are kept)")
     if sig.received:
         raise Stop(EXIT_PREEMPTED,
@@ -243,16 +273,24 @@ def _check_stop(cfg: RunConfig, st: stats_mod.RunStats, writer: ShardWriter,
                    f"{st.rows} rows; rerun the same command to resume")
 
 
-def _finish(writer: ShardWriter, runs: list[dict], metadata: dict, log) -> int:
-    """Final Parquet file, then stats.json, then the rename that makes the shard complete."""
-    summary = stats_mod.summarize(runs)
+def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: list[dict],
+            metadata: dict, log) -> int:
+    """Final Parquet file, then stats.json, then the rename that makes the shard complete;
+    exit 3 if too many of the whole shard's rows failed (the rows are kept: the shard is
+    done)."""
     total_rows = writer.finalize(metadata)
+    runs[-1]["shutdown_s"] = round(time.time() - st.last_batch_at, 3) if st.last_batch_at else None
+    summary = stats_mod.whole_shard(runs, writer.counts)
     stats_mod.write(writer.stats_path, summary, runs,
                     {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
                      "metadata": metadata})
     writer.commit()
     log(stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} rows -> "
                                  f"{writer.final}"))
+    bad = stats_mod.error_rate_exceeded(writer.counts, cfg.max_error_rate)
+    if bad:
+        log(f"failed: {bad}; see the error column in {writer.final}")
+        return EXIT_ERROR_RATE
     return EXIT_OK
 
 

@@ -7,7 +7,10 @@ under `_parts/<shard>/`. When the shard is done the chunks are streamed, in orde
 final `part-XXXXX-of-YYYYY.parquet` (again temp + rename) and removed.
 
 Resume reads the ids of the final file (the shard is complete: nothing to do) or of the
-chunks (skip them), so a rerun neither duplicates nor loses rows.
+chunks (skip them), so a rerun neither duplicates nor loses rows. Chunks and the final file
+record the settings fingerprint (`fingerprint.py`) so a rerun with other settings is refused
+instead of mixing captions; one writer at a time is `outlock.py`'s job, and as a last guard
+`finalize`/`commit` refuse to replace a final file by one with fewer rows, whatever the cause.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .config import ConfigError
 
 SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -37,6 +42,10 @@ SCHEMA = pa.schema([
 ])
 META_KEY = b"internvl_batch"
 ROW_GROUP = 8192
+
+
+class FewerRows(ConfigError):
+    """Publishing would replace a final file by one with fewer rows (exit 2, nothing changed)."""
 
 
 def shard_name(index: int, count: int) -> str:
@@ -72,6 +81,9 @@ class ShardWriter:
         self.stats_path = self.output / f"{self.name}.stats.json"
         self.partial_stats = self.parts / "stats.partial.json"
         self.rows_written = 0
+        self.fingerprint: dict | None = None  # recorded in every chunk and the final file
+        self.lock = None  # an outlock.ShardLock: nothing is written once it is lost
+        self.counts: dict | None = None  # the whole shard's row counts, set by finalize()
 
     # -- resume -------------------------------------------------------------------------
     def is_complete(self) -> bool:
@@ -89,6 +101,55 @@ class ShardWriter:
         for c in self._chunks():
             ids.update(pq.read_table(c, columns=["id"]).column("id").to_pylist())
         return ids
+
+    def recorded_fingerprints(self) -> list[tuple[Path, dict | None]]:
+        """(file, its fingerprint) for the final file, or each chunk with a distinct one."""
+        files = [self.final] if self.is_complete() else self._chunks()
+        seen, out = set(), []
+        for f in files:
+            fp = read_metadata(f).get("fingerprint")
+            key = json.dumps(fp, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append((f, fp))
+        return out
+
+    def check_settings(self, fp: dict) -> None:
+        """Raise fingerprint.SettingsChanged if rows already written used other settings."""
+        from .fingerprint import check
+
+        for f, old in self.recorded_fingerprints():
+            where = f"{self.output} ({self.name}{'' if f == self.final else ', unfinished'})"
+            check(old, fp, where)
+
+    def clear(self) -> list[Path]:
+        """--overwrite: remove this shard's rows, chunks and stats (the caller holds the lock)."""
+        gone = [p for p in (self.final, self.stats_path, self.parts) if p.exists()]
+        self.final.unlink(missing_ok=True)
+        self.stats_path.unlink(missing_ok=True)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return gone
+
+    def final_counts(self) -> dict:
+        """Row, error and token counts of the final file (stats.count_rows)."""
+        from .stats import count_rows
+
+        return count_rows(pq.read_table(self.final, columns=[
+            "error", "prompt_tokens", "image_tokens", "output_tokens"]))
+
+    def final_rows(self) -> int:
+        try:
+            return pq.read_metadata(self.final).num_rows
+        except FileNotFoundError:
+            return 0
+
+    def _guard(self, rows: int):
+        if self.lock is not None:
+            self.lock.check()
+        have = self.final_rows()
+        if rows < have:
+            raise FewerRows(f"refusing to replace {self.final} ({have} rows) by {rows} rows "
+                            "(another run finished this shard?); nothing was changed")
 
     def previous_stats(self) -> list[dict]:
         if self.partial_stats.is_file():
@@ -109,8 +170,11 @@ class ShardWriter:
     def write(self, rows: list[dict]):
         if not rows:
             return
+        if self.lock is not None and self.lock.lost:
+            self.lock.check()  # raises: another run owns this shard now
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        _atomic_write_table(table, self.parts / f"chunk-{self._next:06d}.parquet")
+        _atomic_write_table(table, self.parts / f"chunk-{self._next:06d}.parquet",
+                            {"fingerprint": self.fingerprint} if self.fingerprint else None)
         self._next += 1
         self.rows_written += len(rows)
 
@@ -122,11 +186,18 @@ class ShardWriter:
     def finalize(self, metadata: dict) -> int:
         """Stream chunks into the final file (under a temp name) in seq order; return its row
         count. `commit()` makes it visible: the caller writes stats.json in between, so a
-        complete-looking shard always has its stats."""
+        complete-looking shard always has its stats. Sets `counts` (the whole shard's rows,
+        errors and tokens, however many runs wrote them). Raises FewerRows, before anything
+        is written, if a final file with more rows exists."""
+        from .stats import count_rows
+
+        self._guard(0)  # a lost lock: stop before reading anything
+        if self.fingerprint is not None:
+            metadata = {**metadata, "fingerprint": self.fingerprint}
         chunks = self._chunks()
         tmp = self.final.with_name(f".{self.final.name}.tmp{os.getpid()}")
         schema = SCHEMA.with_metadata({META_KEY: json.dumps(metadata).encode()})
-        total, last_seq, ordered = 0, -1, True
+        total, last_seq, ordered, counts = 0, -1, True, None
         with pq.ParquetWriter(tmp, schema) as w:
             for c in chunks:
                 t = pq.read_table(c, schema=SCHEMA)
@@ -137,16 +208,30 @@ class ShardWriter:
                 last_seq = seqs[-1] if seqs else last_seq
                 w.write_table(t, row_group_size=ROW_GROUP)
                 total += t.num_rows
+                counts = count_rows(t, counts)
         if not ordered:  # only after odd resumes: fall back to an in-memory sort
             t = pa.concat_tables([pq.read_table(c, schema=SCHEMA) for c in chunks])
             t = t.sort_by("seq")
             pq.write_table(t.replace_schema_metadata(schema.metadata), tmp,
                            row_group_size=ROW_GROUP)
             total = t.num_rows
+            counts = count_rows(t)
+        self.counts = counts if total else count_rows(None)
         self._pending = tmp
+        try:
+            self._guard(total)
+        except Exception:
+            tmp.unlink(missing_ok=True)
+            raise
         return total
 
     def commit(self):
+        n = pq.read_metadata(self._pending).num_rows
+        try:
+            self._guard(n)  # again: finalize() and commit() are apart by the stats write
+        except Exception:
+            self._pending.unlink(missing_ok=True)
+            raise
         _fsync_rename(self._pending, self.final)
         shutil.rmtree(self.parts, ignore_errors=True)
         try:

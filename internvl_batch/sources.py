@@ -178,11 +178,10 @@ def _coco(spec: SourceSpec) -> Iterator[Record]:
     try:
         with open(ann) as f:
             doc = json.load(f)
-        images = doc["images"]
-        annotations = doc.get("annotations", [])
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         raise SourceError(f"{ann} is not a COCO captions file (need images[] and "
                           f"annotations[]): {e}") from None
+    images, annotations = validate_coco(doc, ann)
     image_root = _coco_image_root(data_dir, ann, images)
     refs: dict[int, list[str]] = {}
     for a in annotations:
@@ -197,6 +196,36 @@ def _coco(spec: SourceSpec) -> Iterator[Record]:
             yield Record(seq, str(image_id), name, str(path),
                          tuple(refs.get(image_id, ())))
     return gen()
+
+
+def validate_coco(doc, ann: str) -> tuple[list[dict], list[dict]]:
+    """(images, annotations) of a COCO captions document, or SourceError naming the first
+    malformed entry: found before any engine starts instead of as error rows after."""
+    need = "need images[] of {id, file_name} and annotations[] of {image_id, caption}"
+    if not isinstance(doc, dict):
+        raise SourceError(f"{ann} is not a COCO captions file ({need}): "
+                          f"top level is a {type(doc).__name__}")
+    images, annotations = doc.get("images"), doc.get("annotations", [])
+    if not isinstance(images, list):
+        what = "missing" if images is None else f"a {type(images).__name__}, not a list"
+        raise SourceError(f"{ann} is not a COCO captions file ({need}): images is {what}")
+    if not isinstance(annotations, list):
+        raise SourceError(f"{ann} is not a COCO captions file ({need}): annotations is a "
+                          f"{type(annotations).__name__}, not a list")
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or not isinstance(img.get("file_name"), str) \
+                or not img["file_name"].strip():
+            raise SourceError(f"{ann}: images[{i}] has no file_name ({need})")
+        if isinstance(img.get("id"), (list, dict)):
+            raise SourceError(f"{ann}: images[{i}] has an id that is not a number or string")
+    for i, a in enumerate(annotations):
+        if not isinstance(a, dict):
+            raise SourceError(f"{ann}: annotations[{i}] is a {type(a).__name__}, not an "
+                              f"object ({need})")
+        if isinstance(a.get("image_id"), (list, dict)):
+            raise SourceError(f"{ann}: annotations[{i}] has an image_id that is not a number "
+                              "or string")
+    return images, annotations
 
 
 def _coco_image_root(data_dir: str | None, ann: str, images: list[dict]) -> Path:

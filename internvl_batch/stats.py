@@ -2,14 +2,19 @@
 
 Rates divide by `generate_s` (time inside `LLM.generate`, plus the decode wait that feeds it),
 never by engine start-up, which is reported separately (load / compile / CUDA-graph seconds).
-A resumed shard accumulates one entry per invocation in `runs`; totals sum them.
+A resumed shard accumulates one entry per invocation in `runs` (saved after every batch, so
+a run killed with -9 keeps its entry); timings sum them, while row, error and token counts of
+a finished shard are recounted from its rows (`count_rows`), so they describe the whole shard
+after any number of resumes.
 """
 from __future__ import annotations
 
 import json
+import re
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 # Fixed keys: downstream tooling (merge, bench, dashboards) may rely on every one existing.
@@ -20,7 +25,10 @@ KEYS = (
     "images_per_s", "requests_per_s", "output_tokens_per_s", "total_tokens_per_s",
     "peak_rss_gb", "gpu_name", "gpu_peak_mem_gb",
     "cache_hit", "cache_key",
+    "time_to_first_row_s", "shutdown_s", "error_kinds",
 )
+COUNT_KEYS = ("rows", "images", "requests", "errors", "input_tokens", "image_tokens",
+              "output_tokens")
 
 
 @dataclass
@@ -46,8 +54,12 @@ class RunStats:
     started_at: float = field(default_factory=time.time)
     # wall clock of the first and last batch written: lines up GPU/host monitoring with the
     # steady state, engine start-up excluded
+    generate_started_at: float | None = None  # the first batch asked of the engine
     first_batch_at: float | None = None
     last_batch_at: float | None = None
+    # from the last batch written to stats.json written: engine close + finalize
+    shutdown_s: float | None = None
+    error_kinds: dict = field(default_factory=dict)  # "missing file" -> 10
 
     def add_row(self, *, error: str | None, prompt_tokens: int = 0, image_tokens: int = 0,
                 output_tokens: int = 0, answered: bool = False):
@@ -59,13 +71,70 @@ class RunStats:
             self.output_tokens += output_tokens
         if error:
             self.errors += 1
+            kind = error_kind(error)
+            self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
         else:
             self.images += 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["peak_rss_gb"] = peak_rss_gb()
+        if not d["total_s"]:  # saved mid-run (after each batch): the time so far
+            d["total_s"] = round(time.time() - self.started_at, 3)
+        # from this invocation's start (engine start, cache build, resume scan included)
+        d["time_to_first_row_s"] = (round(self.first_batch_at - self.started_at, 3)
+                                    if self.first_batch_at else None)
         return d
+
+
+# "missing file: /x.jpg" -> "missing file"; "aspect ratio 4000x10 exceeds 200:1" -> "aspect
+# ratio"; "empty file (0 bytes)" -> "empty file"; "engine: ValueError: ..." -> "engine"
+_KIND_END = re.compile(r":\s|\s\d|\s\(")
+
+
+def error_kind(error: str) -> str:
+    return _KIND_END.split(error, 1)[0].strip() or error[:40]
+
+
+def format_kinds(kinds: dict) -> str:
+    """{'missing file': 10, 'corrupt image': 2} -> 'missing file: 10, corrupt image: 2'."""
+    return ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def count_rows(table, acc: dict | None = None) -> dict:
+    """Row, error and token counts of Parquet rows (the sinks schema), added to `acc`.
+
+    The same definitions as RunStats.add_row: a row without error was answered by vLLM and
+    its tokens count; an error row counts by its kind."""
+    acc = acc or {k: 0 for k in COUNT_KEYS} | {"error_kinds": {}}
+    if table is None or table.num_rows == 0:
+        return acc
+    cols = table.select(["error", "prompt_tokens", "image_tokens", "output_tokens"]).to_pydict()
+    kinds = Counter(acc["error_kinds"])
+    for i, err in enumerate(cols["error"]):
+        acc["rows"] += 1
+        if err:
+            acc["errors"] += 1
+            kinds[error_kind(err)] += 1
+            continue
+        acc["images"] += 1
+        if cols["prompt_tokens"][i] is not None:
+            acc["requests"] += 1
+            acc["input_tokens"] += cols["prompt_tokens"][i] or 0
+            acc["image_tokens"] += cols["image_tokens"][i] or 0
+            acc["output_tokens"] += cols["output_tokens"][i] or 0
+    acc["error_kinds"] = dict(kinds)
+    return acc
+
+
+def error_rate_exceeded(counts: dict, max_error_rate: float) -> str | None:
+    """The end-of-shard rule: more than `max_error_rate` of the shard's rows failed (every row
+    failing always exceeds a rate below 1). Returns the message, or None."""
+    rows, errors = counts.get("rows") or 0, counts.get("errors") or 0
+    if rows and errors / rows > max_error_rate:
+        return (f"{errors}/{rows} rows failed, above --max-error-rate {max_error_rate} "
+                f"({format_kinds(counts.get('error_kinds') or {})})")
+    return None
 
 
 def peak_rss_gb() -> float:
@@ -107,14 +176,66 @@ def summarize(runs: list[dict]) -> dict:
     out["cache_hit"] = all(hits) if hits else None
     keys = sorted({r.get("cache_key") for r in runs if r.get("cache_key")})
     out["cache_key"] = ", ".join(keys) if keys else None
+    # the slowest start / stop a user waited for
+    for k in ("time_to_first_row_s", "shutdown_s"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = max(vals) if vals else None
+    kinds = Counter()
+    for r in runs:
+        kinds.update(r.get("error_kinds") or {})
+    out["error_kinds"] = dict(kinds)
     return out
 
 
+def whole_shard(runs: list[dict], counts: dict | None) -> dict:
+    """summarize(runs) with counts taken from the shard's rows when known: runs killed before
+    their stats were saved, or shards written before stats survived kill -9, still count.
+    Rates divide the rows' counts by the recorded generation time."""
+    out = summarize(runs)
+    if counts:
+        for k in COUNT_KEYS:
+            out[k] = counts[k]
+        out["error_kinds"] = dict(counts.get("error_kinds") or {})
+        out["total_tokens"] = out["input_tokens"] + out["output_tokens"]
+        g = out["generate_s"]
+        out["images_per_s"] = _rate(out["images"], g)
+        out["requests_per_s"] = _rate(out["requests"], g)
+        out["output_tokens_per_s"] = _rate(out["output_tokens"], g)
+        out["total_tokens_per_s"] = _rate(out["total_tokens"], g)
+    return out
+
+
+def batch_span(runs: list[dict]) -> tuple[float, float] | None:
+    """(first batch start, last batch end) in wall-clock seconds over runs, or None.
+
+    A run's generation starts at `generate_started_at` (older stats: at its first batch
+    written, `first_batch_at`, which leaves out the first batch) and ends at `last_batch_at`."""
+    firsts, lasts = [], []
+    for r in runs:
+        f = r.get("generate_started_at") or r.get("first_batch_at")
+        if f is None or r.get("last_batch_at") is None:
+            continue
+        firsts.append(f)
+        lasts.append(r["last_batch_at"])
+    return (min(firsts), max(lasts)) if firsts else None
+
+
 def merge_parallel(shards: list[dict]) -> dict:
-    """Shard totals -> one report. Wall rates of parallel shards add up."""
+    """Shard totals -> one report.
+
+    Two aggregate rates, labelled apart: `*_per_s` is the sum of per-shard rates (what the
+    shards would do if they all ran at once, which they may not: an array with fewer GPUs
+    than shards runs them in waves), and `wall_*_per_s` divides the totals by the real
+    wall-clock span from the first batch of any shard to the last batch of any shard
+    (`wall_span_s`), from the `runs` each shard's stats.json records."""
     out = summarize(shards)
     for k in ("images_per_s", "requests_per_s", "output_tokens_per_s", "total_tokens_per_s"):
         out[k] = round(sum(float(s.get(k) or 0) for s in shards), 3)
+    span = batch_span([r for s in shards for r in (s.get("runs") or [])])
+    out["wall_span_s"] = round(span[1] - span[0], 3) if span else None
+    w = out["wall_span_s"] or 0
+    out["wall_images_per_s"] = _rate(out["images"], w) if span else None
+    out["wall_output_tokens_per_s"] = _rate(out["output_tokens"], w) if span else None
     return out
 
 
@@ -155,7 +276,18 @@ def table(summary: dict, title: str = "internvl-batch") -> str:
         ("device", f(summary["gpu_name"])), ("peak GPU memory", f(summary["gpu_peak_mem_gb"], " GB")),
         ("compile cache", "-" if summary["cache_hit"] is None else
          ("hit" if summary["cache_hit"] else "miss") + f" ({summary['cache_key']})"),
+        ("first row after / shutdown s",
+         f"{f(summary.get('time_to_first_row_s'))} / {f(summary.get('shutdown_s'))}"),
     ]
+    if summary.get("error_kinds"):
+        rows.insert(2, ("errors by kind", format_kinds(summary["error_kinds"])))
+    if "wall_span_s" in summary:  # merge: say which aggregate is which
+        rows[rows.index(("images/s", f(summary["images_per_s"])))] = (
+            "images/s (sum of shard rates)", f(summary["images_per_s"]))
+        rows.insert(rows.index(("requests/s", f(summary["requests_per_s"]))), (
+            "images/s (wall clock)",
+            f"{f(summary.get('wall_images_per_s'))} over {f(summary.get('wall_span_s'))} s from "
+            "the first batch of any shard to the last"))
     w = max(len(k) for k, _ in rows)
     lines = [title, "-" * (w + 30)] + [f"{k:<{w}}  {v}" for k, v in rows]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -141,7 +142,8 @@ def test_prompt_too_long_is_an_error_row_not_a_crash(engine, engine_spec, tmp_pa
     images, ann = make_coco(tmp_path / "coco", 3)
     out = tmp_path / "out"
     cfg = _cfg(engine_spec, images, ann, out)
-    cfg = dataclasses.replace(cfg, prompt=PromptSpec("word " * 5000))
+    # every row fails: accepted only when asked to (the default 0.5 would exit 3)
+    cfg = dataclasses.replace(cfg, prompt=PromptSpec("word " * 5000), max_error_rate=1.0)
     assert run(cfg, started=engine) == EXIT_OK
     rows = _rows(out / "part-00000-of-00001.parquet")
     assert len(rows) == 3 and all(r["error"] and r["error"].startswith("engine:") for r in rows)
@@ -155,7 +157,19 @@ def _cli(*args, **kw):
                             start_new_session=True, **kw)
 
 
+def _wait_for_holder(lock: Path, p: subprocess.Popen):
+    deadline = time.time() + 60
+    while time.time() < deadline and f'"pid": {p.pid},' not in (
+            lock.read_text() if lock.exists() else ""):
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.05)
+    assert f'"pid": {p.pid},' in lock.read_text()
+
+
 def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
+    """kill -9 mid-run, then resume; meanwhile other runs on the same output: one is refused
+    (exit 2, naming the holder), one waits (--wait) and then finds the shard complete. No
+    extra engine starts: the refused and the waiting runs never reach theirs."""
     images, ann = make_coco(tmp_path / "coco", 40)
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["run", "--dataset", "coco", "--data-dir", str(images), "--annotations", str(ann),
@@ -163,6 +177,17 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
             "--max-tokens", "6", "--batch-size", "2", "--no-progress", "--max-model-len", "4096"]
     p = _cli(*args)
     parts = out / "_parts" / "part-00000-of-00001"
+    lock = out / "part-00000-of-00001.lock"
+    _wait_for_holder(lock, p)
+    # a second writer while the first holds the shard (starting its engine, seconds before
+    # its first row): a duplicated Slurm task; refused at once
+    second = subprocess.run([sys.executable, "-m", "internvl_batch", *args],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second
+    assert second.stderr.splitlines() == [
+        f"Error: another internvl-batch (pid {p.pid} on host {socket.gethostname()}, since "
+        f"{second.stderr.split('since ')[1].split(')')[0]}) is writing part-00000-of-00001 "
+        f"in {out}; wait for it, or pass --wait"], second.stderr
     deadline = time.time() + 240
     while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 3:
         assert p.poll() is None, p.stdout.read()
@@ -172,16 +197,30 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     written = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
     assert 0 < written < 40
 
-    p2 = _cli(*args)
+    p2 = _cli(*args)  # takes over the dead holder's lock
+    _wait_for_holder(lock, p2)
+    p3 = _cli(*args, "--wait")  # waits for p2, then has nothing to do
     log = p2.communicate(timeout=300)[0]
+    log3 = p3.communicate(timeout=60)[0]
     assert p2.returncode == 0, log
+    assert f"took over the lock of pid {p.pid} on host {socket.gethostname()}" in log
     assert f"resuming part-00000-of-00001: {written} rows already written" in log
+    assert p3.returncode == 0, log3
+    assert log3.splitlines() == [
+        log3.splitlines()[0],
+        f"{out}/part-00000-of-00001.parquet is complete: nothing to do (delete it to caption "
+        "again)"] and log3.startswith(f"waiting for another internvl-batch (pid {p2.pid} ")
+    assert not lock.exists()
     ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
     assert len(ids) == len(set(ids)) == 40
     st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
-    # run 1 built the cache entry (a miss; it was killed, so its stats were never saved),
-    # run 2 found it complete: a hit
-    assert [r["cache_hit"] for r in st["runs"]] == [True]
+    # run 1 built the cache entry (a miss) and was killed: its stats, saved after each
+    # batch, survive; run 2 found the entry complete: a hit
+    assert [r["cache_hit"] for r in st["runs"]] == [False, True]
+    # the whole shard, not just run 2's rows (issue 13: 150 rows, stats said 134)
+    assert st["rows"] == st["rows_in_shard"] == st["images"] == 40 and st["errors"] == 0
+    assert st["runs"][0]["rows"] >= written - 2 and st["runs"][1]["rows"] == 40 - written
+    assert st["time_to_first_row_s"] > 0 and st["shutdown_s"] >= 0
     assert "images captioned" in log and "Traceback" not in log
     entries = list((cache / "entries").iterdir())
     assert len(entries) == 1 and (entries[0] / ".complete").is_file()

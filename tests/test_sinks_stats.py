@@ -212,7 +212,7 @@ def test_table_labels():
     labels = ["images captioned", "error rows", "input / output tokens", "images/s",
               "requests/s", "output tok/s", "total tok/s", "load / compile / cudagraph s",
               "init / warm-up / generate / total s", "peak host RSS", "device",
-              "peak GPU memory", "compile cache"]
+              "peak GPU memory", "compile cache", "first row after / shutdown s"]
     assert [ln.split("  ")[0].strip() for ln in lines[2:]] == labels
     assert "input / output tokens" in text and "3,900 / 250" in text
     assert "2.50 / - / 2.00" in text      # load / compile / cudagraph

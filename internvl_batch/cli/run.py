@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..config import DEFAULT_PROMPT, PromptSpec, RunConfig, SamplingSpec, shard_from_env
+from ..config import (DEFAULT_MAX_ERROR_RATE, DEFAULT_PROMPT, PromptSpec, RunConfig, SamplingSpec,
+                      shard_from_env)
 from ..sources import SourceSpec, dataset_help
 from .common import (cache_root, engine_options, exit_now, log, make_engine_spec,
                      restart_after_poison, user_errors)
@@ -53,8 +54,13 @@ def _replicas(ctx, param, value):
               help="[default: $SLURM_ARRAY_TASK_COUNT or 1]")
 @click.option("--shard-index", type=int, default=None,
               help="[default: $SLURM_ARRAY_TASK_ID or 0]")
-@click.option("--max-error-rate", type=float, default=1.0, show_default=True,
-              help="Stop (exit 3) when more than this fraction of rows fail.")
+@click.option("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE, show_default=True,
+              help="Exit 3 when more than this fraction of rows fail (checked after 20 rows "
+                   "and over the finished shard; 1 accepts any).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the shard's rows already in --output (e.g. after changing --prompt).")
+@click.option("--wait", is_flag=True,
+              help="If another run is writing this shard, wait for it instead of exiting 2.")
 @click.option("--no-progress", is_flag=True)
 @user_errors
 def run(**kw):
@@ -75,7 +81,7 @@ def run(**kw):
         batch_size=kw.pop("batch_size"), workers=kw.pop("workers"), replicas=kw.pop("replicas"),
         num_shards=num_shards, shard_index=shard_index,
         max_error_rate=kw.pop("max_error_rate"), cache_dir=cache_root(kw.pop("cache_dir")),
-        progress=not kw.pop("no_progress"))
+        progress=not kw.pop("no_progress"), overwrite=kw.pop("overwrite"), wait=kw.pop("wait"))
     exit_now(run_pipeline(cfg, log=log))
 
 
