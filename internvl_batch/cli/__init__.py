@@ -352,6 +352,10 @@ def _register_subcommands():
 
     cli.add_command(slurm)
     cli.add_command(bench)
+    from .show import score, show
+
+    cli.add_command(show)
+    cli.add_command(score)
 
 
 _register_subcommands()
