@@ -227,7 +227,7 @@ nav.pages span.cur{background:var(--fg);color:#fff}
 .thumb img{max-width:100%;max-height:170px;display:block}
 .ph{color:var(--mute);font-size:12px;text-align:center;padding:8px;word-break:break-all}
 .body{padding:8px 10px;display:flex;flex-direction:column;gap:4px}
-.cap{font-size:14px;margin:0;word-break:break-word}
+.cap{font-size:14px;margin:0;word-break:break-word;max-height:7.4em;overflow:auto}
 .cap.none{color:var(--mute);font-style:italic}
 .refs{margin:0;padding-left:16px;color:var(--mute);font-size:12px}
 .meta{color:var(--mute);font-size:12px;margin:0;word-break:break-all}
@@ -278,7 +278,7 @@ def _settings(md: dict) -> list[tuple[str, object]]:
         ("batch size", cfg.get("batch_size")), ("shards", cfg.get("num_shards")),
         ("vLLM / torch", " / ".join(str(ver[k]) for k in ("vllm", "torch") if ver.get(k))),
         ("device", ver.get("device")),
-        ("git", md.get("git_sha")), ("internvl-batch", md.get("internvl_batch")),
+        ("git", (md.get("git_sha") or "")[:12]), ("internvl-batch", md.get("internvl_batch")),
     ]
 
 
@@ -307,7 +307,8 @@ def _scores_panel(output: Output) -> str:
         doc = json.loads(p.read_text())
     except ValueError:
         return ""
-    pairs = [(m, f"{v:.4f}") for m, v in (doc.get("metrics") or {}).items() if v is not None]
+    pairs = [(m, "unavailable" if v is None else f"{v:.4f}")
+             for m, v in (doc.get("metrics") or {}).items()]
     pairs.append(("scored rows", f"{doc.get('scored')} of {doc.get('rows')}"))
     return f'<div class="panel"><h3>Scores (scores.json)</h3>{_kv(pairs)}</div>'
 
@@ -375,8 +376,9 @@ def build(output: Output, out: Path | None = None, opts: GalleryOptions = Galler
     kinds_all = Counter(error_kind(e) for e in errors if e is not None)
     ok_idx, err_idx = choose(errors, opts)
     table = take(output, ok_idx + err_idx, COLUMNS)
-    rows = table.to_pylist()  # ascending position; split back into captioned / errors
-    ok_rows = [r for r in rows if r["error"] is None]
+    rows = table.to_pylist()  # by position: shard 0's rows, then shard 1's, ...
+    # dataset order: shards deal rows out round-robin, seq puts them back together
+    ok_rows = sorted((r for r in rows if r["error"] is None), key=lambda r: r["seq"] or 0)
     err_rows = [r for r in rows if r["error"] is not None]
     kind_order = sorted(kinds_all, key=lambda k: (-kinds_all[k], k))
     err_rows.sort(key=lambda r: (kind_order.index(error_kind(r["error"])), r["seq"] or 0))
@@ -408,7 +410,8 @@ def build(output: Output, out: Path | None = None, opts: GalleryOptions = Galler
     n_ok = n_rows - n_err
     sample_note = (f"{len(ok_rows):,} of {n_ok:,} captioned rows shown"
                    + (f" (a sample, seed {opts.seed})" if len(ok_rows) < n_ok else "")
-                   + f"; {len(err_rows):,} of {n_err:,} error rows")
+                   + (f"; {len(err_rows):,} of {n_err:,} error rows" if n_err
+                      else "; no error rows"))
     md_json = esc(json.dumps(md, indent=2, default=str))
 
     pages = []
