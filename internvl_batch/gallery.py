@@ -191,7 +191,8 @@ def thumbnail(payload, px: int) -> tuple[str | None, str | None]:
 
 
 def thumbnails(payloads, px: int, workers: int | None = None) -> list[tuple[str | None, str | None]]:
-    # threads: Pillow releases the GIL while decoding and resizing
+    # threads: Pillow releases the GIL while decoding and resizing. On the 2-core dev machine
+    # (under other load) 200 640x480 JPEGs took 1.10 s serially, 0.56 s on 4 threads (best of 4)
     workers = workers or min(8, os.cpu_count() or 1)
     if workers <= 1 or len(payloads) < 4:
         return [thumbnail(p, px) for p in payloads]
@@ -321,8 +322,8 @@ def _card(r: dict, thumb: tuple[str | None, str | None]) -> str:
     err = r.get("error")
     if r.get("caption") is not None:
         cap = f'<p class="cap">{esc(r["caption"])}</p>'
-    else:
-        cap = '<p class="cap none">no caption</p>'
+    else:  # an error row says why below
+        cap = "" if err else '<p class="cap none">no caption</p>'
     refs = r.get("references") or []
     refs_html = ("<ol class=\"refs\">" + "".join(f"<li>{esc(x)}</li>" for x in refs) + "</ol>"
                  if refs else "")

@@ -226,6 +226,35 @@ def test_parquet_source_images_found_by_seq(tmp_path):
     assert [max(range(3), key=lambda k: p[k]) for p in rgb] == [0, 1, 2]
 
 
+def test_coco_and_hf_sources_find_their_images(tmp_path):
+    """coco: file names under the image directory found as the source finds it (here from
+    coco:DIR alone); hf: the seq-th row of a save_to_disk() dataset."""
+    import datasets
+    from PIL import Image
+
+    from tests.helpers import make_coco
+
+    images_dir, ann = make_coco(tmp_path / "coco", 3)
+    names = sorted(p.name for p in images_dir.glob("*.jpg"))
+    rows = [row(i, n) for i, n in enumerate(names)] + [row(3, "absent.jpg")]
+    out = write_output(tmp_path / "o1", rows,
+                       metadata({"kind": "coco", "target": str(tmp_path / "coco")}))
+    dom = Dom(build(open_output(out), None, GalleryOptions())[0].read_text())
+    assert [c["img"] is not None for c in dom.cards] == [True, True, True, False]
+    assert "missing file" in dom.cards[3]["ph"]
+
+    Image.new("RGB", (50, 40), (1, 2, 3)).save(tmp_path / "a.png")
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "a.png")] * 2}).cast_column(
+        "image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"))
+    rows = [row(i, f"hf[train][{i}]") for i in range(3)]  # seq 2 is past the dataset's end
+    out = write_output(tmp_path / "o2", rows,
+                       metadata({"kind": "hf", "target": str(tmp_path / "hf")}))
+    dom = Dom(build(open_output(out), None, GalleryOptions())[0].read_text())
+    assert [c["img"] is not None for c in dom.cards] == [True, True, False]
+    assert "row not in the dataset" in dom.cards[2]["ph"]
+
+
 def test_100k_rows_open_only_the_sampled_images(tmp_path, monkeypatch):
     """100k rows (1,000 of them errors) whose images exist for only 5 files: the page shows a
     sample and decodes only the images of the rows it shows."""
@@ -263,7 +292,7 @@ def test_100k_rows_open_only_the_sampled_images(tmp_path, monkeypatch):
     assert calls["open"] <= 50               # missing files are never opened
     assert "40 of 99,000 captioned rows shown (a sample, seed 0); 10 of 1,000 error rows" \
         in pages[0].read_text()
-    assert elapsed < 60, elapsed  # measured ~1 s on the 2-core dev machine
+    assert elapsed < 60, elapsed  # ~1 s on the 2-core dev machine
 
 
 def test_cli_show(merged, tmp_path):
