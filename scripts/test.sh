@@ -6,6 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-cpu.sh .venv
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # `show` is tested in a real headless Chromium; `score` runs coco-caption's PTB tokenizer
+  # and METEOR, which are Java
+  if ! command -v chromium >/dev/null || ! command -v java >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      chromium default-jre-headless >/dev/null
+  fi
   bash .ci/slurm-up.sh
   trap 'bash .ci/slurm-down.sh || true' EXIT
   export IVB_REQUIRE_SLURM=1

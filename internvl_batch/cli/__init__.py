@@ -13,6 +13,7 @@ from .cache import cache
 from .merge import merge
 from .model import data, model
 from .run import replica, run
+from .show import score, show
 from .slurm import slurm
 
 
@@ -35,6 +36,8 @@ cli.add_command(cache)
 cli.add_command(merge)
 cli.add_command(slurm)
 cli.add_command(bench)
+cli.add_command(show)
+cli.add_command(score)
 
 
 def main():
