@@ -355,6 +355,8 @@ def _register_subcommands():
 
 
 _register_subcommands()
+from .bench_encoder import bench_encoder  # noqa: E402  (issue 16)
+cli.add_command(bench_encoder)
 
 
 def main():
