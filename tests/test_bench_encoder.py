@@ -382,6 +382,121 @@ def test_cli_compiled_mode_on_cpu_is_a_user_error(tmp_path):
     assert not list(tmp_path.glob("*.json"))  # refused before any engine or result file
 
 
+# -- the measuring logic with every mode, on a fake harness -------------------------------------
+
+class FakeHarness:
+    """The interface `encoder._measure` uses, on a small torch model: `compiled` adds a
+    bf16-sized perturbation, `cudagraph` returns the same as compiled, and `cudagraph` fails
+    at 4 tiles (as an out-of-memory would) to exercise the per-(mode, batch) error path."""
+
+    cuda = False
+    tokens_per_tile = 4
+
+    def __init__(self, torch_mod):
+        from contextlib import contextmanager
+        from collections import Counter
+
+        torch, nn = torch_mod, torch_mod.nn
+        self.torch = torch
+        self.model = _fake_internvl()
+        self.model.config = SimpleNamespace(
+            force_image_size=448, text_config=SimpleNamespace(hidden_size=32),
+            vision_config=SimpleNamespace(hidden_size=16, num_hidden_layers=2,
+                                          num_attention_heads=2, intermediate_size=64,
+                                          image_size=448, patch_size=14))
+        self.runner = SimpleNamespace(vllm_config=SimpleNamespace(
+            compilation_config=SimpleNamespace(compile_mm_encoder=True)))
+        self.hits = 0
+        self.paths = Counter()
+        self._Counter, self._cm = Counter, contextmanager
+
+    def modes_available(self):
+        return {"eager": None, "compiled": None, "cudagraph": None}
+
+    def layer_state(self):
+        return {"layers": 2, "aot_compiled_fn": 2}
+
+    def manager_stats(self):
+        return {"graph_hits": self.hits, "graph_misses": 0, "token_budgets": [4, 8]}
+
+    def inputs(self, tiles, seed):
+        g = self.torch.Generator().manual_seed(seed)
+        return {"x": self.torch.randn(tiles * self.tokens_per_tile, 64, generator=g)}
+
+    def call(self, mode, kw):
+        if mode == "cudagraph" and kw["x"].shape[0] == 4 * self.tokens_per_tile:
+            raise RuntimeError("CUDA out of memory (fake)")
+        w = self.model.mlp1[1].weight.detach().float()
+        y = kw["x"] @ w.T
+        if mode == "cudagraph":
+            self.hits += 1
+        else:
+            self.paths["eager" if mode == "eager" else "compiled (AOT)"] += 2
+        if mode != "eager":  # same math, other rounding: ~1e-3 relative
+            y = (y.to(self.torch.bfloat16).float() * (1 + 1e-3))
+        return [y.to(self.torch.bfloat16)]
+
+    def cat(self, outs):
+        return self.torch.cat(outs)
+
+    def sync(self):
+        pass
+
+    def timed_ms(self, mode, kw):
+        self.call(mode, kw)
+        return {"eager": 2.0, "compiled": 1.6, "cudagraph": 1.0}[mode] * kw["x"].shape[0] / 4
+
+    def count_layer_paths(self):
+        outer = self
+
+        @self._cm
+        def cm():
+            before = outer._Counter(outer.paths)
+            tally = outer._Counter()
+            yield tally
+            tally.update(outer.paths - before)
+        return cm()
+
+    def profile(self, mode, kw):  # GPU only; never called with cuda False
+        raise AssertionError
+
+
+def test_measure_with_all_modes_on_a_fake_harness(tmp_path):
+    import torch
+
+    opts = enc.EncoderBenchOptions(batches=(1, 2, 4), repeats=6, warmup=1,
+                                   evidence_batches=(1, 13), profile_batches=(1,),
+                                   results_dir=str(tmp_path), name="fake")
+    doc = {"name": "fake", "complete": False, "modes": list(enc.MODES), "labels": enc.LABELS,
+           "model": {"spec": "fake"}, "engine": {}, "device": {"name": "fake", "cuda": False},
+           "versions": {}, "degeneracy": {}, "evidence": {}, "batches": [], "errors": [],
+           "options": {}}
+    rec = enc.Recorder(doc, tmp_path)
+    h = FakeHarness(torch)
+    enc._measure(h, opts, enc.MODES, rec, lambda m: None)
+    saved = json.loads((tmp_path / "fake.json").read_text())
+    assert [b["tiles"] for b in saved["batches"]] == [1, 2, 4]
+    b1, b4 = saved["batches"][0], saved["batches"][2]
+    assert b1["modes"]["compiled"]["speedup_vs_eager"]["median"] == pytest.approx(1.25)
+    assert b1["modes"]["cudagraph"]["speedup_vs_eager"]["median"] == pytest.approx(2.0)
+    assert b1["modes"]["cudagraph"]["speedup_vs_eager"]["n"] == 6
+    assert b1["agreement"]["compiled"]["ok"] and b1["agreement"]["cudagraph"]["ok"]
+    assert b1["agreement"]["eager_repeat"]["max_abs_diff"] == 0
+    # the failing (mode, batch) is recorded, the others at that batch still measured
+    assert "out of memory" in b4["modes"]["cudagraph"]["error"]
+    assert b4["modes"]["compiled"]["ms"]["n"] == 6
+    assert any("cudagraph 4 tiles" in e["where"] for e in saved["errors"])
+    calls = {(c["mode"], c["tiles"]): c for c in saved["evidence"]["calls"]}
+    assert calls[("compiled", 1)]["layer_paths"] == {"compiled (AOT)": 2}
+    assert calls[("cudagraph", 13)]["layer_calls"] == 0 and calls[("cudagraph", 13)]["graph_hits"] == 1
+    assert saved["evidence"]["first_compiled_call"]["tiles"] == 13
+    assert saved["evidence"]["during_timing"]["graph_hits"] > 0
+    assert saved["weights"]["layer_scale"] == 0.1
+    assert saved["tolerance"]["layers"] == 2
+    md = enc.results_markdown(saved)
+    assert "| 4 |" in md and "error" in md and "compiled (AOT): 2" in md
+
+
 # -- a real engine ---------------------------------------------------------------------------------
 
 @pytest.mark.vllm

@@ -722,7 +722,7 @@ def run(opts: EncoderBenchOptions, log=print) -> dict:
         llm = LLM(**kw)
         doc["engine"]["init_s"] = round(time.perf_counter() - t0, 2)
         say(f"engine ready in {doc['engine']['init_s']} s")
-        _measure(llm, opts, modes, cuda, rec, say)
+        _measure(EncoderHarness(llm, cuda), opts, modes, rec, say)
         doc["complete"] = True
     except Exception as e:  # keep what was measured; the caller exits non-zero
         rec.error("run", e)
@@ -742,16 +742,22 @@ def run(opts: EncoderBenchOptions, log=print) -> dict:
     return doc
 
 
-def _measure(llm, opts: EncoderBenchOptions, modes: tuple[str, ...], cuda: bool,
+def _measure(h: "EncoderHarness", opts: EncoderBenchOptions, modes: tuple[str, ...],
              rec: Recorder, say):
+    """Everything after the engine start, on harness `h` (a fake one in the unit tests)."""
     import torch
-    import vllm
 
     doc = rec.doc
-    doc["versions"].update(vllm=vllm.__version__, torch=torch.__version__)
+    cuda = h.cuda
+    try:
+        import vllm
+
+        doc["versions"]["vllm"] = vllm.__version__
+    except Exception:
+        pass
+    doc["versions"]["torch"] = torch.__version__
     if cuda:
         doc["device"]["name"] = torch.cuda.get_device_name(0)
-    h = EncoderHarness(llm, cuda)
     cfg = h.model.config
     shape = _vision_shape(cfg)
     doc["model"]["vision"] = shape
@@ -809,6 +815,7 @@ def _measure(llm, opts: EncoderBenchOptions, modes: tuple[str, ...], cuda: bool,
             rec.error("first compiled call (13 tiles)", e)
             say(f"the 13-tile compiled warm-up failed: {_err(e)}; dropping compiled modes")
             active = [m for m in active if m == "eager"]
+            doc["modes_run"] = active
     rec.save()
 
     # which path each mode takes, one call each, at one-tile and multi-tile batches
