@@ -49,6 +49,10 @@ class VitShape:
     mlp: int
     image_size: int = 448
     patch: int = 14
+    norm_type: str = "layer_norm"
+    qk_normalization: bool = False
+    qkv_bias: bool = True
+    initializer_factor: float = 1.0  # InternViT's initial layer scale ls1/ls2
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,14 @@ PRESETS: dict[str, Preset] = {
                            LMShape(1536, 28, 12, 2, 8960, 151674)),
     "internvl3-8b": Preset("internvl3-8b", "OpenGVLab/InternVL3-8B", _VIT_300M,
                            LMShape(3584, 28, 28, 4, 18944, 151674)),
+    # InternVL3-38B's encoder, InternViT-6B-448px-V2_5 (config of its V1-5 predecessor, same
+    # architecture: huggingface.co/OpenGVLab/InternViT-6B-448px-V1-5/blob/main/config.json),
+    # with the smallest LM: Qwen2-0.5B shapes (the projector maps 4 x 3200 to any LM width)
+    "internvit-6b": Preset("internvit-6b", "OpenGVLab/InternVL3-38B vision encoder + 0.5B LM",
+                           VitShape(hidden=3200, layers=45, heads=25, mlp=12800,
+                                    norm_type="rms_norm", qk_normalization=True,
+                                    qkv_bias=False, initializer_factor=0.1),
+                           LMShape(896, 24, 14, 2, 4864, 151674)),
 }
 
 
@@ -97,10 +109,11 @@ def build_config(p: Preset) -> dict:
         "hidden_size": vit.hidden, "num_hidden_layers": vit.layers,
         "num_attention_heads": vit.heads, "intermediate_size": vit.mlp,
         "image_size": vit.image_size, "patch_size": vit.patch, "num_channels": 3,
-        "hidden_act": "gelu", "norm_type": "layer_norm", "layer_norm_eps": 1e-6,
-        "qk_normalization": False, "qkv_bias": True, "use_flash_attn": True,
+        "hidden_act": "gelu", "norm_type": vit.norm_type, "layer_norm_eps": 1e-6,
+        "qk_normalization": vit.qk_normalization, "qkv_bias": vit.qkv_bias, "use_flash_attn": True,
         "dropout": 0.0, "drop_path_rate": 0.0, "attention_dropout": 0.0,
-        "initializer_factor": 1.0, "initializer_range": 0.02, "torch_dtype": "bfloat16",
+        "initializer_factor": vit.initializer_factor, "initializer_range": 0.02,
+        "torch_dtype": "bfloat16",
     }
     return {
         "architectures": ["InternVLChatModel"],

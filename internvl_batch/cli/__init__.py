@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from .bench import bench
+from .bench_encoder import bench_encoder
 from .cache import cache
 from .merge import merge
 from .model import data, model
@@ -36,6 +37,7 @@ cli.add_command(cache)
 cli.add_command(merge)
 cli.add_command(slurm)
 cli.add_command(bench)
+cli.add_command(bench_encoder)
 cli.add_command(show)
 cli.add_command(score)
 
