@@ -27,7 +27,17 @@ left() { echo $(( DEADLINE - $(el) )); }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 
-# run NAME LIMIT ARGS...: one bench-encoder process; 0 if it left a result file
+# measured NAME: 0 if NAME.json holds at least one timed (mode, batch)
+measured() {
+  python3 - "$OUT/$1.json" <<'PY' 2>/dev/null
+import json, sys
+d = json.load(open(sys.argv[1]))
+sys.exit(0 if any(m.get("ms", {}).get("median") for b in d["batches"]
+                  for m in b["modes"].values()) else 1)
+PY
+}
+
+# run NAME LIMIT ARGS...: one bench-encoder process; 0 if it measured anything
 run() {
   local name=$1 limit=$2; shift 2
   [ "$(left)" -lt 60 ] && { echo "[$(el) s] skip $name: $(left) s left"; return 1; }
@@ -38,7 +48,8 @@ run() {
   local rc=$?
   echo "[$(el) s] $name exit $rc"
   grep -E '^\[ *[0-9.]+ s\]' "$OUT/$name.log" | tail -14
-  [ -f "$OUT/$name.json" ]
+  grep -E 'Error|error' "$OUT/$name.log" | grep -v INFO | tail -3
+  measured "$name"
 }
 
 # 300M (InternVL3-1B; the 2B has the same encoder)
