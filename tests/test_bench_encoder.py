@@ -396,7 +396,7 @@ class FakeHarness:
         from contextlib import contextmanager
         from collections import Counter
 
-        torch, nn = torch_mod, torch_mod.nn
+        torch = torch_mod
         self.torch = torch
         self.model = _fake_internvl()
         self.model.config = SimpleNamespace(

@@ -55,7 +55,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -1018,7 +1018,7 @@ def results_markdown(doc: dict) -> str:
               f"{'between CUDA events' if dev.get('cuda') else 'by wall clock'} "
               f"(median, {int(CONFIDENCE * 100)} % order-statistics interval); speed-up = median "
               f"of per-round eager/mode ratios with its interval.",
-              f"- Modes: " + "; ".join(f"`{m}` {doc.get('labels', {}).get(m, m)}" for m in modes),
+              "- Modes: " + "; ".join(f"`{m}` {doc.get('labels', {}).get(m, m)}" for m in modes),
               f"- Tiles grouped into images of ≤ {TILES_PER_IMAGE} tiles; pixels N(0, 1); "
               f"weights re-initialised in place (N(0, {opts.get('init_std')}) matrices, norms 1, "
               f"biases 0, layer scale {opts.get('layer_scale')}, seed {opts.get('seed')}).",
