@@ -38,7 +38,8 @@ def engine_options(fn):
     opts = [
         click.option("--model", default="preset:tiny", show_default=True,
                      help="Checkpoint dir, hub id, or preset:{tiny,internvl3-1b,internvl3-2b,"
-                          "internvl3-8b} (synthesized once under the cache dir, dummy weights)."),
+                          "internvl3-8b}[+weights|+dummy] (synthesized once under the cache dir; "
+                          "tiny has random weights, the others dummy unless +weights)."),
         click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
                      help="torch.compile the InternViT encoder (CUDA only; safe warm-up)."),
         click.option("--max-dynamic-patch", type=int, default=None,
@@ -50,7 +51,8 @@ def engine_options(fn):
                      help="Fraction of GPU memory (on CPU: of RAM for the KV cache)."),
         click.option("--dtype", default="auto", show_default=True),
         click.option("--load-format", default=None,
-                     help="vLLM load format (default: dummy for synthesized checkpoints)."),
+                     help="vLLM load format (default: dummy for synthesized checkpoints "
+                          "without weights)."),
         click.option("--enforce-eager", is_flag=True, help="No torch.compile, no CUDA graphs."),
         click.option("--mm-cache-gb", type=float, default=None,
                      help="vLLM multimodal processor cache size (0: off)."),
@@ -190,12 +192,16 @@ def model():
 @click.option("--preset", required=True,
               type=click.Choice(["tiny", "internvl3-1b", "internvl3-2b", "internvl3-8b"]))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def model_synth(preset, out):
-    """Write a loadable InternVL checkpoint directory (load with dummy weights)."""
+@click.option("--weights", is_flag=True,
+              help="Also write random model.safetensors at trained-like scales (outputs then "
+                   "depend on the image; 1B: ~2 GB), instead of relying on dummy weights.")
+def model_synth(preset, out, weights):
+    """Write a loadable InternVL checkpoint directory."""
     from ..checkpoint import synthesize
 
-    path = synthesize(preset, out)
-    click.echo(f"wrote {preset} to {path} (vLLM: trust_remote_code=True, load_format='dummy')")
+    path = synthesize(preset, out, weights=weights)
+    fmt = "auto" if weights else "dummy"
+    click.echo(f"wrote {preset} to {path} (vLLM: trust_remote_code=True, load_format='{fmt}')")
 
 
 # -- data -----------------------------------------------------------------------------------
