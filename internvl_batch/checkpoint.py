@@ -527,17 +527,26 @@ def ensure(preset: str, root: str | os.PathLike, *, weights: bool | None = None)
     """
     if weights is None:
         weights = PRESETS[preset].weights if preset in PRESETS else False
+    import fcntl
+
     out = Path(root) / (preset + ("-weights" if weights else ""))
     if (out / SYNTH_MARKER).is_file():
         return out
-    tmp = Path(root) / f".{out.name}.tmp{os.getpid()}"
-    synthesize(preset, tmp, weights=weights)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process won the race: use theirs
-        import shutil
+    # replicas and array tasks may all ask at once: one writes (1B weights: ~2 GB, half a
+    # minute), the others wait for it instead of each drawing their own copy
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / SYNTH_MARKER).is_file():
+            return out
+        tmp = Path(root) / f".{out.name}.tmp{os.getpid()}"
+        synthesize(preset, tmp, weights=weights)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # an older, lockless writer won the race: use theirs
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

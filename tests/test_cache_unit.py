@@ -394,7 +394,8 @@ def test_resolve_preset_once(tmp_path):
     again = cc.resolve(spec)
     assert again.model == str(path)
     assert all(f.stat().st_mtime == old for f in path.iterdir())  # not rewritten
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-weights"]  # no temp
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        ".tiny-weights.lock", "tiny-weights"]  # no temp dirs
     dummy = cc.resolve(EngineSpec(model="preset:tiny+dummy"))
     assert dummy.model == str(tmp_path.resolve() / "models" / "tiny")
 

@@ -161,7 +161,31 @@ def test_ensure_is_idempotent(tmp_path):
     b = checkpoint.ensure("tiny", tmp_path)
     assert a == b == tmp_path / "tiny-weights"  # tiny's default: with weights
     assert {p.name: p.stat().st_mtime_ns for p in b.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-weights"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-weights.lock", "tiny-weights"]
+
+
+def test_ensure_writes_once_when_asked_at_once(tmp_path, monkeypatch):
+    """Replicas resolving the same preset together: one draws the weights, the others wait."""
+    import threading
+    import time
+
+    calls = []
+    real = checkpoint.synthesize
+
+    def slow(*a, **kw):
+        calls.append(a)
+        time.sleep(0.5)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(checkpoint, "synthesize", slow)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(checkpoint.ensure("tiny", tmp_path)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got == [tmp_path / "tiny-weights"] * 3
 
 
 # -- the config module under transformers ----------------------------------------------------------
