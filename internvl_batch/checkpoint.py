@@ -1,11 +1,17 @@
-"""Synthesized InternVL checkpoints: real architectures, no weights.
+"""Synthesized InternVL checkpoints: real architectures, random weights.
 
 No weights can be downloaded on the hosts this runs on, and benchmarks only need the compute
-shape, so we write the directory a real OpenGVLab InternVL3 checkpoint has *minus* the
-safetensors: ``config.json`` mirroring the published configs, the config module that
-``trust_remote_code`` imports through ``auto_map``, and a byte-level BPE tokenizer that knows
-the chat and image tokens. vLLM loads it with ``load_format="dummy"`` (random weights, same
-FLOPs). A ``synth.json`` marker tells the engine to default to dummy weights.
+shape, so we write the directory a real OpenGVLab InternVL3 checkpoint has: ``config.json``
+mirroring the published configs, the config module that ``trust_remote_code`` imports through
+``auto_map``, and a byte-level BPE tokenizer that knows the chat and image tokens.
+
+Weights come in two kinds. Without safetensors vLLM loads the directory with
+``load_format="dummy"``: every parameter, norms included, drawn from U(±0.001), so logits are
+nearly flat and every image gets the same caption. With ``weights=True`` we also write
+``model.safetensors`` (sharded above `SHARD_BYTES`, with the index vLLM reads) drawn at the
+scales of a freshly initialised trained model (`weight_layout`), so outputs depend on the
+input and compiled-vs-eager comparisons compare something. A ``synth.json`` marker records
+which kind a directory holds; the engine picks the load format from it.
 """
 from __future__ import annotations
 
@@ -21,6 +27,10 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 IMAGE_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
                 "<box>", "</box>"]
 SYNTH_MARKER = "synth.json"
+WEIGHTS_SEED = 0
+# bump when weight_layout's scales change: it is part of the compile-cache key
+WEIGHTS_SCHEME = "normal0.02-v1"
+SHARD_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -62,15 +72,18 @@ class Preset:
     vit: VitShape
     lm: LMShape
     max_dynamic_patch: int = 12
+    weights: bool = False  # what `preset:NAME` (no +weights/+dummy) gets
 
 
 _VIT_300M = VitShape(hidden=1024, layers=24, heads=16, mlp=4096)
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "tiny (CPU tests)",
                    VitShape(hidden=64, layers=2, heads=4, mlp=128, image_size=224),
-                   LMShape(hidden=128, layers=2, heads=2, kv_heads=1, mlp=256, vocab=4096,
-                           tie_embeddings=True),
-                   max_dynamic_patch=4),
+                   # untied: with tied random embeddings the argmax at every step is the
+                   # input token itself, so all 17 sample images got one caption (measured);
+                   # untied, 15 of 17 differ. InternVL3-1B/2B/8B are untied too.
+                   LMShape(hidden=128, layers=2, heads=2, kv_heads=1, mlp=256, vocab=4096),
+                   max_dynamic_patch=4, weights=True),
     "internvl3-1b": Preset("internvl3-1b", "OpenGVLab/InternVL3-1B", _VIT_300M,
                            LMShape(896, 24, 14, 2, 4864, 151674)),
     "internvl3-2b": Preset("internvl3-2b", "OpenGVLab/InternVL3-2B", _VIT_300M,
@@ -300,8 +313,166 @@ def _corpus():
     yield from lines
 
 
-def synthesize(preset: str, out: str | os.PathLike) -> Path:
-    """Write a loadable, weightless InternVL checkpoint for `preset` into `out`."""
+# -- weights ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tensor:
+    """One checkpoint tensor: its name as OpenGVLab's InternVL checkpoints spell it (which
+    vLLM's InternVL loader maps onto its modules), shape, and how it is drawn."""
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "normal" (std), "ones", "zeros", "const" (std holds the value)
+    std: float = 0.0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def weight_layout(p: Preset) -> list[Tensor]:
+    """Every tensor of a real InternVL3 checkpoint for `p`, with trained-like init scales.
+
+    Names and shapes follow OpenGVLab's remote code (``vision_model`` = InternVisionModel,
+    ``mlp1`` = the projector Sequential(LayerNorm, Linear, GELU, Linear), ``language_model`` =
+    Qwen2ForCausalLM); vLLM's loader refuses a checkpoint with a missing or unknown name, so
+    loading it with ``load_format="auto"`` checks this list (tests/test_checkpoint.py).
+    Scales: matrices, embeddings and the ViT's class/position embeddings N(0, 0.02); the
+    projections into the residual stream N(0, 0.02/sqrt(2·layers)) as GPT-2 initialises them,
+    so the stream does not grow with depth; norm weights 1, biases 0; InternViT's layer scales
+    (ls1, ls2) 0.1, the order of magnitude trained InternViT checkpoints carry.
+    """
+    cfg = build_config(p)
+    v, lm = cfg["vision_config"], cfg["llm_config"]
+    out: list[Tensor] = []
+
+    def normal(name, *shape, std=0.02):
+        out.append(Tensor(name, tuple(shape), "normal", std))
+
+    def norm(name, dim, bias=True):
+        out.append(Tensor(f"{name}.weight", (dim,), "ones"))
+        if bias:
+            out.append(Tensor(f"{name}.bias", (dim,), "zeros"))
+
+    def linear(name, n_out, n_in, bias=True, std=0.02):
+        normal(f"{name}.weight", n_out, n_in, std=std)
+        if bias:
+            out.append(Tensor(f"{name}.bias", (n_out,), "zeros"))
+
+    c, patch, layers = v["hidden_size"], v["patch_size"], v["num_hidden_layers"]
+    ln_bias = v.get("norm_type", "layer_norm") == "layer_norm"  # RMSNorm has no bias
+    e = "vision_model.embeddings"
+    normal(f"{e}.class_embedding", 1, 1, c)
+    normal(f"{e}.patch_embedding.weight", c, v.get("num_channels", 3), patch, patch)
+    out.append(Tensor(f"{e}.patch_embedding.bias", (c,), "zeros"))
+    normal(f"{e}.position_embedding", 1, (v["image_size"] // patch) ** 2 + 1, c)
+    resid = 0.02 / (2 * layers) ** 0.5
+    for i in range(layers):
+        b = f"vision_model.encoder.layers.{i}"
+        linear(f"{b}.attn.qkv", 3 * c, c, bias=bool(v.get("qkv_bias", True)))
+        if v.get("qk_normalization"):
+            norm(f"{b}.attn.q_norm", c, bias=False)
+            norm(f"{b}.attn.k_norm", c, bias=False)
+        linear(f"{b}.attn.proj", c, c, std=resid)
+        linear(f"{b}.mlp.fc1", v["intermediate_size"], c)
+        linear(f"{b}.mlp.fc2", c, v["intermediate_size"], std=resid)
+        norm(f"{b}.norm1", c, ln_bias)
+        norm(f"{b}.norm2", c, ln_bias)
+        out.append(Tensor(f"{b}.ls1", (c,), "const", 0.1))
+        out.append(Tensor(f"{b}.ls2", (c,), "const", 0.1))
+
+    h = lm["hidden_size"]
+    shuffled = c * int(1 / cfg["downsample_ratio"]) ** 2  # pixel shuffle folds 2x2 patches
+    norm("mlp1.0", shuffled)
+    linear("mlp1.1", h, shuffled)
+    linear("mlp1.3", h, h)
+
+    heads, kv, n = lm["num_attention_heads"], lm["num_key_value_heads"], lm["num_hidden_layers"]
+    hd = h // heads
+    resid = 0.02 / (2 * n) ** 0.5
+    m = "language_model.model"
+    normal(f"{m}.embed_tokens.weight", lm["vocab_size"], h)
+    for i in range(n):
+        b = f"{m}.layers.{i}"
+        linear(f"{b}.self_attn.q_proj", heads * hd, h)  # Qwen2: q/k/v carry biases, o not
+        linear(f"{b}.self_attn.k_proj", kv * hd, h)
+        linear(f"{b}.self_attn.v_proj", kv * hd, h)
+        linear(f"{b}.self_attn.o_proj", h, heads * hd, bias=False, std=resid)
+        linear(f"{b}.mlp.gate_proj", lm["intermediate_size"], h, bias=False)
+        linear(f"{b}.mlp.up_proj", lm["intermediate_size"], h, bias=False)
+        linear(f"{b}.mlp.down_proj", h, lm["intermediate_size"], bias=False, std=resid)
+        norm(f"{b}.input_layernorm", h, bias=False)
+        norm(f"{b}.post_attention_layernorm", h, bias=False)
+    norm(f"{m}.norm", h, bias=False)
+    if not lm["tie_word_embeddings"]:  # tied: vLLM reuses embed_tokens and skips lm_head
+        normal("language_model.lm_head.weight", lm["vocab_size"], h)
+    return out
+
+
+def _draw(t: Tensor, seed: int, dtype):
+    """One tensor, reproducible by name alone (so shards can be drawn in any order)."""
+    import zlib
+
+    import torch
+
+    if t.init == "ones":
+        return torch.ones(t.shape, dtype=dtype)
+    if t.init == "zeros":
+        return torch.zeros(t.shape, dtype=dtype)
+    if t.init == "const":
+        return torch.full(t.shape, t.std, dtype=dtype)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(t.name.encode()))
+    x = torch.randn(t.shape, generator=g, dtype=torch.float32)
+    return x.mul_(t.std).to(dtype)
+
+
+def write_weights(preset: str, out: str | os.PathLike, *, seed: int = WEIGHTS_SEED,
+                  dtype: str = "bfloat16", shard_bytes: int = SHARD_BYTES) -> dict:
+    """Write `preset`'s weights into `out` as safetensors; return their description.
+
+    One ``model.safetensors`` up to `shard_bytes`, above that ``model-0000k-of-0000n``
+    shards and ``model.safetensors.index.json`` (the layout Hugging Face writes and vLLM
+    reads). Shards are drawn one at a time, so memory peaks near one shard.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+              "float32": torch.float32}[dtype]
+    width = torch.tensor([], dtype=tdtype).element_size()
+    layout = weight_layout(PRESETS[preset])
+    shards: list[list[Tensor]] = [[]]
+    size = 0
+    for t in layout:
+        if shards[-1] and size + t.numel * width > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.numel * width
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else \
+        [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, shard in zip(names, shards):
+        save_file({t.name: _draw(t, seed, tdtype) for t in shard}, str(out / name),
+                  metadata={"format": "pt"})
+    total = sum(t.numel for t in layout) * width
+    if n > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total},
+             "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}},
+            indent=2))
+    return {"scheme": WEIGHTS_SCHEME, "seed": seed, "dtype": dtype, "files": names,
+            "params": sum(t.numel for t in layout), "bytes": total}
+
+
+def synthesize(preset: str, out: str | os.PathLike, *, weights: bool = False,
+               seed: int = WEIGHTS_SEED) -> Path:
+    """Write a loadable InternVL checkpoint for `preset` into `out`, with random weights
+    (`write_weights`) if `weights`, else none (vLLM then needs ``load_format="dummy"``)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -315,9 +486,12 @@ def synthesize(preset: str, out: str | os.PathLike) -> Path:
     (out / "configuration_internvl_chat.py").write_text(CONFIG_MODULE)
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": False}))
+    desc = write_weights(preset, out, seed=seed) if weights else \
+        "none (load with load_format='dummy')"
+    # the marker goes last: a directory with it is complete
     (out / SYNTH_MARKER).write_text(json.dumps(
         {"preset": preset, "mirrors": p.real_name, "vit": asdict(p.vit), "lm": asdict(p.lm),
-         "weights": "none (load with load_format='dummy')"}, indent=2))
+         "weights": desc}, indent=2))
     return out
 
 
@@ -325,23 +499,67 @@ def is_synthesized(model: str | os.PathLike) -> bool:
     return (Path(model) / SYNTH_MARKER).is_file()
 
 
-def ensure(preset: str, root: str | os.PathLike) -> Path:
+def weights_id(model: str | os.PathLike) -> str | None:
+    """What a synthesized checkpoint's weights are ("normal0.02-v1-seed0-bfloat16"), or None
+    for one without weights and for any other model (real weights need no id: the path
+    names them)."""
+    try:
+        w = json.loads((Path(model) / SYNTH_MARKER).read_text()).get("weights")
+    except (OSError, ValueError):
+        return None
+    return f"{w['scheme']}-seed{w['seed']}-{w['dtype']}" if isinstance(w, dict) else None
+
+
+def has_weights(model: str | os.PathLike) -> bool:
+    return weights_id(model) is not None
+
+
+def parse_preset(name: str) -> tuple[str, bool]:
+    """``NAME``, ``NAME+weights`` or ``NAME+dummy`` -> (preset, with weights?).
+
+    A bare name gets the preset's default: weights for tiny (CPU tests compare captions, which
+    need outputs that depend on the image), none for the large presets (their weights take
+    minutes and GBs to write, and throughput does not depend on them).
+    """
+    base, _, suffix = name.partition("+")
+    if base not in PRESETS:
+        raise ValueError(f"unknown preset {base!r}: choose from {', '.join(PRESETS)}")
+    if suffix not in ("", "weights", "dummy"):
+        raise ValueError(f"preset {name!r}: the suffix must be +weights or +dummy")
+    return base, PRESETS[base].weights if not suffix else suffix == "weights"
+
+
+def ensure(preset: str, root: str | os.PathLike, *, weights: bool | None = None) -> Path:
     """Synthesize `preset` under `root` once; later calls reuse it.
 
+    `weights` None: the preset's default (`parse_preset`). The directory is ``root/NAME`` or
+    ``root/NAME-weights`` (not "+": transformers imports the remote code under the directory's
+    name and warns about a "+"), so the two kinds never share a path (or a compile-cache entry).
     A stable path matters: vLLM's compile-cache hash includes the model path string, so jobs
     that share a cache must also share the checkpoint path.
     """
-    out = Path(root) / preset
+    if weights is None:
+        weights = PRESETS[preset].weights if preset in PRESETS else False
+    import fcntl
+
+    out = Path(root) / (preset + ("-weights" if weights else ""))
     if (out / SYNTH_MARKER).is_file():
         return out
-    tmp = Path(root) / f".{preset}.tmp{os.getpid()}"
-    synthesize(preset, tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process won the race: use theirs
-        import shutil
+    # replicas and array tasks may all ask at once: one writes (1B weights: ~2 GB, half a
+    # minute), the others wait for it instead of each drawing their own copy
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / SYNTH_MARKER).is_file():
+            return out
+        tmp = Path(root) / f".{out.name}.tmp{os.getpid()}"
+        synthesize(preset, tmp, weights=weights)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # an older, lockless writer won the race: use theirs
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -74,7 +74,7 @@ class EngineSpec:
     gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, small on CPU
     dtype: str = "auto"
     seed: int = 0
-    load_format: str | None = None  # None: "dummy" for synthesized checkpoints, else "auto"
+    load_format: str | None = None  # None: "dummy" for weightless synthesized ones, else "auto"
     enforce_eager: bool = False
     mm_cache_gb: float | None = None  # vLLM's multimodal processor cache; 0 turns it off
     kv_cache_gb: float | None = None  # a fixed KV cache instead of profiling free memory

@@ -198,7 +198,9 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
     kw: dict = dict(
         model=model, trust_remote_code=True, seed=spec.seed, dtype=spec.dtype,
         max_model_len=spec.max_model_len, limit_mm_per_prompt={"image": 1},
-        load_format=spec.load_format or ("dummy" if synthesized else "auto"),
+        # a synthesized checkpoint without safetensors has nothing for "auto" to load
+        load_format=spec.load_format or
+        ("dummy" if synthesized and not checkpoint.has_weights(model) else "auto"),
         # the CPU backend sizes its KV cache from host RAM with this fraction
         gpu_memory_utilization=spec.gpu_memory_utilization or
         (gpu_memory_fraction() if cuda else CPU_FRACTION),

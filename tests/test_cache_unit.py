@@ -385,7 +385,7 @@ def test_resolve_preset_once(tmp_path):
     cc = CompileCache(tmp_path)
     spec = EngineSpec(model="preset:tiny", max_model_len=4096)
     got = cc.resolve(spec)
-    path = tmp_path.resolve() / "models" / "tiny"
+    path = tmp_path.resolve() / "models" / "tiny-weights"  # tiny's default: with weights
     assert got.model == str(path) and got.max_model_len == 4096
     assert (path / "config.json").is_file() and (path / "synth.json").is_file()
     old = 1_600_000_000
@@ -394,7 +394,25 @@ def test_resolve_preset_once(tmp_path):
     again = cc.resolve(spec)
     assert again.model == str(path)
     assert all(f.stat().st_mtime == old for f in path.iterdir())  # not rewritten
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny"]  # no temp dirs
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        ".tiny-weights.lock", "tiny-weights"]  # no temp dirs
+    dummy = cc.resolve(EngineSpec(model="preset:tiny+dummy"))
+    assert dummy.model == str(tmp_path.resolve() / "models" / "tiny")
+
+
+def test_key_tells_synthesized_weights_from_dummy(tmp_path):
+    """Same config, same path: weights change every output, so they change the key; a
+    weightless checkpoint's fields are what they were before weights existed."""
+    from internvl_batch import checkpoint
+
+    d = checkpoint.synthesize("tiny", tmp_path / "m")
+    dummy = cache_mod.key_fields(EngineSpec(model=str(d)))
+    assert "weights" not in dummy
+    checkpoint.synthesize("tiny", tmp_path / "m", weights=True)
+    real = cache_mod.key_fields(EngineSpec(model=str(d)))
+    assert real["weights"] == f"{checkpoint.WEIGHTS_SCHEME}-seed0-bfloat16"
+    assert {k: v for k, v in real.items() if k != "weights"} == dummy
+    assert entry_key(real) != entry_key(dummy)
 
 
 def test_start_engine_compile_on_cpu_fails_before_the_cache_is_touched(tmp_path, monkeypatch):
@@ -424,6 +442,9 @@ def test_resolve_other_models(tmp_path):
 
     assert str(e.value) == f"unknown preset 'nope': choose from {', '.join(PRESETS)}"
     assert ", ".join(PRESETS).startswith("tiny, internvl3-1b, internvl3-2b, internvl3-8b")
+    with pytest.raises(ConfigError) as e:
+        cc.resolve(EngineSpec(model="preset:tiny+real"))
+    assert str(e.value) == "preset 'tiny+real': the suffix must be +weights or +dummy"
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "link").symlink_to(real)

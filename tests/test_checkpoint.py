@@ -93,7 +93,7 @@ def test_tiny_is_small_and_consistent(synth):
     assert v["hidden_size"] % v["num_attention_heads"] == 0
     assert v["image_size"] % v["patch_size"] == 0 and cfg["force_image_size"] == v["image_size"]
     assert cfg["max_dynamic_patch"] == 4 and lm["vocab_size"] == 4096
-    assert lm["tie_word_embeddings"] is True
+    assert lm["tie_word_embeddings"] is False  # tied random embeddings: one caption for all
 
 
 def test_lm_shape_validation():
@@ -159,9 +159,33 @@ def test_ensure_is_idempotent(tmp_path):
     a = checkpoint.ensure("tiny", tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in a.iterdir()}
     b = checkpoint.ensure("tiny", tmp_path)
-    assert a == b == tmp_path / "tiny"
+    assert a == b == tmp_path / "tiny-weights"  # tiny's default: with weights
     assert {p.name: p.stat().st_mtime_ns for p in b.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-weights.lock", "tiny-weights"]
+
+
+def test_ensure_writes_once_when_asked_at_once(tmp_path, monkeypatch):
+    """Replicas resolving the same preset together: one draws the weights, the others wait."""
+    import threading
+    import time
+
+    calls = []
+    real = checkpoint.synthesize
+
+    def slow(*a, **kw):
+        calls.append(a)
+        time.sleep(0.5)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(checkpoint, "synthesize", slow)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(checkpoint.ensure("tiny", tmp_path)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got == [tmp_path / "tiny-weights"] * 3
 
 
 # -- the config module under transformers ----------------------------------------------------------
@@ -217,3 +241,175 @@ def test_model_config_hash_falls_back_to_config_text(tmp_path):
     text = json.dumps({"model_type": "certainly-not-a-model-type"})
     (tmp_path / "config.json").write_text(text)
     assert cache.model_config_hash(str(tmp_path)) == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+def _layout(preset):
+    return {t.name: t for t in checkpoint.weight_layout(checkpoint.PRESETS[preset])}
+
+
+def test_weight_layout_names_and_shapes_tiny():
+    """The names of OpenGVLab's InternVL3 checkpoints (vision_model / mlp1 / language_model),
+    with shapes from the config; loading them in real vLLM is the full check
+    (test_integration.py::test_synthesized_weights_give_per_image_captions)."""
+    lay = _layout("tiny")
+    cfg = checkpoint.config_copy("tiny")
+    v, lm = cfg["vision_config"], cfg["llm_config"]
+    c, h, vocab = v["hidden_size"], lm["hidden_size"], lm["vocab_size"]
+    hd = h // lm["num_attention_heads"]
+    expect = {
+        "vision_model.embeddings.class_embedding": (1, 1, c),
+        "vision_model.embeddings.patch_embedding.weight": (c, 3, 14, 14),
+        "vision_model.embeddings.patch_embedding.bias": (c,),
+        "vision_model.embeddings.position_embedding": (1, (224 // 14) ** 2 + 1, c),
+        "mlp1.0.weight": (4 * c,), "mlp1.0.bias": (4 * c,),
+        "mlp1.1.weight": (h, 4 * c), "mlp1.1.bias": (h,),
+        "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,),
+        "language_model.model.embed_tokens.weight": (vocab, h),
+        "language_model.model.norm.weight": (h,),
+        "language_model.lm_head.weight": (vocab, h),
+    }
+    for i in range(v["num_hidden_layers"]):
+        b = f"vision_model.encoder.layers.{i}"
+        expect.update({
+            f"{b}.attn.qkv.weight": (3 * c, c), f"{b}.attn.qkv.bias": (3 * c,),
+            f"{b}.attn.proj.weight": (c, c), f"{b}.attn.proj.bias": (c,),
+            f"{b}.mlp.fc1.weight": (v["intermediate_size"], c),
+            f"{b}.mlp.fc1.bias": (v["intermediate_size"],),
+            f"{b}.mlp.fc2.weight": (c, v["intermediate_size"]), f"{b}.mlp.fc2.bias": (c,),
+            f"{b}.norm1.weight": (c,), f"{b}.norm1.bias": (c,),
+            f"{b}.norm2.weight": (c,), f"{b}.norm2.bias": (c,),
+            f"{b}.ls1": (c,), f"{b}.ls2": (c,)})
+    for i in range(lm["num_hidden_layers"]):
+        b = f"language_model.model.layers.{i}"
+        kv = lm["num_key_value_heads"] * hd
+        expect.update({
+            f"{b}.self_attn.q_proj.weight": (h, h), f"{b}.self_attn.q_proj.bias": (h,),
+            f"{b}.self_attn.k_proj.weight": (kv, h), f"{b}.self_attn.k_proj.bias": (kv,),
+            f"{b}.self_attn.v_proj.weight": (kv, h), f"{b}.self_attn.v_proj.bias": (kv,),
+            f"{b}.self_attn.o_proj.weight": (h, h),
+            f"{b}.mlp.gate_proj.weight": (lm["intermediate_size"], h),
+            f"{b}.mlp.up_proj.weight": (lm["intermediate_size"], h),
+            f"{b}.mlp.down_proj.weight": (h, lm["intermediate_size"]),
+            f"{b}.input_layernorm.weight": (h,), f"{b}.post_attention_layernorm.weight": (h,)})
+    assert {n: t.shape for n, t in lay.items()} == expect
+
+
+def test_weight_layout_1b_size_and_tied_head():
+    lay = _layout("internvl3-1b")
+    # OpenGVLab lists InternVL3-1B at 0.9B parameters (InternViT-300M + Qwen2.5-0.5B)
+    assert sum(t.numel for t in lay.values()) == 938_193_024
+    assert lay["mlp1.1.weight"].shape == (896, 4096)
+    assert lay["language_model.model.layers.23.self_attn.k_proj.weight"].shape == (128, 896)
+    assert lay["language_model.lm_head.weight"].shape == (151674, 896)
+    import dataclasses
+
+    tied = dataclasses.replace(checkpoint.PRESETS["tiny"], lm=dataclasses.replace(
+        checkpoint.PRESETS["tiny"].lm, tie_embeddings=True))
+    names = {t.name for t in checkpoint.weight_layout(tied)}
+    assert "language_model.lm_head.weight" not in names  # vLLM skips it when tied
+    assert names == set(_layout("tiny")) - {"language_model.lm_head.weight"}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    return checkpoint.synthesize("tiny", tmp_path_factory.mktemp("w") / "tiny", weights=True)
+
+
+def test_weights_statistics(tiny_weights):
+    import torch
+    from safetensors.torch import load_file
+
+    assert sorted(p.name for p in tiny_weights.glob("model*")) == ["model.safetensors"]
+    got = load_file(str(tiny_weights / "model.safetensors"))
+    lay = _layout("tiny")
+    assert set(got) == set(lay)
+    resid_v, resid_lm = 0.02 / (2 * 2) ** 0.5, 0.02 / (2 * 2) ** 0.5  # 2 layers each
+    for name, t in lay.items():
+        x = got[name]
+        assert x.dtype == torch.bfloat16 and tuple(x.shape) == t.shape, name
+        x = x.float()
+        if name.endswith(("norm.weight", "layernorm.weight", "norm1.weight", "norm2.weight",
+                          "mlp1.0.weight")):
+            assert torch.equal(x, torch.ones_like(x)), name
+        elif name.endswith("bias"):
+            assert torch.equal(x, torch.zeros_like(x)), name
+        elif name.endswith((".ls1", ".ls2")):
+            assert torch.allclose(x, torch.full_like(x, 0.1), rtol=1e-2), name
+        else:
+            want = resid_lm if name.endswith(("o_proj.weight", "down_proj.weight")) else \
+                resid_v if name.endswith(("attn.proj.weight", "fc2.weight")) else 0.02
+            assert t.init == "normal" and t.std == pytest.approx(want), name
+            tol = 4 / (2 * x.numel()) ** 0.5  # ~4 standard errors of a sample std
+            assert abs(x.std().item() / want - 1) < tol + 0.01, (name, x.std().item())
+            assert abs(x.mean().item()) < 4 * want / x.numel() ** 0.5 + 1e-4, name
+    # distinct tensors are independent draws, not one stream reused
+    a, b = got["language_model.model.embed_tokens.weight"], got["language_model.lm_head.weight"]
+    assert not torch.equal(a, b)
+    marker = json.loads((tiny_weights / "synth.json").read_text())["weights"]
+    assert marker["files"] == ["model.safetensors"] and marker["seed"] == checkpoint.WEIGHTS_SEED
+    assert marker["params"] == sum(t.numel for t in lay.values())
+    assert marker["bytes"] == (tiny_weights / "model.safetensors").stat().st_size - \
+        _header_bytes(tiny_weights / "model.safetensors")
+
+
+def _header_bytes(path: Path) -> int:
+    import struct
+
+    with open(path, "rb") as f:
+        return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+def test_weights_are_reproducible_and_seeded(tiny_weights, tmp_path):
+    from safetensors.torch import load_file
+
+    again = checkpoint.write_weights("tiny", tmp_path / "same")
+    assert (tmp_path / "same" / "model.safetensors").read_bytes() == \
+        (tiny_weights / "model.safetensors").read_bytes()
+    assert again["scheme"] == checkpoint.WEIGHTS_SCHEME
+    checkpoint.write_weights("tiny", tmp_path / "other", seed=1)
+    x = load_file(str(tmp_path / "other" / "model.safetensors"))
+    y = load_file(str(tiny_weights / "model.safetensors"))
+    assert not (x["mlp1.1.weight"] == y["mlp1.1.weight"]).all()
+
+
+def test_weights_shard_with_an_index(tiny_weights, tmp_path):
+    from safetensors import safe_open
+
+    desc = checkpoint.write_weights("tiny", tmp_path, shard_bytes=600_000)
+    n = len(desc["files"])
+    assert n >= 3 and desc["files"][0] == f"model-00001-of-{n:05d}.safetensors"
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == desc["bytes"]
+    assert set(index["weight_map"]) == set(_layout("tiny"))
+    seen = {}
+    for f in desc["files"]:
+        with safe_open(str(tmp_path / f), "pt") as st:
+            for k in st.keys():
+                seen[k] = f
+                # the same tensor as in the one-file checkpoint: drawn by name, not by order
+                with safe_open(str(tiny_weights / "model.safetensors"), "pt") as one:
+                    assert (st.get_tensor(k) == one.get_tensor(k)).all(), k
+    assert seen == index["weight_map"]
+
+
+def test_weights_marker_parse_and_ensure(tiny_weights, synth, tmp_path):
+    assert checkpoint.weights_id(tiny_weights) == \
+        f"{checkpoint.WEIGHTS_SCHEME}-seed0-bfloat16"
+    assert checkpoint.has_weights(tiny_weights)
+    assert not checkpoint.has_weights(synth["tiny"]) and checkpoint.weights_id(synth["tiny"]) is None
+    assert not checkpoint.has_weights("OpenGVLab/InternVL3-1B")
+    assert checkpoint.parse_preset("tiny") == ("tiny", True)
+    assert checkpoint.parse_preset("tiny+dummy") == ("tiny", False)
+    assert checkpoint.parse_preset("internvl3-1b") == ("internvl3-1b", False)
+    assert checkpoint.parse_preset("internvl3-1b+weights") == ("internvl3-1b", True)
+    with pytest.raises(ValueError, match="must be \\+weights or \\+dummy"):
+        checkpoint.parse_preset("tiny+real")
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        checkpoint.parse_preset("huge+weights")
+    w = checkpoint.ensure("tiny", tmp_path)
+    d = checkpoint.ensure("tiny", tmp_path, weights=False)
+    assert (w.name, d.name) == ("tiny-weights", "tiny")
+    assert checkpoint.has_weights(w) and not checkpoint.has_weights(d)
+    assert not list(d.glob("*.safetensors"))

@@ -265,6 +265,10 @@ def test_model_synth_cli(tmp_path):
     assert res.output == (f"wrote tiny to {tmp_path / 'm'} (vLLM: trust_remote_code=True, "
                           "load_format='dummy')\n")
     assert json.loads((tmp_path / "m" / "synth.json").read_text())["preset"] == "tiny"
+    res = CliRunner().invoke(cli, ["model", "synth", "--preset", "tiny", "--weights", "--out",
+                                   str(tmp_path / "w")])
+    assert res.exit_code == 0 and res.output.endswith("load_format='auto')\n")
+    assert (tmp_path / "w" / "model.safetensors").is_file()
     res = CliRunner().invoke(cli, ["model", "synth", "--preset", "huge", "--out", "x"])
     assert res.exit_code == 2 and "Invalid value for '--preset'" in res.output
 

@@ -213,7 +213,7 @@ def test_engine_module_imports_nothing_heavy():
 def synth_dir(tmp_path_factory):
     from internvl_batch.checkpoint import ensure
 
-    return ensure("tiny", tmp_path_factory.mktemp("models"))
+    return ensure("tiny", tmp_path_factory.mktemp("models"), weights=False)
 
 
 def test_llm_kwargs_cpu_synth(synth_dir):
@@ -226,6 +226,18 @@ def test_llm_kwargs_cpu_synth(synth_dir):
         "load_format": "dummy", "gpu_memory_utilization": 0.2, "enforce_eager": False,
     }
     assert "compilation_config" not in kw
+
+
+def test_llm_kwargs_synth_with_weights(tmp_path):
+    """A synthesized checkpoint with safetensors loads them; one without gets dummy."""
+    from internvl_batch import engine
+    from internvl_batch.checkpoint import ensure
+
+    with_weights = ensure("tiny", tmp_path)  # tiny's default
+    assert engine.llm_kwargs(EngineSpec(model=str(with_weights)), cuda=False)["load_format"] \
+        == "auto"
+    assert engine.llm_kwargs(EngineSpec(model=str(with_weights), load_format="dummy"),
+                             cuda=False)["load_format"] == "dummy"  # asked for: obeyed
 
 
 def test_llm_kwargs_optional_fields(synth_dir):

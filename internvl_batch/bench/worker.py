@@ -64,8 +64,13 @@ class Worker:
             self.plain = load_plain(Path(c["plain_script"]) if c.get("plain_script") else None)
             os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
             t0 = time.perf_counter()
-            self.llm = self.plain.make_llm(c["model"], c["gpu_memory_utilization"],
-                                           c["max_dynamic_patch"])
+            from .. import checkpoint
+
+            # what our engine loads (engine.llm_kwargs), or captions could not be compared
+            self.llm = self.plain.make_llm(
+                c["model"], c["gpu_memory_utilization"], c["max_dynamic_patch"],
+                dummy_weights=checkpoint.is_synthesized(c["model"]) and
+                not checkpoint.has_weights(c["model"]))
             init = {"total_s": round(time.perf_counter() - t0, 3)}
             import torch
             import vllm

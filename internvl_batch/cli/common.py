@@ -66,7 +66,8 @@ def cache_root(value) -> Path:
 ENGINE_OPTIONS = [
     click.option("--model", default="preset:tiny", show_default=True,
                  help="Checkpoint dir, hub id, or preset:{tiny,internvl3-1b,internvl3-2b,"
-                      "internvl3-8b} (synthesized once under the cache dir, dummy weights)."),
+                      "internvl3-8b,internvit-6b}[+weights|+dummy] (synthesized once under the "
+                      "cache dir; tiny has random weights, the others dummy unless +weights)."),
     click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
                  help="torch.compile the InternViT encoder (CUDA only; safe warm-up)."),
     click.option("--max-dynamic-patch", type=int, default=None,
@@ -78,7 +79,8 @@ ENGINE_OPTIONS = [
                  help="Fraction of GPU memory (on CPU: of RAM for the KV cache)."),
     click.option("--dtype", default="auto", show_default=True),
     click.option("--load-format", default=None,
-                 help="vLLM load format (default: dummy for synthesized checkpoints)."),
+                 help="vLLM load format (default: dummy for synthesized checkpoints "
+                      "without weights)."),
     click.option("--enforce-eager", is_flag=True, help="No torch.compile, no CUDA graphs."),
     click.option("--mm-cache-gb", type=float, default=None,
                  help="vLLM multimodal processor cache size (0: off)."),

@@ -3,22 +3,28 @@ from __future__ import annotations
 
 import click
 
+from ..checkpoint import PRESETS
+
 
 @click.group()
 def model():
-    """Synthesized InternVL checkpoints (real shapes, no weights)."""
+    """Synthesized InternVL checkpoints (real shapes; random or dummy weights)."""
 
 
 @model.command("synth")
 @click.option("--preset", required=True,
-              type=click.Choice(["tiny", "internvl3-1b", "internvl3-2b", "internvl3-8b"]))
+              type=click.Choice(list(PRESETS)))
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def model_synth(preset, out):
-    """Write a loadable InternVL checkpoint directory (load with dummy weights)."""
+@click.option("--weights", is_flag=True,
+              help="Also write random model.safetensors at trained-like scales (outputs then "
+                   "depend on the image; 1B: ~2 GB), instead of relying on dummy weights.")
+def model_synth(preset, out, weights):
+    """Write a loadable InternVL checkpoint directory."""
     from ..checkpoint import synthesize
 
-    path = synthesize(preset, out)
-    click.echo(f"wrote {preset} to {path} (vLLM: trust_remote_code=True, load_format='dummy')")
+    path = synthesize(preset, out, weights=weights)
+    fmt = "auto" if weights else "dummy"
+    click.echo(f"wrote {preset} to {path} (vLLM: trust_remote_code=True, load_format='{fmt}')")
 
 
 @click.group()
