@@ -3,7 +3,8 @@
 Exit codes: 0 shard complete; 2 a user error, another run holds the shard, or its rows were
 written with other settings; 3 more than --max-error-rate of the rows failed (stopped early,
 or the finished shard as a whole); 4 the vLLM engine died; 75
-(EX_TEMPFAIL) stopped early by SIGUSR1/SIGTERM (Slurm preemption). In every case each
+(EX_TEMPFAIL) stopped early by SIGUSR1/SIGTERM (Slurm preemption); 130 stopped by SIGINT
+(Ctrl-C; the shell's convention, so a wrapper can tell a person's stop from preemption). In every case each
 finished row is kept and a rerun resumes; a batch whose engine died is never written, so its
 images are captioned by the rerun instead of becoming error rows.
 """
@@ -13,22 +14,48 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from . import __version__, fingerprint, prompts, stats as stats_mod
 from .config import EngineSpec, RunConfig
 from .engine import EngineDead, Engines
 from .images import Decoded, make_pool, prefetch
 from .outlock import ShardLock
+from .progress import Progress
 from .sinks import ShardWriter
 from .sources import open_source
 
 if TYPE_CHECKING:
     from .cache import Entry
 
-EXIT_OK, EXIT_ERROR_RATE, EXIT_ENGINE_DIED, EXIT_PREEMPTED = 0, 3, 4, 75
+EXIT_OK, EXIT_ERROR_RATE, EXIT_ENGINE_DIED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 3, 4, 75, 130
+
+
+@dataclass
+class Terminal:
+    """Where a run speaks: status lines, the reason it stopped, its final summary, and the
+    stream its progress bar draws on. The command line points these at the terminal while
+    vLLM's own output goes to a log file (console.py); tests and the bench keep the default."""
+
+    info: Callable[[str], None] = print
+    error: Callable[[str], None] | None = None  # default: info
+    summary: Callable[[dict, str], None] | None = None  # (summary, table); default: info(table)
+    # the progress bar's stream, asked for once the engine's output is redirected; default stderr
+    stream: Callable[[], TextIO] | None = None
+    quiet: bool = False  # no progress bar
+    starting: Callable[[], None] | None = None  # called once the checks pass, before the engine
+
+    def fail(self, message: str) -> None:
+        (self.error or self.info)(message)
+
+    def done(self, summary: dict, table: str) -> None:
+        if self.summary is not None:
+            self.summary(summary, table)
+        else:
+            self.info(table)
 
 
 class Stop(Exception):
@@ -38,19 +65,29 @@ class Stop(Exception):
 
 
 class _Signals:
-    """Turn SIGUSR1/SIGTERM into a flag checked between batches: finish the batch, flush."""
+    """Turn SIGUSR1/SIGTERM/SIGINT into a flag checked between batches: finish the batch,
+    flush. (On Ctrl-C vLLM's engine-core process, in our process group, stops too; the batch
+    in flight is then dropped and captioned by the rerun.)"""
 
     def __init__(self):
         self.received: int | None = None
         self._old = {}
 
     def __enter__(self):
-        for s in (signal.SIGUSR1, signal.SIGTERM):
+        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.received = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_PREEMPTED
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "none"
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -101,12 +138,14 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
     return row
 
 
-def run(cfg: RunConfig, log=print, started=None) -> int:
+def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None) -> int:
     """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks)."""
+    term = term or Terminal(info=log)
+    log = term.info
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
     writer.fingerprint = fingerprint.of(cfg)
     if writer.is_complete() and not cfg.overwrite:
-        return _complete(cfg, writer, log)
+        return _complete(cfg, writer, term)
     # raises SourceError before any model is loaded
     records = open_source(cfg.source, cfg.shard_index, cfg.num_shards)
     # one writer per shard, from before reading what is written to the final commit
@@ -115,55 +154,63 @@ def run(cfg: RunConfig, log=print, started=None) -> int:
         if cfg.overwrite:
             log(f"--overwrite: removed {', '.join(str(p) for p in writer.clear()) or 'nothing'}")
         elif writer.is_complete():  # finished by the run we waited for
-            return _complete(cfg, writer, log)
+            return _complete(cfg, writer, term)
         writer.check_settings(writer.fingerprint)  # before any engine starts
-        return _run_locked(cfg, writer, records, log, started)
+        return _run_locked(cfg, writer, records, term, started)
 
 
-def _complete(cfg: RunConfig, writer: ShardWriter, log) -> int:
+def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
     """A finished shard: nothing to do, unless it was made with other settings (exit 2) or
     too many of its rows failed (exit 3, again: a rerun must not turn a failure into 0)."""
     writer.check_settings(writer.fingerprint)
     bad = stats_mod.error_rate_exceeded(writer.final_counts(), cfg.max_error_rate)
     if bad:
-        log(f"{writer.final} is complete but {bad}")
+        term.fail(f"{writer.final} is complete but {bad}")
         return EXIT_ERROR_RATE
-    log(f"{writer.final} is complete: nothing to do (delete it to caption again)")
+    term.info(f"{writer.final} is complete: nothing to do (delete it to caption again)")
     return EXIT_OK
 
 
-def _run_locked(cfg: RunConfig, writer: ShardWriter, records, log, started) -> int:
+def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started) -> int:
     done = writer.done_ids()
     mine = (r for r in records if r.id not in done)
     if done:
-        log(f"resuming {writer.name}: {len(done)} rows already written")
+        term.info(f"resuming {writer.name}: {len(done)} rows already written")
+    if term.starting is not None:
+        term.starting()
+    progress = Progress(records.total, f"caption {writer.name}", initial=len(done),
+                        enabled=cfg.progress and not term.quiet,
+                        stream=term.stream() if term.stream else None)
     # trap preemption from the start: engine start-up alone can take minutes
     with _Signals() as sig:
         try:
-            return _run(cfg, writer, mine, len(done), sig, log, started)
+            return _run(cfg, writer, mine, progress, sig, term, started)
         except EngineDead as e:
             if sig.received:
-                log(f"stopped by signal {signal.Signals(sig.received).name}; the batch in "
-                    "flight was dropped, rows written so far are kept; rerun to resume")
-                return EXIT_PREEMPTED
-            log(f"the vLLM engine died ({e}); rows written so far are kept; rerun to resume")
+                term.fail(f"stopped by signal {sig.name}; the batch in flight was dropped, "
+                          "rows written so far are kept; rerun to resume")
+                return sig.exit_code
+            term.fail(f"the vLLM engine died ({e}); rows written so far are kept; "
+                      "rerun to resume")
             return EXIT_ENGINE_DIED
         except Exception:
             if sig.received:  # vLLM's processes got the job's SIGTERM too and died mid-start
-                log(f"stopped by signal {signal.Signals(sig.received).name} during start-up; "
-                    "rerun to resume")
-                return EXIT_PREEMPTED
+                term.fail(f"stopped by signal {sig.name} during start-up; rerun to resume")
+                return sig.exit_code
             raise
+        finally:
+            progress.close()
 
 
-def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals", log,
-         started) -> int:
+def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_Signals",
+         term: Terminal, started) -> int:
     t_start = time.perf_counter()
-    engine, entry = started or start_engines(cfg, log)
+    progress.phase("starting the engine")
+    engine, entry = started or start_engines(cfg, term.info)
     if sig.received:
         if started is None:
             engine.close()
-        raise Stop(EXIT_PREEMPTED, "signal during start-up")
+        raise Stop(sig.exit_code, "signal during start-up")
     info = engine.info()
     st = _start_stats(engine, entry, info)
     prompt_text = prompts.render(cfg.prompt)
@@ -174,7 +221,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
     mine, batch_size = fit_batches(mine, cfg.batch_size, engine.replicas)
     pool = make_pool(cfg.workers)
     stream = engine.imap(_requests(mine, pool, batch_size, prompt_text), cfg.sampling)
-    progress = _progress(cfg, n_done)
+    progress.begin()
     code, message = EXIT_OK, None
     tokens_per_tile = engine.tokens_per_tile
     try:
@@ -182,8 +229,6 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
                        lambda d, res: _row(d, prompt_text, tokens_per_tile, res))
     except Stop as s:
         code, message = s.code, str(s)
-    except KeyboardInterrupt:
-        code, message = EXIT_PREEMPTED, "interrupted; rerun the same command to resume"
     finally:
         stream.close()  # batches still at replicas are dropped: a rerun captions them
         progress.close()
@@ -200,9 +245,9 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, n_done: int, sig: "_Signals"
         if code != EXIT_OK or sys.exc_info()[0] is not None:
             writer.save_partial_stats(runs)  # an engine death too: the next run adds to these
     if code != EXIT_OK:
-        log(message)
+        term.fail(message)
         return code
-    return _finish(cfg, writer, st, runs, metadata, log)
+    return _finish(cfg, writer, st, runs, metadata, term)
 
 
 def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunStats:
@@ -252,10 +297,7 @@ def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.Ru
         st.first_batch_at = st.first_batch_at or st.last_batch_at
         writer.save_partial_stats(previous + [st.to_dict()])  # survives kill -9
         t0 = time.perf_counter()
-        progress.update(len(rows))
-        progress.set_postfix(img_s=f"{st.images / max(st.generate_s, 1e-9):.1f}",
-                             tok_s=f"{st.output_tokens / max(st.generate_s, 1e-9):.0f}",
-                             err=st.errors)
+        progress.update(len(rows), err=st.errors)
         _check_stop(cfg, st, writer, sig)
 
 
@@ -268,13 +310,13 @@ def _check_stop(cfg: RunConfig, st: stats_mod.RunStats, writer: ShardWriter,
                    f"({stats_mod.format_kinds(st.error_kinds)}); see the error column "
                    f"in {writer.parts} (rows written so far are kept)")
     if sig.received:
-        raise Stop(EXIT_PREEMPTED,
-                   f"stopped by signal {signal.Signals(sig.received).name} after "
-                   f"{st.rows} rows; rerun the same command to resume")
+        raise Stop(sig.exit_code,
+                   f"stopped by signal {sig.name} after {st.rows} rows; rerun the same "
+                   "command to resume")
 
 
 def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: list[dict],
-            metadata: dict, log) -> int:
+            metadata: dict, term: Terminal) -> int:
     """Final Parquet file, then stats.json, then the rename that makes the shard complete;
     exit 3 if too many of the whole shard's rows failed (the rows are kept: the shard is
     done)."""
@@ -285,11 +327,11 @@ def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: l
                     {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
                      "metadata": metadata})
     writer.commit()
-    log(stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} rows -> "
-                                 f"{writer.final}"))
+    term.done(summary, stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} "
+                                                f"rows -> {writer.final}"))
     bad = stats_mod.error_rate_exceeded(writer.counts, cfg.max_error_rate)
     if bad:
-        log(f"failed: {bad}; see the error column in {writer.final}")
+        term.fail(f"failed: {bad}; see the error column in {writer.final}")
         return EXIT_ERROR_RATE
     return EXIT_OK
 
@@ -323,11 +365,4 @@ def open_engines(spec: EngineSpec, cache_dir, replicas: int | None,
         return pool, pool.entry
     return cache.start_engine(spec, log=log)
 
-
-def _progress(cfg: RunConfig, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(desc=f"caption shard {cfg.shard_index}/{cfg.num_shards}", unit="img",
-                initial=initial, disable=not cfg.progress, dynamic_ncols=True,
-                file=sys.stderr, mininterval=1.0)
 

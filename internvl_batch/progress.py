@@ -36,6 +36,7 @@ class Progress:
         self._rate_t0: float | None = None  # set by begin(): engine start is not throughput
         self._last_line = 0.0
         self._bar = None
+        self._closed = False
         if enabled and self.tty:
             from tqdm import tqdm
 
@@ -96,6 +97,9 @@ class Progress:
         print(f"[{elapsed}] {self.desc}: {what}", file=self.stream, flush=True)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from itertools import islice
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -69,6 +69,26 @@ class SourceSpec:
 
 # -- the registry of readers --------------------------------------------------------------
 
+class Records:
+    """An iterator of records that knows how many it will yield where that is cheap to know
+    (a file listing, a COCO file, Parquet footers): `total`, else None. The progress bar
+    shows percent and ETA from it."""
+
+    def __init__(self, it: Iterable[Record], total: int | None):
+        self._it, self.total = iter(it), total
+
+    def __iter__(self) -> "Records":
+        return self
+
+    def __next__(self) -> Record:
+        return next(self._it)
+
+
+def shard_size(total: int, shard_index: int, num_shards: int) -> int:
+    """How many of seq 0..total-1 have seq % num_shards == shard_index."""
+    return len(range(shard_index, total, num_shards))
+
+
 class Reader:
     """One kind of dataset. A subclass sets `kind` and `usage` and writes `records()` (every
     record in dataset order, `seq` = position); the base applies --limit and picks a shard.
@@ -88,14 +108,17 @@ class Reader:
     def records(self) -> Iterator[Record]:
         raise NotImplementedError
 
-    def read(self, shard_index: int = 0, num_shards: int = 1) -> Iterator[Record]:
+    def read(self, shard_index: int = 0, num_shards: int = 1) -> Records:
         records = self.records()  # raises SourceError now, before any model is loaded
+        total = getattr(records, "total", None)
         if self.spec.limit is not None:
             # stop reading: a streamed hub dataset may be endless
             records = islice(records, self.spec.limit)
-        if num_shards == 1:
-            return records
-        return (r for r in records if r.seq % num_shards == shard_index)
+            total = min(total, self.spec.limit) if total is not None else None
+        if num_shards > 1:
+            records = (r for r in records if r.seq % num_shards == shard_index)
+        return Records(records, shard_size(total, shard_index, num_shards)
+                       if total is not None else None)
 
 
 READERS: dict[str, type[Reader]] = {}
@@ -116,8 +139,8 @@ def dataset_help() -> str:
     return " | ".join(r.usage for r in READERS.values())
 
 
-def open_source(spec: SourceSpec, shard_index: int = 0, num_shards: int = 1) -> Iterator[Record]:
-    """Yield the dataset's records in order (by default all shards, else one shard's)."""
+def open_source(spec: SourceSpec, shard_index: int = 0, num_shards: int = 1) -> Records:
+    """The dataset's records in order (by default all shards, else one shard's)."""
     return READERS[spec.kind](spec).read(shard_index, num_shards)
 
 
@@ -195,7 +218,7 @@ def _coco(spec: SourceSpec) -> Iterator[Record]:
             image_id = img.get("id", seq)
             yield Record(seq, str(image_id), name, str(path),
                          tuple(refs.get(image_id, ())))
-    return gen()
+    return Records(gen(), len(images))
 
 
 def validate_coco(doc, ann: str) -> tuple[list[dict], list[dict]]:
@@ -283,7 +306,7 @@ def _folder_records(root: Path, id_prefix: str = "") -> Iterator[Record]:
         for seq, path in enumerate(files):
             rel = path.relative_to(root).as_posix()
             yield Record(seq, id_prefix + rel, rel, str(path), captions.get(rel, ()))
-    return gen()
+    return Records(gen(), len(files))
 
 
 # -- Parquet ------------------------------------------------------------------------------
@@ -323,7 +346,8 @@ def _parquet(spec: SourceSpec) -> Iterator[Record]:
                                  ref or f"{Path(path).name}[{seq}]", payload,
                                  _captions_of(row.get(spec.caption_column)))
                     seq += 1
-    return gen()
+    # Parquet footers hold the row counts: no data is read for this
+    return Records(gen(), sum(pq.ParquetFile(f).metadata.num_rows for f in files))
 
 
 def _payload_of(value, base: Path) -> tuple[bytes | str | None, str]:
@@ -407,4 +431,5 @@ def _hf(spec: SourceSpec) -> Iterator[Record]:
             yield Record(seq, str(rid) if rid is not None else f"{spec.split}-{seq}",
                          ref or f"{target}[{spec.split}][{seq}]", payload,
                          _captions_of(row.get(spec.caption_column)))
-    return gen()
+    # a saved Dataset knows its length; a streamed one does not
+    return Records(gen(), len(ds) if hasattr(ds, "__len__") else None)

@@ -9,7 +9,7 @@ import click
 from ..config import (DEFAULT_MAX_ERROR_RATE, DEFAULT_PROMPT, PromptSpec, RunConfig, SamplingSpec,
                       shard_from_env)
 from ..sources import SourceSpec, dataset_help
-from .common import (cache_root, engine_options, exit_now, log, make_engine_spec,
+from .common import (cache_root, engine_options, exit_now, make_engine_spec,
                      restart_after_poison, user_errors)
 
 
@@ -62,10 +62,21 @@ def _replicas(ctx, param, value):
 @click.option("--wait", is_flag=True,
               help="If another run is writing this shard, wait for it instead of exiting 2.")
 @click.option("--no-progress", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True,
+              help="Print only the summary (stdout) and errors: no status lines, no bar.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also stream vLLM's and torch's log to the terminal (always in the log file "
+                   "OUTPUT/logs/SHARD.log).")
+@click.option("--json", "as_json", is_flag=True,
+              help="The summary on stdout as one JSON object instead of a table.")
 @user_errors
 def run(**kw):
     """Caption a dataset shard and write Parquet + stats.json (resumable)."""
-    from ..pipeline import run as run_pipeline
+    import json
+
+    from ..console import NORMAL, QUIET, VERBOSE, Console
+    from ..pipeline import Terminal, run as run_pipeline
+    from ..sinks import shard_name
 
     source = SourceSpec.parse(
         kw.pop("dataset"), data_dir=kw.pop("data_dir"), annotations=kw.pop("annotations"),
@@ -82,7 +93,19 @@ def run(**kw):
         num_shards=num_shards, shard_index=shard_index,
         max_error_rate=kw.pop("max_error_rate"), cache_dir=cache_root(kw.pop("cache_dir")),
         progress=not kw.pop("no_progress"), overwrite=kw.pop("overwrite"), wait=kw.pop("wait"))
-    exit_now(run_pipeline(cfg, log=log))
+    quiet, verbose, as_json = kw.pop("quiet"), kw.pop("verbose"), kw.pop("as_json")
+    if quiet and verbose:
+        raise click.UsageError("-q and -v contradict each other: pick one")
+    log_path = cfg.output / "logs" / f"{shard_name(cfg.shard_index, cfg.num_shards)}.log"
+    with Console(log_path, QUIET if quiet else VERBOSE if verbose else NORMAL) as con:
+
+        def summary(doc: dict, table: str):
+            print(json.dumps(doc, sort_keys=True) if as_json else table, file=con.out,
+                  flush=True)
+        term = Terminal(info=con.info, error=con.error, summary=summary, stream=lambda: con.err,
+                        quiet=quiet, starting=con.capture)
+        code = run_pipeline(cfg, term=term)
+    exit_now(code)
 
 
 @click.command("replica", hidden=True)
