@@ -269,7 +269,13 @@ class CompileCache:
         must_verify = (spec.compile and not naive) if verify is None else verify
         ref = self.reference(spec, log) if must_verify else None
         t0 = time.time()
-        engine = Engine(spec, entry.env(), naive_warmup=naive).start()
+        try:
+            engine = Engine(spec, entry.env(), naive_warmup=naive).start()
+        except BaseException:
+            # nothing in it is usable; left behind it would show as "incomplete" in `cache ls`
+            # and be quarantined by the next build
+            shutil.rmtree(entry.path, ignore_errors=True)
+            raise
         check = None
         if ref is not None:
             check = compare_probe(ref, run_probe(engine))

@@ -143,6 +143,9 @@ def build_config(p: Preset) -> dict:
         "use_backbone_lora": 0, "use_llm_lora": 0, "image_fold": None,
         "torch_dtype": "bfloat16", "tie_word_embeddings": lm.tie_embeddings,
         "llm_config": llm_config, "vision_config": vision_config,
+        # as OpenGVLab's checkpoints carry it; without it transformers takes the tokenizer for
+        # a Mistral one and warns of an "incorrect regex pattern" on every start
+        "transformers_version": "4.37.2",
     }
 
 

@@ -5,6 +5,7 @@ says what to do, so bad flags fail before any model is loaded.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,9 +93,29 @@ class EngineSpec:
             raise ConfigError("--kv-cache-gb must be > 0")
         if self.compile and self.enforce_eager:
             raise ConfigError("--compile and --enforce-eager contradict each other")
+        check_model_dir(self.model)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_model_dir(model: str) -> None:
+    """A checkpoint folder must hold a readable config.json: without this check vLLM fails
+    minutes later, after the engine started, with a long pydantic traceback."""
+    if model.startswith("preset:") or not os.path.isdir(model):
+        return  # presets are synthesized; hub ids and missing paths: engine.resolve_model
+    cfg = os.path.join(model, "config.json")
+    try:
+        with open(cfg) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--model {model}: no config.json there; pass a Hugging Face "
+                          "checkpoint folder (config.json, tokenizer, weights), a hub id, "
+                          "or preset:NAME") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {model}: cannot read config.json ({e})") from None
+    if not isinstance(doc, dict) or not (doc.get("model_type") or doc.get("architectures")):
+        raise ConfigError(f"--model {model}: config.json names no model_type or architectures")
 
 
 @dataclass(frozen=True)

@@ -426,6 +426,7 @@ def test_start_engine_compile_on_cpu_fails_before_the_cache_is_touched(tmp_path,
     monkeypatch.setattr(engine.Engine, "start", refuse)
     model = tmp_path / "model"
     model.mkdir()
+    (model / "config.json").write_text('{"model_type": "internvl_chat"}')
     root = tmp_path / "cache"
     with pytest.raises(ConfigError) as e:
         CompileCache(root).start_engine(EngineSpec(model=str(model), compile=True),
@@ -447,6 +448,7 @@ def test_resolve_other_models(tmp_path):
     assert str(e.value) == "preset 'tiny+real': the suffix must be +weights or +dummy"
     real = tmp_path / "real"
     real.mkdir()
+    (real / "config.json").write_text('{"model_type": "internvl_chat"}')
     (tmp_path / "link").symlink_to(real)
     assert cc.resolve(EngineSpec(model=str(tmp_path / "link"))).model == os.path.realpath(real)
     assert cc.resolve(EngineSpec(model="OpenGVLab/InternVL3-1B")).model == "OpenGVLab/InternVL3-1B"
@@ -465,6 +467,7 @@ def _poisoned_start(tmp_path, monkeypatch):
     monkeypatch.setattr(engine.Engine, "close", lambda self: None)
     model = tmp_path / "model"
     model.mkdir()
+    (model / "config.json").write_text('{"model_type": "internvl_chat"}')
     cc = CompileCache(tmp_path / "cache")
     spec = cc.resolve(EngineSpec(model=str(model), compile=True))
     entry = cc.entry(spec)
@@ -513,3 +516,34 @@ def test_command_restarts_itself_on_a_poisoned_entry(monkeypatch):
                                        "--dataset", "sample"])]
     assert os.environ[cache_mod.HEALED_ENV] == "1"
     monkeypatch.delenv(cache_mod.HEALED_ENV)
+
+
+def test_a_failed_build_leaves_no_entry(tmp_path, monkeypatch, fake_env):
+    """An engine that cannot start (a bad checkpoint, OOM) must not leave an 'incomplete'
+    entry in `cache ls` (issue 13)."""
+    from internvl_batch import engine
+
+    monkeypatch.setattr(engine.Engine, "start", lambda self: (_ for _ in ()).throw(
+        ValueError("pydantic: 74 lines of it")))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "internvl_chat"}')
+    cc = CompileCache(tmp_path / "cache")
+    spec = cc.resolve(EngineSpec(model=str(model)))
+    with pytest.raises(ValueError, match="pydantic"):
+        cc.start_engine(spec, log=lambda m: None)
+    assert not cc.entry(spec).path.exists() and cc.entries() == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no config.json there; pass a Hugging Face checkpoint folder"),
+    ("{not json", "cannot read config.json"),
+    ('{"hidden_size": 8}', "config.json names no model_type or architectures"),
+])
+def test_a_model_folder_is_checked_before_anything_starts(tmp_path, content, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    if content is not None:
+        (model / "config.json").write_text(content)
+    with pytest.raises(ConfigError, match=f"^--model {model}: {message}"):
+        EngineSpec(model=str(model))

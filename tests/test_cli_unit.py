@@ -147,12 +147,18 @@ def _cases(tmp: str):
         (["run", "--dataset", "coco", "--data-dir", f"{tmp}/nope", "--annotations",
           f"{tmp}/captions_x.json", "-o", out],
          f"Error: annotations file {tmp}/captions_x.json not found"),
+        # a folder that is no checkpoint: vLLM would fail after the engine started, with a
+        # 74-line pydantic traceback (issue 13)
+        (["run", "--dataset", "sample", "--model", tmp, "-o", out],
+         f"Error: --model {tmp}: no config.json there; pass a Hugging Face checkpoint folder "
+         "(config.json, tokenizer, weights), a hub id, or preset:NAME"),
     ]
 
 
 CASE_IDS = ["dataset-nope", "folder-missing", "coco-no-paths", "shard-index", "older-than",
             "merge-missing", "parquet-none", "limit", "top-p", "compile-eager", "max-model-len",
-            "empty-prompt", "older-than-zero", "older-than-negative", "coco-no-annotations"]
+            "empty-prompt", "older-than-zero", "older-than-negative", "coco-no-annotations",
+            "model-no-config"]
 
 
 def _exit_code(args) -> int:

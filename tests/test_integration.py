@@ -228,6 +228,47 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     assert manifest["fields"]["model"] == os.path.realpath(tiny_model)
 
 
+def test_cli_ctrl_c_then_quiet_resume(tiny_model, tmp_path, clean_env):
+    """What a person sees (issue 13): our lines on the terminal and vLLM's in OUTPUT/logs;
+    Ctrl-C stops like SIGTERM (exit 130, one line, no traceback, rows kept); `-q` prints
+    only the summary, on stdout; the resumed shard has every row once."""
+    images, ann = make_coco(tmp_path / "coco", 30)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = [sys.executable, "-m", "internvl_batch", "run", "--dataset", "coco",
+            "--data-dir", str(images), "--annotations", str(ann), "--model", tiny_model,
+            "--output", str(out), "--cache-dir", str(cache), "--max-tokens", "6",
+            "--batch-size", "2", "--max-model-len", "4096"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    parts = out / "_parts" / "part-00000-of-00001"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 2:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 130, stderr
+    assert stdout == "" and "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert lines[0] == f"vLLM's log: {out}/logs/part-00000-of-00001.log"
+    assert "starting the engine" in lines[1] and "\r" not in stderr
+    assert lines[-1].startswith("stopped by signal SIGINT") and "rerun" in lines[-1]
+    assert len(lines) <= 10, stderr  # was ~86 lines, vLLM's included
+    log = (out / "logs" / "part-00000-of-00001.log").read_text()
+    assert "non-default args" in log  # vLLM's own start-up lines went to the file
+    written = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
+    assert 0 < written < 30
+
+    q = subprocess.run(args + ["-q"], capture_output=True, text=True, timeout=400)
+    assert q.returncode == 0, q.stderr
+    assert q.stderr == ""  # no status lines, no bar: only the summary, on stdout
+    assert "images captioned" in q.stdout and "Traceback" not in q.stdout
+    ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
+    assert len(ids) == len(set(ids)) == 30
+    st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
+    assert st["rows"] == 30 and len(st["runs"]) == 2
+
+
 def test_cli_compile_on_cpu_fails_fast_with_one_line(tiny_model, tmp_path):
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "internvl_batch", "run", "--dataset", "sample",

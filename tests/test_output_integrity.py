@@ -257,11 +257,11 @@ def test_fingerprint_names_what_changes_captions(tmp_path):
     # a checkpoint dir: config.json hashed, weights by name and size
     ck = tmp_path / "ck"
     ck.mkdir()
-    (ck / "config.json").write_text('{"a": 1}')
+    (ck / "config.json").write_text('{"model_type": "internvl_chat", "a": 1}')
     (ck / "model.safetensors").write_bytes(b"x" * 10)
     spec = dataclasses.replace(cfg.engine, model=str(ck))
     one = fingerprint.of(dataclasses.replace(cfg, engine=spec))
-    (ck / "config.json").write_text('{"a": 2}')
+    (ck / "config.json").write_text('{"model_type": "internvl_chat", "a": 2}')
     (ck / "model.safetensors").write_bytes(b"x" * 11)
     two = fingerprint.of(dataclasses.replace(cfg, engine=spec))
     assert fingerprint.diff(one, two) == [

@@ -280,6 +280,7 @@ def test_llm_kwargs_hub_id_and_real_dir(tmp_path):
     kw = engine.llm_kwargs(EngineSpec(model="OpenGVLab/InternVL3-1B"), cuda=False)
     assert kw["model"] == "OpenGVLab/InternVL3-1B" and kw["load_format"] == "auto"
     (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "config.json").write_text('{"model_type": "internvl_chat"}')
     kw = engine.llm_kwargs(EngineSpec(model=str(tmp_path / "real")), cuda=False)
     assert kw["model"] == os.path.realpath(tmp_path / "real") and kw["load_format"] == "auto"
 
