@@ -17,6 +17,11 @@ Design choices (why):
   model is reached through `llm.llm_engine.model_executor.driver_worker.model_runner` (the
   same path in vLLM 0.26 and 0.32). All modes therefore share one set of weights and one
   engine start, and dynamo's counters are this process's.
+* **The V1 model runner for CUDA graphs.** vLLM 0.26 builds InternVL on its V2 model runner
+  (`vllm/v1/worker/gpu/model_runner.py`) unless VLLM_USE_V2_MODEL_RUNNER=0; that runner has
+  no encoder CUDA graph manager and ignores `cudagraph_mm_encoder`, so the `cudagraph` mode
+  needs the V1 runner (`vllm/v1/worker/gpu_model_runner.py`). The result records which
+  runner ran (`engine.model_runner`) and, without a manager, says why the mode is missing.
 * **Eager from the same engine.** vLLM's `@support_torch_compile` wrapper calls the plain
   `forward` when a layer's `do_not_compile` is set (vLLM 0.26 `compilation/decorators.py`
   `__call__`); we set it on the 24/45 encoder layers for the eager mode and restore it after.
