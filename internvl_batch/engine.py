@@ -9,7 +9,9 @@ Three things here are not plain vLLM:
   the compile cache. So before any user batch we run a warm-up whose first encoder call holds
   several tiles. On H100 with vLLM 0.26 the compiled encoder then runs; its throughput
   against eager ranged from −3.9 % to +5.3 % requests/s over the committed configurations,
-  every per-repeat spread including zero (results/h100/REPRODUCE.md).
+  every per-repeat spread including zero (results/h100/REPRODUCE.md). The encoder forward
+  alone (`bench-encoder`, results/h100/encoder/ENCODER.md): InternViT-300M 0.95–1.0× at 1–4
+  tiles per call (host-bound) and 1.11–1.13× from 13 tiles; InternViT-6B 1.37–1.93×.
 * **Timings.** vLLM reports load / compile / CUDA-graph seconds only in its log, partly from
   the engine-core child process. `LogTap` tees our stderr (fd 2, inherited by the child)
   through a reader that picks out those lines.

@@ -186,6 +186,13 @@ def test_reproduce_writes_markdown_and_small_png(tmp_path):
     gpu_only = report.reproduce([files[0]], tmp_path / "gpu")[0].read_text()
     assert report.CPU_BANNER not in gpu_only
 
+    # a hand-written lead above the marker survives regeneration; the rest is rewritten
+    out = tmp_path / "gpu" / "REPRODUCE.md"
+    out.write_text(f"# Lead\n\nencoder numbers\n\n{report.LEAD_END}\n\nstale tables\n")
+    again = report.reproduce([files[0]], tmp_path / "gpu")[0].read_text()
+    assert again.startswith("# Lead\n\nencoder numbers\n\n" + report.LEAD_END)
+    assert "stale tables" not in again and again.endswith(gpu_only)
+
 
 def test_report_cli_missing_file(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2

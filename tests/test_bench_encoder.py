@@ -531,3 +531,64 @@ def test_bench_encoder_on_cpu_vllm(tmp_path, cache_root):
     md = (tmp_path / "cpu-encoder.md").read_text()
     assert "CPU run" in md and "| 4 |" in md
     assert (tmp_path / "cpu-encoder.png").stat().st_size > 5_000
+
+
+# -- which model runner ran (vLLM 0.26: only the V1 runner has encoder CUDA graphs) ------------
+
+def _runner_of_module(module: str):
+    cls = type("GPUModelRunner", (), {"__module__": module})
+    r = cls()
+    r.vllm_config = SimpleNamespace(use_v2_model_runner=module.startswith("vllm.v1.worker.gpu."))
+    return r
+
+
+def test_model_runner_info_and_why_cudagraph_is_unavailable():
+    v2 = enc.model_runner_info(_runner_of_module("vllm.v1.worker.gpu.model_runner"), False,
+                               env={})
+    assert v2["runner"] == "V2" and v2["VLLM_USE_V2_MODEL_RUNNER"] is None
+    assert v2["use_v2_model_runner"] is True and v2["encoder_cudagraph_manager"] is False
+    why = enc.cudagraph_unavailable_reason(v2)
+    assert "V2 model runner" in why and "VLLM_USE_V2_MODEL_RUNNER=0" in why
+    assert "ignores cudagraph_mm_encoder" in why
+    v1 = enc.model_runner_info(_runner_of_module("vllm.v1.worker.gpu_model_runner"), True,
+                               env={"VLLM_USE_V2_MODEL_RUNNER": "0"})
+    assert v1["runner"] == "V1" and v1["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert v1["encoder_cudagraph_manager"] is True
+    other = enc.model_runner_info(_runner_of_module("vllm.v1.worker.cpu_model_runner"), False,
+                                  env={})
+    assert other["runner"].startswith("other") and \
+        "VLLM_USE_V2_MODEL_RUNNER=0" in enc.cudagraph_unavailable_reason(other)
+
+
+def test_model_runner_of_old_results_and_report_line():
+    recorded = _gpu_doc()
+    recorded["engine"] = {"model_runner": {"runner": "V1", "class": "x.GPUModelRunner",
+                                           "VLLM_USE_V2_MODEL_RUNNER": "0",
+                                           "encoder_cudagraph_manager": True,
+                                           "source": "recorded"}}
+    assert enc.model_runner_of(recorded)["runner"] == "V1"
+    md = enc.results_markdown(recorded)
+    assert "vLLM model runner: **V1 runner**" in md and "VLLM_USE_V2_MODEL_RUNNER=0" in md
+    # a file from before the runner was recorded: the V2 runner's error gives it away
+    old_v2 = _gpu_doc()
+    old_v2["errors"] = [{"where": "mode cudagraph", "error": "no encoder CUDA graph manager "
+                         "in the model runner (cudagraph_mm_encoder off)"}]
+    got = enc.model_runner_of(old_v2)
+    assert got["runner"] == "V2" and "derived" in got["source"]
+    assert "**V2 runner**" in enc.results_markdown(old_v2)
+    old_v1 = _gpu_doc()  # graph hits during timing: the V1 runner's manager existed
+    assert enc.model_runner_of(old_v1)["runner"] == "V1"
+    cpu = dict(_gpu_doc(), device={"name": "cpu", "cuda": False})
+    assert enc.model_runner_of(cpu) is None
+
+
+def test_committed_h100_results_name_their_runner():
+    root = Path(__file__).resolve().parents[1] / "results" / "h100" / "encoder"
+    files = sorted(root.glob("encoder-*.json"))
+    if not files:
+        pytest.skip("no committed H100 encoder results")
+    for f in files:
+        d = json.loads(f.read_text())
+        want = "V1" if f.stem.endswith("-v1runner") else "V2"
+        assert enc.model_runner_of(d)["runner"] == want, f.name
+        assert ("cudagraph" in d["modes_run"]) == (want == "V1"), f.name

@@ -17,6 +17,11 @@ Design choices (why):
   model is reached through `llm.llm_engine.model_executor.driver_worker.model_runner` (the
   same path in vLLM 0.26 and 0.32). All modes therefore share one set of weights and one
   engine start, and dynamo's counters are this process's.
+* **The V1 model runner for CUDA graphs.** vLLM 0.26 builds InternVL on its V2 model runner
+  (`vllm/v1/worker/gpu/model_runner.py`) unless VLLM_USE_V2_MODEL_RUNNER=0; that runner has
+  no encoder CUDA graph manager and ignores `cudagraph_mm_encoder`, so the `cudagraph` mode
+  needs the V1 runner (`vllm/v1/worker/gpu_model_runner.py`). The result records which
+  runner ran (`engine.model_runner`) and, without a manager, says why the mode is missing.
 * **Eager from the same engine.** vLLM's `@support_torch_compile` wrapper calls the plain
   `forward` when a layer's `do_not_compile` is set (vLLM 0.26 `compilation/decorators.py`
   `__call__`); we set it on the 24/45 encoder layers for the eager mode and restore it after.
@@ -388,6 +393,82 @@ def kernel_breakdown(events) -> dict:
                     for u, n, k in rows[:8]]}
 
 
+# -- which model runner ran -------------------------------------------------------------------
+
+V2_RUNNER_MODULE = "vllm.v1.worker.gpu."  # vLLM 0.26: vllm/v1/worker/gpu/model_runner.py
+V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+
+
+def model_runner_info(runner, has_manager: bool, env=None) -> dict:
+    """Which of vLLM's model runners the engine built, and whether it has an encoder CUDA
+    graph manager. vLLM 0.26 has two GPU runners, both named GPUModelRunner: the V2 runner
+    (`vllm/v1/worker/gpu/model_runner.py`), the default for InternVL, and the V1 runner
+    (`vllm/v1/worker/gpu_model_runner.py`), chosen with VLLM_USE_V2_MODEL_RUNNER=0
+    (`VllmConfig.use_v2_model_runner`). Only the V1 runner builds an encoder CUDA graph
+    manager (`_create_encoder_cudagraph_manager`, from `capture_model`); the V2 runner accepts
+    `cudagraph_mm_encoder` and ignores it."""
+    env = os.environ if env is None else env
+    cls = type(runner)
+    module = getattr(cls, "__module__", "") or ""
+    if module.startswith(V2_RUNNER_MODULE):
+        kind = "V2"
+    elif module == V1_RUNNER_MODULE:
+        kind = "V1"
+    else:
+        kind = f"other ({module})"
+    cfg = getattr(runner, "vllm_config", None)
+    try:
+        use_v2 = getattr(cfg, "use_v2_model_runner", None)
+        use_v2 = bool(use_v2) if use_v2 is not None else None
+    except Exception:  # a property that needs a fully built config
+        use_v2 = None
+    return {"runner": kind, "class": f"{module}.{cls.__qualname__}",
+            "VLLM_USE_V2_MODEL_RUNNER": env.get("VLLM_USE_V2_MODEL_RUNNER"),
+            "use_v2_model_runner": use_v2, "encoder_cudagraph_manager": bool(has_manager),
+            "source": "recorded by bench-encoder at run time"}
+
+
+def cudagraph_unavailable_reason(info: dict) -> str:
+    """Why the `cudagraph` mode cannot run when the runner has no encoder CUDA graph manager."""
+    base = "no encoder CUDA graph manager in the model runner"
+    if info.get("runner") == "V2":
+        return (f"{base}: this is vLLM's V2 model runner (vllm/v1/worker/gpu/model_runner.py, "
+                "the default for InternVL in vLLM 0.26), which ignores cudagraph_mm_encoder; "
+                "only the V1 runner captures encoder CUDA graphs: set "
+                "VLLM_USE_V2_MODEL_RUNNER=0")
+    return (f"{base} ({info.get('class')}; cudagraph_mm_encoder off or unsupported; with "
+            "vLLM 0.26 on a GPU set VLLM_USE_V2_MODEL_RUNNER=0)")
+
+
+def model_runner_of(doc: dict) -> dict | None:
+    """The runner a result file says ran. Files written before bench-encoder recorded it
+    (the first H100 runs of issue 16) are classified from what they do hold: the error
+    'no encoder CUDA graph manager' (what the V2 runner gives; its log says 'Using V2 Model
+    Runner'), or encoder CUDA graph replays / a '-v1runner' name (the V1 runner)."""
+    eng = doc.get("engine") or {}
+    if eng.get("model_runner"):
+        return eng["model_runner"]
+    if not (doc.get("device") or {}).get("cuda"):
+        return None
+    errs = " ".join(str(e.get("error", "")) for e in doc.get("errors") or [])
+    hits = ((doc.get("evidence") or {}).get("during_timing") or {}).get("graph_hits")
+    if "no encoder CUDA graph manager" in errs:
+        return {"runner": "V2", "encoder_cudagraph_manager": False,
+                "source": "derived after the run: the run reported 'no encoder CUDA graph "
+                          "manager' (the V2 runner's behaviour)"}
+    if hits or str(doc.get("name", "")).endswith("-v1runner"):
+        return {"runner": "V1", "encoder_cudagraph_manager": bool(eng.get("cudagraph_manager")),
+                "source": "derived after the run: encoder CUDA graph replays / the run's name"}
+    return None
+
+
+def runner_label(info: dict | None) -> str:
+    if not info:
+        return ""
+    r = info.get("runner", "?")
+    return f"{r} runner" if r in ("V1", "V2") else r
+
+
 # -- the engine-side harness ----------------------------------------------------------------
 
 class EncoderHarness:
@@ -421,13 +502,20 @@ class EncoderHarness:
         self.image_token_id = int(tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
         self._torch = torch
 
+    def runner_info(self) -> dict:
+        return model_runner_info(self.runner, self.manager is not None)
+
     def modes_available(self) -> dict[str, str | None]:
         """mode -> None if it can run, else why not."""
+        cg = None
+        if self.manager is None:
+            cg = cudagraph_unavailable_reason(self.runner_info())
+        elif not self.compilable:
+            cg = "the engine did not compile the encoder layers (compile_mm_encoder off)"
         return {"eager": None,
                 "compiled": None if self.compilable else
                 "the engine did not compile the encoder layers (compile_mm_encoder off)",
-                "cudagraph": None if (self.manager is not None and self.compilable) else
-                "no encoder CUDA graph manager in the model runner (cudagraph_mm_encoder off)"}
+                "cudagraph": cg}
 
     def layer_state(self) -> dict:
         c: Counter = Counter()
@@ -773,6 +861,12 @@ def _measure(h: "EncoderHarness", opts: EncoderBenchOptions, modes: tuple[str, .
         "encoder_cudagraph_token_budgets", "encoder_cudagraph_max_vision_items_per_batch",
         "cudagraph_mode")}
     doc["engine"]["cudagraph_manager"] = h.manager_stats()
+    if hasattr(h, "runner_info"):
+        doc["engine"]["model_runner"] = h.runner_info()
+        say(f"model runner: {doc['engine']['model_runner']['class']} "
+            f"(VLLM_USE_V2_MODEL_RUNNER={doc['engine']['model_runner']['VLLM_USE_V2_MODEL_RUNNER']}"
+            f", encoder CUDA graph manager "
+            f"{'yes' if doc['engine']['model_runner']['encoder_cudagraph_manager'] else 'no'})")
     ev = doc["evidence"]
     ev["layers_after_start"] = h.layer_state()
     ev["dynamo_after_start"] = dynamo_counters()
@@ -1023,6 +1117,16 @@ def results_markdown(doc: dict) -> str:
               f"weights re-initialised in place (N(0, {opts.get('init_std')}) matrices, norms 1, "
               f"biases 0, layer scale {opts.get('layer_scale')}, seed {opts.get('seed')}).",
               ""]
+    mr = model_runner_of(doc)
+    if mr:
+        lines.insert(-1, f"- vLLM model runner: **{runner_label(mr)}**"
+                     + (f" (`{mr['class']}`)" if mr.get("class") else "")
+                     + (f", VLLM_USE_V2_MODEL_RUNNER="
+                        f"{mr['VLLM_USE_V2_MODEL_RUNNER'] if mr['VLLM_USE_V2_MODEL_RUNNER'] is not None else 'unset'}"
+                        if "VLLM_USE_V2_MODEL_RUNNER" in mr else "")
+                     + f"; encoder CUDA graph manager: "
+                     f"{'yes' if mr.get('encoder_cudagraph_manager') else 'no'} "
+                     f"({mr.get('source', '')}).")
     cg = doc.get("engine", {}).get("cudagraph_manager")
     if cg:
         lines += [f"- Encoder CUDA graphs: budgets {cg.get('token_budgets')} tokens, up to "
@@ -1138,6 +1242,13 @@ def evidence_markdown(doc: dict) -> list[str]:
     return out
 
 
+def encoder_name(doc: dict) -> str:
+    """InternViT-300M / InternViT-6B from the recorded shape, else the run's name."""
+    v = (doc.get("model") or {}).get("vision") or {}
+    known = {(24, 1024): "InternViT-300M", (45, 3200): "InternViT-6B"}
+    return known.get((v.get("layers"), v.get("hidden")), doc.get("name", "?"))
+
+
 def plot(docs: list[dict], path: Path) -> Path | None:
     """Speed-up vs eager by tile batch, one line per (model, mode), interval bars. None if
     matplotlib is missing."""
@@ -1151,8 +1262,14 @@ def plot(docs: list[dict], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=100)
     styles = {"compiled": "-o", "cudagraph": "--s"}
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    encoders = list(dict.fromkeys(encoder_name(d) for d in docs))
     drawn = 0
-    for i, d in enumerate(docs):
+    for d in docs:
+        enc = encoder_name(d)
+        runner = runner_label(model_runner_of(d))
+        # one colour per encoder; a V2-runner run (no CUDA graph mode) drawn fainter, so
+        # that the same encoder's two runs stay apart
+        faint = runner == "V2 runner" and len(docs) > 1
         for m in (d.get("modes_run") or d.get("modes", [])):
             if m == "eager":
                 continue
@@ -1164,8 +1281,10 @@ def plot(docs: list[dict], path: Path) -> Path | None:
             med = [p[1]["median"] for p in pts]
             err = [[p[1]["median"] - p[1]["lo"] for p in pts],
                    [p[1]["hi"] - p[1]["median"] for p in pts]]
-            ax.errorbar(xs, med, yerr=err, fmt=styles.get(m, "-^"), capsize=3, ms=5,
-                        color=colors[i % len(colors)], label=f"{d['name']}: {m}")
+            ax.errorbar(xs, med, yerr=err, fmt=(":^" if faint else styles.get(m, "-^")),
+                        capsize=3, ms=5, alpha=0.55 if faint else 1.0,
+                        color=colors[encoders.index(enc) % len(colors)],
+                        label=f"{enc}: {m}" + (f" ({runner})" if runner else ""))
             drawn += 1
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xscale("log", base=2)
@@ -1229,12 +1348,25 @@ def write_report(files: list[Path | str], out_dir: Path | str, stem: str = "ENCO
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m internvl_batch.bench.encoder report OUT_DIR A.json B.json ...`"""
+    """`python -m internvl_batch.bench.encoder report [--each] OUT_DIR A.json B.json ...`
+
+    --each also rewrites NAME.md and NAME.png next to every result file (e.g. after the
+    report code changed), from the JSON alone."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    each = "--each" in argv
+    argv = [a for a in argv if a != "--each"]
     if len(argv) < 3 or argv[0] != "report":
-        print("usage: python -m internvl_batch.bench.encoder report OUT_DIR RESULT.json...",
-              file=sys.stderr)
+        print("usage: python -m internvl_batch.bench.encoder report [--each] OUT_DIR "
+              "RESULT.json...", file=sys.stderr)
         return 2
+    if each:
+        for f in argv[2:]:
+            try:
+                d = json.loads(Path(f).read_text())
+            except (OSError, ValueError):
+                continue
+            outs = write_outputs(d, Path(f).parent)
+            print("wrote " + ", ".join(str(p) for k, p in outs.items() if k != "json"))
     r = write_report(argv[2:], argv[1])
     print(f"wrote {r['md']} ({r['docs']} result files)" + (f" and {r['png']}" if r["png"] else ""))
     return 0

@@ -51,6 +51,10 @@ def bench_encoder(**kw):
     rounds (CUDA events), median and 95 % interval, speed-up vs eager; plus which code path
     each mode took (encoder-layer calls, dynamo and vLLM compile counters, GPU kernels).
     Writes RESULTS_DIR/NAME.json (updated as it goes), NAME.md and NAME.png.
+
+    vLLM 0.26 runs InternVL on its V2 model runner by default, which has no encoder CUDA
+    graphs (it ignores cudagraph_mm_encoder): set VLLM_USE_V2_MODEL_RUNNER=0 to measure the
+    cudagraph mode. The result records which runner ran.
     """
     from ..bench.encoder import EncoderBenchOptions, parse_ints, parse_modes
     from ..config import ConfigError
