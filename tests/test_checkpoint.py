@@ -413,3 +413,15 @@ def test_weights_marker_parse_and_ensure(tiny_weights, synth, tmp_path):
     assert (w.name, d.name) == ("tiny-weights", "tiny")
     assert checkpoint.has_weights(w) and not checkpoint.has_weights(d)
     assert not list(d.glob("*.safetensors"))
+
+
+def test_large_vocab_tokenizer_loads_without_the_mistral_regex_warning(tmp_path, capfd):
+    """transformers (>100k vocab, no transformers_version in config.json) takes our synthesized
+    tokenizer for a Mistral one and warns on every start (issue 13); OpenGVLab's configs carry
+    the version, and so do ours."""
+    from transformers import AutoTokenizer
+
+    path = checkpoint.synthesize("internvl3-1b", tmp_path / "m")
+    capfd.readouterr()
+    AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    assert "incorrect regex pattern" not in "".join(capfd.readouterr())

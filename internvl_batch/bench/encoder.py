@@ -1300,16 +1300,11 @@ def plot(docs: list[dict], path: Path) -> Path | None:
     else:
         ax.text(0.5, 0.5, "no compiled mode measured", ha="center", va="center",
                 transform=ax.transAxes, color="#777777")
+    from .report import save_figure
+
     devices = ", ".join(sorted({d.get("device", {}).get("name", "?") for d in docs}))
-    cpu = any(not d.get("device", {}).get("cuda") for d in docs)
-    ax.set_title(("CPU run — NOT a GPU measurement · " if cpu else "") +
-                 f"InternViT encoder in vLLM · {devices}", fontsize=10,
-                 color="#b00000" if cpu else "black")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, f"InternViT encoder in vLLM · {devices}",
+                       cpu=any(not d.get("device", {}).get("cuda") for d in docs))
 
 
 def write_outputs(doc: dict, results_dir: Path) -> dict[str, Path]:

@@ -264,10 +264,16 @@ def plot(docs: list[dict], path: Path) -> Path:
         ax.set_xticklabels([short_label(d, key.startswith("pipeline")) for d, _ in rows],
                            fontsize=7)
         ax.set_ylabel("requests/s ratio (median, min–max)", fontsize=9)
-    cpu = any(is_cpu(d) for d in docs)
     devices = ", ".join(sorted({d["device"]["name"] for d in docs}))
-    fig.suptitle(("CPU run — NOT the headline numbers · " if cpu else "") +
-                 f"internvl-batch bench · {devices}", fontsize=10,
+    return save_figure(fig, path, f"internvl-batch bench · {devices}",
+                       cpu=any(is_cpu(d) for d in docs))
+
+
+def save_figure(fig, path: Path, title: str, cpu: bool) -> Path:
+    """Title (a CPU run is marked in red: its numbers are not the GPU's), save, close."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(("CPU run — NOT a GPU measurement · " if cpu else "") + title, fontsize=10,
                  color="#b00000" if cpu else "black")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """What every command shares: user-error mapping, the engine options, the exit helper.
 
-User errors (ConfigError, SourceError, CacheError) print one line and exit 2; no tracebacks.
+User errors (ConfigError, SourceError, CacheError, OutputError) print one line and exit 2; no
+tracebacks.
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         from ..cache import CacheError, EntryPoisoned
+        from ..outputs import OutputError
 
         try:
             return fn(*a, **kw)
-        except (ConfigError, SourceError, CacheError) as e:
+        except (ConfigError, SourceError, CacheError, OutputError) as e:
             raise UserError(str(e)) from None
         except EntryPoisoned as e:
             restart_after_poison(e)

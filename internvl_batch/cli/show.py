@@ -1,25 +1,11 @@
 """`show` (an HTML gallery of an output) and `score` (COCO caption metrics)."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
 from .common import UserError, user_errors
-
-
-def output_errors(fn):
-    """A missing output or one without Parquet: one line, exit 2 (like user_errors)."""
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        from ..outputs import OutputError
-
-        try:
-            return fn(*a, **kw)
-        except OutputError as e:
-            raise UserError(str(e)) from None
-    return wrapper
 
 
 @click.command()
@@ -36,7 +22,6 @@ def output_errors(fn):
 @click.option("--image-root", type=click.Path(file_okay=False), default=None,
               help="Folder that relative image paths are under, if the dataset has moved.")
 @user_errors
-@output_errors
 def show(output, out, sample, all_, page_size, seed, max_errors, image_root):
     """Write a static HTML gallery of OUTPUT (images, captions, references, errors by kind)."""
     from ..gallery import GalleryOptions, build
@@ -57,7 +42,6 @@ def show(output, out, sample, all_, page_size, seed, max_errors, image_root):
 @click.argument("output", type=click.Path())
 @click.option("--no-spice", is_flag=True, help="Do not try SPICE.")
 @user_errors
-@output_errors
 def score(output, no_spice):
     """COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) of OUTPUT's captions
     against its references; writes scores.json beside the output."""
