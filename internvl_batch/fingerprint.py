@@ -33,12 +33,17 @@ def _sha(data: bytes) -> str:
 def model_identity(model: str) -> dict:
     """{model, model_config_hash, weights} for a checkpoint dir, a preset or a hub id."""
     if model.startswith("preset:"):
-        from .checkpoint import PRESETS, build_config
+        from .checkpoint import PRESETS, build_config, parse_preset
 
-        name = model.split(":", 1)[1]
-        cfg = json.dumps(build_config(PRESETS[name]), sort_keys=True) if name in PRESETS else ""
-        return {"model": model, "model_config_hash": _sha(cfg.encode()) if cfg else None,
-                "weights": "dummy (synthesized)"}
+        try:
+            name, weights = parse_preset(model.split(":", 1)[1])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        cfg = json.dumps(build_config(PRESETS[name]), sort_keys=True)
+        # tiny+weights and tiny+dummy caption differently: the kind is part of the identity
+        return {"model": model, "model_config_hash": _sha(cfg.encode()),
+                "weights": "random, seeded (synthesized)" if weights else
+                           "dummy (synthesized)"}
     path = Path(model)
     if not path.is_dir():  # a hub id: its config is not read before the engine resolves it
         return {"model": model, "model_config_hash": None, "weights": None}

@@ -253,7 +253,13 @@ def test_fingerprint_names_what_changes_captions(tmp_path):
                        "max_dynamic_patch", "dtype", "load_format"}
     tiny = fingerprint.of(dataclasses.replace(
         cfg, engine=dataclasses.replace(cfg.engine, model="preset:tiny")))
-    assert tiny["model_config_hash"] and tiny["weights"] == "dummy (synthesized)"
+    assert tiny["model_config_hash"] and tiny["weights"] == "random, seeded (synthesized)"
+    # the two kinds of a synthesized preset caption differently: the fingerprint tells them apart
+    for spec, kind in (("preset:internvl3-1b", "dummy"), ("preset:internvl3-1b+weights",
+                                                          "random, seeded")):
+        got = fingerprint.of(dataclasses.replace(cfg, engine=dataclasses.replace(
+            cfg.engine, model=spec)))
+        assert got["weights"] == f"{kind} (synthesized)"
     # a checkpoint dir: config.json hashed, weights by name and size
     ck = tmp_path / "ck"
     ck.mkdir()
