@@ -375,110 +375,142 @@ def build(output: Output, out: Path | None = None, opts: GalleryOptions = Galler
     errors = output.read(["error"]).column("error").to_pylist()
     n_rows = len(errors)
     kinds_all = Counter(error_kind(e) for e in errors if e is not None)
-    ok_idx, err_idx = choose(errors, opts)
-    table = take(output, ok_idx + err_idx, COLUMNS)
-    rows = table.to_pylist()  # by position: shard 0's rows, then shard 1's, ...
-    # dataset order: shards deal rows out round-robin, seq puts them back together
-    ok_rows = sorted((r for r in rows if r["error"] is None), key=lambda r: r["seq"] or 0)
-    err_rows = [r for r in rows if r["error"] is not None]
-    kind_order = sorted(kinds_all, key=lambda k: (-kinds_all[k], k))
-    err_rows.sort(key=lambda r: (kind_order.index(error_kind(r["error"])), r["seq"] or 0))
+    ok_rows, err_rows, kind_order = _shown_rows(output, errors, kinds_all, opts)
     shown = ok_rows + err_rows
     md = output.metadata()
     log(f"show: {len(ok_rows)} captioned + {len(err_rows)} error rows of {n_rows:,}; "
         f"making thumbnails")
     payloads = ImageLocator(output, md, opts.image_root).locate(shown)
-    thumbs_in = [p for p, _ in payloads]
-    thumbs = thumbnails(thumbs_in, opts.thumb_px, opts.workers)
+    thumbs = thumbnails([p for p, _ in payloads], opts.thumb_px, opts.workers)
     thumbs = [t if p is not None else (None, why)
               for t, (p, why) in zip(thumbs, payloads)]
 
     base = Path(out) if out else output.beside("gallery.html")
     base.parent.mkdir(parents=True, exist_ok=True)
-    size = max(1, opts.page_size)
-    n_pages = max(1, -(-len(shown) // size))
-    # where each error kind starts: summary links go to that page and anchor
-    first_at: dict[str, int] = {}
-    for pos, r in enumerate(err_rows, start=len(ok_rows)):
-        first_at.setdefault(error_kind(r["error"]), pos)
-    kind_id = {k: f"err-{j + 1}" for j, k in enumerate(kind_order)}
-    shown_per_kind = Counter(error_kind(r["error"]) for r in err_rows)
-
-    title = f"internvl-batch: {output.path.name or output.path}"
-    settings = _kv(_settings(md))
-    stats = _kv(_stats(output.stats(), n_rows, len(output.files)))
+    layout = _Layout(base, max(1, opts.page_size), len(ok_rows), err_rows, kinds_all, kind_order)
     n_err = sum(kinds_all.values())
     n_ok = n_rows - n_err
     sample_note = (f"{len(ok_rows):,} of {n_ok:,} captioned rows shown"
                    + (f" (a sample, seed {opts.seed})" if len(ok_rows) < n_ok else "")
                    + (f"; {len(err_rows):,} of {n_err:,} error rows" if n_err
                       else "; no error rows"))
-    md_json = esc(json.dumps(md, indent=2, default=str))
-
+    header = _header(output, md, n_rows, sample_note)
     pages = []
+    n_pages = max(1, -(-len(shown) // layout.size))
     for i in range(n_pages):
-        lo, hi = i * size, min(len(shown), (i + 1) * size)
-        err_summary = ""
-        if kinds_all:
-            trs = []
-            for k in kind_order:
-                if k in first_at:
-                    page = first_at[k] // size
-                    link = (f'<a href="{esc(_page_name(base, page) if page != i else "")}'
-                            f'#{kind_id[k]}">{esc(k)}</a>')
-                else:
-                    link = esc(k)
-                trs.append(f'<tr><td>{link}</td><td class="n">{kinds_all[k]:,}</td>'
-                           f'<td class="n">{shown_per_kind.get(k, 0):,}</td></tr>')
-            err_summary = ('<div class="panel"><h3>Errors by kind</h3><table class="errs">'
-                           '<tr><th>kind</th><th>rows</th><th>shown</th></tr>'
-                           + "".join(trs) + "</table></div>")
-        body, cur_kind = [], None
-        in_grid = False
-        for pos in range(lo, hi):
-            r = shown[pos]
-            heading = None
-            if pos < len(ok_rows):
-                if pos == lo:
-                    heading = ('<h2 id="captions">Captions' +
-                               (" (continued)" if pos > 0 else "") + "</h2>")
-            else:
-                k = error_kind(r["error"])
-                if k != cur_kind:
-                    cont = " (continued)" if first_at[k] < pos and pos == lo else ""
-                    anchor = f' id="{kind_id[k]}"' if first_at[k] == pos else ""
-                    heading = (f'<h2 class="group"{anchor} data-kind="{esc(k)}">'
-                               f'{esc(k)}{cont} <small>({kinds_all[k]:,} rows)</small></h2>')
-                    cur_kind = k
-            if heading:
-                if in_grid:
-                    body.append("</section>")
-                body.append(heading + '<section class="grid">')
-                in_grid = True
-            body.append(_card(r, thumbs[pos]))
-        if in_grid:
-            body.append("</section>")
-        if not shown:
-            body.append("<p>No rows.</p>")
-        nav = _nav(base, i, n_pages)
-        doc = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{esc(title)}{f" (page {i + 1})" if i else ""}</title>
-<style>{CSS}</style></head>
-<body><header><h1>{esc(title)}</h1>
-<p class="sub">{esc(output.path)} · {esc(sample_note)}</p>
-<div class="panels"><div class="panel"><h3>Run</h3>{settings}</div>
-<div class="panel"><h3>Stats</h3>{stats}</div>{_scores_panel(output)}{err_summary}</div>
-<details class="md"><summary>all run metadata</summary><pre>{md_json}</pre></details>
-</header>
-{nav}<main>{"".join(body)}</main>{nav}
-<footer>internvl-batch show · rows {lo + 1}–{hi} of {len(shown)} shown</footer>
-</body></html>
-"""
+        lo, hi = i * layout.size, min(len(shown), (i + 1) * layout.size)
+        body = _page_body(shown, thumbs, lo, hi, layout)
+        doc = _page_html(output, header, layout.error_summary(i), body, i, n_pages, base,
+                         lo, hi, len(shown))
         path = base.with_name(_page_name(base, i))
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(doc, encoding="utf-8")
         os.replace(tmp, path)
         pages.append(path)
     return pages
+
+
+def _shown_rows(output: Output, errors: list, kinds_all: Counter, opts: GalleryOptions):
+    """(captioned rows in dataset order, error rows grouped by kind, most common kind first,
+    the kinds in that order): only the chosen rows are read."""
+    ok_idx, err_idx = choose(errors, opts)
+    rows = take(output, ok_idx + err_idx, COLUMNS).to_pylist()  # shard 0's rows, then 1's...
+    # dataset order: shards deal rows out round-robin, seq puts them back together
+    ok_rows = sorted((r for r in rows if r["error"] is None), key=lambda r: r["seq"] or 0)
+    err_rows = [r for r in rows if r["error"] is not None]
+    kind_order = sorted(kinds_all, key=lambda k: (-kinds_all[k], k))
+    err_rows.sort(key=lambda r: (kind_order.index(error_kind(r["error"])), r["seq"] or 0))
+    return ok_rows, err_rows, kind_order
+
+
+class _Layout:
+    """Where each error kind's cards start (summary links go to that page and anchor)."""
+
+    def __init__(self, base: Path, size: int, n_ok: int, err_rows: list[dict],
+                 kinds_all: Counter, kind_order: list[str]):
+        self.base, self.size, self.n_ok = base, size, n_ok
+        self.kinds_all, self.kind_order = kinds_all, kind_order
+        self.first_at: dict[str, int] = {}
+        for pos, r in enumerate(err_rows, start=n_ok):
+            self.first_at.setdefault(error_kind(r["error"]), pos)
+        self.kind_id = {k: f"err-{j + 1}" for j, k in enumerate(kind_order)}
+        self.shown_per_kind = Counter(error_kind(r["error"]) for r in err_rows)
+
+    def error_summary(self, page_index: int) -> str:
+        if not self.kinds_all:
+            return ""
+        trs = []
+        for k in self.kind_order:
+            if k in self.first_at:
+                page = self.first_at[k] // self.size
+                href = _page_name(self.base, page) if page != page_index else ""
+                link = f'<a href="{esc(href)}#{self.kind_id[k]}">{esc(k)}</a>'
+            else:
+                link = esc(k)
+            trs.append(f'<tr><td>{link}</td><td class="n">{self.kinds_all[k]:,}</td>'
+                       f'<td class="n">{self.shown_per_kind.get(k, 0):,}</td></tr>')
+        return ('<div class="panel"><h3>Errors by kind</h3><table class="errs">'
+                '<tr><th>kind</th><th>rows</th><th>shown</th></tr>'
+                + "".join(trs) + "</table></div>")
+
+
+def _page_body(shown: list[dict], thumbs: list, lo: int, hi: int, layout: _Layout) -> str:
+    """The cards of rows lo..hi-1, under a heading per section (captions, each error kind)."""
+    body, cur_kind, in_grid = [], None, False
+    for pos in range(lo, hi):
+        r = shown[pos]
+        heading = None
+        if pos < layout.n_ok:
+            if pos == lo:
+                heading = ('<h2 id="captions">Captions' +
+                           (" (continued)" if pos > 0 else "") + "</h2>")
+        else:
+            k = error_kind(r["error"])
+            if k != cur_kind:
+                first = layout.first_at[k]
+                cont = " (continued)" if first < pos and pos == lo else ""
+                anchor = f' id="{layout.kind_id[k]}"' if first == pos else ""
+                heading = (f'<h2 class="group"{anchor} data-kind="{esc(k)}">'
+                           f'{esc(k)}{cont} <small>({layout.kinds_all[k]:,} rows)</small></h2>')
+                cur_kind = k
+        if heading:
+            if in_grid:
+                body.append("</section>")
+            body.append(heading + '<section class="grid">')
+            in_grid = True
+        body.append(_card(r, thumbs[pos]))
+    if in_grid:
+        body.append("</section>")
+    if not shown:
+        body.append("<p>No rows.</p>")
+    return "".join(body)
+
+
+def _header(output: Output, md: dict, n_rows: int, sample_note: str) -> dict:
+    """What every page repeats at its top."""
+    return {"title": f"internvl-batch: {output.path.name or output.path}",
+            "settings": _kv(_settings(md)),
+            "stats": _kv(_stats(output.stats(), n_rows, len(output.files))),
+            "sample_note": sample_note,
+            "md_json": esc(json.dumps(md, indent=2, default=str))}
+
+
+def _page_html(output: Output, h: dict, err_summary: str, body: str, i: int, n_pages: int,
+               base: Path, lo: int, hi: int, n_shown: int) -> str:
+    nav = _nav(base, i, n_pages)
+    title = h["title"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{esc(title)}{f" (page {i + 1})" if i else ""}</title>
+<style>{CSS}</style></head>
+<body><header><h1>{esc(title)}</h1>
+<p class="sub">{esc(output.path)} · {esc(h["sample_note"])}</p>
+<div class="panels"><div class="panel"><h3>Run</h3>{h["settings"]}</div>
+<div class="panel"><h3>Stats</h3>{h["stats"]}</div>{_scores_panel(output)}{err_summary}</div>
+<details class="md"><summary>all run metadata</summary><pre>{h["md_json"]}</pre></details>
+</header>
+{nav}<main>{body}</main>{nav}
+<footer>internvl-batch show · rows {lo + 1}–{hi} of {n_shown} shown</footer>
+</body></html>
+"""
