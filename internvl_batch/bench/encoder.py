@@ -833,9 +833,53 @@ def run(opts: EncoderBenchOptions, log=print) -> dict:
 def _measure(h: "EncoderHarness", opts: EncoderBenchOptions, modes: tuple[str, ...],
              rec: Recorder, say):
     """Everything after the engine start, on harness `h` (a fake one in the unit tests)."""
+    doc = rec.doc
+    _describe(h, doc, say)
+    ev = doc["evidence"]
+    ev["layers_after_start"] = h.layer_state()
+    ev["dynamo_after_start"] = dynamo_counters()
+    ev["vllm_counter_after_start"] = vllm_compilation_counter()
+    avail = h.modes_available()
+    active = [m for m in modes if avail[m] is None]
+    for m in modes:
+        if avail[m] is not None:
+            rec.error(f"mode {m}", avail[m])
+            say(f"mode {m} unavailable: {avail[m]}")
+    doc["modes_run"] = active
+    rec.save()
+    _reinit_weights(h, opts, rec, say)
+    if "compiled" in active or "cudagraph" in active:
+        active = _first_compiled_call(h, opts, active, rec, say)
+    rec.save()
+    _evidence_calls(h, opts, active, rec, say)
+
+    # timings and agreement, batch by batch
+    d_before, v_before = dynamo_counters(), vllm_compilation_counter()
+    g_before = h.manager_stats()
+    for b in opts.batches:
+        _time_batch(h, opts, b, active, rec, say)
+    ev["during_timing"] = {
+        "dynamo_delta": counter_delta(d_before, dynamo_counters()),
+        "vllm_counter_delta": counter_delta(v_before, vllm_compilation_counter())}
+    g_after = h.manager_stats()
+    if g_before is not None and g_after is not None:
+        ev["during_timing"]["graph_hits"] = (g_after.get("graph_hits") or 0) - \
+            (g_before.get("graph_hits") or 0)
+        ev["during_timing"]["graph_misses"] = (g_after.get("graph_misses") or 0) - \
+            (g_before.get("graph_misses") or 0)
+    ev["layers_at_end"] = h.layer_state()
+    rec.save()
+    if h.cuda:
+        _profile_kernels(h, opts, active, rec, say)
+    else:
+        ev["kernels"] = []
+    doc["engine"]["cudagraph_manager_at_end"] = h.manager_stats()
+
+
+def _describe(h: "EncoderHarness", doc: dict, say) -> None:
+    """Versions, device, the encoder's shape and the engine's compilation settings."""
     import torch
 
-    doc = rec.doc
     cuda = h.cuda
     try:
         import vllm
@@ -867,20 +911,11 @@ def _measure(h: "EncoderHarness", opts: EncoderBenchOptions, modes: tuple[str, .
             f"(VLLM_USE_V2_MODEL_RUNNER={doc['engine']['model_runner']['VLLM_USE_V2_MODEL_RUNNER']}"
             f", encoder CUDA graph manager "
             f"{'yes' if doc['engine']['model_runner']['encoder_cudagraph_manager'] else 'no'})")
-    ev = doc["evidence"]
-    ev["layers_after_start"] = h.layer_state()
-    ev["dynamo_after_start"] = dynamo_counters()
-    ev["vllm_counter_after_start"] = vllm_compilation_counter()
-    avail = h.modes_available()
-    active = [m for m in modes if avail[m] is None]
-    for m in modes:
-        if avail[m] is not None:
-            rec.error(f"mode {m}", avail[m])
-            say(f"mode {m} unavailable: {avail[m]}")
-    doc["modes_run"] = active
-    rec.save()
 
-    # the encoder as loaded (dummy weights), then with trained-like weights
+
+def _reinit_weights(h: "EncoderHarness", opts: EncoderBenchOptions, rec: Recorder, say):
+    """The encoder as loaded (dummy weights), then with trained-like weights."""
+    doc = rec.doc
     try:
         doc["degeneracy"]["dummy_weights"] = token_spread(
             h.cat(h.call("eager", h.inputs(1, opts.seed))), h.tokens_per_tile)
@@ -894,25 +929,32 @@ def _measure(h: "EncoderHarness", opts: EncoderBenchOptions, modes: tuple[str, .
     except Exception as e:
         rec.error("degeneracy (re-initialised weights)", e)
 
-    # the first compiled call of ours holds 13 tiles, whatever --batches starts with
-    if "compiled" in active or "cudagraph" in active:
-        d0, v0 = dynamo_counters(), vllm_compilation_counter()
-        try:
-            with h.count_layer_paths() as paths:
-                h.call("compiled", h.inputs(TILES_PER_IMAGE, opts.seed))
-                h.sync()
-            ev["first_compiled_call"] = {
-                "tiles": TILES_PER_IMAGE, "layer_paths": dict(paths),
-                "dynamo_delta": counter_delta(d0, dynamo_counters()),
-                "vllm_counter_delta": counter_delta(v0, vllm_compilation_counter())}
-        except Exception as e:
-            rec.error("first compiled call (13 tiles)", e)
-            say(f"the 13-tile compiled warm-up failed: {_err(e)}; dropping compiled modes")
-            active = [m for m in active if m == "eager"]
-            doc["modes_run"] = active
-    rec.save()
 
-    # which path each mode takes, one call each, at one-tile and multi-tile batches
+def _first_compiled_call(h: "EncoderHarness", opts: EncoderBenchOptions, active: list[str],
+                         rec: Recorder, say) -> list[str]:
+    """Our first compiled call holds 13 tiles, whatever --batches starts with (a one-tile
+    first call specialises the batch dimension). Returns the modes still to run."""
+    d0, v0 = dynamo_counters(), vllm_compilation_counter()
+    try:
+        with h.count_layer_paths() as paths:
+            h.call("compiled", h.inputs(TILES_PER_IMAGE, opts.seed))
+            h.sync()
+        rec.doc["evidence"]["first_compiled_call"] = {
+            "tiles": TILES_PER_IMAGE, "layer_paths": dict(paths),
+            "dynamo_delta": counter_delta(d0, dynamo_counters()),
+            "vllm_counter_delta": counter_delta(v0, vllm_compilation_counter())}
+    except Exception as e:
+        rec.error("first compiled call (13 tiles)", e)
+        say(f"the 13-tile compiled warm-up failed: {_err(e)}; dropping compiled modes")
+        active = [m for m in active if m == "eager"]
+        rec.doc["modes_run"] = active
+    return active
+
+
+def _evidence_calls(h: "EncoderHarness", opts: EncoderBenchOptions, active: list[str],
+                    rec: Recorder, say) -> None:
+    """Which path each mode takes, one call each, at one-tile and multi-tile batches."""
+    ev = rec.doc["evidence"]
     ev["calls"] = []
     for b in opts.evidence_batches:
         for m in active:
@@ -938,116 +980,122 @@ def _measure(h: "EncoderHarness", opts: EncoderBenchOptions, modes: tuple[str, .
     say("evidence pass done: " + "; ".join(
         f"{r['mode']}@{r['tiles']}: {r['layer_paths']}" for r in ev["calls"]))
 
-    # timings and agreement, batch by batch
-    d_before, v_before = dynamo_counters(), vllm_compilation_counter()
-    g_before = h.manager_stats()
-    tol = doc["tolerance"]
-    for b in opts.batches:
-        row = {"tiles": b, "items": item_layout(b), "modes": {}, "agreement": {}}
-        doc["batches"].append(row)
-        try:
-            inputs = h.inputs(b, opts.seed + 1000 + b)
-        except Exception as e:
-            rec.error(f"inputs {b} tiles", e)
-            row["error"] = _err(e)
-            rec.save()
-            continue
-        live: list[str] = []
-        ref = None
-        for m in active:  # eager first: the reference
-            try:
-                emb = h.cat(h.call(m, inputs))
-                h.sync()
-                if m == "eager":
-                    ref = emb
-                    again = h.cat(h.call("eager", inputs))
-                    row["agreement"]["eager_repeat"] = agreement(ref, again)
-                    del again
-                elif ref is not None:
-                    row["agreement"][m] = agreement(ref, emb, tol)
-                del emb
-                live.append(m)
-            except Exception as e:
-                row["modes"][m] = {"error": _err(e)}
-                rec.error(f"{m} {b} tiles (first call)", e)
-                _free(cuda)
-        ref = None
-        samples: dict[str, list[float | None]] = {m: [] for m in live}
-        for m in list(live):
-            try:
-                for _ in range(opts.warmup):
-                    h.call(m, inputs)
-                h.sync()
-            except Exception as e:
-                row["modes"][m] = {"error": _err(e)}
-                rec.error(f"{m} {b} tiles (warm-up)", e)
-                live.remove(m)
-                _free(cuda)
-        for r in range(opts.repeats):
-            k = r % len(live) if live else 0
-            for m in live[k:] + live[:k]:  # rotate the order every round
-                try:
-                    samples[m].append(h.timed_ms(m, inputs))
-                except Exception as e:
-                    samples[m].append(None)
-                    row["modes"].setdefault(m, {})["error"] = _err(e)
-                    rec.error(f"{m} {b} tiles (repeat {r})", e)
-                    _free(cuda)
-            live = [m for m in live if "error" not in row["modes"].get(m, {})]
-        eager_ms = [x for x in samples.get("eager", [])]
-        for m, xs in samples.items():
-            ok = [x for x in xs if x is not None]
-            st = median_ci(ok)
-            entry = row["modes"].setdefault(m, {})
-            entry.update({"ms": st, "samples_ms": [round(x, 4) for x in ok]})
-            if st["median"]:
-                entry["tiles_per_s"] = b * 1000.0 / st["median"]
-                fpt = doc["model"].get("flops_per_tile")
-                entry["tflops"] = fpt * b / (st["median"] / 1000) / 1e12 if fpt else None
-            if m != "eager" and eager_ms:
-                pairs = [(a, c) for a, c in zip(eager_ms, xs) if a is not None and c is not None]
-                entry["speedup_vs_eager"] = paired_speedup([a for a, _ in pairs],
-                                                           [c for _, c in pairs])
-        del inputs
-        _free(cuda)
-        rec.save()
-        say(f"{b:>4} tiles: " + "  ".join(
-            f"{m} {row['modes'][m]['ms']['median']:.3f} ms"
-            + (f" (x{row['modes'][m]['speedup_vs_eager']['median']:.3f})"
-               if m != "eager" and row['modes'][m].get('speedup_vs_eager', {}).get('median')
-               else "")
-            for m in row["modes"] if row["modes"][m].get("ms", {}).get("median"))
-            + "".join(f"  [{m}: cos {a.get('cos', float('nan')):.6f} max|d| "
-                      f"{a.get('max_abs_diff', float('nan')):.3g}]"
-                      for m, a in row["agreement"].items() if m != "eager_repeat"))
-    ev["during_timing"] = {
-        "dynamo_delta": counter_delta(d_before, dynamo_counters()),
-        "vllm_counter_delta": counter_delta(v_before, vllm_compilation_counter())}
-    g_after = h.manager_stats()
-    if g_before is not None and g_after is not None:
-        ev["during_timing"]["graph_hits"] = (g_after.get("graph_hits") or 0) - \
-            (g_before.get("graph_hits") or 0)
-        ev["during_timing"]["graph_misses"] = (g_after.get("graph_misses") or 0) - \
-            (g_before.get("graph_misses") or 0)
-    ev["layers_at_end"] = h.layer_state()
-    rec.save()
 
-    # what the GPU runs in each mode: kernels by kind (GEMM, attention, Inductor, other)
-    ev["kernels"] = []
-    if cuda:
-        for b in opts.profile_batches:
-            for m in active:
-                try:
-                    k = h.profile(m, h.inputs(b, opts.seed + 2000 + b))
-                    ev["kernels"].append({"mode": m, "tiles": b, **k})
-                except Exception as e:
-                    rec.error(f"profile {m} {b} tiles", e)
-                    _free(cuda)
+def _time_batch(h: "EncoderHarness", opts: EncoderBenchOptions, b: int, active: list[str],
+                rec: Recorder, say) -> None:
+    """One tile batch: agreement with eager, warm-up, interleaved timed rounds, statistics."""
+    doc, cuda = rec.doc, h.cuda
+    row = {"tiles": b, "items": item_layout(b), "modes": {}, "agreement": {}}
+    doc["batches"].append(row)
+    try:
+        inputs = h.inputs(b, opts.seed + 1000 + b)
+    except Exception as e:
+        rec.error(f"inputs {b} tiles", e)
+        row["error"] = _err(e)
         rec.save()
-        say("kernel profile: " + "; ".join(
-            f"{r['mode']}@{r['tiles']}: {r['kernels']} kernels, {r['device_ms']:.2f} ms"
-            for r in ev["kernels"]))
-    doc["engine"]["cudagraph_manager_at_end"] = h.manager_stats()
+        return
+    live = _agree_and_warm(h, opts, b, active, inputs, row, rec)
+    samples: dict[str, list[float | None]] = {m: [] for m in live}
+    for r in range(opts.repeats):
+        k = r % len(live) if live else 0
+        for m in live[k:] + live[:k]:  # rotate the order every round
+            try:
+                samples[m].append(h.timed_ms(m, inputs))
+            except Exception as e:
+                samples[m].append(None)
+                row["modes"].setdefault(m, {})["error"] = _err(e)
+                rec.error(f"{m} {b} tiles (repeat {r})", e)
+                _free(cuda)
+        live = [m for m in live if "error" not in row["modes"].get(m, {})]
+    del inputs
+    _summarize_batch(row, samples, b, doc["model"].get("flops_per_tile"))
+    _free(cuda)
+    rec.save()
+    say(f"{b:>4} tiles: " + "  ".join(
+        f"{m} {row['modes'][m]['ms']['median']:.3f} ms"
+        + (f" (x{row['modes'][m]['speedup_vs_eager']['median']:.3f})"
+           if m != "eager" and row['modes'][m].get('speedup_vs_eager', {}).get('median')
+           else "")
+        for m in row["modes"] if row["modes"][m].get("ms", {}).get("median"))
+        + "".join(f"  [{m}: cos {a.get('cos', float('nan')):.6f} max|d| "
+                  f"{a.get('max_abs_diff', float('nan')):.3g}]"
+                  for m, a in row["agreement"].items() if m != "eager_repeat"))
+
+
+def _agree_and_warm(h: "EncoderHarness", opts: EncoderBenchOptions, b: int, active: list[str],
+                    inputs, row: dict, rec: Recorder) -> list[str]:
+    """Each mode's first call on `inputs`, compared with eager's (eager first: it is the
+    reference, and run twice for the noise floor), then its warm-up. Returns the modes that
+    got through both."""
+    live: list[str] = []
+    ref = None
+    for m in active:
+        try:
+            emb = h.cat(h.call(m, inputs))
+            h.sync()
+            if m == "eager":
+                ref = emb
+                again = h.cat(h.call("eager", inputs))
+                row["agreement"]["eager_repeat"] = agreement(ref, again)
+                del again
+            elif ref is not None:
+                row["agreement"][m] = agreement(ref, emb, rec.doc["tolerance"])
+            del emb
+            live.append(m)
+        except Exception as e:
+            row["modes"][m] = {"error": _err(e)}
+            rec.error(f"{m} {b} tiles (first call)", e)
+            _free(h.cuda)
+    ref = None
+    for m in list(live):
+        try:
+            for _ in range(opts.warmup):
+                h.call(m, inputs)
+            h.sync()
+        except Exception as e:
+            row["modes"][m] = {"error": _err(e)}
+            rec.error(f"{m} {b} tiles (warm-up)", e)
+            live.remove(m)
+            _free(h.cuda)
+    return live
+
+
+def _summarize_batch(row: dict, samples: dict[str, list[float | None]], b: int,
+                     flops_per_tile: float | None) -> None:
+    """Median and interval per mode, tiles/s, TFLOP/s, and the paired speed-up vs eager."""
+    eager_ms = list(samples.get("eager", []))
+    for m, xs in samples.items():
+        ok = [x for x in xs if x is not None]
+        st = median_ci(ok)
+        entry = row["modes"].setdefault(m, {})
+        entry.update({"ms": st, "samples_ms": [round(x, 4) for x in ok]})
+        if st["median"]:
+            entry["tiles_per_s"] = b * 1000.0 / st["median"]
+            entry["tflops"] = flops_per_tile * b / (st["median"] / 1000) / 1e12 \
+                if flops_per_tile else None
+        if m != "eager" and eager_ms:
+            pairs = [(a, c) for a, c in zip(eager_ms, xs) if a is not None and c is not None]
+            entry["speedup_vs_eager"] = paired_speedup([a for a, _ in pairs],
+                                                       [c for _, c in pairs])
+
+
+def _profile_kernels(h: "EncoderHarness", opts: EncoderBenchOptions, active: list[str],
+                     rec: Recorder, say) -> None:
+    """What the GPU runs in each mode: kernels by kind (GEMM, attention, Inductor, other)."""
+    ev = rec.doc["evidence"]
+    ev["kernels"] = []
+    for b in opts.profile_batches:
+        for m in active:
+            try:
+                k = h.profile(m, h.inputs(b, opts.seed + 2000 + b))
+                ev["kernels"].append({"mode": m, "tiles": b, **k})
+            except Exception as e:
+                rec.error(f"profile {m} {b} tiles", e)
+                _free(h.cuda)
+    rec.save()
+    say("kernel profile: " + "; ".join(
+        f"{r['mode']}@{r['tiles']}: {r['kernels']} kernels, {r['device_ms']:.2f} ms"
+        for r in ev["kernels"]))
 
 
 def _free(cuda: bool):
