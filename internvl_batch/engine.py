@@ -190,12 +190,17 @@ def resolve_model(model: str) -> tuple[str, bool]:
     return model, False
 
 
-def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
-    """Keyword arguments for `vllm.LLM` (pure: unit-tested without vLLM)."""
+def check_device(spec: EngineSpec, *, cuda: bool) -> None:
+    """Settings this device cannot run, found before any output or engine exists."""
     if spec.compile and not cuda:
         raise ConfigError(
             "--compile needs a CUDA GPU: on CPU vLLM's compiled InternVL encoder fails "
             "('Inference tensors cannot be saved for backward'); drop --compile")
+
+
+def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
+    """Keyword arguments for `vllm.LLM` (pure: unit-tested without vLLM)."""
+    check_device(spec, cuda=cuda)
     model, synthesized = resolve_model(spec.model)
     kw: dict = dict(
         model=model, trust_remote_code=True, seed=spec.seed, dtype=spec.dtype,
