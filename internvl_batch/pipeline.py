@@ -144,8 +144,8 @@ def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None) -
     log = term.info
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
     writer.fingerprint = fingerprint.of(cfg)
-    if started is None:  # e.g. --compile on CPU: one line now, not after a lock and a log
-        from .engine import check_device, has_cuda
+    if started is None and cfg.engine.compile:  # on CPU: one line now, not after the lock
+        from .engine import check_device, has_cuda  # (torch: only when it is needed anyway)
 
         check_device(cfg.engine, cuda=has_cuda())
     if writer.is_complete() and not cfg.overwrite:
