@@ -863,10 +863,7 @@ def _measure(h: "EncoderHarness", opts: EncoderBenchOptions, modes: tuple[str, .
         "vllm_counter_delta": counter_delta(v_before, vllm_compilation_counter())}
     g_after = h.manager_stats()
     if g_before is not None and g_after is not None:
-        ev["during_timing"]["graph_hits"] = (g_after.get("graph_hits") or 0) - \
-            (g_before.get("graph_hits") or 0)
-        ev["during_timing"]["graph_misses"] = (g_after.get("graph_misses") or 0) - \
-            (g_before.get("graph_misses") or 0)
+        ev["during_timing"].update(_graph_delta(g_before, g_after))
     ev["layers_at_end"] = h.layer_state()
     rec.save()
     if h.cuda:
@@ -970,9 +967,7 @@ def _evidence_calls(h: "EncoderHarness", opts: EncoderBenchOptions, active: list
                        "vllm_counter_delta": counter_delta(v0, vllm_compilation_counter())}
                 if g0 is not None:
                     g1 = h.manager_stats()
-                    row["graph_hits"] = (g1.get("graph_hits") or 0) - (g0.get("graph_hits") or 0)
-                    row["graph_misses"] = (g1.get("graph_misses") or 0) - \
-                        (g0.get("graph_misses") or 0)
+                    row.update(_graph_delta(g0, g1))
                 ev["calls"].append(row)
             except Exception as e:
                 rec.error(f"evidence {m} {b} tiles", e)
@@ -1096,6 +1091,11 @@ def _profile_kernels(h: "EncoderHarness", opts: EncoderBenchOptions, active: lis
     say("kernel profile: " + "; ".join(
         f"{r['mode']}@{r['tiles']}: {r['kernels']} kernels, {r['device_ms']:.2f} ms"
         for r in ev["kernels"]))
+
+
+def _graph_delta(before: dict, after: dict) -> dict:
+    """Encoder CUDA-graph hits and misses between two `manager_stats()` snapshots."""
+    return {k: (after.get(k) or 0) - (before.get(k) or 0) for k in ("graph_hits", "graph_misses")}
 
 
 def _free(cuda: bool):
