@@ -32,6 +32,7 @@ from typing import Iterable, Iterator, Protocol
 
 from .config import ConfigError, EngineSpec, SamplingSpec
 from . import checkpoint, prompts
+from .hooks import EXTENSION
 from .sizing import CPU_FRACTION, gpu_memory_fraction
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -212,6 +213,8 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         gpu_memory_utilization=spec.gpu_memory_utilization or
         (gpu_memory_fraction() if cuda else CPU_FRACTION),
         enforce_eager=spec.enforce_eager,
+        # our methods in vLLM's worker (hooks.py): the encoder probe, eager/compiled switch
+        worker_extension_cls=EXTENSION,
     )
     if spec.max_dynamic_patch is not None:
         kw["mm_processor_kwargs"] = {"max_dynamic_patch": spec.max_dynamic_patch}
