@@ -8,7 +8,6 @@ Inductor's and Triton's caches into it:
     <root>/entries/<key>/manifest.json              key fields, builder, times, probe check
     <root>/entries/<key>/.complete                  written last: the entry is usable
     <root>/locks/<key>.lock                         flock: one builder, others wait
-    <root>/refs/<ref>.json                          eager reference outputs for the probe
     <root>/quarantine/<key>.<time>/                 entries that crashed or failed the check
     <root>/models/<preset>/                         synthesized checkpoints (stable paths)
 
@@ -20,6 +19,16 @@ is resolved to an absolute, stable path for the same reason.
 flock (not a pid file) because the kernel drops it when its holder dies, `kill -9` included:
 a crashed builder never blocks the others. An entry without `.complete` is by definition a
 crashed or running build; the next builder (who holds the lock) moves it aside.
+
+Verification happens in the building engine itself (`hooks.EncoderControl.ivb_encoder_check`):
+the compiled InternViT layers against the same layers with the compiled wrapper bypassed, on
+the same weights and pixels (vision embeddings, within a bf16 tolerance). It used to be a
+second, fully eager engine started for its first tokens (~80 s on H100, issue 15).
+
+An engine that finds its entry being built does not wait for the lock before starting: it
+starts at once with `hooks.GATE_ENV` set, and its worker holds before its first forward (the
+first read of the entry) until the entry is complete. Process start, imports and weight
+loading overlap the build.
 """
 from __future__ import annotations
 
@@ -29,21 +38,16 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import metadata as md
 from pathlib import Path
 
-from .children import module_argv
-from .config import ConfigError, EngineSpec, SamplingSpec
+from .config import ConfigError, EngineSpec
 from .engine import device_name
-from .sizing import gpu_memory_fraction
+from .hooks import GATE_ENV
 
-REFERENCE_GPU_FRACTION = gpu_memory_fraction(2)  # 0.45
-PROBE_TOLERANCE = {"first_token_agreement": 0.75, "mean_abs_logprob_diff": 0.25}
 HEALED_ENV = "INTERNVL_BATCH_HEALED"
 
 
@@ -235,6 +239,24 @@ class CompileCache:
         finally:
             os.close(fd)  # releases the flock
 
+    @contextmanager
+    def try_lock(self, key: str):
+        """Yield True holding `key`'s lock, or False at once if someone else holds it."""
+        path = self.root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            yield True
+        finally:
+            os.close(fd)
+
     # -- the one entry point the pipeline uses -----------------------------------------------
     def start_engine(self, spec: EngineSpec, log=print, *, naive: bool = False,
                      verify: bool | None = None):
@@ -247,17 +269,19 @@ class CompileCache:
         if entry.complete:
             entry.hit = True
             return self._start_hit(spec, entry, log), entry
-        with self.lock(entry.key, log):
-            if not entry.complete:
+        with self.try_lock(entry.key) as mine:
+            if mine and not entry.complete:
                 return self._build(spec, entry, log, naive, verify), entry
-        # built by the job we waited for; loading needs no lock, so replicas and array tasks
-        # that queued behind one build all start at once
         entry.hit = True
-        log(f"compile cache: {entry.key} was built by another job; loading it")
-        return self._start_hit(spec, entry, log), entry
+        if entry.complete:
+            return self._start_hit(spec, entry, log), entry
+        # someone else is building it: start now, hold before the first forward (hooks.py)
+        log(f"compile cache: {entry.key} is being built by another job; starting meanwhile, "
+            "loading it the moment it is complete")
+        return self._start_hit(spec, entry, log, gate=True), entry
 
     def _build(self, spec: EngineSpec, entry: "Entry", log, naive: bool, verify: bool | None):
-        """Build `entry` (caller holds its lock): eager reference, engine, probe, manifest."""
+        """Build `entry` (caller holds its lock): engine, encoder check, manifest."""
         from .engine import Engine
 
         if entry.path.exists():
@@ -267,7 +291,6 @@ class CompileCache:
         log(f"compile cache: miss, building {entry.key}")
         # a naive build stands for a cache written by plain vLLM: nothing checked
         must_verify = (spec.compile and not naive) if verify is None else verify
-        ref = self.reference(spec, log) if must_verify else None
         t0 = time.time()
         try:
             engine = Engine(spec, entry.env(), naive_warmup=naive).start()
@@ -277,13 +300,15 @@ class CompileCache:
             shutil.rmtree(entry.path, ignore_errors=True)
             raise
         check = None
-        if ref is not None:
-            check = compare_probe(ref, run_probe(engine))
+        if must_verify:
+            check = engine.encoder_check()
+            log(f"compile cache: encoder check {'OK' if check['ok'] else 'FAILED'} "
+                f"({summarize_check(check)})")
             if not check["ok"]:
                 engine.close()
                 moved = entry.quarantine(f"probe check failed: {check}")
-                raise CacheError(f"compiled outputs differ from eager beyond tolerance "
-                                 f"({check}); entry moved to {moved}")
+                raise CacheError(f"compiled encoder differs from eager beyond tolerance "
+                                 f"({summarize_check(check)}); entry moved to {moved}")
         entry.write_manifest({
             "key": entry.key, "fields": entry.fields, "built_by": {
                 "host": socket.gethostname(), "pid": os.getpid(),
@@ -293,11 +318,11 @@ class CompileCache:
         entry.mark_complete()
         return engine
 
-    def _start_hit(self, spec: EngineSpec, entry: Entry, log):
+    def _start_hit(self, spec: EngineSpec, entry: Entry, log, gate: bool = False):
         from .engine import Engine
 
         entry.touch()
-        engine = Engine(spec, entry.env())
+        engine = Engine(spec, entry.env(), gate={GATE_ENV: str(entry.path)} if gate else None)
         try:
             return engine.start()
         except Exception as e:
@@ -328,27 +353,6 @@ class CompileCache:
                 return False
             except BlockingIOError:
                 return True
-
-    # -- eager reference for the probe --------------------------------------------------------
-    def reference(self, spec: EngineSpec, log=print) -> dict:
-        """Probe outputs of a fully eager engine, computed once per model/engine in a child
-        process (it must release the GPU before the compiled engine takes it)."""
-        fields = {k: v for k, v in key_fields(spec).items() if k != "compile_mm_encoder"}
-        fields["engine"] = {k: v for k, v in fields["engine"].items()
-                            if k in ("max_dynamic_patch", "dtype", "load_format")}
-        ref_path = self.root / "refs" / f"{entry_key({**fields, 'compile_mm_encoder': False})}.json"
-        if ref_path.is_file():
-            return json.loads(ref_path.read_text())
-        ref_path.parent.mkdir(parents=True, exist_ok=True)
-        log("compile cache: computing the eager reference for the probe check")
-        tmp = ref_path.with_suffix(f".tmp{os.getpid()}")
-        cmd = module_argv("internvl_batch.cache", json.dumps(spec.to_dict()), tmp)
-        env = dict(os.environ, VLLM_CACHE_ROOT=str(self.root / "refs" / "vllm"))
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0 or not tmp.is_file():
-            raise CacheError(f"eager reference run failed (exit {proc.returncode})")
-        os.replace(tmp, ref_path)
-        return json.loads(ref_path.read_text())
 
     # -- commands ------------------------------------------------------------------------------
     def entries(self) -> list[Entry]:
@@ -384,59 +388,16 @@ def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-# -- probe: a fixed input set whose outputs compiled and eager engines must agree on ----------
+# -- the encoder check ---------------------------------------------------------------------
 
-def probe_requests() -> list[dict]:
-    import numpy as np
-    from PIL import Image
-
-    from . import prompts
-
-    rng = np.random.default_rng(1234)
-    text = prompts.render(prompts.PROBE)
-    sizes = [(640, 480), (448, 448), (1024, 512), (300, 700)]
-    return [prompts.request(text, Image.fromarray(
-        rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")) for w, h in sizes]
-
-
-def run_probe(engine) -> dict:
-    res = engine.generate(probe_requests(), SamplingSpec(max_tokens=8, temperature=0.0),
-                          logprobs=1)
-    return {"token_ids": [r.token_ids for r in res], "logprobs": [r.logprobs for r in res]}
-
-
-def compare_probe(ref: dict, got: dict) -> dict:
-    """Greedy tokens and their logprobs, compiled vs eager, over the common prefix."""
-    first = [bool(a[:1] == b[:1]) for a, b in zip(ref["token_ids"], got["token_ids"])]
-    diffs = []
-    for ta, tb, la, lb in zip(ref["token_ids"], got["token_ids"], ref["logprobs"],
-                              got["logprobs"]):
-        for x, y, lx, ly in zip(ta, tb, la, lb):
-            if x != y:
-                break
-            diffs.append(abs(lx - ly))
-    agreement = sum(first) / max(1, len(first))
-    mean_diff = sum(diffs) / len(diffs) if diffs else float("inf")
-    ok = agreement >= PROBE_TOLERANCE["first_token_agreement"] and \
-        mean_diff <= PROBE_TOLERANCE["mean_abs_logprob_diff"]
-    return {"ok": ok, "first_token_agreement": round(agreement, 3),
-            "mean_abs_logprob_diff": round(mean_diff, 4), "compared_tokens": len(diffs)}
-
-
-def _reference_main(spec_json: str, out: str):
-    """Child process: eager engine (no compile, no CUDA graphs), probe, write JSON."""
-    from .engine import Engine, has_cuda
-
-    d = json.loads(spec_json)
-    # half of the usual share: the reference may run beside the engine being built
-    d.update(compile=False, enforce_eager=True,
-             gpu_memory_utilization=REFERENCE_GPU_FRACTION if has_cuda()
-             else d.get("gpu_memory_utilization"))
-    engine = Engine(EngineSpec(**d)).start()
-    Path(out).write_text(json.dumps(run_probe(engine)))
-    engine.close()
-
-
-if __name__ == "__main__":
-    _reference_main(sys.argv[1], sys.argv[2])
-    os._exit(0)  # skip vLLM's slow interpreter-exit teardown
+def summarize_check(check: dict) -> str:
+    """One line: worst cosine and relative L2 over the checked tile batches, vs tolerance."""
+    b = list(check.get("batches", {}).values())
+    if not b:
+        return "no batches checked"
+    tol = check.get("tolerance", {})
+    cos = min(x.get("cos", 0.0) for x in b)
+    rel = max(x.get("rel_l2", float("inf")) for x in b)
+    mode = f"{check.get('compilable_layers', 0)}/{check.get('layers', 0)} layers compiled"
+    return (f"{mode}; tiles {','.join(check['batches'])}: cos >= {cos:.6f} "
+            f"(min {tol.get('cos_min')}), rel L2 <= {rel:.2e} (max {tol.get('rel_l2_max')})")

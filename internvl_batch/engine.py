@@ -280,8 +280,9 @@ class Engine(Engines):
     """One vLLM `LLM` in this process."""
 
     def __init__(self, spec: EngineSpec, cache_env: dict[str, str] | None = None, *,
-                 naive_warmup: bool = False):
+                 naive_warmup: bool = False, gate: dict[str, str] | None = None):
         self.spec = spec
+        self.gate = gate or {}  # hooks.GATE_ENV for the engine-core process only
         self.naive_warmup = naive_warmup  # only to build a poisoned entry on purpose (tests)
         self.cache_env = cache_env or {}
         self.llm = None
@@ -300,7 +301,12 @@ class Engine(Engines):
         with LogTap() as tap:
             from vllm import LLM
 
-            self.llm = LLM(**kwargs)
+            os.environ.update(self.gate)  # read by the engine core we spawn, not by us
+            try:
+                self.llm = LLM(**kwargs)
+            finally:
+                for k in self.gate:
+                    os.environ.pop(k, None)
             init = time.perf_counter()
             if self.spec.compile:
                 self._warm_encoder()  # may raise: the caller closes us (self.llm is set)
@@ -327,6 +333,12 @@ class Engine(Engines):
         else:
             reqs = warmup_requests()
         self.llm.generate(reqs, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+
+    def encoder_check(self, tiles: tuple[int, ...] = (13, 3), seed: int = 0) -> dict:
+        """The serving encoder vs its layers run eager, in the engine (hooks.py). 13 tiles is
+        one full InternVL3 image, 3 a small one: two batch shapes of the compiled graph."""
+        return self.llm.collective_rpc("ivb_encoder_check",
+                                       args=(self.img_context_id, tuple(tiles), seed))[0]
 
     def generate(self, reqs: list[dict], sampling: SamplingSpec,
                  logprobs: int | None = None) -> list[GenResult]:

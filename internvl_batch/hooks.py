@@ -241,7 +241,10 @@ def install_gate() -> None:
                 continue
 
             def gated(self, *a, _fn=fn, **kw):
-                wait_for_entry(entry)
+                waited = wait_for_entry(entry)
+                # the start timeline reads this line (engine log)
+                print(f"internvl-batch: waited {waited:.1f} s for compile-cache entry "
+                      f"{os.path.basename(entry)}", flush=True)
                 return _fn(self, *a, **kw)
 
             gated._ivb_gated = True

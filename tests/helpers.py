@@ -58,3 +58,15 @@ def make_coco(root, n: int, bad: bool = False, seed: int = 0):
             doc["annotations"].append({"id": 900000 + k, "image_id": iid, "caption": name})
         ann.write_text(json.dumps(doc))
     return images_dir, ann
+
+
+def hold_lock(path: str, ready, release) -> None:
+    """Another process's flock on `path` (a compile-cache builder) until `release` is set."""
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    ready.set()
+    release.wait(300)
+    os.close(fd)

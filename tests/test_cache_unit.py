@@ -20,6 +20,7 @@ from internvl_batch import cache as cache_mod
 from internvl_batch.cache import CacheError, CompileCache, Entry, entry_key, serialize_config
 from internvl_batch.cli import cli
 from internvl_batch.config import ConfigError, EngineSpec
+from tests.helpers import hold_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = "NVIDIA H100 80GB HBM3"
@@ -355,28 +356,64 @@ def test_cache_clear_cli(tmp_path):
     assert res.exit_code == 0 and res.output == "removed 2 entries\n  k1\n  k2\n"
 
 
-# -- probe comparison (pure) ------------------------------------------------------------------------
+# -- encoder check summary and the entry gate (pure / real flock) ---------------------------------
 
-def test_compare_probe():
-    ref = {"token_ids": [[1, 2, 3], [4, 5], [6], [7, 8]],
-           "logprobs": [[-0.1, -0.2, -0.3], [-1.0, -1.0], [-0.5], [-0.2, -0.2]]}
-    same = cache_mod.compare_probe(ref, ref)
-    assert same == {"ok": True, "first_token_agreement": 1.0, "mean_abs_logprob_diff": 0.0,
-                    "compared_tokens": 8}
-    got = {"token_ids": [[1, 2, 9], [4, 5], [6], [0, 8]],
-           "logprobs": [[-0.2, -0.2, -0.3], [-1.0, -1.1], [-0.5], [-0.2, -0.2]]}
-    c = cache_mod.compare_probe(ref, got)
-    # tokens compared up to the first divergence: 1,2 | 4,5 | 6 | none
-    assert c == {"ok": True, "first_token_agreement": 0.75, "mean_abs_logprob_diff": 0.04,
-                 "compared_tokens": 5}
-    worse = {"token_ids": [[0], [0], [6], [7]], "logprobs": [[0], [0], [-0.5], [-0.2]]}
-    assert cache_mod.compare_probe(ref, worse)["ok"] is False  # 50 % agreement
-    none = {"token_ids": [[0], [0], [0], [0]], "logprobs": [[0], [0], [0], [0]]}
-    c = cache_mod.compare_probe(ref, none)
-    assert c["ok"] is False and c["compared_tokens"] == 0
-    drift = {"token_ids": ref["token_ids"], "logprobs": [[-1.1, -1.2, -1.3], [-2, -2], [-1.5],
-                                                         [-1.2, -1.2]]}
-    assert cache_mod.compare_probe(ref, drift)["ok"] is False  # |dlogprob| 1.0 > 0.25
+def test_summarize_check():
+    check = {"layers": 24, "compilable_layers": 24, "ok": True,
+             "tolerance": {"cos_min": 0.999238, "rel_l2_max": 0.0391},
+             "batches": {"13": {"cos": 0.99999, "rel_l2": 0.003, "ok": True},
+                         "3": {"cos": 0.99998, "rel_l2": 0.004, "ok": True}}}
+    line = cache_mod.summarize_check(check)
+    assert line.startswith("24/24 layers compiled; tiles 13,3: cos >= 0.999980")
+    assert "rel L2 <= 4.00e-03 (max 0.0391)" in line
+    assert cache_mod.summarize_check({"batches": {}}) == "no batches checked"
+
+
+def test_wait_for_entry_waits_for_complete_and_fails_if_the_build_stops(tmp_path):
+    """The gate an engine waits at while another process builds its entry (hooks.py): it
+    returns once `.complete` exists, and raises once the builder's lock is free with the
+    entry still incomplete (a crashed or failed build), instead of waiting forever."""
+    import threading
+
+    from internvl_batch.hooks import wait_for_entry
+
+    entry = tmp_path / "entries" / "k"
+    entry.mkdir(parents=True)
+    lock = tmp_path / "locks" / "k.lock"
+    lock.parent.mkdir()
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    builder = ctx.Process(target=hold_lock, args=(str(lock), ready, release))
+    builder.start()
+    assert ready.wait(30)
+    threading.Timer(0.6, lambda: (entry / ".complete").write_text("x")).start()
+    waited = wait_for_entry(str(entry), poll_s=0.05)
+    assert 0.5 < waited < 5
+    assert wait_for_entry(str(entry)) < 0.1  # complete: no wait
+    (entry / ".complete").unlink()
+    release.set()  # the builder gives up without completing
+    builder.join(30)
+    with pytest.raises(RuntimeError, match="its build stopped without completing it"):
+        wait_for_entry(str(entry), poll_s=0.05)
+
+
+def test_try_lock_says_no_at_once_while_another_process_builds(tmp_path):
+    cc = CompileCache(tmp_path)
+    lock = tmp_path / "locks" / "k.lock"
+    lock.parent.mkdir(parents=True)
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    builder = ctx.Process(target=hold_lock, args=(str(lock), ready, release))
+    builder.start()
+    assert ready.wait(30)
+    t0 = time.monotonic()
+    with cc.try_lock("k") as mine:
+        assert mine is False and time.monotonic() - t0 < 1
+    release.set()
+    builder.join(30)
+    with cc.try_lock("k") as mine:
+        assert mine is True
+        assert f"pid {os.getpid()}" in lock.read_text()
 
 
 # -- preset resolution ----------------------------------------------------------------------------

@@ -281,16 +281,97 @@ def test_cli_compile_on_cpu_fails_fast_with_one_line(tiny_model, tmp_path):
 
 
 def test_cache_verify_compares_against_eager(tiny_model, tmp_path, engine):
-    """`cache verify` runs the fixed probe on the cached (compiled-LM) engine and on a
-    fully eager reference process, and compares tokens and logprobs."""
+    """`cache verify` loads the entry and runs the encoder check inside the engine (hooks.py
+    through collective_rpc): the serving InternViT layers against the same layers with the
+    compiled wrapper bypassed, on the same weights and pixels. On CPU nothing is compiled
+    (0/2 layers), so both sides run the same code and agree exactly: this proves the path
+    (worker extension, RPC, embeddings of a 13- and a 3-tile batch), not a compiler."""
     cache = engine[1].root
     p = subprocess.run([sys.executable, "-m", "internvl_batch", "cache", "verify",
                         "--model", tiny_model, "--cache-dir", str(cache), "--max-model-len", "4096"],
                        capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
-    assert "OK first-token agreement 100%" in p.stdout
-    refs = list((cache / "refs").glob("*.json"))
-    assert len(refs) == 1 and len(json.loads(refs[0].read_text())["token_ids"]) == 4
+    line = p.stdout.strip().splitlines()[-1]
+    assert ": OK 0/2 layers compiled; tiles 13,3: cos >= 1.000000" in line, line
+    assert "rel L2 <= 0.00e+00" in line
+    assert not (cache / "refs").exists()  # no second, eager engine any more
+
+
+def test_encoder_check_in_the_session_engine(engine):
+    """The probe's numbers: the embeddings are not degenerate (the tiny checkpoint has
+    trained-like weights), and the model keeps its image token id after the check."""
+    eng = engine[0]
+    check = eng.encoder_check(tiles=(13, 1))
+    assert check["ok"] and check["layers"] == 2 and set(check["batches"]) == {"13", "1"}
+    for b in check["batches"].values():
+        assert b["finite"] and b["ref_max_abs"] > 0.01 and b["max_abs_diff"] == 0.0
+    assert check["tolerance"]["cos_min"] < 1
+    # the check ran the model outside a request; requests still merge image embeddings
+    from PIL import Image
+
+    from internvl_batch import prompts
+
+    text = prompts.render(prompts.PROBE)
+    res = eng.generate([prompts.request(text, Image.new("RGB", (448, 448), (200, 30, 30)))],
+                       SamplingSpec(max_tokens=4, temperature=0.0))
+    assert res[0].error is None and res[0].image_tokens > 0 and res[0].output_tokens == 4
+
+
+def test_an_engine_started_during_a_build_loads_it_the_moment_it_completes(tiny_model, tmp_path,
+                                                                          capfd):
+    """While another process builds an entry (holds its lock), start_engine does not queue at
+    the lock: the engine starts at once (process, imports, weights) and its worker holds
+    before its first forward until the entry is complete (hooks.install_gate)."""
+    import multiprocessing as mp
+
+    from internvl_batch.cache import CompileCache
+    from internvl_batch.config import EngineSpec
+    from tests.helpers import hold_lock
+
+    cc = CompileCache(tmp_path / "c")
+    spec = cc.resolve(EngineSpec(model=tiny_model, max_model_len=4096))
+    entry = cc.entry(spec)
+    lock = cc.root / "locks" / f"{entry.key}.lock"
+    lock.parent.mkdir(parents=True)
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    builder = ctx.Process(target=hold_lock, args=(str(lock), ready, release))
+    builder.start()
+    assert ready.wait(60)
+    entry.path.mkdir(parents=True)
+    logs: list[str] = []
+    done = {}
+
+    def start():
+        t0 = time.monotonic()
+        done["engine"] = cc.start_engine(spec, log=logs.append)[0]
+        done["s"] = time.monotonic() - t0
+
+    th = threading.Thread(target=start)
+    th.start()
+    hold = 45.0  # CPU engine: process start, imports and weights take ~30 s before the gate
+    th.join(hold)
+    assert th.is_alive(), "the engine did not wait for the entry"
+    entry.mark_complete()
+    release.set()
+    th.join(300)
+    builder.join(30)
+    try:
+        assert done["s"] > hold
+        assert any("is being built by another job; starting meanwhile" in m for m in logs), logs
+        waited = re.findall(r"internvl-batch: waited ([\d.]+) s for compile-cache entry",
+                            capfd.readouterr().out)
+        assert waited and float(waited[0]) > 1.0, waited  # it reached the gate before completion
+        from PIL import Image
+
+        from internvl_batch import prompts
+
+        res = done["engine"].generate([prompts.request(prompts.render(prompts.PROBE),
+                                                       Image.new("RGB", (448, 448)))],
+                                      SamplingSpec(max_tokens=2))
+        assert res[0].error is None and res[0].output_tokens == 2
+    finally:
+        done["engine"].close()
 
 
 def test_synthesized_weights_give_per_image_captions(engine, engine_spec):

@@ -65,10 +65,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import ConfigError, EngineSpec
+from ..hooks import TILES_PER_IMAGE, agreement, item_layout, tolerance
 
 MODES = ("eager", "compiled", "cudagraph")
 DEFAULT_BATCHES = (1, 2, 4, 8, 13, 32, 64, 128)
-TILES_PER_IMAGE = 13  # InternVL3: max_dynamic_patch 12 + the thumbnail tile
 CONFIDENCE = 0.95
 LABELS = {
     "eager": "eager (vLLM's InternViT forward, compiled wrapper bypassed)",
@@ -76,8 +76,6 @@ LABELS = {
     "cudagraph": "compiled + encoder CUDA graphs (`cudagraph_mm_encoder`, "
                  "EncoderCudaGraphManager.execute)",
 }
-BF16_UNIT_ROUNDOFF = 2.0 ** -9  # round-to-nearest, 8 significant bits
-ROUNDINGS_PER_LAYER = 4  # norm, attention out, MLP act, residual: where compiled and eager may round differently
 
 
 # -- options --------------------------------------------------------------------------------
@@ -164,12 +162,6 @@ def resolve_modes(modes: tuple[str, ...] | None, cuda: bool) -> tuple[str, ...]:
     return tuple(["eager"] + [m for m in wanted if m != "eager"])
 
 
-def item_layout(tiles: int, per_image: int = TILES_PER_IMAGE) -> list[int]:
-    """Tiles grouped into images of at most `per_image` tiles: 32 -> [13, 13, 6]."""
-    full, rest = divmod(tiles, per_image)
-    return [per_image] * full + ([rest] if rest else [])
-
-
 def cudagraph_settings(batches, tokens_per_tile: int, how: str) -> dict:
     """compilation_config keys for the encoder CUDA graphs.
 
@@ -222,49 +214,6 @@ def paired_speedup(base: list[float], other: list[float]) -> dict:
     mb, mo = median_ci(base)["median"], median_ci(other)["median"]
     s["of_medians"] = mb / mo if mb and mo else None
     return s
-
-
-def tolerance(layers: int) -> dict:
-    """Agreement a bf16 compiled graph must meet against eager, from the format alone.
-
-    bf16 keeps 8 significant bits: a stored value carries a relative rounding error of up to
-    u = 2^-9 (round to nearest). A compiled layer runs the same arithmetic but fuses and
-    reorders it, so at a few places per layer (norm, attention output, MLP activation, the
-    residual update: k = 4) it rounds where eager does not, or the other way round. These
-    differences are independent from layer to layer and add like a random walk, so after L
-    layers the relative L2 difference stays below about u * k * sqrt(L): 3.9 % for InternViT-300M
-    (24 layers) and 5.2 % for InternViT-6B (45). cos >= 1 - tol^2 / 2 is the same bound on the
-    angle. A wrong graph (stale weights, a shape specialised to the wrong batch, a dropped op)
-    lands far outside: cos well below 0.99."""
-    rel = BF16_UNIT_ROUNDOFF * ROUNDINGS_PER_LAYER * math.sqrt(max(layers, 1))
-    return {"rel_l2_max": round(rel, 4), "cos_min": round(1 - rel * rel / 2, 6),
-            "layers": layers,
-            "why": f"bf16 unit roundoff 2^-9 x {ROUNDINGS_PER_LAYER} roundings per layer x "
-                   f"sqrt({layers} layers), random-walk accumulation"}
-
-
-def agreement(ref, got, tol: dict | None = None) -> dict:
-    """max |delta|, relative L2, cosine (whole tensor) and the worst per-token cosine."""
-    import torch
-
-    # float64: the sums behind cos and the norms must not add their own rounding
-    a = ref.detach().double().reshape(-1, ref.shape[-1])
-    b = got.detach().double().reshape(-1, got.shape[-1])
-    if a.shape != b.shape:
-        return {"ok": False, "error": f"shape {tuple(got.shape)} != {tuple(ref.shape)}"}
-    d = b - a
-    na, nb = a.norm().item(), b.norm().item()
-    cos = float((a * b).sum().item() / (na * nb)) if na and nb else (1.0 if na == nb else 0.0)
-    tok = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
-    out = {"max_abs_diff": float(d.abs().max().item()),
-           "ref_max_abs": float(a.abs().max().item()),
-           "rel_l2": float(d.norm().item() / na) if na else float(d.norm().item()),
-           "cos": cos, "cos_min_token": float(tok.min().item()),
-           "finite": bool(torch.isfinite(b).all().item())}
-    if tol:
-        out["ok"] = bool(out["finite"] and out["rel_l2"] <= tol["rel_l2_max"]
-                         and out["cos"] >= tol["cos_min"])
-    return out
 
 
 def token_spread(emb, tokens_per_tile: int) -> dict:

@@ -74,8 +74,10 @@ def main():
     a = ap.parse_args()
     paths = sorted(p for ext in ("jpg", "jpeg", "png")
                    for p in glob.glob(os.path.join(a.images, f"*.{ext}")))[:a.limit]
+    t0 = time.perf_counter()
     llm = make_llm(a.model, a.gpu_memory_utilization, a.max_dynamic_patch,
                    dummy_weights=not a.real_weights)
+    print(f"engine start {time.perf_counter() - t0:.2f} s", flush=True)
     seconds, n, toks = run_once(llm, paths, a.max_tokens)
     print(f"{n} images in {seconds:.2f} s: {n / seconds:.2f} requests/s, "
           f"{toks / seconds:.1f} output tok/s")

@@ -57,20 +57,17 @@ def cache_ls(cache_dir):
 @engine_options
 @user_errors
 def cache_verify(**kw):
-    """Load the entry and check compiled outputs against eager on the fixed probe."""
-    from ..cache import CacheError, CompileCache, compare_probe, run_probe
+    """Load the entry and check its compiled encoder against eager, in the same engine."""
+    from ..cache import CacheError, CompileCache, summarize_check
 
     cc = CompileCache(cache_root(kw.pop("cache_dir")))
     spec = cc.resolve(make_engine_spec(kw))
     entry = cc.entry(spec)
     if not entry.complete:
         raise CacheError(f"no complete entry {entry.key}; run `internvl-batch cache warm` first")
-    ref = cc.reference(spec, log=log)
     engine, entry = cc.start_engine(spec, log=log)
-    check = compare_probe(ref, run_probe(engine))
-    click.echo(f"{entry.key}: {'OK' if check['ok'] else 'MISMATCH'} "
-               f"first-token agreement {check['first_token_agreement']:.0%}, "
-               f"mean |dlogprob| {check['mean_abs_logprob_diff']}")
+    check = engine.encoder_check()
+    click.echo(f"{entry.key}: {'OK' if check['ok'] else 'MISMATCH'} {summarize_check(check)}")
     engine.close()
     if not check["ok"]:
         moved = entry.quarantine(f"cache verify failed: {check}")

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU host, issue 15: start and stop, measured in one call. The plain LLM.generate script
+# (engine start, end to end), then `internvl-batch run --compile` (default replicas) on an
+# empty compile cache (cold) and again on the entry it built (warm), N one-tile images each.
+# Each command's wall time is taken here, outside it, from launch to exit.
+set -uo pipefail
+OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
+N=${N:-2000}
+IVB="python3 -m internvl_batch"
+$IVB data coco-synth --sizes 448 --n "$N" --out /tmp/d448 >/dev/null
+$IVB model synth --preset internvl3-1b --out /tmp/models/internvl3-1b >/dev/null
+ANN=/tmp/d448/annotations/captions_synth.json
+now() { date +%s.%N; }
+t0=$(now)
+python3 -m internvl_batch.bench.plain --model /tmp/models/internvl3-1b --images /tmp/d448/images \
+  --limit "$N" --max-dynamic-patch 1 --max-tokens 32 > "$OUT/plain.log" 2>&1
+t1=$(now); echo "plain $(grep -E '^(engine start|[0-9]+ images)' "$OUT/plain.log" | tr '\n' ' ') wall $(echo "$t1 - $t0" | bc)"
+echo "{\"plain_wall_s\": $(echo "$t1 - $t0" | bc)}" > "$OUT/walls.json"
+rm -rf /tmp/ivb-cache15
+for phase in cold warm; do
+  t0=$(now)
+  $IVB run --dataset coco --data-dir /tmp/d448/images --annotations "$ANN" \
+    --model preset:internvl3-1b --compile --max-dynamic-patch 1 --max-tokens 32 --ignore-eos \
+    --cache-dir /tmp/ivb-cache15 --no-progress ${EXTRA:-} --output "/tmp/run15-$phase" > "$OUT/run-$phase.log" 2>&1
+  code=$?
+  t1=$(now)
+  echo "run $phase exit $code wall $(echo "$t1 - $t0" | bc)"
+  python3 - "$phase" "$(echo "$t1 - $t0" | bc)" "$OUT" <<'PY'
+import glob, json, sys
+phase, wall, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+w = json.load(open(f"{out}/walls.json"))
+w[f"run_{phase}_wall_s"] = wall
+st = glob.glob(f"/tmp/run15-{phase}/*.stats.json")
+if st:
+    d = json.load(open(st[0]))
+    keep = ("images", "errors", "images_per_s", "init_s", "generate_s", "total_s", "cache_hit",
+            "time_to_first_row_s", "shutdown_s", "images_per_gpu_hour", "start_timeline",
+            "gpu_name", "replicas")
+    w[f"run_{phase}_stats"] = {k: d.get(k) for k in keep}
+    r = d.get("runs", [{}])[-1]
+    w[f"run_{phase}_stats"]["last_run"] = {k: r.get(k) for k in r if not isinstance(r.get(k), (list, dict))}
+json.dump(w, open(f"{out}/walls.json", "w"), indent=1)
+PY
+done
+grep -h "compile cache\|replicas ready\|encoder check\|waited" "$OUT"/run-cold.log | cut -c1-300 | head -20
+python3 -c "import json;d=json.load(open('$OUT/walls.json'));print(json.dumps({k:(v if not isinstance(v,dict) else {a:b for a,b in v.items() if a!='start_timeline'}) for k,v in d.items()},indent=0))" | head -80
