@@ -6,8 +6,8 @@ Design (what makes the numbers comparable):
   engine in a child process (`bench/worker.py`) holding `0.9 / len(variants)` of GPU memory
   (minus a margin), so no engine has to be torn down and rebuilt between repeats. On GPU the
   plain script starts alone first (vLLM profiles free memory at start-up); our engines reserve
-  a fixed KV cache and then start together, compiling variants first, since the compile
-  cache's eager reference run needs `cache.REFERENCE_GPU_FRACTION` of the GPU for a moment.
+  a fixed KV cache and then start together (an engine whose entry is being built by another
+  variant waits for it inside its start, see `cache.py`).
 * **Interleaved repeats after a warm-up.** The parent sends "run" to one child at a time
   (the others wait idle), rotating the order each round: A B C, B C A, C A B, ... so drift
   (clocks, thermals) lands on every variant alike.
@@ -445,8 +445,7 @@ class _Session:
         # which another engine starting beside it would disturb. So the plain script (vLLM
         # defaults, as a user runs it) starts alone first; our engines reserve a fixed KV
         # cache (`kv_cache_gb`, no profiling) and then all start at once, the compile cache
-        # serialising any build. Compiling variants first: the compile cache's eager
-        # reference needs REFERENCE_GPU_FRACTION of the GPU.
+        # serialising any build.
         p = self.plan
         start_order = sorted(p.variants, key=lambda v: v not in ("compiled", "pipeline"))
         alone = [v for v in start_order if v == "plain" and p.cuda]
