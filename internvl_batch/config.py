@@ -79,6 +79,9 @@ class EngineSpec:
     enforce_eager: bool = False
     mm_cache_gb: float | None = None  # vLLM's multimodal processor cache; 0 turns it off
     kv_cache_gb: float | None = None  # a fixed KV cache instead of profiling free memory
+    # vLLM's encoder CUDA graphs (`cudagraph_mm_encoder`); vLLM 0.26 honours it only on its V1
+    # model runner, which Engine.start selects (VLLM_USE_V2_MODEL_RUNNER=0) when this is set
+    encoder_cudagraphs: bool = False
 
     def __post_init__(self):
         if not self.model:
@@ -96,7 +99,10 @@ class EngineSpec:
         check_model_dir(self.model)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["encoder_cudagraphs"]:  # off: the keys of existing cache entries stay as they were
+            del d["encoder_cudagraphs"]
+        return d
 
 
 def check_model_dir(model: str) -> None:

@@ -228,6 +228,8 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         kw["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * 2**30)
     if cuda:
         kw["compilation_config"] = {"compile_mm_encoder": bool(spec.compile)}
+        if spec.encoder_cudagraphs:
+            kw["compilation_config"]["cudagraph_mm_encoder"] = True
     return kw
 
 
@@ -295,6 +297,9 @@ class Engine(Engines):
         # spawn, not fork: a forked engine core dies if anything here touched CUDA first
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        if self.spec.encoder_cudagraphs:
+            # vLLM 0.26's V2 runner has no encoder CUDA graph manager and ignores the flag
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.cuda = has_cuda()
         kwargs = llm_kwargs(self.spec, cuda=self.cuda)
         t0 = time.perf_counter()

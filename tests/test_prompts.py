@@ -224,8 +224,21 @@ def test_llm_kwargs_cpu_synth(synth_dir):
         "model": os.path.realpath(synth_dir), "trust_remote_code": True, "seed": 0,
         "dtype": "auto", "max_model_len": 8192, "limit_mm_per_prompt": {"image": 1},
         "load_format": "dummy", "gpu_memory_utilization": 0.2, "enforce_eager": False,
+        "worker_extension_cls": "internvl_batch.hooks.EncoderControl",
     }
     assert "compilation_config" not in kw
+
+
+def test_llm_kwargs_encoder_cudagraphs(synth_dir):
+    """--encoder-cudagraphs asks vLLM for encoder CUDA graphs on GPU; off, the cache key's
+    engine fields are what they were before the option existed."""
+    from internvl_batch import engine
+
+    spec = EngineSpec(model=str(synth_dir), compile=True, encoder_cudagraphs=True)
+    kw = engine.llm_kwargs(spec, cuda=True)
+    assert kw["compilation_config"] == {"compile_mm_encoder": True, "cudagraph_mm_encoder": True}
+    assert "encoder_cudagraphs" not in EngineSpec(model="m").to_dict()
+    assert spec.to_dict()["encoder_cudagraphs"] is True
 
 
 def test_llm_kwargs_synth_with_weights(tmp_path):

@@ -84,6 +84,9 @@ ENGINE_OPTIONS = [
                  help="vLLM load format (default: dummy for synthesized checkpoints "
                       "without weights)."),
     click.option("--enforce-eager", is_flag=True, help="No torch.compile, no CUDA graphs."),
+    click.option("--encoder-cudagraphs", is_flag=True,
+                 help="GPU: CUDA graphs for the vision encoder (vLLM cudagraph_mm_encoder, "
+                      "on vLLM's V1 model runner)."),
     click.option("--mm-cache-gb", type=float, default=None,
                  help="vLLM multimodal processor cache size (0: off)."),
     click.option("--kv-cache-gb", type=float, default=None,
@@ -119,4 +122,5 @@ def make_engine_spec(kw: dict) -> EngineSpec:
         max_num_seqs=kw.pop("max_num_seqs"), max_num_batched_tokens=kw.pop("max_num_batched_tokens"),
         gpu_memory_utilization=kw.pop("gpu_memory_utilization"), dtype=kw.pop("dtype"),
         load_format=kw.pop("load_format"), enforce_eager=kw.pop("enforce_eager"),
-        mm_cache_gb=kw.pop("mm_cache_gb"), kv_cache_gb=kw.pop("kv_cache_gb"), seed=kw.get("seed", 0) or 0)
+        mm_cache_gb=kw.pop("mm_cache_gb"), kv_cache_gb=kw.pop("kv_cache_gb"),
+        encoder_cudagraphs=kw.pop("encoder_cudagraphs", False), seed=kw.get("seed", 0) or 0)
