@@ -138,8 +138,12 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
     return row
 
 
-def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None) -> int:
-    """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks)."""
+def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None,
+        started_at: float | None = None) -> int:
+    """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks);
+    `started_at`: wall clock of the command's start (default: now), which the time to the
+    first row and the wall time behind images per GPU-hour count from."""
+    started_at = started_at or time.time()
     term = term or Terminal(info=log)
     log = term.info
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
@@ -160,7 +164,7 @@ def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None) -
         elif writer.is_complete():  # finished by the run we waited for
             return _complete(cfg, writer, term)
         writer.check_settings(writer.fingerprint)  # before any engine starts
-        return _run_locked(cfg, writer, records, term, started)
+        return _run_locked(cfg, writer, records, term, started, started_at)
 
 
 def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
@@ -175,7 +179,8 @@ def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
     return EXIT_OK
 
 
-def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started) -> int:
+def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started,
+                started_at: float) -> int:
     done = writer.done_ids()
     mine = (r for r in records if r.id not in done)
     if done:
@@ -188,7 +193,7 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
     # trap preemption from the start: engine start-up alone can take minutes
     with _Signals() as sig:
         try:
-            return _run(cfg, writer, mine, progress, sig, term, started)
+            return _run(cfg, writer, mine, progress, sig, term, started, started_at)
         except EngineDead as e:
             if sig.received:
                 term.fail(f"stopped by signal {sig.name}; the batch in flight was dropped, "
@@ -207,7 +212,7 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
 
 
 def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_Signals",
-         term: Terminal, started) -> int:
+         term: Terminal, started, started_at: float) -> int:
     t_start = time.perf_counter()
     progress.phase("starting the engine")
     engine, entry = started or start_engines(cfg, term.info)
@@ -217,6 +222,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         raise Stop(sig.exit_code, "signal during start-up")
     info = engine.info()
     st = _start_stats(engine, entry, info)
+    st.started_at = started_at
     prompt_text = prompts.render(cfg.prompt)
     metadata = _metadata(cfg, info, entry)
 
@@ -243,6 +249,9 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
         if started is None:
             engine.close()
+        # every row is in a durable chunk by now; the stats written below (final or
+        # partial) come after the close, so they hold shutdown_s
+        st.closed_at = time.time()
         st.generate_s = round(st.generate_s, 3)
         st.total_s = round(time.perf_counter() - t_start, 3)
         runs = previous + [st.to_dict()]
@@ -325,7 +334,6 @@ def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: l
     exit 3 if too many of the whole shard's rows failed (the rows are kept: the shard is
     done)."""
     total_rows = writer.finalize(metadata)
-    runs[-1]["shutdown_s"] = round(time.time() - st.last_batch_at, 3) if st.last_batch_at else None
     summary = stats_mod.whole_shard(runs, writer.counts)
     stats_mod.write(writer.stats_path, summary, runs,
                     {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,

@@ -220,7 +220,18 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     # the whole shard, not just run 2's rows (issue 13: 150 rows, stats said 134)
     assert st["rows"] == st["rows_in_shard"] == st["images"] == 40 and st["errors"] == 0
     assert st["runs"][0]["rows"] >= written - 2 and st["runs"][1]["rows"] == 40 - written
-    assert st["time_to_first_row_s"] > 0 and st["shutdown_s"] >= 0
+    # run 2 counts from its process start (engine start included) to its first row, and
+    # from its last row to its engine closed; run 1 was killed: no shutdown, its wall time
+    # up to its last saved batch still costs GPU-hours
+    r1, r2 = st["runs"]
+    assert r2["init_s"] < r2["time_to_first_row_s"] < r2["wall_s"]
+    assert r2["started_at"] < r2["first_batch_at"] <= r2["last_batch_at"] < r2["closed_at"]
+    assert 0 < r2["shutdown_s"] < 30 and st["shutdown_s"] == r2["shutdown_s"]
+    assert r1["shutdown_s"] is None and r1["wall_s"] > 0
+    assert st["time_to_first_row_s"] == max(r1["time_to_first_row_s"], r2["time_to_first_row_s"])
+    assert st["gpu_hours"] == pytest.approx((r1["wall_s"] + r2["wall_s"]) / 3600, abs=1e-5)
+    assert st["images_per_gpu_hour"] == round(40 / st["gpu_hours"], 3)
+    assert "images per GPU-hour" in log and "first row after / shutdown s" in log
     assert "images captioned" in log and "Traceback" not in log
     entries = list((cache / "entries").iterdir())
     assert len(entries) == 1 and (entries[0] / ".complete").is_file()
