@@ -38,6 +38,12 @@ from .sizing import CPU_FRACTION, gpu_memory_fraction
 IMG_CONTEXT = "<IMG_CONTEXT>"
 
 
+# vLLM 0.26 gives its engine-core process 5 s between SIGTERM and SIGKILL when closing
+# (v1/utils.py `shutdown`). Every replica closes at the same time (replicas.ReplicaPool.close),
+# so this bounds the whole stop after the last row, which issue 15 wants within 5 s.
+CLOSE_GRACE_S = 4.0
+
+
 class EngineDead(RuntimeError):
     """vLLM's engine process is gone (killed by a signal, OOM): no request can succeed."""
 
@@ -361,16 +367,28 @@ class Engine(Engines):
             output_tokens=len(c.token_ids), finish_reason=str(c.finish_reason),
             token_ids=list(c.token_ids), logprobs=lps)
 
-    def close(self):
-        """Stop vLLM's engine-core processes. Without this an `os._exit` leaves them (and
-        their GPU memory) running as orphans."""
+    def close(self, timeout: float | None = None):
+        """Stop vLLM's engine-core process the way vLLM does (SIGTERM: it aborts what is
+        left, tears down and exits), waiting at most `timeout` s (CLOSE_GRACE_S) before
+        vLLM kills it. Without this an `os._exit` leaves it (and its GPU memory) running as
+        an orphan."""
         if self.llm is None:
             return
+        t0 = time.perf_counter()
+        client = self.llm.llm_engine.engine_core
         try:
-            self.llm.llm_engine.engine_core.shutdown()
+            client.shutdown(timeout=CLOSE_GRACE_S if timeout is None else timeout)
         except Exception:
             pass
         self.llm = None
+        # into vLLM's log: whether the engine core left by itself (exit code 0) or was
+        # killed by vLLM at the deadline (-9)
+        try:
+            codes = [p.exitcode for p in client.resources.engine_manager.processes]
+        except Exception:
+            codes = []
+        print(f"engine closed in {time.perf_counter() - t0:.2f} s (engine core exit codes "
+              f"{codes or 'unknown'})", file=sys.stderr, flush=True)
 
     def info(self) -> dict:
         import torch

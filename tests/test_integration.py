@@ -22,6 +22,7 @@ import pytest
 
 from internvl_batch import stats as stats_mod
 from internvl_batch.config import PromptSpec, RunConfig, SamplingSpec
+from internvl_batch.engine import CLOSE_GRACE_S
 from internvl_batch.pipeline import EXIT_ERROR_RATE, EXIT_OK, EXIT_PREEMPTED, run
 from internvl_batch.sources import SourceSpec
 from tests.conftest import needs_vllm
@@ -352,7 +353,12 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
             assert [r["seq"] for r in b] == sorted(r["seq"] for r in b)
             assert [{k: r[k] for k in keys} for r in b] == [{k: r[k] for k in keys} for r in a]
     finally:
+        t0 = time.perf_counter()
         pool.close()
+        close_s = time.perf_counter() - t0
+    # both replicas close at once, each engine within engine.CLOSE_GRACE_S
+    assert close_s < CLOSE_GRACE_S + 3, close_s
+    print(f"2-replica pool closed in {close_s:.2f} s")
     assert any(r["error"] for r in a) and any(r["caption"] for r in a)
     # the equality above compares captions that differ per image, not one repeated string
     assert len({r["caption"] for r in a if r["caption"] is not None}) >= 5
