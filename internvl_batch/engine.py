@@ -234,7 +234,32 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         kw["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * 2**30)
     if cuda:
         kw["compilation_config"] = {"compile_mm_encoder": bool(spec.compile)}
+        if not spec.enforce_eager:
+            kw["compilation_config"]["cudagraph_capture_sizes"] = capture_sizes(spec.max_num_seqs)
     return kw
+
+
+# vLLM 0.26 captures CUDA graphs of the language model for each of ~50 batch sizes by
+# default (1, 2, 4, then every 8 up to 256 and every 16 up to 2 x max_num_seqs, at most 512:
+# 51 sizes on an H100, whose default max_num_seqs is 1024; config/vllm.py), at every engine
+# start, warm cache or not, and replicas capture at the same moment on the one GPU. A
+# decode step holds at most max_num_seqs tokens and at most the requests one `generate`
+# call gives an engine (--batch-size, 256 by default); larger sizes only serve steps that
+# mix prefill in, which are mostly larger than 512 tokens with images (one 448 px tile is
+# 256 tokens). A step between two sizes runs padded up to the next one. What this saves at
+# start and costs in decode has not been measured on a GPU yet.
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+VLLM_DEFAULT_MAX_NUM_SEQS = 256  # vLLM 0.26's LLM default on GPUs under 70 GiB (1024 above)
+
+
+def capture_sizes(max_num_seqs: int | None) -> list[int]:
+    """The language model's CUDA-graph batch sizes for an engine of `max_num_seqs`
+    (None: vLLM's default): powers of two up to it, and it, when it is below the largest."""
+    cap = max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS
+    sizes = [s for s in CAPTURE_SIZES if s <= cap]
+    if cap < CAPTURE_SIZES[-1] and cap not in sizes:
+        sizes.append(cap)
+    return sizes
 
 
 def warmup_requests(n: int = 2) -> list[dict]:
