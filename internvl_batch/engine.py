@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
 from .config import ConfigError, EngineSpec, SamplingSpec
-from . import checkpoint, prompts
+from . import checkpoint, prompts, timeline
 from .hooks import EXTENSION
 from .sizing import CPU_FRACTION, gpu_memory_fraction
 
@@ -98,9 +98,14 @@ class LogTap:
         "vllm_graphs_compiled": re.compile(r"Compiling a graph for"),
     }
 
+    # the whole committed H100 bench-encoder log of InternViT-6B holds 233 of them
+    MAX_TIMELINE_LINES = 5000
+
     def __init__(self):
         self.values: dict[str, float] = {}
         self.lines: list[str] = []
+        # (wall clock read, line) of the lines timeline.parse uses
+        self.timeline_lines: list[tuple[float, str]] = []
         self._saved = None
 
     def __enter__(self):
@@ -132,6 +137,8 @@ class LogTap:
                     self._match(raw.decode("utf-8", "replace"))
 
     def _match(self, line: str):
+        if len(self.timeline_lines) < self.MAX_TIMELINE_LINES and timeline.wanted(line):
+            self.timeline_lines.append((time.time(), line.strip()))
         for key, pat in self.PATTERNS.items():
             m = pat.search(line)
             if not m:
@@ -304,6 +311,10 @@ class Engines(Protocol):
 
     def gpu_memory_used_gb(self) -> float | None: ...
 
+    def start_timelines(self) -> list[dict]:
+        """Each engine's start as phases (timeline.py), one dict per engine."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -319,8 +330,10 @@ class Engine(Engines):
         self.timings = InitTimings()
         self.cuda = False
         self.tap: LogTap | None = None
+        self.started_at = time.time()
 
     def start(self) -> "Engine":
+        self.started_at = time.time()
         os.environ.update(self.cache_env)  # before vllm import: it reads these lazily
         # spawn, not fork: a forked engine core dies if anything here touched CUDA first
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -346,6 +359,19 @@ class Engine(Engines):
         tok = self.llm.get_tokenizer()
         self.img_context_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
         return self
+
+    def start_timeline(self, name: str = "engine") -> dict:
+        """This engine's start as phases (timeline.py): vLLM's lines, then ours; `at_s` is
+        seconds from `started_at` (wall clock) to the end of the phase."""
+        t = self.timings
+        phases = timeline.parse(self.tap.timeline_lines if self.tap else (), self.started_at)
+        llm_s = round(t.total_s - t.warmup_s, 3)
+        phases.append({"phase": "LLM() returned", "s": llm_s, "n": 1, "at_s": llm_s})
+        if self.spec.compile:
+            phases.append({"phase": "encoder warm-up", "s": round(t.warmup_s, 3), "n": 1,
+                           "at_s": round(t.total_s, 3)})
+        return {"engine": name, "started_at": self.started_at, "ready_s": round(t.total_s, 3),
+                "phases": phases}
 
     def _warm_encoder(self):
         from vllm import SamplingParams
@@ -425,6 +451,9 @@ class Engine(Engines):
 
     def gpu_memory_used_gb(self) -> float | None:
         return gpu_memory_used_gb() if self.cuda else None
+
+    def start_timelines(self) -> list[dict]:
+        return [self.start_timeline()]
 
     @property
     def tokens_per_tile(self) -> int:

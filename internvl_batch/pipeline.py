@@ -215,6 +215,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
          term: Terminal, started, started_at: float) -> int:
     t_start = time.perf_counter()
     progress.phase("starting the engine")
+    t_engines = time.time()
     engine, entry = started or start_engines(cfg, term.info)
     if sig.received:
         if started is None:
@@ -223,6 +224,8 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
     info = engine.info()
     st = _start_stats(engine, entry, info)
     st.started_at = started_at
+    if started is None:  # engines handed over (tests, bench) did not start in this run
+        st.start_timeline = start_timeline(engine, started_at, t_engines, time.time())
     prompt_text = prompts.render(cfg.prompt)
     metadata = _metadata(cfg, info, entry)
 
@@ -273,6 +276,20 @@ def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunSt
     st.cache_hit, st.cache_key = entry.hit, entry.key
     st.gpu_name = info["device"] if info["cuda"] else None
     return st
+
+
+def start_timeline(engine: Engines, started_at: float, t_engines: float, t_ready: float) -> dict:
+    """How this run started, in seconds from the command's start: until the engines were
+    asked for (imports, source, lock, resume scan), until they were ready, and each engine's
+    phases (timeline.py) with `start_offset_s`, when that engine began."""
+    engines = []
+    for e in engine.start_timelines():
+        e = dict(e)
+        if e.get("started_at"):
+            e["start_offset_s"] = round(e["started_at"] - started_at, 3)
+        engines.append(e)
+    return {"engines_asked_s": round(t_engines - started_at, 3),
+            "engines_ready_s": round(t_ready - started_at, 3), "engines": engines}
 
 
 def _metadata(cfg: RunConfig, info: dict, entry: "Entry") -> dict:
@@ -337,7 +354,7 @@ def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: l
     summary = stats_mod.whole_shard(runs, writer.counts)
     stats_mod.write(writer.stats_path, summary, runs,
                     {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
-                     "metadata": metadata})
+                     "metadata": metadata, "start_timeline": st.start_timeline})
     writer.commit()
     term.done(summary, stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} "
                                                 f"rows -> {writer.final}"))

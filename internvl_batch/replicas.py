@@ -65,6 +65,7 @@ class ReplicaPool(Engines):
         self.cuda = False
         self.tokens_per_tile = 256
         self._info: dict = {}
+        self._timelines: list[dict] = []
 
     @property
     def replicas(self) -> int:
@@ -97,12 +98,17 @@ class ReplicaPool(Engines):
                            first["cache_fields"], hit=all(r["cache_hit"] for r in readies))
         self._info = first["info"]
         self.tokens_per_tile = first["tokens_per_tile"]
+        self._timelines = [r.get("timeline") or {"engine": f"replica {k}", "phases": []}
+                           for k, r in enumerate(readies)]
         self.log(f"{self.n} replicas ready in {self.timings.total_s:.1f}s (cache "
                  f"{'hit' if self.entry.hit else 'built'}: {self.entry.key})")
         return self
 
     def info(self) -> dict:
         return dict(self._info, replicas=self.n)
+
+    def start_timelines(self) -> list[dict]:
+        return list(self._timelines)
 
     def gpu_memory_used_gb(self) -> float | None:
         if not self.cuda:
@@ -325,7 +331,8 @@ def main(config_path: str) -> int:
     send_frame(reply, (-1, {"ready": True, "timings": engine.timings.as_dict(),
                             "cache_key": entry.key, "cache_hit": entry.hit,
                             "cache_fields": entry.fields, "info": engine.info(),
-                            "tokens_per_tile": engine.tokens_per_tile}))
+                            "tokens_per_tile": engine.tokens_per_tile,
+                            "timeline": engine.start_timeline(f"replica {cfg['index']}")}))
     # read ahead: the next batch is unpickled while this one generates
     inbox: queue.Queue = queue.Queue(maxsize=2)
 

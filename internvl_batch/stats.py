@@ -65,6 +65,7 @@ class RunStats:
     # moment is still taken): shutdown_s = closed_at - last_batch_at
     closed_at: float | None = None
     error_kinds: dict = field(default_factory=dict)  # "missing file" -> 10
+    start_timeline: dict | None = None  # pipeline.start_timeline: where the start went
 
     def add_row(self, *, error: str | None, prompt_tokens: int = 0, image_tokens: int = 0,
                 output_tokens: int = 0, answered: bool = False):

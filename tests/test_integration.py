@@ -233,6 +233,12 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     assert st["gpu_hours"] == pytest.approx((r1["wall_s"] + r2["wall_s"]) / 3600, abs=1e-5)
     assert st["images_per_gpu_hour"] == round(40 / st["gpu_hours"], 3)
     assert "images per GPU-hour" in log and "first row after / shutdown s" in log
+    # where run 2's start went: its one engine's phases, as vLLM logged them
+    tl = st["start_timeline"]
+    assert tl == r2["start_timeline"] and [e["engine"] for e in tl["engines"]] == ["engine"]
+    assert 0 < tl["engines_asked_s"] < tl["engines_ready_s"] <= r2["time_to_first_row_s"]
+    phases = {p["phase"]: p for p in tl["engines"][0]["phases"]}
+    assert 0 < phases["init engine"]["s"] < phases["LLM() returned"]["s"]
     assert "images captioned" in log and "Traceback" not in log
     entries = list((cache / "entries").iterdir())
     assert len(entries) == 1 and (entries[0] / ".complete").is_file()
@@ -343,6 +349,7 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     keys = ("id", "caption", "error", "prompt_tokens", "image_tokens", "output_tokens")
     logs = []
     pool = ReplicaPool(engine_spec, tmp_path / "cache", 2, log=logs.append).start()
+    timelines = pool.start_timelines()
     try:
         for k in range(2):
             out = tmp_path / f"two-{k}"
@@ -359,6 +366,11 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     # both replicas close at once, each engine within engine.CLOSE_GRACE_S
     assert close_s < CLOSE_GRACE_S + 3, close_s
     print(f"2-replica pool closed in {close_s:.2f} s")
+    # each replica's start, as phases read from vLLM's lines and ours
+    assert [t["engine"] for t in timelines] == ["replica 0", "replica 1"]
+    for t in timelines:
+        phases = {p["phase"]: p for p in t["phases"]}
+        assert 0 < phases["init engine"]["s"] < phases["LLM() returned"]["s"] <= t["ready_s"]
     assert any(r["error"] for r in a) and any(r["caption"] for r in a)
     # the equality above compares captions that differ per image, not one repeated string
     assert len({r["caption"] for r in a if r["caption"] is not None}) >= 5

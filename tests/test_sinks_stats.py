@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -380,6 +381,7 @@ class FakeEngine:
         self.requests = 0
         self.batches: list[int] = []
         self.closed = False
+        self.started_at = time.time()
 
     def info(self):
         return {"vllm": "fake", "torch": "fake", "device": "cpu (fake)", "cuda": False}
@@ -392,6 +394,10 @@ class FakeEngine:
 
     def gpu_memory_used_gb(self):
         return None
+
+    def start_timelines(self):
+        return [{"engine": "engine", "started_at": self.started_at, "ready_s": 0.5,
+                 "phases": [{"phase": "load weights", "s": 0.25, "n": 1, "at_s": 0.3}]}]
 
     tokens_per_tile = 256
     replicas = 1
@@ -514,6 +520,14 @@ def test_pipeline_times_start_and_stop(tmp_path, fake_engine, monkeypatch):
     assert st["images_per_gpu_hour"] == round(5 / st["gpu_hours"], 3)
     assert "first row after / shutdown s" in shown[0] and "images per GPU-hour" in shown[0]
     assert f"{st['shutdown_s']:,.2f}" in shown[0]
+    # where the start went: from the command's start until the engines were asked for,
+    # until they were ready, and each engine's phases
+    tl = st["start_timeline"]
+    assert run["start_timeline"] == tl
+    assert 2.0 <= tl["engines_asked_s"] <= tl["engines_ready_s"] <= st["time_to_first_row_s"]
+    assert [e["engine"] for e in tl["engines"]] == ["engine"]
+    assert tl["engines"][0]["phases"][0]["phase"] == "load weights"
+    assert 2.0 <= tl["engines"][0]["start_offset_s"] <= tl["engines_ready_s"]
 
 
 def test_fit_batches_reaches_every_replica():
