@@ -96,6 +96,14 @@ class Child:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def finish(self):
+        """Close stdin: the child's signal to finish. `stop` then waits for it; several
+        children told first and waited for after stop in the time of the slowest one."""
+        try:
+            self.proc.stdin.close()
+        except Exception:
+            pass
+
     def stop(self, timeout: float, *, force: bool = False, kill_rest: bool = False):
         """Close stdin (the child's signal to finish) and wait up to `timeout` s, then kill
         its group; `force`: kill at once; `kill_rest`: kill the group also after a clean
@@ -103,11 +111,8 @@ class Child:
         try:
             if force:
                 raise TimeoutError("aborting")
-            try:
-                self.proc.stdin.close()
-            except Exception:
-                pass
-            self.proc.wait(timeout=timeout)
+            self.finish()
+            self.proc.wait(timeout=max(timeout, 0.0))
         except Exception:
             self.kill_group()
             self.proc.wait()

@@ -31,11 +31,21 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
 from .config import ConfigError, EngineSpec, SamplingSpec
-from . import checkpoint, prompts
+from . import checkpoint, prompts, timeline
 from .hooks import EXTENSION
 from .sizing import CPU_FRACTION, gpu_memory_fraction
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
+
+
+# vLLM 0.26 gives its engine-core process 5 s between SIGTERM and SIGKILL when closing
+# (v1/utils.py `shutdown`). Every replica closes at the same time (replicas.ReplicaPool.close),
+# so this bounds the whole stop after the last row, which issue 15 wants within 5 s. Measured
+# on CPU (vLLM 0.32, preset:tiny, 2 cores), where the engine core waits for its worker
+# process: left alone it exits by itself after 10.3 s (exit code 0), so vLLM killed it at the
+# deadline: close took 5.0 s with vLLM's default, 4.0 s with this. Not measured on a GPU
+# (0.26 runs the model inside the engine core there: no worker to wait for).
+CLOSE_GRACE_S = 4.0
 
 
 class EngineDead(RuntimeError):
@@ -92,9 +102,14 @@ class LogTap:
         "vllm_graphs_compiled": re.compile(r"Compiling a graph for"),
     }
 
+    # the whole committed H100 bench-encoder log of InternViT-6B holds 233 of them
+    MAX_TIMELINE_LINES = 5000
+
     def __init__(self):
         self.values: dict[str, float] = {}
         self.lines: list[str] = []
+        # (wall clock read, line) of the lines timeline.parse uses
+        self.timeline_lines: list[tuple[float, str]] = []
         self._saved = None
 
     def __enter__(self):
@@ -126,6 +141,8 @@ class LogTap:
                     self._match(raw.decode("utf-8", "replace"))
 
     def _match(self, line: str):
+        if len(self.timeline_lines) < self.MAX_TIMELINE_LINES and timeline.wanted(line):
+            self.timeline_lines.append((time.time(), line.strip()))
         for key, pat in self.PATTERNS.items():
             m = pat.search(line)
             if not m:
@@ -230,7 +247,32 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         kw["compilation_config"] = {"compile_mm_encoder": bool(spec.compile)}
         if spec.encoder_cudagraphs:
             kw["compilation_config"]["cudagraph_mm_encoder"] = True
+        if not spec.enforce_eager:
+            kw["compilation_config"]["cudagraph_capture_sizes"] = capture_sizes(spec.max_num_seqs)
     return kw
+
+
+# vLLM 0.26 captures CUDA graphs of the language model for each of ~50 batch sizes by
+# default (1, 2, 4, then every 8 up to 256 and every 16 up to 2 x max_num_seqs, at most 512:
+# 51 sizes on an H100, whose default max_num_seqs is 1024; config/vllm.py), at every engine
+# start, warm cache or not, and replicas capture at the same moment on the one GPU. A
+# decode step holds at most max_num_seqs tokens and at most the requests one `generate`
+# call gives an engine (--batch-size, 256 by default); larger sizes only serve steps that
+# mix prefill in, which are mostly larger than 512 tokens with images (one 448 px tile is
+# 256 tokens). A step between two sizes runs padded up to the next one. What this saves at
+# start and costs in decode has not been measured on a GPU yet.
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+VLLM_DEFAULT_MAX_NUM_SEQS = 256  # vLLM 0.26's LLM default on GPUs under 70 GiB (1024 above)
+
+
+def capture_sizes(max_num_seqs: int | None) -> list[int]:
+    """The language model's CUDA-graph batch sizes for an engine of `max_num_seqs`
+    (None: vLLM's default): powers of two up to it, and it, when it is below the largest."""
+    cap = max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS
+    sizes = [s for s in CAPTURE_SIZES if s <= cap]
+    if cap < CAPTURE_SIZES[-1] and cap not in sizes:
+        sizes.append(cap)
+    return sizes
 
 
 def warmup_requests(n: int = 2) -> list[dict]:
@@ -275,6 +317,10 @@ class Engines(Protocol):
 
     def gpu_memory_used_gb(self) -> float | None: ...
 
+    def start_timelines(self) -> list[dict]:
+        """Each engine's start as phases (timeline.py), one dict per engine."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -291,8 +337,10 @@ class Engine(Engines):
         self.timings = InitTimings()
         self.cuda = False
         self.tap: LogTap | None = None
+        self.started_at = time.time()
 
     def start(self) -> "Engine":
+        self.started_at = time.time()
         os.environ.update(self.cache_env)  # before vllm import: it reads these lazily
         # spawn, not fork: a forked engine core dies if anything here touched CUDA first
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -326,6 +374,19 @@ class Engine(Engines):
         tok = self.llm.get_tokenizer()
         self.img_context_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
         return self
+
+    def start_timeline(self, name: str = "engine") -> dict:
+        """This engine's start as phases (timeline.py): vLLM's lines, then ours; `at_s` is
+        seconds from `started_at` (wall clock) to the end of the phase."""
+        t = self.timings
+        phases = timeline.parse(self.tap.timeline_lines if self.tap else (), self.started_at)
+        llm_s = round(t.total_s - t.warmup_s, 3)
+        phases.append({"phase": "LLM() returned", "s": llm_s, "n": 1, "at_s": llm_s})
+        if self.spec.compile:
+            phases.append({"phase": "encoder warm-up", "s": round(t.warmup_s, 3), "n": 1,
+                           "at_s": round(t.total_s, 3)})
+        return {"engine": name, "started_at": self.started_at, "ready_s": round(t.total_s, 3),
+                "phases": phases}
 
     def _warm_encoder(self):
         from vllm import SamplingParams
@@ -378,16 +439,31 @@ class Engine(Engines):
             output_tokens=len(c.token_ids), finish_reason=str(c.finish_reason),
             token_ids=list(c.token_ids), logprobs=lps)
 
-    def close(self):
-        """Stop vLLM's engine-core processes. Without this an `os._exit` leaves them (and
-        their GPU memory) running as orphans."""
+    def close(self, timeout: float | None = None):
+        """Stop vLLM's engine-core process the way vLLM does (SIGTERM: it aborts what is
+        left, tears down and exits), waiting at most `timeout` s (CLOSE_GRACE_S) before
+        vLLM kills it. Without this an `os._exit` leaves it (and its GPU memory) running as
+        an orphan."""
         if self.llm is None:
             return
+        t0 = time.perf_counter()
+        client = self.llm.llm_engine.engine_core
         try:
-            self.llm.llm_engine.engine_core.shutdown()
+            client.shutdown(timeout=CLOSE_GRACE_S if timeout is None else timeout)
         except Exception:
             pass
         self.llm = None
+        # into vLLM's log: whether the engine core left by itself (exit code 0) or was
+        # killed by vLLM at the deadline (-9)
+        codes = []
+        try:
+            for p in client.resources.engine_manager.processes:
+                p.join(timeout=1.0)  # reaps it: vLLM's kill does not
+                codes.append(p.exitcode)
+        except Exception:
+            pass
+        print(f"engine closed in {time.perf_counter() - t0:.2f} s (engine core exit codes "
+              f"{codes or 'unknown'})", file=sys.stderr, flush=True)
 
     def info(self) -> dict:
         import torch
@@ -399,6 +475,9 @@ class Engine(Engines):
 
     def gpu_memory_used_gb(self) -> float | None:
         return gpu_memory_used_gb() if self.cuda else None
+
+    def start_timelines(self) -> list[dict]:
+        return [self.start_timeline()]
 
     @property
     def tokens_per_tile(self) -> int:

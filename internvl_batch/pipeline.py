@@ -138,8 +138,12 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
     return row
 
 
-def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None) -> int:
-    """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks)."""
+def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None,
+        started_at: float | None = None) -> int:
+    """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks);
+    `started_at`: wall clock of the command's start (default: now), which the time to the
+    first row and the wall time behind images per GPU-hour count from."""
+    started_at = started_at or time.time()
     term = term or Terminal(info=log)
     log = term.info
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
@@ -160,7 +164,7 @@ def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None) -
         elif writer.is_complete():  # finished by the run we waited for
             return _complete(cfg, writer, term)
         writer.check_settings(writer.fingerprint)  # before any engine starts
-        return _run_locked(cfg, writer, records, term, started)
+        return _run_locked(cfg, writer, records, term, started, started_at)
 
 
 def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
@@ -175,7 +179,8 @@ def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
     return EXIT_OK
 
 
-def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started) -> int:
+def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started,
+                started_at: float) -> int:
     done = writer.done_ids()
     mine = (r for r in records if r.id not in done)
     if done:
@@ -188,7 +193,7 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
     # trap preemption from the start: engine start-up alone can take minutes
     with _Signals() as sig:
         try:
-            return _run(cfg, writer, mine, progress, sig, term, started)
+            return _run(cfg, writer, mine, progress, sig, term, started, started_at)
         except EngineDead as e:
             if sig.received:
                 term.fail(f"stopped by signal {sig.name}; the batch in flight was dropped, "
@@ -207,9 +212,10 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
 
 
 def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_Signals",
-         term: Terminal, started) -> int:
+         term: Terminal, started, started_at: float) -> int:
     t_start = time.perf_counter()
     progress.phase("starting the engine")
+    t_engines = time.time()
     engine, entry = started or start_engines(cfg, term.info)
     if sig.received:
         if started is None:
@@ -217,6 +223,9 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         raise Stop(sig.exit_code, "signal during start-up")
     info = engine.info()
     st = _start_stats(engine, entry, info)
+    st.started_at = started_at
+    if started is None:  # engines handed over (tests, bench) did not start in this run
+        st.start_timeline = start_timeline(engine, started_at, t_engines, time.time())
     prompt_text = prompts.render(cfg.prompt)
     metadata = _metadata(cfg, info, entry)
 
@@ -243,6 +252,9 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
         if started is None:
             engine.close()
+        # every row is in a durable chunk by now; the stats written below (final or
+        # partial) come after the close, so they hold shutdown_s
+        st.closed_at = time.time()
         st.generate_s = round(st.generate_s, 3)
         st.total_s = round(time.perf_counter() - t_start, 3)
         runs = previous + [st.to_dict()]
@@ -264,6 +276,20 @@ def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunSt
     st.cache_hit, st.cache_key = entry.hit, entry.key
     st.gpu_name = info["device"] if info["cuda"] else None
     return st
+
+
+def start_timeline(engine: Engines, started_at: float, t_engines: float, t_ready: float) -> dict:
+    """How this run started, in seconds from the command's start: until the engines were
+    asked for (imports, source, lock, resume scan), until they were ready, and each engine's
+    phases (timeline.py) with `start_offset_s`, when that engine began."""
+    engines = []
+    for e in engine.start_timelines():
+        e = dict(e)
+        if e.get("started_at"):
+            e["start_offset_s"] = round(e["started_at"] - started_at, 3)
+        engines.append(e)
+    return {"engines_asked_s": round(t_engines - started_at, 3),
+            "engines_ready_s": round(t_ready - started_at, 3), "engines": engines}
 
 
 def _metadata(cfg: RunConfig, info: dict, entry: "Entry") -> dict:
@@ -325,11 +351,10 @@ def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: l
     exit 3 if too many of the whole shard's rows failed (the rows are kept: the shard is
     done)."""
     total_rows = writer.finalize(metadata)
-    runs[-1]["shutdown_s"] = round(time.time() - st.last_batch_at, 3) if st.last_batch_at else None
     summary = stats_mod.whole_shard(runs, writer.counts)
     stats_mod.write(writer.stats_path, summary, runs,
                     {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
-                     "metadata": metadata})
+                     "metadata": metadata, "start_timeline": st.start_timeline})
     writer.commit()
     term.done(summary, stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} "
                                                 f"rows -> {writer.final}"))

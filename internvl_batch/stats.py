@@ -25,7 +25,8 @@ KEYS = (
     "images_per_s", "requests_per_s", "output_tokens_per_s", "total_tokens_per_s",
     "peak_rss_gb", "gpu_name", "gpu_peak_mem_gb",
     "cache_hit", "cache_key",
-    "time_to_first_row_s", "shutdown_s", "error_kinds",
+    "time_to_first_row_s", "shutdown_s", "wall_s", "gpu_hours", "images_per_gpu_hour",
+    "error_kinds",
 )
 COUNT_KEYS = ("rows", "images", "requests", "errors", "input_tokens", "image_tokens",
               "output_tokens")
@@ -51,15 +52,20 @@ class RunStats:
     gpu_peak_mem_gb: float | None = None
     cache_hit: bool | None = None
     cache_key: str | None = None
+    # wall clock of the command's start (the process start for `run`): time to the first row
+    # and the run's wall time count from here, engine start-up and cache build included
     started_at: float = field(default_factory=time.time)
+    gpus: int = 1  # devices the run occupies: every engine (replicas too) shares one GPU
     # wall clock of the first and last batch written: lines up GPU/host monitoring with the
     # steady state, engine start-up excluded
     generate_started_at: float | None = None  # the first batch asked of the engine
     first_batch_at: float | None = None
     last_batch_at: float | None = None
-    # from the last batch written to stats.json written: engine close + finalize
-    shutdown_s: float | None = None
+    # every engine closed (this run's own; engines it was handed are not closed but the
+    # moment is still taken): shutdown_s = closed_at - last_batch_at
+    closed_at: float | None = None
     error_kinds: dict = field(default_factory=dict)  # "missing file" -> 10
+    start_timeline: dict | None = None  # pipeline.start_timeline: where the start went
 
     def add_row(self, *, error: str | None, prompt_tokens: int = 0, image_tokens: int = 0,
                 output_tokens: int = 0, answered: bool = False):
@@ -84,7 +90,31 @@ class RunStats:
         # from this invocation's start (engine start, cache build, resume scan included)
         d["time_to_first_row_s"] = (round(self.first_batch_at - self.started_at, 3)
                                     if self.first_batch_at else None)
+        # the last row is durable (a Parquet chunk) before the engines are asked to close
+        d["shutdown_s"] = (round(self.closed_at - self.last_batch_at, 3)
+                           if self.closed_at and self.last_batch_at else None)
+        # the cost figure: start and stop included; saved mid-run (a run killed with -9
+        # keeps it), the time so far
+        d["wall_s"] = round((self.closed_at or time.time()) - self.started_at, 3)
+        d["gpu_hours"] = round(d["wall_s"] * self.gpus / 3600, 6)
+        d["images_per_gpu_hour"] = _rate(self.images, d["gpu_hours"])
         return d
+
+
+def process_started_at(pid: int | str = "self") -> float | None:
+    """Wall-clock time a process started (Linux /proc, to the clock tick), or None.
+
+    `run` counts its time to the first row from here, so Python's start and the imports
+    before the command's body count too."""
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age if 0 <= age < 10 * 365 * 86400 else None
 
 
 # "missing file: /x.jpg" -> "missing file"; "aspect ratio 4000x10 exceeds 200:1" -> "aspect
@@ -180,6 +210,13 @@ def summarize(runs: list[dict]) -> dict:
     for k in ("time_to_first_row_s", "shutdown_s"):
         vals = [r[k] for r in runs if r.get(k) is not None]
         out[k] = max(vals) if vals else None
+    # GPU-hours add up over resumes and over shards (unlike rates): images per GPU-hour of
+    # the whole is the total over the total
+    for k, nd in (("wall_s", 3), ("gpu_hours", 6)):
+        vals = [float(r[k]) for r in runs if r.get(k) is not None]
+        out[k] = round(sum(vals), nd) if vals else None
+    out["images_per_gpu_hour"] = _rate(out["images"], out["gpu_hours"]) \
+        if out["gpu_hours"] else None
     kinds = Counter()
     for r in runs:
         kinds.update(r.get("error_kinds") or {})
@@ -202,6 +239,8 @@ def whole_shard(runs: list[dict], counts: dict | None) -> dict:
         out["requests_per_s"] = _rate(out["requests"], g)
         out["output_tokens_per_s"] = _rate(out["output_tokens"], g)
         out["total_tokens_per_s"] = _rate(out["total_tokens"], g)
+        if out["gpu_hours"]:
+            out["images_per_gpu_hour"] = _rate(out["images"], out["gpu_hours"])
     return out
 
 
@@ -264,7 +303,10 @@ def table(summary: dict, title: str = "internvl-batch") -> str:
     rows = [
         ("images captioned", f(summary["images"])), ("error rows", f(summary["errors"])),
         ("input / output tokens", f"{f(summary['input_tokens'])} / {f(summary['output_tokens'])}"),
-        ("images/s", f(summary["images_per_s"])), ("requests/s", f(summary["requests_per_s"])),
+        ("images/s", f(summary["images_per_s"])),
+        ("images per GPU-hour", f"{f(summary.get('images_per_gpu_hour'))} (over "
+         f"{summary.get('gpu_hours') or 0:.4g} GPU-hours, start and stop included)"),
+        ("requests/s", f(summary["requests_per_s"])),
         ("output tok/s", f(summary["output_tokens_per_s"])),
         ("total tok/s", f(summary["total_tokens_per_s"])),
         ("load / compile / cudagraph s",

@@ -22,6 +22,7 @@ import pytest
 
 from internvl_batch import stats as stats_mod
 from internvl_batch.config import PromptSpec, RunConfig, SamplingSpec
+from internvl_batch.engine import CLOSE_GRACE_S
 from internvl_batch.pipeline import EXIT_ERROR_RATE, EXIT_OK, EXIT_PREEMPTED, run
 from internvl_batch.sources import SourceSpec
 from tests.conftest import needs_vllm
@@ -220,7 +221,24 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     # the whole shard, not just run 2's rows (issue 13: 150 rows, stats said 134)
     assert st["rows"] == st["rows_in_shard"] == st["images"] == 40 and st["errors"] == 0
     assert st["runs"][0]["rows"] >= written - 2 and st["runs"][1]["rows"] == 40 - written
-    assert st["time_to_first_row_s"] > 0 and st["shutdown_s"] >= 0
+    # run 2 counts from its process start (engine start included) to its first row, and
+    # from its last row to its engine closed; run 1 was killed: no shutdown, its wall time
+    # up to its last saved batch still costs GPU-hours
+    r1, r2 = st["runs"]
+    assert r2["init_s"] < r2["time_to_first_row_s"] < r2["wall_s"]
+    assert r2["started_at"] < r2["first_batch_at"] <= r2["last_batch_at"] < r2["closed_at"]
+    assert 0 < r2["shutdown_s"] < 30 and st["shutdown_s"] == r2["shutdown_s"]
+    assert r1["shutdown_s"] is None and r1["wall_s"] > 0
+    assert st["time_to_first_row_s"] == max(r1["time_to_first_row_s"], r2["time_to_first_row_s"])
+    assert st["gpu_hours"] == pytest.approx((r1["wall_s"] + r2["wall_s"]) / 3600, abs=1e-5)
+    assert st["images_per_gpu_hour"] == round(40 / st["gpu_hours"], 3)
+    assert "images per GPU-hour" in log and "first row after / shutdown s" in log
+    # where run 2's start went: its one engine's phases, as vLLM logged them
+    tl = st["start_timeline"]
+    assert tl == r2["start_timeline"] and [e["engine"] for e in tl["engines"]] == ["engine"]
+    assert 0 < tl["engines_asked_s"] < tl["engines_ready_s"] <= r2["time_to_first_row_s"]
+    phases = {p["phase"]: p for p in tl["engines"][0]["phases"]}
+    assert 0 < phases["init engine"]["s"] < phases["LLM() returned"]["s"]
     assert "images captioned" in log and "Traceback" not in log
     entries = list((cache / "entries").iterdir())
     assert len(entries) == 1 and (entries[0] / ".complete").is_file()
@@ -412,6 +430,7 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     keys = ("id", "caption", "error", "prompt_tokens", "image_tokens", "output_tokens")
     logs = []
     pool = ReplicaPool(engine_spec, tmp_path / "cache", 2, log=logs.append).start()
+    timelines = pool.start_timelines()
     try:
         for k in range(2):
             out = tmp_path / f"two-{k}"
@@ -422,7 +441,17 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
             assert [r["seq"] for r in b] == sorted(r["seq"] for r in b)
             assert [{k: r[k] for k in keys} for r in b] == [{k: r[k] for k in keys} for r in a]
     finally:
+        t0 = time.perf_counter()
         pool.close()
+        close_s = time.perf_counter() - t0
+    # both replicas close at once, each engine within engine.CLOSE_GRACE_S
+    assert close_s < CLOSE_GRACE_S + 3, close_s
+    print(f"2-replica pool closed in {close_s:.2f} s")
+    # each replica's start, as phases read from vLLM's lines and ours
+    assert [t["engine"] for t in timelines] == ["replica 0", "replica 1"]
+    for t in timelines:
+        phases = {p["phase"]: p for p in t["phases"]}
+        assert 0 < phases["init engine"]["s"] < phases["LLM() returned"]["s"] <= t["ready_s"]
     assert any(r["error"] for r in a) and any(r["caption"] for r in a)
     # the equality above compares captions that differ per image, not one repeated string
     assert len({r["caption"] for r in a if r["caption"] is not None}) >= 5

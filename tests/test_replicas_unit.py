@@ -74,3 +74,48 @@ def test_cli_replicas_option():
     assert r.exit_code == 2 and "between 1 and 16" in r.output
     r = CliRunner().invoke(cli, ["run", "--dataset", "sample", "-o", "/tmp/x", "--replicas", "many"])
     assert r.exit_code == 2 and "or auto" in r.output
+
+
+def _replicas_running(monkeypatch, tmp_path, n: int, code: str):
+    """`n` real replica processes that run `code` instead of an engine (no vLLM)."""
+    import sys
+
+    from internvl_batch import children
+    from internvl_batch.replicas import ReplicaPool, _Replica
+
+    monkeypatch.setattr(children, "module_argv",
+                        lambda module, *args: [sys.executable, "-c", code, *map(str, args)])
+    pool = ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", n)
+    pool.procs = [_Replica(k, pool.spec, pool.cache_dir, tmp_path) for k in range(n)]
+    return pool
+
+
+def test_pool_closes_replicas_at_the_same_time(monkeypatch, tmp_path):
+    """Each replica takes 1 s to close its engine after EOF on stdin: three close in about
+    1 s, not 3 (issue 15: four H100 replicas stopped one after another took ~22 s)."""
+    import time
+
+    pool = _replicas_running(monkeypatch, tmp_path, 3,
+                             "import sys, time; sys.stdin.buffer.read(); time.sleep(1.0)")
+    procs = [r.child.proc for r in pool.procs]
+    t0 = time.perf_counter()
+    pool.close()
+    took = time.perf_counter() - t0
+    assert 1.0 <= took < 2.0, took
+    assert [p.returncode for p in procs] == [0, 0, 0] and pool.procs == []
+
+
+def test_pool_close_is_bounded(monkeypatch, tmp_path):
+    """A replica that does not leave after EOF is killed (its whole group) at the deadline."""
+    import time
+
+    from internvl_batch import replicas
+
+    monkeypatch.setattr(replicas, "STOP_TIMEOUT_S", 1.0)
+    pool = _replicas_running(monkeypatch, tmp_path, 2,
+                             "import sys, time; sys.stdin.buffer.read(); time.sleep(60)")
+    procs = [r.child.proc for r in pool.procs]
+    t0 = time.perf_counter()
+    pool.close()
+    assert time.perf_counter() - t0 < 3.0
+    assert [p.returncode for p in procs] == [-9, -9]

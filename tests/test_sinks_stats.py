@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -210,7 +211,7 @@ def test_table_labels():
     lines = text.splitlines()
     assert lines[0] == "my title" and set(lines[1]) == {"-"}
     labels = ["images captioned", "error rows", "input / output tokens", "images/s",
-              "requests/s", "output tok/s", "total tok/s", "load / compile / cudagraph s",
+              "images per GPU-hour", "requests/s", "output tok/s", "total tok/s", "load / compile / cudagraph s",
               "init / warm-up / generate / total s", "peak host RSS", "device",
               "peak GPU memory", "compile cache", "first row after / shutdown s"]
     assert [ln.split("  ")[0].strip() for ln in lines[2:]] == labels
@@ -219,6 +220,61 @@ def test_table_labels():
     assert "5.20" in text and "4.00 GB" in text and "miss (k1)" in text
     empty = stats_mod.table(stats_mod.summarize([]))
     assert empty.splitlines()[0] == "internvl-batch" and "compile cache" in empty
+
+
+def test_run_stats_start_stop_and_gpu_hours():
+    """Time to the first row counts from the command's start, shutdown from the last row
+    written to the engines closed; images per GPU-hour over the whole wall time."""
+    st = stats_mod.RunStats(started_at=1000.0)
+    for _ in range(36):
+        st.add_row(error=None, answered=True)
+    st.first_batch_at, st.last_batch_at, st.closed_at = 1030.0, 1100.0, 1103.25
+    d = st.to_dict()
+    assert d["time_to_first_row_s"] == 30.0 and d["shutdown_s"] == 3.25
+    assert d["wall_s"] == 103.25 and d["gpu_hours"] == round(103.25 / 3600, 6)
+    assert d["images_per_gpu_hour"] == round(36 / round(103.25 / 3600, 6), 3)  # ~1255
+    assert "closed_at" in d and "started_at" in d  # kept for lining up with monitoring
+    # saved mid-run (after a batch, engines still open): no shutdown yet, the time so far
+    st.closed_at = None
+    mid = st.to_dict()
+    assert mid["shutdown_s"] is None and mid["wall_s"] > 1e6  # started_at is in 1970
+    # before any row: none of the rates divide by zero
+    empty = stats_mod.RunStats().to_dict()
+    assert empty["time_to_first_row_s"] is None and empty["images_per_gpu_hour"] == 0.0
+
+
+def test_gpu_hours_add_up_over_resumes_and_shards():
+    a = dict(RUN_A, wall_s=720.0, gpu_hours=0.2, time_to_first_row_s=90.0, shutdown_s=4.0)
+    b = dict(RUN_B, wall_s=360.0, gpu_hours=0.1, time_to_first_row_s=40.0, shutdown_s=2.5)
+    s = stats_mod.summarize([a, b])
+    assert (s["wall_s"], s["gpu_hours"]) == (1080.0, 0.3)
+    assert s["images_per_gpu_hour"] == round(13 / 0.3, 3)
+    assert (s["time_to_first_row_s"], s["shutdown_s"]) == (90.0, 4.0)  # the slowest
+    # recounted from the shard's rows: the rows' images over the runs' GPU-hours
+    counts = {k: 0 for k in stats_mod.COUNT_KEYS} | {"rows": 30, "images": 30}
+    assert stats_mod.whole_shard([a, b], counts)["images_per_gpu_hour"] == 100.0
+    # merge: shards' GPU-hours add up (two shards on two GPUs cost both)
+    m = stats_mod.merge_parallel([stats_mod.summarize([a]), stats_mod.summarize([b])])
+    assert m["gpu_hours"] == 0.3 and m["images_per_gpu_hour"] == s["images_per_gpu_hour"]
+    # stats written before these keys existed
+    old = stats_mod.summarize([RUN_A])
+    assert old["wall_s"] is None and old["images_per_gpu_hour"] is None
+    assert "images per GPU-hour" in stats_mod.table(old)
+
+
+def test_process_started_at_is_the_process_start(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", "import time; t = time.time(); "
+                          "from internvl_batch.stats import process_started_at as p; "
+                          "print(p(), t)"], capture_output=True, text=True, check=True)
+    started, first_line = map(float, out.stdout.split())
+    # /proc counts clock ticks (10 ms); the interpreter's start lies between
+    assert t0 - 0.05 <= started <= first_line + 0.05, (t0, started, first_line)
+    assert stats_mod.process_started_at(2**30) is None  # no such process
 
 
 def test_stats_write(tmp_path):
@@ -325,6 +381,7 @@ class FakeEngine:
         self.requests = 0
         self.batches: list[int] = []
         self.closed = False
+        self.started_at = time.time()
 
     def info(self):
         return {"vllm": "fake", "torch": "fake", "device": "cpu (fake)", "cuda": False}
@@ -337,6 +394,10 @@ class FakeEngine:
 
     def gpu_memory_used_gb(self):
         return None
+
+    def start_timelines(self):
+        return [{"engine": "engine", "started_at": self.started_at, "ready_s": 0.5,
+                 "phases": [{"phase": "load weights", "s": 0.25, "n": 1, "at_s": 0.3}]}]
 
     tokens_per_tile = 256
     replicas = 1
@@ -419,6 +480,54 @@ def test_pipeline_writes_stats_between_finalize_and_commit(tmp_path, fake_engine
     assert list(out.glob(".*")) == []  # no temp file left
     ok, report = merge_mod.merge_output(out)
     assert ok, report
+
+
+def test_pipeline_times_start_and_stop(tmp_path, fake_engine, monkeypatch):
+    """time_to_first_row_s counts from the `started_at` the command passes; the final
+    stats.json is written after the engine closed, so shutdown_s covers the close; the
+    summary shows both and images per GPU-hour."""
+    import time
+
+    from internvl_batch import pipeline
+
+    events = []
+
+    def slow_close(self):
+        time.sleep(0.3)
+        events.append("closed")
+        self.closed = True
+
+    real_write = stats_mod.write
+
+    def write(path, *a, **k):
+        events.append("stats")
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(FakeEngine, "close", slow_close)
+    monkeypatch.setattr(stats_mod, "write", write)
+    out, shown = tmp_path / "out", []
+    term = pipeline.Terminal(info=lambda m: None, summary=lambda doc, table: shown.append(table))
+    t_cmd = time.time() - 2.0  # the process started 2 s before pipeline.run
+    assert pipeline.run(_run_cfg(tmp_path, out), term=term, started_at=t_cmd) == 0
+    assert events == ["closed", "stats"]
+    st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
+    run = st["runs"][-1]
+    assert run["started_at"] == t_cmd
+    assert 2.0 <= st["time_to_first_row_s"] == run["time_to_first_row_s"] < 30
+    assert 0.3 <= st["shutdown_s"] == run["shutdown_s"] < 5
+    assert run["wall_s"] >= 2.3 and run["wall_s"] == st["wall_s"]
+    assert run["closed_at"] - run["last_batch_at"] == pytest.approx(run["shutdown_s"], abs=1e-3)
+    assert st["images_per_gpu_hour"] == round(5 / st["gpu_hours"], 3)
+    assert "first row after / shutdown s" in shown[0] and "images per GPU-hour" in shown[0]
+    assert f"{st['shutdown_s']:,.2f}" in shown[0]
+    # where the start went: from the command's start until the engines were asked for,
+    # until they were ready, and each engine's phases
+    tl = st["start_timeline"]
+    assert run["start_timeline"] == tl
+    assert 2.0 <= tl["engines_asked_s"] <= tl["engines_ready_s"] <= st["time_to_first_row_s"]
+    assert [e["engine"] for e in tl["engines"]] == ["engine"]
+    assert tl["engines"][0]["phases"][0]["phase"] == "load weights"
+    assert 2.0 <= tl["engines"][0]["start_offset_s"] <= tl["engines_ready_s"]
 
 
 def test_fit_batches_reaches_every_replica():

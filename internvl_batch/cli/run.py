@@ -77,6 +77,7 @@ def run(**kw):
     from ..console import NORMAL, QUIET, VERBOSE, Console
     from ..pipeline import Terminal, run as run_pipeline
     from ..sinks import shard_name
+    from ..stats import process_started_at
 
     source = SourceSpec.parse(
         kw.pop("dataset"), data_dir=kw.pop("data_dir"), annotations=kw.pop("annotations"),
@@ -104,7 +105,7 @@ def run(**kw):
                   flush=True)
         term = Terminal(info=con.info, error=con.error, summary=summary, stream=lambda: con.err,
                         quiet=quiet, starting=con.capture)
-        code = run_pipeline(cfg, term=term)
+        code = run_pipeline(cfg, term=term, started_at=process_started_at())
     exit_now(code)
 
 

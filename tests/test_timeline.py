@@ -1,0 +1,144 @@
+"""timeline.parse on vLLM 0.26's own start-up lines (no engine).
+
+The fixture is the start of a real engine: vLLM 0.26.0 on an H100, InternVL3-1B shapes with
+the compiled encoder (lines 3-165 of results/h100/encoder/encoder-internvl3-1b-v1runner.log,
+without the long config dumps)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from internvl_batch import timeline
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vllm-0.26-start-compiled-h100.log"
+
+
+@pytest.fixture(scope="module")
+def lines():
+    return FIXTURE.read_text().splitlines()
+
+
+def _by(phases):
+    return {(p["phase"], p.get("component")): p for p in phases}
+
+
+def test_phases_of_a_cold_compiled_start(lines):
+    phases = timeline.parse(lines)
+    by = _by(phases)
+    assert by[("load weights", None)] == {"phase": "load weights", "s": 1.031, "n": 1,
+                                          "gib": 1.76, "at_s": 32.0}  # 11:19:17 - 11:18:45
+    # the language model: one Dynamo trace, one Inductor compile, from scratch
+    assert by[("dynamo transform", "backbone")]["s"] == 7.03
+    assert by[("inductor compile", "backbone")]["s"] == 10.17
+    assert by[("torch.compile total", "backbone")]["s"] == 22.1
+    # the encoder: compiled once, then each further layer loaded from the cache just written
+    enc = by[("torch.compile total", "InternVisionEncoderLayer")]
+    assert enc["n"] == 24 and by[("inductor compile", "InternVisionEncoderLayer")]["n"] == 1
+    assert by[("compiled graph from cache", "InternVisionEncoderLayer")]["n"] == 23
+    assert by[("AOT artefacts loaded", None)]["n"] == 23
+    cg = by[("cuda graphs", None)]
+    assert (cg["s"], cg["gib"], cg["at_s"]) == (3.0, 6.43, 80.0)
+    init = by[("init engine", None)]
+    assert (init["s"], init["compile_s"], init["language_model_s"], init["encoder_s"]) == \
+        (49.06, 30.28, 22.1, 8.19)
+    assert init["at_s"] == 81.0  # 11:20:06
+    # vLLM's encoder total is the sum of the per-layer lines (each rounded to 0.01 s)
+    assert enc["s"] == pytest.approx(init["encoder_s"], abs=0.05)
+    # in the order they first appear
+    assert phases[0]["phase"] == "load weights" and phases[-2]["phase"] == "init engine"
+    assert [p for p in phases if p["phase"] == "profiling run"][0]["n"] == 25
+
+
+def test_engine_core_prefix_and_color_are_ignored(lines):
+    """In `run` the engine core is a child process: vLLM prefixes its lines
+    `(EngineCore pid=N) ` (vllm/utils/system_utils.py _add_prefix), in cyan on a tty."""
+    plain = timeline.parse(lines)
+    prefixed = [f"(EngineCore pid=4242) {ln}" for ln in lines]
+    colored = [f"\x1b[36m(EngineCore pid=4242)\x1b[0m {ln}" for ln in lines]
+    assert timeline.parse(prefixed) == plain
+    assert timeline.parse(colored) == plain
+
+
+def test_stamped_lines_count_from_t0(lines):
+    """LogTap stamps each line with when it was read: at_s counts from the engine's start."""
+    t0 = 1_700_000_000.0
+    wanted = [ln for ln in lines if timeline.wanted(ln)]
+    stamped = [(t0 + 5.0 + i, ln) for i, ln in enumerate(wanted)]
+    by = _by(timeline.parse(stamped, t0))
+    first = wanted.index(next(ln for ln in wanted if "Model loading took" in ln))
+    assert by[("load weights", None)]["at_s"] == 5.0 + first
+    assert by[("init engine", None)]["at_s"] == 5.0 + len(wanted) - 1
+
+
+def test_wanted_keeps_only_the_timed_lines(lines):
+    kept = [ln for ln in lines if timeline.wanted(ln)]
+    # the same phases (at_s then counts from the first kept line, not the log's first)
+    strip = lambda phases: [{k: v for k, v in p.items() if k != "at_s"} for p in phases]
+    assert strip(timeline.parse(kept)) == strip(timeline.parse(lines))
+    assert not any("KV cache size" in ln or "Resolved architecture" in ln for ln in kept)
+    assert len(kept) == 128 < len(lines)
+
+
+def test_other_lines_and_versions_give_fewer_phases_not_errors():
+    assert timeline.parse([]) == []
+    assert timeline.parse(["hello", "INFO 01-02 03:04:05 [x.py:1] something else"]) == []
+    # vLLM 0.26's line without a compile (eager engine) and the V1 runner's weights line
+    got = timeline.parse([
+        "INFO 11-25 11:19:17 [gpu_model_runner.py:5347] Model loading took 1.76 GiB memory "
+        "and 1.030907 seconds",
+        "INFO 11-25 11:20:06 [core.py:348] init engine (profile, create kv cache, warmup "
+        "model) took 12.50 s"])
+    assert got == [{"phase": "load weights", "s": 1.031, "n": 1, "gib": 1.76, "at_s": 0.0},
+                   {"phase": "init engine", "s": 12.5, "n": 1, "at_s": 49.0}]
+
+
+def test_table(lines):
+    phases = timeline.parse(lines)
+    text = timeline.table([{"engine": "replica 0", "phases": phases},
+                           {"engine": "replica 1", "phases": phases[:1]}])
+    rows = text.splitlines()
+    assert rows[0].split() == ["phase", "replica", "0", "replica", "1"]
+    assert any(r.startswith("inductor compile (backbone)") and r.split()[-2:] == ["10.17", "-"]
+               for r in rows)
+
+
+def test_logtap_keeps_stamped_timeline_lines(lines):
+    from internvl_batch.engine import LogTap
+
+    tap = LogTap()
+    for ln in lines:
+        tap._match(f"(EngineCore pid=7) {ln}")
+    assert len(tap.timeline_lines) == 128
+    assert all(isinstance(t, float) and ln.startswith("(EngineCore") for t, ln in
+               tap.timeline_lines)
+    # what engine.InitTimings reads from the same lines
+    assert tap.values["load_s"] == 1.030907 and tap.values["cudagraph_s"] == 3.0
+
+
+def test_engine_start_timeline_adds_our_phases():
+    """vLLM's phases, then ours: LLM() returning and (with --compile) our encoder warm-up,
+    every at_s from the engine's start."""
+    from internvl_batch.config import EngineSpec
+    from internvl_batch.engine import Engine, InitTimings, LogTap
+
+    eng = Engine(EngineSpec(model="/m"))
+    eng.started_at = 1000.0
+    eng.tap = LogTap()
+    eng.tap.timeline_lines = [
+        (1012.5, "(EngineCore pid=7) INFO 11-25 11:19:17 [gpu_model_runner.py:5347] Model "
+                 "loading took 1.76 GiB memory and 1.030907 seconds"),
+        (1030.0, "(EngineCore pid=7) INFO 11-25 11:20:06 [core.py:348] init engine (profile, "
+                 "create kv cache, warmup model) took 17.00 s")]
+    eng.timings = InitTimings(total_s=40.0, warmup_s=6.0)
+    t = eng.start_timeline("replica 1")
+    assert (t["engine"], t["started_at"], t["ready_s"]) == ("replica 1", 1000.0, 40.0)
+    assert [(p["phase"], p["s"], p["at_s"]) for p in t["phases"]] == [
+        ("load weights", 1.031, 12.5), ("init engine", 17.0, 30.0),
+        ("LLM() returned", 34.0, 34.0)]
+    assert eng.start_timelines() == [dict(t, engine="engine")]
+    compiled = Engine(EngineSpec(model="/m", compile=True))
+    compiled.started_at, compiled.timings = 0.0, InitTimings(total_s=40.0, warmup_s=6.0)
+    assert compiled.start_timeline()["phases"] == [
+        {"phase": "LLM() returned", "s": 34.0, "n": 1, "at_s": 34.0},
+        {"phase": "encoder warm-up", "s": 6.0, "n": 1, "at_s": 40.0}]
