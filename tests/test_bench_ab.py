@@ -224,6 +224,40 @@ def test_feed_hands_over_and_steps_until_done():
         ab.feed(SimpleNamespace(llm_engine=eng), reqs, "p")
 
 
+def test_a_failed_profiled_round_keeps_the_timed_rounds(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRound:
+        def __init__(self, label, paths):
+            self.label, self.images = label, paths
+
+    def fake_one(llm, rnd, mode, kind, *a):
+        if kind == "profile":
+            raise RuntimeError("CUPTI said no")
+        return ab.round_stats(1.0, _outs(2), {"calls": 1, "tiles": 2, "gpu_ms": 10.0}, 256,
+                              None), [[1, 2]] * 2
+
+    monkeypatch.setattr(ab, "Round", FakeRound)
+    monkeypatch.setattr(ab, "_one", fake_one)
+    monkeypatch.setattr(ab, "rpc", lambda llm, *a: calls.append(a))
+    monkeypatch.setattr(ab, "ab_sampling_params", lambda n: "params")
+    doc = {"rounds": [], "errors": []}
+    rec = ab.Recorder({**doc, "name": "t"}, tmp_path)
+    plan = ab.schedule(1, 2, profile=True)
+    bounds = {r["slice"]: (2 * r["slice"], 2 * r["slice"] + 2) for r in plan}
+    engine = SimpleNamespace(tokens_per_tile=256, img_context_id=7)
+    ab._rounds(None, engine, ab.ABOptions(), plan, [f"{i}.jpg" for i in range(8)], tmp_path,
+               bounds, rec, lambda m: None, None)
+    rounds = rec.doc["rounds"]
+    assert [r["label"] for r in rounds] == ["w0", "0", "1", "p"]
+    assert all(r["agreement"]["identical_pct"] == 100.0 for r in rounds[:3])
+    assert "agreement" not in rounds[3] and "error" in rounds[3]["modes"]["eager"]
+    assert "compiled" not in rounds[3]["modes"]  # stopped after the first failure
+    assert [e["where"] for e in rec.doc["errors"]] == ["round p eager"]
+    assert ("ivb_encoder_profile", "stop") in calls
+    assert ab.analyse(rounds)["rounds_timed"] == 2
+
+
 # -- the worker-side profile summary (hooks) ---------------------------------------------------------
 
 def test_summarize_profile_attributes_kernels_to_encoder_ranges():

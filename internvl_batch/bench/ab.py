@@ -584,10 +584,18 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
             except Exception as e:
                 row["modes"][m] = {"error": _err(e)}
                 rec.error(f"round {r['label']} {m}", e)
-                raise
-        if all(m in tokens for m in MODES):
+                if r["kind"] != "profile":
+                    raise
+                # the profile is an extra: its failure keeps every timed round
+                _stop_profile(llm)
+                say(f"profiled round {m} failed: {_err(e)}; going on without it")
+                break
+        if row["modes"] and all(not row["modes"].get(m, {}).get("error") and m in tokens
+                                for m in MODES):
             row["agreement"] = token_agreement(tokens["eager"], tokens["compiled"])
         rec.save()
+        if any(v.get("error") for v in row["modes"].values()):
+            continue
         say(f"round {r['label']:>3} ({r['kind']}): " + "  ".join(
             f"{m} {row['modes'][m]['images_per_s']:.2f} img/s"
             + (f", enc {row['modes'][m]['encoder']['ms_per_tile']:.3f} ms/tile "
@@ -598,6 +606,14 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
             for m in r["order"])
             + (f"  | tokens identical {row['agreement']['identical_pct']} %"
                if row.get("agreement") else ""))
+
+
+def _stop_profile(llm) -> None:
+    """Leave no profiler running after a failed profiled round (it may not have started)."""
+    try:
+        rpc(llm, "ivb_encoder_profile", "stop")
+    except Exception:
+        pass
 
 
 def _one(llm, rnd: Round, mode: str, kind: str, prompt_text: str, params, tpt: int,
