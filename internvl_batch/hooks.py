@@ -215,7 +215,6 @@ class EncoderControl:
             del model._ivb_calls
         return res
 
-
     # -- added for bench-ab (issue 16, item 4) ---------------------------------------------
     def ivb_encoder_profile(self, action: str) -> dict:
         """'start': torch.profiler over everything this worker runs until 'stop', every
@@ -269,7 +268,6 @@ class EncoderControl:
         events = prof.events()
         return summarize_profile(events, cuda, wall_ms, time.perf_counter() - t1)
 
-
     def ivb_runner_info(self) -> dict:
         """Which model runner serves (vLLM 0.26: the V2 runner `vllm/v1/worker/gpu/` by
         default, the V1 runner with VLLM_USE_V2_MODEL_RUNNER=0) and the encoder's layers."""
@@ -282,11 +280,12 @@ class EncoderControl:
                 "encoder_cudagraph_manager":
                     getattr(runner, "encoder_cudagraph_manager", None) is not None}
 
+
 def summarize_profile(events, cuda: bool, wall_ms: float, parse_s: float = 0.0) -> dict:
     """Totals of a torch.profiler trace whose encoder calls are `ivb_encoder` ranges.
 
-    CUDA: every device-side event (kernels, memcpy, memset; the GPU-side copy of the
-    `ivb_encoder` annotation excluded) is GPU work; the encoder's is what its CPU ranges
+    CUDA: every device-side event (kernels, memcpy, memset; the GPU-side spans of
+    record_function annotations excluded) is GPU work; the encoder's is what its CPU ranges
     launched (`device_time_total` of a CPU event sums the kernels it and its children
     launched). CPU: the ranges' CPU time against the profiled wall time."""
     from torch.autograd import DeviceType
@@ -298,7 +297,10 @@ def summarize_profile(events, cuda: bool, wall_ms: float, parse_s: float = 0.0) 
     if cuda:
         total_us, kernels = 0.0, 0
         for e in events:
-            if getattr(e, "device_type", None) != DeviceType.CUDA or e.name == "ivb_encoder":
+            # GPU-side spans of record_function ranges (ours, Inductor's "## Call
+            # CompiledFxGraph" ones) cover kernels counted on their own: skip them
+            if getattr(e, "device_type", None) != DeviceType.CUDA or e.name == "ivb_encoder" \
+                    or getattr(e, "is_user_annotation", False):
                 continue
             us = getattr(e, "device_time_total", None)
             total_us += float((us if us is not None else getattr(e, "cuda_time_total", 0)) or 0)

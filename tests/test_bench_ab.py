@@ -272,6 +272,8 @@ def test_summarize_profile_attributes_kernels_to_encoder_ranges():
           SimpleNamespace(name="ivb_encoder", device_type=gpu, device_time_total=3500.0),
           SimpleNamespace(name="gemm_kernel", device_type=gpu, device_time_total=3000.0),
           SimpleNamespace(name="decode_kernel", device_type=gpu, device_time_total=7000.0),
+          SimpleNamespace(name="## Call CompiledFxGraph ##", device_type=gpu,
+                          device_time_total=2500.0, is_user_annotation=True),
           SimpleNamespace(name="aten::mm", device_type=cpu, device_time_total=3000.0,
                           cpu_time_total=100.0)]
     s = summarize_profile(ev, cuda=True, wall_ms=20.0)
