@@ -215,6 +215,110 @@ class EncoderControl:
             del model._ivb_calls
         return res
 
+    # -- added for bench-ab (issue 16, item 4) ---------------------------------------------
+    def ivb_encoder_profile(self, action: str) -> dict:
+        """'start': torch.profiler over everything this worker runs until 'stop', every
+        encoder call (`embed_multimodal`) inside a `record_function("ivb_encoder")` range;
+        'stop': the profile's totals (the wrapper is removed).
+
+        On CUDA: GPU kernel time (sum of kernel, memcpy and memset durations) in all and in
+        the encoder ranges (kernels whose launch lies inside one), so the encoder's share of
+        the GPU's work comes from the same trace as the total. On CPU: CPU time of the
+        encoder ranges against the profiled wall time. Compose with `ivb_encoder_timer`:
+        start this after the timer's 'start' and stop it before the timer's 'read'/'stop'
+        (each wraps the method the other sees)."""
+        import torch
+
+        model = self._ivb_model()
+        if action == "start":
+            from torch.profiler import ProfilerActivity, profile, record_function
+
+            if getattr(model, "_ivb_prof", None) is not None:
+                raise RuntimeError("a profile is already running")
+            cuda = torch.cuda.is_available()
+            previous = vars(model).get("embed_multimodal")
+            inner = model.embed_multimodal
+
+            def annotated(**kw):
+                with record_function("ivb_encoder"):
+                    return inner(**kw)
+
+            model.embed_multimodal = annotated
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            prof = profile(activities=acts)
+            prof.__enter__()
+            model._ivb_prof = (prof, previous, cuda, time.perf_counter())
+            return {"started": True, "cuda": cuda}
+        if action != "stop":
+            raise ValueError(f"action {action!r}: start or stop")
+        state = getattr(model, "_ivb_prof", None)
+        if state is None:
+            raise RuntimeError("no profile is running")
+        prof, previous, cuda, t0 = state
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        prof.__exit__(None, None, None)
+        if previous is None:
+            del model.embed_multimodal
+        else:
+            model.embed_multimodal = previous
+        model._ivb_prof = None
+        t1 = time.perf_counter()
+        events = prof.events()
+        return summarize_profile(events, cuda, wall_ms, time.perf_counter() - t1)
+
+    def ivb_runner_info(self) -> dict:
+        """Which model runner serves (vLLM 0.26: the V2 runner `vllm/v1/worker/gpu/` by
+        default, the V1 runner with VLLM_USE_V2_MODEL_RUNNER=0) and the encoder's layers."""
+        runner = self.model_runner
+        cls = type(runner)
+        flags = self._ivb_flags()
+        return {"class": f"{cls.__module__}.{cls.__qualname__}",
+                "model": type(self._ivb_model()).__name__, "encoder_layers": len(flags),
+                "compilable_layers": flags.count(False),
+                "encoder_cudagraph_manager":
+                    getattr(runner, "encoder_cudagraph_manager", None) is not None}
+
+
+def summarize_profile(events, cuda: bool, wall_ms: float, parse_s: float = 0.0) -> dict:
+    """Totals of a torch.profiler trace whose encoder calls are `ivb_encoder` ranges.
+
+    CUDA: every device-side event (kernels, memcpy, memset; the GPU-side spans of
+    record_function annotations excluded) is GPU work; the encoder's is what its CPU ranges
+    launched (`device_time_total` of a CPU event sums the kernels it and its children
+    launched). CPU: the ranges' CPU time against the profiled wall time."""
+    from torch.autograd import DeviceType
+
+    enc_ranges = [e for e in events if e.name == "ivb_encoder"
+                  and getattr(e, "device_type", None) == DeviceType.CPU]
+    out: dict = {"cuda": cuda, "wall_ms": round(wall_ms, 3), "encoder_calls": len(enc_ranges),
+                 "parse_s": round(parse_s, 2)}
+    if cuda:
+        total_us, kernels = 0.0, 0
+        for e in events:
+            # GPU-side spans of record_function ranges (ours, Inductor's "## Call
+            # CompiledFxGraph" ones) cover kernels counted on their own: skip them
+            if getattr(e, "device_type", None) != DeviceType.CUDA or e.name == "ivb_encoder" \
+                    or getattr(e, "is_user_annotation", False):
+                continue
+            us = getattr(e, "device_time_total", None)
+            total_us += float((us if us is not None else getattr(e, "cuda_time_total", 0)) or 0)
+            kernels += 1
+        enc_us = 0.0
+        for e in enc_ranges:
+            us = getattr(e, "device_time_total", None)
+            enc_us += float((us if us is not None else getattr(e, "cuda_time_total", 0)) or 0)
+        out.update(gpu_ms=round(total_us / 1e3, 3), gpu_events=kernels,
+                   encoder_gpu_ms=round(enc_us / 1e3, 3),
+                   encoder_share_of_gpu=round(enc_us / total_us, 4) if total_us else None,
+                   gpu_busy_of_wall=round(total_us / 1e3 / wall_ms, 4) if wall_ms else None)
+    else:
+        enc_ms = sum(float(e.cpu_time_total or 0) for e in enc_ranges) / 1e3
+        out.update(encoder_cpu_ms=round(enc_ms, 3),
+                   encoder_share_of_wall=round(enc_ms / wall_ms, 4) if wall_ms else None)
+    return out
+
 
 # -- waiting for a compile-cache entry inside the engine ------------------------------------
 

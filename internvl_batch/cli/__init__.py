@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from .bench import bench
+from .bench_ab import bench_ab
 from .bench_encoder import bench_encoder
 from .cache import cache
 from .merge import merge
@@ -38,6 +39,7 @@ cli.add_command(merge)
 cli.add_command(slurm)
 cli.add_command(bench)
 cli.add_command(bench_encoder)
+cli.add_command(bench_ab)
 cli.add_command(show)
 cli.add_command(score)
 

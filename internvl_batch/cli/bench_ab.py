@@ -1,0 +1,113 @@
+"""`internvl-batch bench-ab`: compiled vs eager encoder end to end in one engine fed requests
+processed beforehand (`internvl_batch/bench/ab.py`)."""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("bench-ab")
+@click.option("--model", default="preset:internvl3-1b", show_default=True,
+              help="preset:{internvl3-1b,internvl3-2b,tiny,...}[+weights|+dummy] or a "
+                   "checkpoint dir (+weights for a meaningful token agreement).")
+@click.option("--sizes", type=click.Choice(["448", "coco"]), default="448", show_default=True,
+              help="448x448 images (one tile: max_dynamic_patch 1) or COCO's size mix "
+                   "(default tiles).")
+@click.option("--images", type=int, default=None,
+              help="Images per round [default: 1024 at 448, 192 at coco].")
+@click.option("--repeats", type=int, default=7, show_default=True,
+              help="Timed rounds of the pair (eager, compiled), order alternating.")
+@click.option("--warmup-rounds", type=int, default=1, show_default=True,
+              help="Untimed rounds of the pair first.")
+@click.option("--max-tokens", type=int, default=32, show_default=True,
+              help="Output tokens per image (ignore_eos: always exactly this many).")
+@click.option("--max-dynamic-patch", type=int, default=None,
+              help="Max tiles per image [default: 1 at 448, the checkpoint's at coco].")
+@click.option("--max-num-seqs", type=int, default=None, help="vLLM's, passed through.")
+@click.option("--max-num-batched-tokens", type=int, default=None,
+              help="vLLM's, passed through.")
+@click.option("--max-model-len", type=int, default=8192, show_default=True)
+@click.option("--mm-cache-gb", type=float, default=0.0, show_default=True,
+              help="vLLM's multimodal processor cache (every image is new: 0 keeps no "
+                   "pixels around).")
+@click.option("--kv-cache-gb", type=float, default=None,
+              help="GPU: a fixed KV cache instead of profiling free memory.")
+@click.option("--gpu-memory-utilization", type=float, default=None)
+@click.option("--profile-images", type=int, default=256, show_default=True,
+              help="Images of one extra, untimed round per mode under torch.profiler in the "
+                   "worker (the encoder's share of GPU kernel time); 0: none.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Engine seed and generated dataset.")
+@click.option("--reuse-compile-cache", is_flag=True,
+              help="Use (and fill) the compile cache under --cache-dir instead of a fresh "
+                   "temporary one.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where presets are synthesized (and the data generated) [env "
+                   "INTERNVL_BATCH_CACHE; default ~/.cache/internvl-batch].")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the generated images live [default: CACHE_DIR/bench-data].")
+@click.option("--results-dir", type=click.Path(file_okay=False), default="results",
+              show_default=True)
+@click.option("--name", default=None,
+              help="RESULTS_DIR/NAME.{json,md,png} [default: ab-<model>-<sizes>].")
+def bench_ab(**kw):
+    """Compiled vs eager InternViT end to end, where the GPU is the bound.
+
+    One engine (compile_mm_encoder on; eager on CPU, where both modes then run the same
+    code). Each round's requests are processed before the clock by the engine's own input
+    processor, then handed over with LLMEngine.add_request and stepped to completion. Rounds
+    alternate the order (eager-compiled, compiled-eager, ...) and switch the same engine's
+    encoder. Reports compiled/eager images/s (median, 95 % interval of the per-round ratios),
+    the in-engine encoder gain, the encoder's share of the round, the end-to-end gain Amdahl
+    predicts from both, and greedy token agreement. Writes RESULTS_DIR/NAME.json (updated
+    after every round), NAME.md and NAME.png.
+    """
+    from ..bench.ab import ABOptions, default_name
+    from ..cache import CacheError
+    from ..config import ConfigError
+    from .common import UserError, cache_root
+
+    try:
+        opts = ABOptions(
+            model=kw["model"], sizes=kw["sizes"], images=kw["images"], repeats=kw["repeats"],
+            warmup_rounds=kw["warmup_rounds"], max_tokens=kw["max_tokens"],
+            max_dynamic_patch=kw["max_dynamic_patch"], max_num_seqs=kw["max_num_seqs"],
+            max_num_batched_tokens=kw["max_num_batched_tokens"],
+            max_model_len=kw["max_model_len"], mm_cache_gb=kw["mm_cache_gb"],
+            kv_cache_gb=kw["kv_cache_gb"], gpu_memory_utilization=kw["gpu_memory_utilization"],
+            profile_images=kw["profile_images"], seed=kw["seed"],
+            reuse_compile_cache=kw["reuse_compile_cache"],
+            cache_dir=str(cache_root(kw["cache_dir"])), work_dir=kw["work_dir"] or "",
+            results_dir=kw["results_dir"], name=kw["name"] or "",
+            command="internvl-batch bench-ab " + " ".join(shlex.quote(a) for a in _own_args()))
+        if not opts.name:
+            from dataclasses import replace
+
+            opts = replace(opts, name=default_name(opts))
+        opts.engine_spec(cuda=False)  # engine settings' own checks (ranges, the model dir)
+        doc = _run(opts)
+    except (ConfigError, CacheError) as e:
+        raise UserError(str(e)) from None
+    from ..bench.ab import write_outputs
+
+    paths = write_outputs(doc, Path(opts.results_dir))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()), err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip vLLM's slow interpreter-exit teardown (the engine is already shut down)
+    os._exit(0 if doc.get("complete") else 1)
+
+
+def _run(opts):
+    from ..bench.ab import run
+
+    return run(opts, log=lambda m: click.echo(m, err=True))
+
+
+def _own_args() -> list[str]:
+    argv = sys.argv[1:]
+    return argv[argv.index("bench-ab") + 1:] if "bench-ab" in argv else argv

@@ -1,0 +1,397 @@
+"""`internvl-batch bench-ab` (issue 16, item 4): compiled vs eager encoder end to end in one
+engine fed requests processed beforehand. The pure parts (schedule, per-round statistics,
+token agreement, the paired analysis and the Amdahl prediction, vLLM's request path across
+versions, the report) as fast unit tests; one real CPU vLLM run through the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from internvl_batch.bench import ab
+from internvl_batch.config import ConfigError
+from internvl_batch.hooks import predicted_speedup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, timeout=900, env=None):
+    return subprocess.run([sys.executable, "-m", "internvl_batch", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+def test_schedule_alternates_the_order_and_gives_every_round_its_images():
+    plan = ab.schedule(warmup_rounds=2, repeats=4, profile=True)
+    assert [r["label"] for r in plan] == ["w0", "w1", "0", "1", "2", "3", "p"]
+    assert [r["kind"] for r in plan] == ["warmup"] * 2 + ["timed"] * 4 + ["profile"]
+    timed = [r["order"] for r in plan if r["kind"] == "timed"]
+    assert timed == [["eager", "compiled"], ["compiled", "eager"]] * 2
+    assert [r["slice"] for r in plan] == list(range(7))  # distinct images per round
+    assert [r["kind"] for r in ab.schedule(0, 1, False)] == ["timed"]
+
+
+def test_request_ids_are_unique_per_round_mode_and_image():
+    ids = {ab.request_id(lab, m, i) for lab in ("w0", "0", "1") for m in ab.MODES
+           for i in range(3)}
+    assert len(ids) == 18
+    assert ab.index_of(ab.request_id("12", "compiled", 37)) == 37
+
+
+def test_options_defaults_and_validation():
+    o = ab.ABOptions()
+    assert (o.model, o.repeats, o.max_tokens, o.sizes) == ("preset:internvl3-1b", 7, 32, "448")
+    assert o.images_per_round == 1024 and o.dynamic_patch == 1  # one tile at 448
+    c = ab.ABOptions(sizes="coco")
+    assert c.images_per_round == 192 and c.dynamic_patch is None  # the checkpoint's tiles
+    assert ab.ABOptions(sizes="coco", max_dynamic_patch=6).dynamic_patch == 6
+    spec = c.engine_spec(cuda=True)
+    assert spec.compile and spec.mm_cache_gb == 0.0
+    assert not c.engine_spec(cuda=False).compile  # CPU: vLLM cannot compile the encoder
+    for bad, msg in (({"repeats": 0}, "--repeats"), ({"images": 0}, "--images"),
+                     ({"sizes": "512"}, "--sizes"), ({"warmup_rounds": -1}, "--warmup-rounds"),
+                     ({"max_tokens": 0}, "--max-tokens"), ({"max_num_seqs": 0}, "--max-num-seqs"),
+                     ({"profile_images": -1}, "--profile-images")):
+        with pytest.raises(ConfigError, match=msg):
+            ab.ABOptions(**bad)
+    assert ab.default_name(ab.ABOptions(model="preset:internvl3-1b+weights")) == \
+        "ab-internvl3-1b-weights-448"
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+def _outs(n, out=32, prompt=300, img=256, errors=0):
+    return ([{"output_tokens": out, "prompt_tokens": prompt, "image_tokens": img, "error": None}]
+            * n + [{"output_tokens": 0, "prompt_tokens": 0, "image_tokens": 0, "error": "x"}]
+            * errors)
+
+
+def test_round_stats_rates_and_encoder_share():
+    r = ab.round_stats(2.0, _outs(100, errors=1), {"calls": 10, "tiles": 100, "gpu_ms": 500.0},
+                       tokens_per_tile=256, busy_pct=80.0)
+    assert r["images"] == 100 and r["errors"] == 1
+    assert r["images_per_s"] == 50 and r["output_tokens_per_s"] == 1600
+    assert r["tiles"] == 100
+    e = r["encoder"]
+    assert e["ms_per_tile"] == 5.0 and e["tiles_per_call"] == 10
+    assert e["share_of_wall"] == pytest.approx(0.25)
+    assert e["share_of_busy"] == pytest.approx(500 / 1600)
+    assert "encoder" not in ab.round_stats(1.0, _outs(1), None, 256, None)
+    assert ab.round_stats(1.0, _outs(1), {"calls": 0, "tiles": 0, "gpu_ms": 0}, 256,
+                          None)["encoder"]["ms_per_tile"] is None
+
+
+def test_token_agreement_and_merge():
+    a = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9], None]
+    b = [[1, 2, 3, 4], [5, 6, 0, 0], [0, 9, 9, 9], [1, 1, 1, 1]]
+    t = ab.token_agreement(a, b)
+    assert t["compared"] == 3 and t["identical"] == 1
+    assert t["identical_pct"] == pytest.approx(33.33)
+    assert t["first_token_pct"] == pytest.approx(66.67)
+    assert t["mean_common_prefix_pct"] == pytest.approx(100 * (1 + 0.5 + 0) / 3, abs=0.01)
+    assert ab.token_agreement([None], [[1]])["identical_pct"] is None
+    m = ab.merge_agreement([t, ab.token_agreement([[1]], [[1]])])
+    assert m["compared"] == 4 and m["identical"] == 2 and m["identical_pct"] == 50.0
+    assert ab.merge_agreement([])["compared"] == 0
+
+
+def _rounds(eager_ips, comp_ips, eager_ms_tile, comp_ms_tile, share=0.4):
+    """Timed rounds with given rates; 100 tiles per round, wall from images/s."""
+    rounds = [{"label": "w0", "kind": "warmup", "modes": {
+        m: ab.round_stats(1.0, _outs(1), None, 256, None) for m in ab.MODES}}]
+    for k, (e, c, me, mc) in enumerate(zip(eager_ips, comp_ips, eager_ms_tile, comp_ms_tile)):
+        modes = {}
+        for m, ips, mt in (("eager", e, me), ("compiled", c, mc)):
+            secs = 100 / ips
+            modes[m] = ab.round_stats(secs, _outs(100), {"calls": 10, "tiles": 100,
+                                                         "gpu_ms": mt * 100}, 256, 90.0)
+        rounds.append({"label": str(k), "kind": "timed", "modes": modes})
+    return rounds
+
+
+def test_analyse_pairs_rounds_and_predicts_with_amdahl():
+    eager = [100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0]
+    comp = [x * 1.05 for x in eager]
+    rounds = _rounds(eager, comp, [4.0] * 7, [2.0] * 7)
+    a = ab.analyse(rounds)
+    assert a["rounds_timed"] == 7
+    ips = a["end_to_end"]["images_per_s"]
+    assert ips["median"] == pytest.approx(1.05) and ips["n"] == 7
+    assert ips["lo"] == pytest.approx(1.05) and ips["hi"] == pytest.approx(1.05)
+    assert ips["half_width_pct"] == pytest.approx(0.0)
+    assert a["interval_within_target"]
+    assert a["encoder_gain"]["median"] == pytest.approx(2.0)
+    # eager share of the wall: 4 ms/tile * 100 tiles / (1000 ms per 100 images at 100 img/s)
+    share = a["modes"]["eager"]["encoder_share_of_wall"]["median"]
+    assert share == pytest.approx(0.4)
+    pr = a["prediction"]
+    assert pr["predicted"] == pytest.approx(predicted_speedup(0.4, 2.0)) == pytest.approx(1.25)
+    assert pr["measured"] == pytest.approx(1.05)
+    assert pr["share_of_busy"] == pytest.approx(0.4 / 0.9)
+    assert pr["predicted_from_kernel_share"] is None
+    assert a["modes"]["compiled"]["tiles_per_image"] == pytest.approx(1.0)
+
+
+def test_analyse_interval_and_profile_share():
+    eager = [100.0] * 7
+    comp = [97.0, 99.0, 101.0, 103.0, 100.0, 100.5, 99.5]
+    a = ab.analyse(_rounds(eager, comp, [4.0] * 7, [3.9] * 7),
+                   profile={"eager": {"encoder_share_of_gpu": 0.3}})
+    ips = a["end_to_end"]["images_per_s"]
+    # n = 7: the 95 % order-statistics interval is [min, max] (coverage 98.4 %)
+    assert (ips["lo"], ips["hi"]) == (pytest.approx(0.97), pytest.approx(1.03))
+    assert ips["half_width_pct"] == pytest.approx(3.0)
+    assert not a["interval_within_target"]
+    assert a["prediction"]["predicted_from_kernel_share"] == \
+        pytest.approx(predicted_speedup(0.3, 4.0 / 3.9))
+    lo, hi = a["prediction"]["predicted_interval"]
+    assert lo == pytest.approx(hi)  # the gain was the same every round
+
+
+def test_analyse_skips_failed_rounds():
+    rounds = _rounds([100.0] * 3, [100.0] * 3, [1.0] * 3, [1.0] * 3)
+    rounds[-1]["modes"]["compiled"] = {"error": "boom"}
+    assert ab.analyse(rounds)["rounds_timed"] == 2
+
+
+# -- vLLM's request path across versions ---------------------------------------------------------
+
+class _Proc:
+    def __init__(self, with_tasks: bool):
+        self.calls = []
+        if with_tasks:
+            self.process_inputs = self._with_tasks
+        else:
+            self.process_inputs = self._without
+
+    def _with_tasks(self, request_id, prompt, params, supported_tasks=None, arrival_time=None):
+        self.calls.append((request_id, prompt, params, supported_tasks))
+        return SimpleNamespace(request_id=request_id, item=prompt)
+
+    def _without(self, request_id, prompt, params, arrival_time=None):
+        self.calls.append((request_id, prompt, params, None))
+        return SimpleNamespace(request_id=request_id, item=prompt)
+
+
+@pytest.mark.parametrize("attr,render,tasks", [("input_processor", True, True),  # 0.26, 0.32
+                                               ("processor", False, False)])  # older
+def test_engine_request_uses_the_engines_own_processing(attr, render, tasks):
+    proc = _Proc(tasks)
+    engine = SimpleNamespace(get_supported_tasks=lambda: ("generate",), **{attr: proc})
+    llm = SimpleNamespace(llm_engine=engine)
+    if render:
+        llm._preprocess_cmpl_one = lambda p: {"type": "multimodal", "from": p}
+    prompt = {"prompt": "x", "multi_modal_data": {"image": None}}
+    req = ab.engine_request(llm, "ab0-eager-3", prompt, "params")
+    rid, item, params, got_tasks = proc.calls[0]
+    assert rid == "ab0-eager-3" and params == "params" and req.request_id == rid
+    assert item == ({"type": "multimodal", "from": prompt} if render else prompt)
+    assert got_tasks == (("generate",) if tasks else None)
+
+
+def test_feed_hands_over_and_steps_until_done():
+    class Eng:
+        def __init__(self):
+            self.added, self.pending = [], []
+
+        def has_unfinished_requests(self):
+            return bool(self.pending)
+
+        def add_request(self, rid, req, params):
+            self.added.append((rid, req, params))
+            self.pending.append(rid)
+
+        def step(self):
+            rid = self.pending.pop(0)
+            return [SimpleNamespace(request_id=rid, finished=True),
+                    SimpleNamespace(request_id="partial", finished=False)]
+
+    eng = Eng()
+    reqs = [SimpleNamespace(request_id=f"r{i}") for i in range(3)]
+    secs, w0, w1, done = ab.feed(SimpleNamespace(llm_engine=eng), reqs, "p")
+    assert [a[0] for a in eng.added] == ["r0", "r1", "r2"] and eng.added[0][2] == "p"
+    assert sorted(done) == ["r0", "r1", "r2"] and secs >= 0 and w1 >= w0
+    eng.pending = ["left"]
+    with pytest.raises(RuntimeError, match="unfinished"):
+        ab.feed(SimpleNamespace(llm_engine=eng), reqs, "p")
+
+
+def test_a_failed_profiled_round_keeps_the_timed_rounds(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRound:
+        def __init__(self, label, paths):
+            self.label, self.images = label, paths
+
+    def fake_one(llm, rnd, mode, kind, *a):
+        if kind == "profile":
+            raise RuntimeError("CUPTI said no")
+        return ab.round_stats(1.0, _outs(2), {"calls": 1, "tiles": 2, "gpu_ms": 10.0}, 256,
+                              None), [[1, 2]] * 2
+
+    monkeypatch.setattr(ab, "Round", FakeRound)
+    monkeypatch.setattr(ab, "_one", fake_one)
+    monkeypatch.setattr(ab, "rpc", lambda llm, *a: calls.append(a))
+    monkeypatch.setattr(ab, "ab_sampling_params", lambda n: "params")
+    doc = {"rounds": [], "errors": []}
+    rec = ab.Recorder({**doc, "name": "t"}, tmp_path)
+    plan = ab.schedule(1, 2, profile=True)
+    bounds = {r["slice"]: (2 * r["slice"], 2 * r["slice"] + 2) for r in plan}
+    engine = SimpleNamespace(tokens_per_tile=256, img_context_id=7)
+    ab._rounds(None, engine, ab.ABOptions(), plan, [f"{i}.jpg" for i in range(8)], tmp_path,
+               bounds, rec, lambda m: None, None)
+    rounds = rec.doc["rounds"]
+    assert [r["label"] for r in rounds] == ["w0", "0", "1", "p"]
+    assert all(r["agreement"]["identical_pct"] == 100.0 for r in rounds[:3])
+    assert "agreement" not in rounds[3] and "error" in rounds[3]["modes"]["eager"]
+    assert "compiled" not in rounds[3]["modes"]  # stopped after the first failure
+    assert [e["where"] for e in rec.doc["errors"]] == ["round p eager"]
+    assert ("ivb_encoder_profile", "stop") in calls
+    assert ab.analyse(rounds)["rounds_timed"] == 2
+
+
+# -- the worker-side profile summary (hooks) ---------------------------------------------------------
+
+def test_summarize_profile_attributes_kernels_to_encoder_ranges():
+    pytest.importorskip("torch")
+    from torch.autograd import DeviceType
+
+    from internvl_batch.hooks import summarize_profile
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    ev = [SimpleNamespace(name="ivb_encoder", device_type=cpu, device_time_total=3000.0,
+                          cpu_time_total=5000.0),
+          SimpleNamespace(name="ivb_encoder", device_type=gpu, device_time_total=3500.0),
+          SimpleNamespace(name="gemm_kernel", device_type=gpu, device_time_total=3000.0),
+          SimpleNamespace(name="decode_kernel", device_type=gpu, device_time_total=7000.0),
+          SimpleNamespace(name="## Call CompiledFxGraph ##", device_type=gpu,
+                          device_time_total=2500.0, is_user_annotation=True),
+          SimpleNamespace(name="aten::mm", device_type=cpu, device_time_total=3000.0,
+                          cpu_time_total=100.0)]
+    s = summarize_profile(ev, cuda=True, wall_ms=20.0)
+    assert s["encoder_calls"] == 1 and s["gpu_events"] == 2  # GPU-side annotation excluded
+    assert s["gpu_ms"] == 10.0 and s["encoder_gpu_ms"] == 3.0
+    assert s["encoder_share_of_gpu"] == 0.3 and s["gpu_busy_of_wall"] == 0.5
+    c = summarize_profile(ev[:1], cuda=False, wall_ms=10.0)
+    assert c["encoder_cpu_ms"] == 5.0 and c["encoder_share_of_wall"] == 0.5
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def _doc(cuda=True):
+    rounds = _rounds([100.0, 101.0, 99.0], [105.0, 104.0, 106.0], [4.0] * 3, [2.0] * 3)
+    for r in rounds:
+        r["order"] = list(ab.MODES)
+        r["agreement"] = {"compared": 100, "identical": 99, "identical_pct": 99.0,
+                          "first_token_pct": 100.0, "mean_common_prefix_pct": 99.5}
+    prof = {"eager": {"cuda": True, "encoder_calls": 10, "encoder_gpu_ms": 300.0,
+                      "gpu_ms": 1000.0, "encoder_share_of_gpu": 0.3, "gpu_busy_of_wall": 0.9}}
+    return {"name": "ab-test", "complete": True, "command": "internvl-batch bench-ab --repeats 3",
+            "device": {"name": "NVIDIA H100 80GB HBM3" if cuda else "cpu", "cuda": cuda},
+            "versions": {"vllm": "0.26.0", "torch": "2.11", "git": "abc"},
+            "config": {"images_per_round": 100, "sizes": "448", "max_dynamic_patch": 1,
+                       "feed": "processed before the clock", "image_identity": "uuids"},
+            "options": {"max_tokens": 32, "warmup_rounds": 1},
+            "model": {"spec": "preset:internvl3-1b", "load_format": "dummy"},
+            "engine": {"encoder_mode": {"layers": 24, "compilable_layers": 24},
+                       "runner": {"class": "vllm.v1.worker.gpu.model_runner.GPUModelRunner"},
+                       "init_s": 50.0},
+            "rounds": rounds, "profile": prof, "analysis": ab.analyse(rounds, prof),
+            "agreement": ab.merge_agreement([r["agreement"] for r in rounds]),
+            "encoder_check": {"ok": True, "batches": {"13": {"cos": 0.9999, "rel_l2": 1e-2}}},
+            "notes": ["load_format=dummy: token agreement says little"], "errors": []}
+
+
+def test_results_markdown_has_the_headline_rows():
+    md = ab.results_markdown(_doc())
+    for s in ("end to end, images/s (measured)", "predicted end to end", "encoder in the engine",
+              "| eager |", "| compiled |", "Greedy token ids", "396/400", "Profiled round",
+              "GPUModelRunner", "Command: `internvl-batch bench-ab --repeats 3`",
+              "NOT within ±2 %", "(covers only 75 %)", "load_format=dummy"):
+        assert s in md, s
+    assert "CPU run" not in md
+    assert "CPU run" in ab.results_markdown(_doc(cuda=False))
+
+
+def test_write_outputs_json_md_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = ab.write_outputs(_doc(), tmp_path)
+    assert json.loads(paths["json"].read_text())["name"] == "ab-test"
+    assert paths["md"].is_file() and paths["png"].stat().st_size > 5_000
+    d = _doc()
+    d["rounds"] = []
+    assert ab.plot(d, tmp_path / "none.png") is None
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def test_cli_help_lists_the_command():
+    from click.testing import CliRunner
+
+    from internvl_batch.cli import cli
+
+    res = CliRunner().invoke(cli, ["--help"])
+    assert "bench-ab" in res.output
+    res = CliRunner().invoke(cli, ["bench-ab", "--help"])
+    assert res.exit_code == 0 and "--warmup-rounds" in res.output
+
+
+@pytest.mark.parametrize("args,msg", [(["--repeats", "0"], "Error: --repeats must be >= 1"),
+                                      (["--model", "/no/such/dir"],
+                                       "Error: --model /no/such/dir: no such directory")])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, msg):
+    res = _cli("bench-ab", *args, "--results-dir", str(tmp_path), "--cache-dir",
+               str(tmp_path / "c"), timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert [ln for ln in res.stderr.splitlines() if ln.strip()] == [msg]
+
+
+# -- a real engine -------------------------------------------------------------------------------
+
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_bench_ab_on_cpu_vllm(tmp_path, cache_root):
+    res = _cli("bench-ab", "--model", "preset:tiny", "--images", "3", "--repeats", "2",
+               "--max-tokens", "4", "--profile-images", "2", "--cache-dir", str(cache_root),
+               "--results-dir", str(tmp_path), "--name", "cpu-ab")
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "cpu-ab.json").read_text())
+    assert doc["complete"] and not doc["errors"]
+    assert not doc["device"]["cuda"] and any("CPU" in n for n in doc["notes"])
+    assert doc["engine"]["encoder_mode"]["compilable_layers"] == 0  # CPU: eager both ways
+    assert [r["label"] for r in doc["rounds"]] == ["w0", "0", "1", "p"]
+    assert [r["order"] for r in doc["rounds"][1:3]] == [["eager", "compiled"],
+                                                        ["compiled", "eager"]]
+    for r in doc["rounds"]:
+        assert set(r["modes"]) == {"eager", "compiled"}
+        n = 2 if r["kind"] == "profile" else 3
+        for m, row in r["modes"].items():
+            assert row["images"] == n and row["errors"] == 0
+            assert row["output_tokens"] == 4 * n  # ignore_eos: exactly max_tokens each
+            assert row["images_per_s"] > 0 and row["seconds"] > 0
+            # 448 px at max_dynamic_patch 1: one tile per image, every one through the encoder
+            assert row["tiles"] == n and row["encoder"]["tiles"] == n
+            assert row["encoder"]["calls"] > 0 and row["encoder"]["ms"] > 0
+            assert 0 < row["encoder"]["share_of_wall"] < 1
+        # the same code both ways on CPU: greedy tokens equal bit for bit
+        assert r["agreement"]["identical_pct"] == 100.0
+    a = doc["analysis"]
+    assert a["rounds_timed"] == 2
+    assert a["end_to_end"]["images_per_s"]["n"] == 2
+    assert math.isfinite(a["encoder_gain"]["median"])
+    assert a["prediction"]["predicted"] == pytest.approx(
+        predicted_speedup(a["prediction"]["share"], a["encoder_gain"]["median"]))
+    assert doc["agreement"]["compared"] == 3 * 3 + 2 and doc["agreement"]["identical_pct"] == 100
+    prof = doc["profile"]["eager"]
+    assert prof["encoder_calls"] > 0 and prof["encoder_cpu_ms"] > 0
+    assert doc["encoder_check"]["ok"]
+    md = (tmp_path / "cpu-ab.md").read_text()
+    assert "CPU run" in md and "predicted end to end" in md
