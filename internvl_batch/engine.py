@@ -247,32 +247,15 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         kw["compilation_config"] = {"compile_mm_encoder": bool(spec.compile)}
         if spec.encoder_cudagraphs:
             kw["compilation_config"]["cudagraph_mm_encoder"] = True
-        if not spec.enforce_eager:
-            kw["compilation_config"]["cudagraph_capture_sizes"] = capture_sizes(spec.max_num_seqs)
     return kw
 
 
-# vLLM 0.26 captures CUDA graphs of the language model for each of ~50 batch sizes by
-# default (1, 2, 4, then every 8 up to 256 and every 16 up to 2 x max_num_seqs, at most 512:
-# 51 sizes on an H100, whose default max_num_seqs is 1024; config/vllm.py), at every engine
-# start, warm cache or not, and replicas capture at the same moment on the one GPU. A
-# decode step holds at most max_num_seqs tokens and at most the requests one `generate`
-# call gives an engine (--batch-size, 256 by default); larger sizes only serve steps that
-# mix prefill in, which are mostly larger than 512 tokens with images (one 448 px tile is
-# 256 tokens). A step between two sizes runs padded up to the next one. What this saves at
-# start and costs in decode has not been measured on a GPU yet.
-CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-VLLM_DEFAULT_MAX_NUM_SEQS = 256  # vLLM 0.26's LLM default on GPUs under 70 GiB (1024 above)
-
-
-def capture_sizes(max_num_seqs: int | None) -> list[int]:
-    """The language model's CUDA-graph batch sizes for an engine of `max_num_seqs`
-    (None: vLLM's default): powers of two up to it, and it, when it is below the largest."""
-    cap = max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS
-    sizes = [s for s in CAPTURE_SIZES if s <= cap]
-    if cap < CAPTURE_SIZES[-1] and cap not in sizes:
-        sizes.append(cap)
-    return sizes
+# CUDA-graph sizes: vLLM's own (0.26: 51 language-model sizes on an H100, 1, 2, 4, then
+# every 8 to 256, every 16 to 512). Capturing only 1, 2, 4 ... 256 instead was tried (issue
+# 15): the warm start's capture phase took ~1 s per replica, but a sustained one-tile run
+# then gave 266.7 images/s against 315.0 with vLLM's sizes (H100, 4 replicas, 10,240 images,
+# one run each; results/h100/issue15/), so steps padded up to the next power of two cost far
+# more than the capture saves, and the option was dropped.
 
 
 def warmup_requests(n: int = 2) -> list[dict]:

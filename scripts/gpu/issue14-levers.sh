@@ -29,7 +29,7 @@ $(ps -C python3 -o rss= | awk '{s+=$1} END {print s/1048576}')"
   code=$?; t1=$(date +%s.%N)
   kill $mon
   [ "$c" = r6mps ] && echo quit | nvidia-cuda-mps-control
-  python3 - "$c" "$code" "$(echo "$t1 - $t0" | bc)" "$OUT" <<'PY'
+  python3 - "$c" "$code" "$(python3 -c "print($t1 - $t0)")" "$OUT" <<'PY'
 import glob, json, sys
 c, code, wall, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 doc = {"config": c, "exit": code, "wall_s": wall}

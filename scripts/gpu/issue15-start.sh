@@ -5,27 +5,29 @@
 # Each command's wall time is taken here, outside it, from launch to exit.
 set -uo pipefail
 OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
-N=${N:-2000}
+N=${N:-2000}        # images for the plain script and the warm run
+NCOLD=${NCOLD:-$N}  # images for the cold run (10240: also the sustained run of issue 14)
 IVB="python3 -m internvl_batch"
-$IVB data coco-synth --sizes 448 --n "$N" --out /tmp/d448 >/dev/null
+$IVB data coco-synth --sizes 448 --n "$NCOLD" --out /tmp/d448 >/dev/null
 $IVB model synth --preset internvl3-1b --out /tmp/models/internvl3-1b >/dev/null
 ANN=/tmp/d448/annotations/captions_synth.json
 now() { date +%s.%N; }
 t0=$(now)
 python3 -m internvl_batch.bench.plain --model /tmp/models/internvl3-1b --images /tmp/d448/images \
   --limit "$N" --max-dynamic-patch 1 --max-tokens 32 > "$OUT/plain.log" 2>&1
-t1=$(now); echo "plain $(grep -E '^(engine start|[0-9]+ images)' "$OUT/plain.log" | tr '\n' ' ') wall $(echo "$t1 - $t0" | bc)"
-echo "{\"plain_wall_s\": $(echo "$t1 - $t0" | bc)}" > "$OUT/walls.json"
+t1=$(now); echo "plain $(grep -E '^(engine start|[0-9]+ images)' "$OUT/plain.log" | tr '\n' ' ') wall $(python3 -c "print($t1 - $t0)")"
+echo "{\"plain_wall_s\": $(python3 -c "print($t1 - $t0)")}" > "$OUT/walls.json"
 rm -rf /tmp/ivb-cache15
 for phase in cold warm; do
+  n=$N; [ $phase = cold ] && n=$NCOLD
   t0=$(now)
-  $IVB run --dataset coco --data-dir /tmp/d448/images --annotations "$ANN" \
+  $IVB run --dataset coco --limit "$n" --data-dir /tmp/d448/images --annotations "$ANN" \
     --model preset:internvl3-1b --compile --max-dynamic-patch 1 --max-tokens 32 --ignore-eos \
     --cache-dir /tmp/ivb-cache15 --no-progress ${EXTRA:-} --output "/tmp/run15-$phase" > "$OUT/run-$phase.log" 2>&1
   code=$?
   t1=$(now)
-  echo "run $phase exit $code wall $(echo "$t1 - $t0" | bc)"
-  python3 - "$phase" "$(echo "$t1 - $t0" | bc)" "$OUT" <<'PY'
+  echo "run $phase exit $code wall $(python3 -c "print($t1 - $t0)")"
+  python3 - "$phase" "$(python3 -c "print($t1 - $t0)")" "$OUT" <<'PY'
 import glob, json, sys
 phase, wall, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 w = json.load(open(f"{out}/walls.json"))
