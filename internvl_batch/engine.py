@@ -356,7 +356,41 @@ class Engine(Engines):
         self.timings.vllm_graphs_compiled = int(tap.values.get("vllm_graphs_compiled", 0))
         tok = self.llm.get_tokenizer()
         self.img_context_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
+        self._watch_engine_core()
         return self
+
+    def _watch_engine_core(self):
+        """Make a blocked `generate` raise when vLLM's engine core dies.
+
+        vLLM's sync client (0.32 `SyncMPClient`) notices the death in a monitor thread and
+        shuts its output thread down without queueing an error, so `generate` waits on its
+        output queue forever (seen with Ctrl-C: the engine core is in our process group and
+        exits on SIGINT). We wait on the engine-core processes ourselves and queue vLLM's
+        EngineDeadError, which `generate` then raises as EngineDead."""
+        client = getattr(self.llm.llm_engine, "engine_core", None)
+        out_q = getattr(client, "outputs_queue", None)
+        try:
+            procs = list(client.resources.engine_manager.processes)
+        except AttributeError:  # in-process engine core: nothing to watch
+            return
+        if out_q is None or not procs:
+            return
+
+        def watch():
+            from multiprocessing.connection import wait
+
+            wait([p.sentinel for p in procs])
+            if getattr(self, "_closing", False) or self.llm is None:  # we closed it
+                return
+            try:
+                from vllm.v1.engine.exceptions import EngineDeadError
+
+                err: Exception = EngineDeadError("vLLM's engine core process exited")
+            except ImportError:
+                err = EngineDead("vLLM's engine core process exited")
+            out_q.put_nowait(err)
+
+        threading.Thread(target=watch, name="ivb-engine-core-watch", daemon=True).start()
 
     def start_timeline(self, name: str = "engine") -> dict:
         """This engine's start as phases (timeline.py): vLLM's lines, then ours; `at_s` is
@@ -430,6 +464,7 @@ class Engine(Engines):
         if self.llm is None:
             return
         t0 = time.perf_counter()
+        self._closing = True  # the engine-core watcher stays quiet
         client = self.llm.llm_engine.engine_core
         try:
             client.shutdown(timeout=CLOSE_GRACE_S if timeout is None else timeout)
