@@ -1,10 +1,9 @@
 """Child processes of this package: `python -m internvl_batch ...` workers with pipes.
 
 One helper for every place that starts a worker (engine replicas, benchmark variants): the
-command line, a process group of its own (so vLLM's
-engine-core processes stop with the worker), stdin as the command pipe, a second pipe for
-replies whose write end the child finds in its JSON config as `reply_fd`, and stopping:
-wait, then kill the whole group.
+command line, a process group of its own (so vLLM's engine-core processes stop with the
+worker), stdin as the command pipe, a second pipe for replies whose write end the child finds
+in its JSON config as `reply_fd`, and stopping: wait, then kill the whole group.
 """
 from __future__ import annotations
 
