@@ -2,10 +2,7 @@
 processed beforehand (`internvl_batch/bench/ab.py`)."""
 from __future__ import annotations
 
-import os
 import shlex
-import sys
-from pathlib import Path
 
 import click
 
@@ -69,7 +66,7 @@ def bench_ab(**kw):
     from ..bench.ab import ABOptions, default_name
     from ..cache import CacheError
     from ..config import ConfigError
-    from .common import UserError, cache_root
+    from .common import UserError, cache_root, own_args, write_bench_and_exit
 
     try:
         opts = ABOptions(
@@ -83,7 +80,7 @@ def bench_ab(**kw):
             reuse_compile_cache=kw["reuse_compile_cache"],
             cache_dir=str(cache_root(kw["cache_dir"])), work_dir=kw["work_dir"] or "",
             results_dir=kw["results_dir"], name=kw["name"] or "",
-            command="internvl-batch bench-ab " + " ".join(shlex.quote(a) for a in _own_args()))
+            command="internvl-batch bench-ab " + " ".join(shlex.quote(a) for a in own_args("bench-ab")))
         if not opts.name:
             from dataclasses import replace
 
@@ -94,20 +91,10 @@ def bench_ab(**kw):
         raise UserError(str(e)) from None
     from ..bench.ab import write_outputs
 
-    paths = write_outputs(doc, Path(opts.results_dir))
-    click.echo("wrote " + ", ".join(str(p) for p in paths.values()), err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # skip vLLM's slow interpreter-exit teardown (the engine is already shut down)
-    os._exit(0 if doc.get("complete") else 1)
+    write_bench_and_exit(doc, write_outputs, opts.results_dir)
 
 
 def _run(opts):
     from ..bench.ab import run
 
     return run(opts, log=lambda m: click.echo(m, err=True))
-
-
-def _own_args() -> list[str]:
-    argv = sys.argv[1:]
-    return argv[argv.index("bench-ab") + 1:] if "bench-ab" in argv else argv

@@ -2,10 +2,7 @@
 encoder CUDA graphs, inside a real vLLM engine (`internvl_batch/bench/encoder.py`)."""
 from __future__ import annotations
 
-import os
 import shlex
-import sys
-from pathlib import Path
 
 import click
 
@@ -58,7 +55,7 @@ def bench_encoder(**kw):
     """
     from ..bench.encoder import EncoderBenchOptions, parse_ints, parse_modes
     from ..config import ConfigError
-    from .common import UserError, cache_root
+    from .common import UserError, cache_root, own_args, write_bench_and_exit
 
     try:
         opts = EncoderBenchOptions(
@@ -71,26 +68,16 @@ def bench_encoder(**kw):
             kv_cache_gb=kw["kv_cache_gb"], cache_dir=str(cache_root(kw["cache_dir"])),
             results_dir=kw["results_dir"], name=kw["name"] or "",
             command="internvl-batch bench-encoder " + " ".join(shlex.quote(a) for a in
-                                                                 _own_args()))
+                                                                 own_args("bench-encoder")))
         doc = _run(opts)
     except ConfigError as e:
         raise UserError(str(e)) from None
     from ..bench.encoder import write_outputs
 
-    paths = write_outputs(doc, Path(opts.results_dir))
-    click.echo("wrote " + ", ".join(str(p) for p in paths.values()), err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # skip vLLM's slow interpreter-exit teardown (the engine is already shut down)
-    os._exit(0 if doc.get("complete") else 1)
+    write_bench_and_exit(doc, write_outputs, opts.results_dir)
 
 
 def _run(opts):
     from ..bench.encoder import run
 
     return run(opts, log=lambda m: click.echo(m, err=True))
-
-
-def _own_args() -> list[str]:
-    argv = sys.argv[1:]
-    return argv[argv.index("bench-encoder") + 1:] if "bench-encoder" in argv else argv

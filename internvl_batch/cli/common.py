@@ -61,6 +61,20 @@ def log(message: str) -> None:
     click.echo(message, err=True)
 
 
+def own_args(command: str) -> list[str]:
+    """This command's own arguments, as typed (for a results file's `command`)."""
+    argv = sys.argv[1:]
+    return argv[argv.index(command) + 1:] if command in argv else argv
+
+
+def write_bench_and_exit(doc: dict, write_outputs, results_dir: str) -> None:
+    """A one-engine benchmark's ending: its files, then leave at once (the engine is
+    already shut down; vLLM's interpreter-exit teardown is slow); exit 1 if incomplete."""
+    paths = write_outputs(doc, Path(results_dir))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()), err=True)
+    exit_now(0 if doc.get("complete") else 1)
+
+
 def cache_root(value) -> Path:
     return Path(value) if value else default_cache_dir()
 
