@@ -184,6 +184,12 @@ class Entry:
         return dest
 
 
+def _sign(lock_fd: int) -> None:
+    """Write who holds a lock into its file (what `waiting for ...` and `cache ls` show)."""
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+
 class CompileCache:
     def __init__(self, root: Path | str, lock_timeout: float = 3600.0):
         self.root = Path(root).expanduser().resolve()
@@ -233,8 +239,7 @@ class CompileCache:
                                          f"for the lock on {key}; is a build stuck? "
                                          f"see {path}")
                     time.sleep(0.5)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            _sign(fd)
             yield
         finally:
             os.close(fd)  # releases the flock
@@ -251,8 +256,7 @@ class CompileCache:
             except BlockingIOError:
                 yield False
                 return
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            _sign(fd)
             yield True
         finally:
             os.close(fd)

@@ -252,10 +252,11 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
 
 # CUDA-graph sizes: vLLM's own (0.26: 51 language-model sizes on an H100, 1, 2, 4, then
 # every 8 to 256, every 16 to 512). Capturing only 1, 2, 4 ... 256 instead was tried (issue
-# 15): the warm start's capture phase took ~1 s per replica, but a sustained one-tile run
-# then gave 266.7 images/s against 315.0 with vLLM's sizes (H100, 4 replicas, 10,240 images,
-# one run each; results/h100/issue15/), so steps padded up to the next power of two cost far
-# more than the capture saves, and the option was dropped.
+# 15): CUDA-graph capture took ~1 s per replica instead of 5-6 s, but a sustained one-tile run
+# gave 266.7 images/s (results/h100/issue14/run14-default.json) against 343.6 with vLLM's
+# sizes (results/h100/issue15/b-final-cold-10k.stats.json) and 315.0 in an earlier session
+# (H100, 4 replicas, 10,240 images, single runs on different hosts), so steps padded up to
+# the next power of two cost far more than the capture saves, and the option was dropped.
 
 
 def warmup_requests(n: int = 2) -> list[dict]:
