@@ -18,6 +18,7 @@ start). Without stamps, vLLM's own timestamp (to the second) is used, from the f
 """
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime
 from typing import Iterable
@@ -40,6 +41,17 @@ PATTERNS: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(p)) for n
                     r"(?: \S+ language_model: (?P<language_model_s>[\d.]+) s, "
                     r"encoder: (?P<encoder_s>[\d.]+) s)?\))?"),
 ))
+# milestones: lines that carry no seconds but mark when a step of the start was reached; each
+# becomes a phase whose "s" is the time since the previous milestone (or since t0), so the
+# span before the first weight is loaded splits into its steps (config, engine-core process,
+# device and distributed init, model construction)
+MARKS: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(p)) for name, p in (
+    ("config resolved", r"Resolved architecture: "),
+    ("engine core up", r"Initializing a V1 LLM engine"),
+    ("device ready", r"rank \d+ in world size \d+ is assigned"),
+    ("model build begins", r"Loading model from scratch|Starting to load model"),
+    ("kv cache sized", r"GPU KV cache size: "),
+))
 # counted, not timed: how much of the compile came from vLLM's AOT cache
 AOT_LOAD = re.compile(r"Directly load AOT compilation from path")
 COMPONENT = re.compile(r"Using cache directory: (?P<dir>\S+) for vLLM's torch\.compile")
@@ -53,7 +65,7 @@ COMPILE_PHASES = ("dynamo transform", "inductor compile", "compiled graph from c
 def wanted(line: str) -> bool:
     """Whether `line` is one `parse` uses (LogTap keeps only these)."""
     return bool(COMPONENT.search(line) or AOT_LOAD.search(line)
-                or any(p.search(line) for _, p in PATTERNS))
+                or any(p.search(line) for _, p in PATTERNS + MARKS))
 
 
 def _vllm_time(line: str) -> float | None:
@@ -71,6 +83,7 @@ def parse(lines: Iterable[str | tuple[float, str]], t0: float | None = None) -> 
     component = None
     aot_loads = 0
     base = t0
+    last_mark = None
     for item in lines:
         t, line = item if isinstance(item, tuple) else (None, item)
         line = ANSI.sub("", line)
@@ -83,6 +96,14 @@ def parse(lines: Iterable[str | tuple[float, str]], t0: float | None = None) -> 
             continue
         if AOT_LOAD.search(line):
             aot_loads += 1
+            continue
+        mark = next((name for name, pat in MARKS if pat.search(line)), None)
+        if mark:
+            if t is not None and (mark, None) not in phases:  # the first time it is reached
+                since = base if last_mark is None else last_mark
+                phases[(mark, None)] = {"phase": mark, "s": round(t - since, 3), "n": 1,
+                                        "mark": True, "at_s": round(t - base, 3)}
+                last_mark = t
             continue
         for name, pat in PATTERNS:
             m = pat.search(line)
@@ -104,6 +125,19 @@ def parse(lines: Iterable[str | tuple[float, str]], t0: float | None = None) -> 
     if aot_loads:
         out.append({"phase": "AOT artefacts loaded", "s": 0.0, "n": aot_loads})
     return out
+
+
+def process_started_at(pid: int | None = None) -> float | None:
+    """Wall-clock time at which process `pid` (default: this one) started, from Linux's /proc
+    (boot time plus the start in clock ticks); None elsewhere."""
+    try:
+        stat = open(f"/proc/{pid or 'self'}/stat").read()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in open("/proc/stat")
+                     if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def table(engines: list[dict]) -> str:

@@ -5,6 +5,7 @@ the compiled encoder (lines 3-165 of results/h100/encoder/encoder-internvl3-1b-v
 without the long config dumps)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,8 @@ def test_phases_of_a_cold_compiled_start(lines):
     # vLLM's encoder total is the sum of the per-layer lines (each rounded to 0.01 s)
     assert enc["s"] == pytest.approx(init["encoder_s"], abs=0.05)
     # in the order they first appear
-    assert phases[0]["phase"] == "load weights" and phases[-2]["phase"] == "init engine"
+    timed = [p for p in phases if not p.get("mark")]
+    assert timed[0]["phase"] == "load weights" and timed[-2]["phase"] == "init engine"
     assert [p for p in phases if p["phase"] == "profiling run"][0]["n"] == 25
 
 
@@ -74,10 +76,37 @@ def test_stamped_lines_count_from_t0(lines):
 def test_wanted_keeps_only_the_timed_lines(lines):
     kept = [ln for ln in lines if timeline.wanted(ln)]
     # the same phases (at_s then counts from the first kept line, not the log's first)
-    strip = lambda phases: [{k: v for k, v in p.items() if k != "at_s"} for p in phases]
+    # (and a milestone's seconds: the first one counts from the first line)
+    strip = lambda phases: [{k: v for k, v in p.items()
+                             if k != "at_s" and not (k == "s" and p.get("mark"))}
+                            for p in phases]
     assert strip(timeline.parse(kept)) == strip(timeline.parse(lines))
-    assert not any("KV cache size" in ln or "Resolved architecture" in ln for ln in kept)
-    assert len(kept) == 128 < len(lines)
+    assert not any("Using max model len" in ln for ln in kept)
+    assert len(kept) == 128 + 4 < len(lines)  # timed lines + milestones
+
+
+def test_milestones_split_the_span_before_the_weights(lines):
+    """Lines without seconds mark steps of the start: each milestone's `s` is the time since
+    the previous one (the first: since the first line), so the span from LLM() to the first
+    weight splits into config, device init and model construction."""
+    marks = [p for p in timeline.parse(lines) if p.get("mark")]
+    # 11:18:45 first line, 11:19:10 architecture resolved, 11:19:13 rank assigned,
+    # 11:19:15 model load starts, 11:20:01 KV cache sized; in-process engine core: no
+    # "Initializing a V1 LLM engine" line in this log
+    assert [(m["phase"], m["s"], m["at_s"]) for m in marks] == [
+        ("config resolved", 25.0, 25.0), ("device ready", 3.0, 28.0),
+        ("model build begins", 2.0, 30.0), ("kv cache sized", 46.0, 76.0)]
+    # a milestone counts once (vLLM logs some of them again later)
+    again = timeline.parse(lines + lines[1:2])
+    assert [m for m in again if m.get("mark")] == marks
+
+
+def test_process_started_at_is_this_process_start():
+    import time
+
+    t = timeline.process_started_at()
+    assert t is not None and time.time() - 24 * 3600 < t <= time.time()
+    assert timeline.process_started_at(2 ** 22 + 12345) is None  # no such process
 
 
 def test_other_lines_and_versions_give_fewer_phases_not_errors():
@@ -109,7 +138,7 @@ def test_logtap_keeps_stamped_timeline_lines(lines):
     tap = LogTap()
     for ln in lines:
         tap._match(f"(EngineCore pid=7) {ln}")
-    assert len(tap.timeline_lines) == 128
+    assert len(tap.timeline_lines) == 128 + 4
     assert all(isinstance(t, float) and ln.startswith("(EngineCore") for t, ln in
                tap.timeline_lines)
     # what engine.InitTimings reads from the same lines
@@ -142,3 +171,24 @@ def test_engine_start_timeline_adds_our_phases():
     assert compiled.start_timeline()["phases"] == [
         {"phase": "LLM() returned", "s": 34.0, "n": 1, "at_s": 34.0},
         {"phase": "encoder warm-up", "s": 6.0, "n": 1, "at_s": 40.0}]
+
+
+def test_engine_start_timeline_marks_the_vllm_import():
+    """`from vllm import LLM` inside Engine.start is a milestone of its own; the first of
+    vLLM's milestones then counts from it, not from the engine's start."""
+    from internvl_batch.config import EngineSpec
+    from internvl_batch.engine import Engine, InitTimings, LogTap
+
+    eng = Engine(EngineSpec(model="/m"))
+    eng.started_at = 1000.0
+    eng.tap = LogTap()
+    eng.tap.timeline_lines = [
+        (1009.0, "INFO 11-25 11:19:10 [model.py:623] Resolved architecture: InternVLChatModel"),
+        (1012.5, "(EngineCore pid=7) INFO 11-25 11:19:17 [gpu_model_runner.py:5347] Model "
+                 "loading took 1.76 GiB memory and 1.030907 seconds")]
+    eng.timings = InitTimings(total_s=20.0, vllm_import_s=4.0)
+    t = eng.start_timeline()
+    assert [(p["phase"], p["s"], p["at_s"]) for p in t["phases"]] == [
+        ("vllm imported", 4.0, 4.0), ("config resolved", 5.0, 9.0),
+        ("load weights", 1.031, 12.5), ("LLM() returned", 20.0, 20.0)]
+    assert t["process_started_at"] <= time.time()
