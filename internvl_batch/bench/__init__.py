@@ -520,6 +520,7 @@ def run_bench(opts: dict, log=print) -> dict:
             "prompt": DEFAULT_PROMPT, "images_dir": str(images_dir), "slices": slices,
             "out_dir": str(raw_dir / "pipeline-out"), "batch_size": opts["batch_size"],
             "workers": opts["workers"], "replicas": opts["replicas"],
+            "encoder_cudagraphs": bool(opts.get("encoder_cudagraphs")),
             "kv_cache_gb": KV_CACHE_GB if plan.cuda else None}
     # every variant's captions of one slice (the warm-up's, else repeat 0's) are compared
     # with the slow path's: the fast paths must not change what the model says
@@ -564,7 +565,8 @@ def _document(opts: dict, plan: _Plan, session: _Session, images_dir: Path,
                    "variants": plan.variants, "gpu_memory_utilization": plan.share,
                    "prompt": DEFAULT_PROMPT, "kv_cache_gb": session.base["kv_cache_gb"],
                    "pipeline": {"batch_size": opts["batch_size"], "workers": opts["workers"],
-                                "compile": plan.pipeline_compile, "replicas": opts["replicas"]},
+                                "compile": plan.pipeline_compile, "replicas": opts["replicas"],
+                                "encoder_cudagraphs": bool(opts.get("encoder_cudagraphs"))},
                    "dataset": str(images_dir.parent), "order": session.order_log,
                    "images_per_repeat": "distinct slice per repeat (same slice k for every "
                                         "variant); eager/compiled decode before the clock",

@@ -72,6 +72,8 @@ def _worker(config_path: str):
               help="pipeline variant: decode processes.")
 @click.option("--replicas", type=click.IntRange(1, 16), default=1, show_default=True,
               help="pipeline variant: vLLM engines sharing the GPU (run --replicas).")
+@click.option("--encoder-cudagraphs", is_flag=True,
+              help="pipeline variant: vLLM's encoder CUDA graphs (run --encoder-cudagraphs).")
 @click.option("--cpu-ok", is_flag=True,
               help="Run without a GPU: drop `compiled` with a note instead of refusing.")
 @click.option("--worker", hidden=True, default=None)
