@@ -303,7 +303,13 @@ class Engines(Protocol):
     def gpu_memory_used_gb(self) -> float | None: ...
 
     def start_timelines(self) -> list[dict]:
-        """Each engine's start as phases (timeline.py), one dict per engine."""
+        """Each engine's start as phases (timeline.py), one dict per engine (a replica pool:
+        those ready so far)."""
+        ...
+
+    def wait_all(self) -> float:
+        """Block until every engine is ready or failed (a replica pool serves from its first
+        ready replica on); seconds from the start until then."""
         ...
 
     def close(self) -> None: ...
@@ -508,6 +514,9 @@ class Engine(Engines):
 
     def start_timelines(self) -> list[dict]:
         return [self.start_timeline()]
+
+    def wait_all(self) -> float:
+        return self.timings.total_s
 
     @property
     def tokens_per_tile(self) -> int:

@@ -233,8 +233,9 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
     info = engine.info()
     st = _start_stats(engine, entry, info)
     st.started_at = started_at
+    t_ready = time.time()
     if started is None:  # engines handed over (tests, bench) did not start in this run
-        st.start_timeline = start_timeline(engine, started_at, t_engines, time.time())
+        st.start_timeline = start_timeline(engine, started_at, t_engines, t_ready)
     prompt_text = prompts.render(cfg.prompt)
     metadata = _metadata(cfg, info, entry)
 
@@ -259,7 +260,11 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
             # them can hang (seen on the GPU host under `timeout`); they exit with us
             pool.shutdown(wait=False, cancel_futures=True)
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
+        # a replica pool serves from its first ready replica; the others joined (or not)
+        # since: their starts and cache hits are known only now
+        st.cache_hit = entry.hit
         if started is None:
+            st.start_timeline = start_timeline(engine, started_at, t_engines, t_ready)
             engine.close()
         # every row is in a durable chunk by now; the stats written below (final or
         # partial) come after the close, so they hold shutdown_s
@@ -289,8 +294,9 @@ def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunSt
 
 def start_timeline(engine: Engines, started_at: float, t_engines: float, t_ready: float) -> dict:
     """How this run started, in seconds from the command's start: until the engines were
-    asked for (imports, source, lock, resume scan), until they were ready, and each engine's
-    phases (timeline.py) with `start_offset_s`, when that engine began."""
+    asked for (imports, source, lock, resume scan), until they could serve (a replica pool:
+    its first replica), and each ready engine's phases (timeline.py) with `start_offset_s`,
+    when that engine began."""
     engines = []
     for e in engine.start_timelines():
         e = dict(e)

@@ -65,16 +65,25 @@ class ReplicaPool(Engines):
         self.cuda = False
         self.tokens_per_tile = 256
         self._info: dict = {}
-        self._timelines: list[dict] = []
+        self._timelines: dict[int, dict] = {}  # replica index -> its start, once ready
+        self._cond = threading.Condition()  # guards the fields above, set as replicas join
+        self._closing = False
+        self._waiters: list[threading.Thread] = []
+        self._t0 = time.perf_counter()
+        self.all_ready_s = 0.0  # wall until the last replica was ready or had failed
 
     @property
     def replicas(self) -> int:
         return self.n
 
     def start(self) -> "ReplicaPool":
+        """Start every replica; return once the first is ready (the pool serves from then
+        on: imap feeds each replica once it is ready). Measured on H100 (4 replicas, results/
+        h100/issue15/): cold, the builder was ready at ~168 s and the replicas waiting for its
+        entry at 183-185 s; warm, 3-4 s apart. `wait_all` waits for the rest."""
         from .engine import has_cuda
 
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         self.cuda = has_cuda()
         spec = replica_spec(self.spec, self.n, self.cuda)
         self.log(f"starting {self.n} engine replicas on one device (each: "
@@ -86,29 +95,90 @@ class ReplicaPool(Engines):
         threads = max(1, usable_cpus() // (2 * self.n)) if self.cuda else None
         self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads)
                       for k in range(self.n)]
+        self._waiters = [threading.Thread(target=self._await_ready, args=(r,), daemon=True)
+                         for r in self.procs]
+        for t in self._waiters:
+            t.start()
         try:
-            readies = [r.wait_ready() for r in self.procs]
+            with self._cond:
+                while self.entry is None and not self._all_settled():
+                    self._cond.wait(1.0)
+            if self.entry is None:  # every replica failed: the first one's reason
+                raise RuntimeError(next(r.error for r in self.procs if r.error))
         except BaseException:
             self.close()
             raise
-        first = readies[0]
-        self.timings = InitTimings(**first["timings"])
-        self.timings.total_s = time.perf_counter() - t0  # wall: replicas start together
-        self.entry = Entry(CompileCache(self.cache_dir).root, first["cache_key"],
-                           first["cache_fields"], hit=all(r["cache_hit"] for r in readies))
-        self._info = first["info"]
-        self.tokens_per_tile = first["tokens_per_tile"]
-        self._timelines = [r.get("timeline") or {"engine": f"replica {k}", "phases": []}
-                           for k, r in enumerate(readies)]
-        self.log(f"{self.n} replicas ready in {self.timings.total_s:.1f}s (cache "
-                 f"{'hit' if self.entry.hit else 'built'}: {self.entry.key})")
         return self
 
+    def _all_settled(self) -> bool:
+        return all(r.settled.is_set() for r in self.procs)
+
+    def _await_ready(self, r: "_Replica"):
+        """One replica's start, in a thread of its own: the first ready one sets the pool's
+        timings, entry and info; the others join as they come."""
+        try:
+            msg, err = r.wait_ready(), None
+        except BaseException as e:
+            msg, err = None, str(e)
+        at = time.perf_counter() - self._t0
+        with self._cond:
+            r.ready, r.error = msg, err
+            try:
+                if self._closing:  # killed by close(): not a failure worth a line
+                    pass
+                elif msg is not None:
+                    self._joined(r, msg, at)
+                else:
+                    # Policy: a replica that fails to start (before or after the first is
+                    # ready) is left out and the others serve its share: its feeder takes no
+                    # job (_Dispatch._feed), so no row is lost. start() raises only when every
+                    # replica has failed. (A replica that finds the entry poisoned does not
+                    # get here: it re-executes itself with the same pid and reply pipe,
+                    # cli/run.py, and is only later ready.)
+                    left = sum(1 for q in self.procs if q is not r and q.error is None)
+                    if left:
+                        self.log(f"{err}; going on with {left} of {self.n} replicas")
+            finally:  # whatever happened above, nobody waits on this replica forever
+                r.settled.set()
+                if self._all_settled():
+                    self.all_ready_s = at
+                self._cond.notify_all()
+
+    def _joined(self, r: "_Replica", msg: dict, at: float):
+        self._timelines[r.k] = msg.get("timeline") or {"engine": f"replica {r.k}", "phases": []}
+        ready = len(self._timelines)
+        if self.entry is None:
+            self.timings = InitTimings(**msg["timings"])
+            self.timings.total_s = at  # wall until the pool can serve
+            self.entry = Entry(CompileCache(self.cache_dir).root, msg["cache_key"],
+                               msg["cache_fields"], hit=msg["cache_hit"])
+            self._info = msg["info"]
+            self.tokens_per_tile = msg["tokens_per_tile"]
+            rest = "" if ready == self.n else "; serving while the others start"
+            self.log(f"{ready} of {self.n} replicas ready in {at:.1f}s (cache "
+                     f"{'hit' if self.entry.hit else 'built'}: {self.entry.key}){rest}")
+        else:
+            # entry.hit: a hit for every replica (callers read it again at the end)
+            self.entry.hit = self.entry.hit and msg["cache_hit"]
+            self.log(f"replica {r.k} joined at {at:.1f}s ({ready} of {self.n} ready)")
+
+    def wait_all(self) -> float:
+        """Block until every replica is ready or has failed to start; seconds from start()
+        until then (what a throughput measurement must not include)."""
+        with self._cond:
+            while not self._all_settled():
+                self._cond.wait(1.0)
+            return self.all_ready_s
+
     def info(self) -> dict:
-        return dict(self._info, replicas=self.n)
+        with self._cond:
+            failed = sum(1 for r in self.procs if r.error)
+        return dict(self._info, replicas=self.n - failed)
 
     def start_timelines(self) -> list[dict]:
-        return list(self._timelines)
+        """The replicas ready so far (the pipeline asks again when it writes its stats)."""
+        with self._cond:
+            return [self._timelines[k] for k in sorted(self._timelines)]
 
     def gpu_memory_used_gb(self) -> float | None:
         if not self.cuda:
@@ -158,17 +228,28 @@ class ReplicaPool(Engines):
         # busy near 100 %: the replicas (their frontends or the shared GPU) set the pace;
         # well below: this process (decode, dispatch, writing) does
         self.log("replicas busy in generate: " + ", ".join(
-            f"#{r.k} {100 * r.busy_s / wall:.0f}% ({r.images} img)" for r in self.procs)
+            f"#{r.k} {100 * r.busy_s / wall:.0f}% ({r.images} img)" for r in self.procs
+            if r.error is None)
             + f" over {wall:.1f}s")
 
     def close(self):
         """Stop every replica at once: all are told (stdin closed) before any is waited for,
         so they close their engines concurrently and the stop takes as long as the slowest
         one, not the sum. Measured: 4 replicas on H100 ~22 s before, 4.7-5.0 s after
-        (results/h100/issue15/); two CPU replicas (vLLM 0.32, preset:tiny) 10.4 s -> 4.5 s."""
+        (results/h100/issue15/); two CPU replicas (vLLM 0.32, preset:tiny) 10.4 s -> 4.5 s.
+        A replica still starting reads no stdin until it is ready, so it is killed at once
+        (it holds no results; the cache lock is a flock, which its death releases)."""
+        with self._cond:
+            self._closing = True
         for r in self.procs:
             r.finish()
+            if not r.settled.is_set():
+                r.child.kill_group()
+        # its start thread reads the reply pipe until EOF (now): closing that pipe first
+        # would wait on the reader's lock
         deadline = time.monotonic() + STOP_TIMEOUT_S
+        for t in self._waiters:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         for r in self.procs:
             r.close(timeout=deadline - time.monotonic())
         self.procs = []
@@ -228,6 +309,13 @@ class _Dispatch:
             self.cond.notify_all()
 
     def _feed(self, rep: "_Replica"):
+        # jobs go only to ready replicas: the pool serves from its first ready one, and one
+        # that failed to start takes none (the others serve its share)
+        while not rep.settled.wait(0.2):
+            if self.stopping.is_set():
+                return
+        if rep.ready is None:
+            return
         slots = threading.Semaphore(self.per_replica)
         owed = threading.Semaphore(0)  # replies owed: the receiver reads no more than these
         t = threading.Thread(target=self._receive, args=(rep, slots, owed), daemon=True)
@@ -280,6 +368,10 @@ class _Replica:
                                          "index": k}, tmp / f"replica-{k}.json", env=env)
         self.replies = os.fdopen(self.child.reply_fd, "rb", closefd=False)
         self._send_lock = threading.Lock()
+        # set by ReplicaPool once its start is over: `ready` (its message) or `error`
+        self.settled = threading.Event()
+        self.ready: dict | None = None
+        self.error: str | None = None
 
     def wait_ready(self) -> dict:
         try:

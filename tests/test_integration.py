@@ -430,7 +430,6 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     keys = ("id", "caption", "error", "prompt_tokens", "image_tokens", "output_tokens")
     logs = []
     pool = ReplicaPool(engine_spec, tmp_path / "cache", 2, log=logs.append).start()
-    timelines = pool.start_timelines()
     try:
         for k in range(2):
             out = tmp_path / f"two-{k}"
@@ -440,6 +439,8 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
             b = _rows(out / "part-00000-of-00001.parquet")
             assert [r["seq"] for r in b] == sorted(r["seq"] for r in b)
             assert [{k: r[k] for k in keys} for r in b] == [{k: r[k] for k in keys} for r in a]
+        pool.wait_all()  # the pool serves from its first ready replica: the other may be late
+        timelines = pool.start_timelines()
     finally:
         t0 = time.perf_counter()
         pool.close()

@@ -87,6 +87,9 @@ def _replicas_running(monkeypatch, tmp_path, n: int, code: str):
                         lambda module, *args: [sys.executable, "-c", code, *map(str, args)])
     pool = ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", n)
     pool.procs = [_Replica(k, pool.spec, pool.cache_dir, tmp_path) for k in range(n)]
+    for r in pool.procs:  # as if started: close() kills at once a replica still starting
+        r.ready = {"ready": True}
+        r.settled.set()
     return pool
 
 
@@ -119,3 +122,122 @@ def test_pool_close_is_bounded(monkeypatch, tmp_path):
     pool.close()
     assert time.perf_counter() - t0 < 3.0
     assert [p.returncode for p in procs] == [-9, -9]
+
+
+# A stand-in for `python -m internvl_batch replica CONFIG`: ready after DELAYS[index] s (or
+# failing to start if its index is in FAIL), then each batch answered as [(index, request)]
+# after 0.05 s. cache_hit is false for replica 1 only.
+FAKE_REPLICA = """
+import json, sys, time
+from internvl_batch.children import recv_frame, reply_file, send_frame
+cfg = json.load(open(sys.argv[-1]))
+k = cfg["index"]
+reply = reply_file(cfg)
+time.sleep(DELAYS[k])
+if k in FAIL:
+    send_frame(reply, (-1, {"ready": False, "error": "boom"}))
+    sys.exit(1)
+send_frame(reply, (-1, {"ready": True, "timings": {"total_s": 1.0}, "cache_key": "key",
+                        "cache_hit": k != 1, "cache_fields": {}, "tokens_per_tile": 256,
+                        "info": {"vllm": "v", "torch": "t", "device": "cpu", "cuda": False},
+                        "timeline": {"engine": f"replica {k}", "phases": []}}))
+while True:
+    try:
+        idx, reqs, sampling = recv_frame(sys.stdin.buffer, with_items=True)
+    except EOFError:
+        break
+    time.sleep(0.05)
+    send_frame(reply, (idx, {"results": [(k, r) for r in reqs], "busy_s": 0.05}))
+"""
+
+
+def _fake_pool(monkeypatch, tmp_path, n: int, delays: list[float], fail=(), log=print):
+    import sys
+
+    from internvl_batch import children, engine
+    from internvl_batch.replicas import ReplicaPool
+
+    code = FAKE_REPLICA.replace("DELAYS", repr(delays)).replace("FAIL", repr(set(fail)))
+    monkeypatch.setattr(children, "module_argv",
+                        lambda module, *args: [sys.executable, "-c", code, *map(str, args)])
+    monkeypatch.setattr(engine, "has_cuda", lambda: False)
+    return ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", n, log=log)
+
+
+def _work(batches: int, size: int = 2):
+    return [(b, [f"r{b}-{i}" for i in range(size)]) for b in range(batches)]
+
+
+def test_pool_serves_from_its_first_ready_replica(monkeypatch, tmp_path):
+    """Batches go to replica 0 while replica 1 is still starting; it joins when ready, and
+    entry.hit and the timelines then cover both."""
+    import time
+
+    logs: list[str] = []
+    pool = _fake_pool(monkeypatch, tmp_path, 2, [0.0, 4.0], log=logs.append)
+    t0 = time.perf_counter()
+    pool.start()
+    try:
+        assert time.perf_counter() - t0 < 3.0
+        assert pool.entry.hit and [t["engine"] for t in pool.start_timelines()] == ["replica 0"]
+        assert any(m.startswith("1 of 2 replicas ready in") for m in logs), logs
+        out = list(pool.imap(_work(6), SamplingSpec()))
+        assert [tag for tag, _ in out] == list(range(6))
+        assert [res for _, res in out] == [[(0, f"r{b}-0"), (0, f"r{b}-1")] for b in range(6)]
+        assert pool.wait_all() >= 3.5
+        assert [t["engine"] for t in pool.start_timelines()] == ["replica 0", "replica 1"]
+        assert not pool.entry.hit  # replica 1 built
+        assert any(m.startswith("replica 1 joined at") and "(2 of 2 ready)" in m for m in logs)
+        # both serve now; rows still in input order
+        out = list(pool.imap(_work(40), SamplingSpec()))
+        assert [tag for tag, _ in out] == list(range(40))
+        assert [[r for _, r in res] for _, res in out] == [r for _, r in _work(40)]
+        assert {k for _, res in out for k, _ in res} == {0, 1}
+        assert pool.info()["replicas"] == 2
+    finally:
+        pool.close()
+
+
+def test_pool_goes_on_when_a_late_replica_fails_to_start(monkeypatch, tmp_path):
+    logs: list[str] = []
+    pool = _fake_pool(monkeypatch, tmp_path, 3, [0.0, 0.5, 0.5], fail={2}, log=logs.append)
+    pool.start()
+    try:
+        # spans the failure: 30 batches of 0.05 s each on one or two replicas
+        out = list(pool.imap(_work(30), SamplingSpec()))
+        assert [tag for tag, _ in out] == list(range(30))
+        assert [[r for _, r in res] for _, res in out] == [r for _, r in _work(30)]
+        assert 2 not in {k for _, res in out for k, _ in res}
+        pool.wait_all()
+        assert any("engine replica 2 failed to start: boom; going on with 2 of 3" in m
+                   for m in logs), logs
+        assert pool.info()["replicas"] == 2
+        assert [t["engine"] for t in pool.start_timelines()] == ["replica 0", "replica 1"]
+        assert not any("#2" in m for m in logs if m.startswith("replicas busy")), logs
+    finally:
+        pool.close()
+
+
+def test_pool_start_fails_when_every_replica_fails(monkeypatch, tmp_path):
+    import pytest
+
+    pool = _fake_pool(monkeypatch, tmp_path, 2, [0.0, 0.2], fail={0, 1}, log=lambda m: None)
+    with pytest.raises(RuntimeError, match="engine replica 0 failed to start: boom"):
+        pool.start()
+    assert pool.procs == []
+
+
+def test_pool_close_while_replicas_start(monkeypatch, tmp_path):
+    """Replicas still starting (they read no stdin yet) are killed at once, quietly."""
+    import time
+
+    logs: list[str] = []
+    pool = _fake_pool(monkeypatch, tmp_path, 3, [0.0, 60.0, 60.0], log=logs.append)
+    pool.start()
+    reps = list(pool.procs)
+    t0 = time.perf_counter()
+    pool.close()
+    assert time.perf_counter() - t0 < 3.0
+    assert [r.child.proc.returncode for r in reps] == [0, -9, -9]
+    assert all(r.settled.is_set() for r in reps)  # nothing waits on them forever
+    assert not any("failed to start" in m for m in logs), logs

@@ -91,8 +91,11 @@ class Worker:
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         replicas = c.get("replicas", 1) if self.variant == "pipeline" else 1
         self.engine, self.entry = open_engines(spec, Path(c["cache_dir"]), replicas, log)
+        # a pool serves from its first ready replica on: throughput is timed with all of them
+        ready_s = self.engine.wait_all()
         info = self.engine.info()
-        return {"init": self.engine.timings.as_dict(), "cache_hit": self.entry.hit,
+        return {"init": dict(self.engine.timings.as_dict(), total_s=round(ready_s, 3)),
+                "cache_hit": self.entry.hit,
                 "cache_key": self.entry.key,
                 "versions": {"vllm": info["vllm"], "torch": info["torch"]},
                 "cuda": info["cuda"], "tokens_per_tile": self.engine.tokens_per_tile,
