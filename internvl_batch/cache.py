@@ -1,10 +1,12 @@
 """The compile cache that jobs share: owned, locked, warmed once, verified, never poisoned.
 
 vLLM offers a cache *directory* (`VLLM_CACHE_ROOT`) and nothing else. We give every
-(software, GPU, model, engine settings) combination its own entry directory and point vLLM's,
-Inductor's and Triton's caches into it:
+(software, GPU, model, engine settings) combination its own entry directory and point vLLM's
+and Inductor's caches into it; Triton's kernels and vLLM's model-class facts, which are
+content-addressed and cannot be poisoned by an engine setting, are shared by all entries:
 
-    <root>/entries/<key>/{vllm,inductor,triton}/   what the compilers write
+    <root>/entries/<key>/{vllm,inductor}/          what the compilers write
+    <root>/shared/{triton,modelinfos}/              content-addressed, shared by all entries
     <root>/entries/<key>/manifest.json              key fields, builder, times, probe check
     <root>/entries/<key>/.complete                  written last: the entry is usable
     <root>/locks/<key>.lock                         flock: one builder, others wait
@@ -148,11 +150,32 @@ class Entry:
 
     def env(self) -> dict[str, str]:
         p = self.path
+        # Triton's kernel cache is content-addressed (source, options, GPU, Triton version),
+        # so every entry shares one: a new entry's build skips the JIT of kernels an earlier
+        # one compiled (vLLM 0.26's V2 runner JIT-compiles its Triton kernels after the CUDA
+        # graph capture: 27 s in a cold build on H200, none when warm, results/h200/issue15/)
         env = {"VLLM_CACHE_ROOT": str(p / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(p / "inductor"),
-               "TRITON_CACHE_DIR": str(p / "triton")}
+               "TRITON_CACHE_DIR": str(self.root / "shared" / "triton")}
         if "HF_HOME" not in os.environ:
             env["HF_HOME"] = str(self.root / "hf")
         return env
+
+    def link_shared(self) -> None:
+        """Point this entry's `vllm/modelinfos` at the cache's shared one. vLLM caches what it
+        learns of a model class there (keyed and checked by the hash of the model's source
+        file), or else imports the class in a subprocess: 23-25 s of a cold start on H200
+        (results/h200/issue15/). Best effort: an engine that created the folder first keeps
+        its own."""
+        shared = self.root / "shared" / "modelinfos"
+        link = self.path / "vllm" / "modelinfos"
+        try:
+            shared.mkdir(parents=True, exist_ok=True)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            # relative: the entry keeps its link when moved to quarantine/ (the same depth)
+            link.symlink_to(Path("..", "..", "..", "shared", "modelinfos"),
+                            target_is_directory=True)
+        except OSError:
+            pass
 
     def manifest(self) -> dict:
         try:
@@ -292,6 +315,7 @@ class CompileCache:
             moved = entry.quarantine("incomplete: its builder died before finishing")
             log(f"compile cache: moved an incomplete entry aside to {moved}")
         entry.path.mkdir(parents=True, exist_ok=True)
+        entry.link_shared()
         log(f"compile cache: miss, building {entry.key}")
         # a naive build stands for a cache written by plain vLLM: nothing checked
         must_verify = (spec.compile and not naive) if verify is None else verify
@@ -385,6 +409,7 @@ class CompileCache:
             removed.append(e.key)
         if older_than_s is None:
             shutil.rmtree(self.root / "quarantine", ignore_errors=True)
+            shutil.rmtree(self.root / "shared", ignore_errors=True)
         return removed
 
 

@@ -248,11 +248,30 @@ def test_entry_paths_and_env(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HOME", raising=False)
     assert e.env() == {"VLLM_CACHE_ROOT": str(e.path / "vllm"),
                        "TORCHINDUCTOR_CACHE_DIR": str(e.path / "inductor"),
-                       "TRITON_CACHE_DIR": str(e.path / "triton"),
+                       "TRITON_CACHE_DIR": str(tmp_path.resolve() / "shared" / "triton"),
                        "HF_HOME": str(tmp_path.resolve() / "hf")}
     monkeypatch.setenv("HF_HOME", "/somewhere")
     assert "HF_HOME" not in e.env()
     assert Entry(tmp_path, "none", {}).manifest() == {}
+
+
+def test_entries_share_model_class_facts_through_a_link(tmp_path):
+    """vLLM writes what it learns of a model class under VLLM_CACHE_ROOT/modelinfos: every
+    entry's link leads to one shared folder, also from quarantine/ (a relative link)."""
+    a, b = _entry(tmp_path, "k-a"), _entry(tmp_path, "k-b")
+    a.link_shared()
+    b.link_shared()
+    (a.path / "vllm" / "modelinfos" / "InternVLChatModel.json").write_text("{}")
+    shared = tmp_path.resolve() / "shared" / "modelinfos"
+    assert (b.path / "vllm" / "modelinfos").resolve() == shared
+    assert (b.path / "vllm" / "modelinfos" / "InternVLChatModel.json").read_text() == "{}"
+    b.link_shared()  # again, or after an engine made the folder itself: left as it is
+    moved = a.quarantine("bad")
+    assert (moved / "vllm" / "modelinfos" / "InternVLChatModel.json").is_file()
+    own = _entry(tmp_path, "k-own")
+    (own.path / "vllm" / "modelinfos").mkdir(parents=True)
+    own.link_shared()
+    assert not (own.path / "vllm" / "modelinfos").is_symlink()
 
 
 def test_quarantine(tmp_path):
@@ -296,6 +315,11 @@ def test_entries_and_clear_all(tmp_path):
     assert cc.clear() == ["a-key", "b-key"]
     assert list((tmp_path / "entries").iterdir()) == []
     assert not q.exists() and not (tmp_path / "quarantine").exists()
+    (tmp_path / "shared" / "triton").mkdir(parents=True)
+    cc.clear(older_than_s=3600)  # only clearing everything removes what entries share
+    assert (tmp_path / "shared").is_dir()
+    cc.clear()
+    assert not (tmp_path / "shared").exists()
 
 
 def test_clear_older_than(tmp_path):
