@@ -18,4 +18,5 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export IVB_REQUIRE_SLURM=1
 fi
 # vLLM's CPU backend pins threads; leave it the machine's cores (2 on CI)
-.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=1500 -rs "$@"
+# --durations: the slowest tests in the log, where CI time goes
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=1500 -rs --durations=30 "$@"
