@@ -127,6 +127,16 @@ def make_pool(workers: int) -> Executor | None:
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
 
 
+def start_workers(pool: Executor | None, workers: int) -> None:
+    """Have the pool start its processes now (each imports this package and PIL, on spawn)
+    rather than at the first real batch: `run` calls it before the engines start, so the
+    workers are up when the first images are wanted. Nothing is waited for."""
+    if pool is None:
+        return
+    for _ in range(workers):  # a submit starts a process while none is idle yet
+        pool.submit(_decode_many, [], None)
+
+
 def prefetch(records: Iterable[Record], pool: Executor | None, *, window: int = 512,
              chunk: int = 16, max_side: int | None = None) -> Iterator[Decoded]:
     """Decode `records` in `pool`, yielding in input order with at most `window` in flight."""

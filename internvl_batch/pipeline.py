@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 from . import __version__, fingerprint, prompts, stats as stats_mod
 from .config import EngineSpec, RunConfig
 from .engine import EngineDead, Engines
-from .images import Decoded, make_pool, prefetch
+from .images import Decoded, make_pool, prefetch, start_workers
 from .outlock import ShardLock
 from .progress import Progress
 from .sinks import ShardWriter
@@ -224,9 +224,19 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
          term: Terminal, started, started_at: float) -> int:
     t_start = time.perf_counter()
     progress.phase("starting the engine")
+    # the decode workers start (spawn, imports) while the engines do: on H200 the first row
+    # came 5.6 s after four warm replicas were ready, with the workers started only then
+    # (results/h200/issue15/)
+    pool = make_pool(cfg.workers)
+    start_workers(pool, cfg.workers)
     t_engines = time.time()
-    engine, entry = started or start_engines(cfg, term.info)
+    try:
+        engine, entry = started or start_engines(cfg, term.info)
+    except BaseException:
+        _stop_pool(pool)
+        raise
     if sig.received:
+        _stop_pool(pool)
         if started is None:
             engine.close()
         raise Stop(sig.exit_code, "signal during start-up")
@@ -242,7 +252,6 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
     writer.open()
     previous = writer.previous_stats()
     mine, batch_size = fit_batches(mine, cfg.batch_size, engine.replicas)
-    pool = make_pool(cfg.workers)
     stream = engine.imap(_requests(mine, pool, batch_size, prompt_text), cfg.sampling)
     progress.begin()
     code, message = EXIT_OK, None
@@ -255,10 +264,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
     finally:
         stream.close()  # batches still at replicas are dropped: a rerun captions them
         progress.close()
-        if pool is not None:
-            # no wait: after a job-wide SIGTERM the decode workers are dead and waiting on
-            # them can hang (seen on the GPU host under `timeout`); they exit with us
-            pool.shutdown(wait=False, cancel_futures=True)
+        _stop_pool(pool)
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
         # a replica pool serves from its first ready replica; the others joined (or not)
         # since: their starts and cache hits are known only now
@@ -290,6 +296,13 @@ def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunSt
     st.cache_hit, st.cache_key = entry.hit, entry.key
     st.gpu_name = info["device"] if info["cuda"] else None
     return st
+
+
+def _stop_pool(pool) -> None:
+    if pool is not None:
+        # no wait: after a job-wide SIGTERM the decode workers are dead and waiting on them
+        # can hang (seen on the GPU host under `timeout`); they exit with us
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start_timeline(engine: Engines, started_at: float, t_engines: float, t_ready: float) -> dict:

@@ -173,3 +173,18 @@ def test_prefetch_window_bounds_reads(bad_records):
         assert len(pulled) <= 8 + 4
         rest = list(it)
     assert [d.record.seq for d in [first, *rest]] == list(range(60))
+
+
+def test_start_workers_starts_the_pool_before_the_first_batch(tmp_path):
+    """`run` starts the decode processes while the engines start: each submit of an empty
+    chunk starts a process (none is idle yet), and decoding afterwards works as before."""
+    from internvl_batch.images import start_workers
+
+    start_workers(None, 4)  # inline decode: nothing to start
+    pool = make_pool(2)
+    try:
+        start_workers(pool, 2)
+        assert len(pool._processes) == 2
+        assert list(prefetch([], pool)) == []
+    finally:
+        pool.shutdown()
