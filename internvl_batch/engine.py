@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
 from .config import ConfigError, EngineSpec, SamplingSpec
-from . import checkpoint, prompts, timeline
+from . import checkpoint, procstart, prompts, timeline
 from .hooks import EXTENSION
 from .sizing import CPU_FRACTION, gpu_memory_fraction
 
@@ -329,14 +329,14 @@ class Engine(Engines):
         self.cuda = False
         self.tap: LogTap | None = None
         self.started_at = time.time()
+        self.engine_start = "spawn"  # how vLLM's engine core process starts (procstart.py)
 
     def start(self) -> "Engine":
         self.started_at = time.time()
         os.environ.update(self.cache_env)  # before vllm import: it reads these lazily
-        # spawn, not fork: a forked engine core dies if anything here touched CUDA first.
-        # Fork would save the engine core's own imports (22-26 s per replica on an H200,
-        # results/h200/issue15/), but tried with CUDA untouched (torch's NVML-based check),
-        # four forked engine cores of replicas hung after "Using V2 Model Runner" (vLLM 0.26)
+        # spawn, not fork: a forked engine core dies if anything here touched CUDA first,
+        # and four forked from replicas hung at their first step on an H200 (vLLM 0.26).
+        # procstart's fork server, opt-in, forks it from a clean process instead
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         if self.spec.encoder_cudagraphs:
@@ -346,8 +346,14 @@ class Engine(Engines):
         kwargs = llm_kwargs(self.spec, cuda=self.cuda)
         t0 = time.perf_counter()
         with LogTap() as tap:
+            forkserver = procstart.wanted()
+            self.engine_start = "forkserver" if forkserver else "spawn"
+            if forkserver:  # before our vllm import, which it then overlaps
+                procstart.start_server()
             from vllm import LLM
 
+            if forkserver:
+                procstart.use_for_vllm()
             self.timings.vllm_import_s = time.perf_counter() - t0
             os.environ.update(self.gate)  # read by the engine core we spawn, not by us
             try:
@@ -420,7 +426,8 @@ class Engine(Engines):
         if self.spec.compile:
             phases.append({"phase": "encoder warm-up", "s": round(t.warmup_s, 3), "n": 1,
                            "at_s": round(t.total_s, 3)})
-        return {"engine": name, "started_at": self.started_at, "ready_s": round(t.total_s, 3),
+        return {"engine": name, "engine_start": self.engine_start,
+                "started_at": self.started_at, "ready_s": round(t.total_s, 3),
                 "process_started_at": timeline.process_started_at(), "phases": phases}
 
     def _warm_encoder(self):

@@ -26,6 +26,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import procstart
 from .cache import CompileCache, Entry, EntryPoisoned
 from .children import Child, recv_frame, reply_file, send_frame
 from .config import EngineSpec, SamplingSpec
@@ -410,6 +411,11 @@ def main(config_path: str) -> int:
     from .engine import _is_engine_death
 
     cfg = json.loads(Path(config_path).read_text())
+    if procstart.wanted():
+        # first thing: the server's imports then overlap ours. HF_HOME is read once at
+        # import, so the server must see the value that cache.Entry.env would set
+        os.environ.setdefault("HF_HOME", str(CompileCache(cfg["cache_dir"]).root / "hf"))
+        procstart.start_server()
     reply = reply_file(cfg, "wb")
     spec = EngineSpec(**cfg["spec"])
     tag = f"[replica {cfg['index']}]"

@@ -417,11 +417,17 @@ def test_synthesized_weights_give_per_image_captions(engine, engine_spec):
     assert len(set(caps)) >= 12, caps
 
 
-def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad, tmp_path):
+def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad, tmp_path,
+                                                    monkeypatch):
     """`--replicas 2`: two real engine processes, batches dispatched and written back in
     order; captions (greedy) and error rows identical to the single in-process engine. The
-    pool serves two runs in a row (as in `bench`), so its pipes must stay in step."""
+    pool serves two runs in a row (as in `bench`), so its pipes must stay in step. The
+    replicas fork their engine cores from a fork server (procstart.py), the session engine
+    spawns its own: the rows must not tell them apart."""
+    from internvl_batch import procstart
     from internvl_batch.replicas import ReplicaPool
+
+    monkeypatch.setenv(procstart.ENV, "forkserver")  # read by the replica processes
 
     images, ann = coco_bad
     one = tmp_path / "one"
@@ -450,6 +456,8 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     print(f"2-replica pool closed in {close_s:.2f} s")
     # each replica's start, as phases read from vLLM's lines and ours
     assert [t["engine"] for t in timelines] == ["replica 0", "replica 1"]
+    assert [t["engine_start"] for t in timelines] == ["forkserver"] * 2
+    assert engine[0].start_timeline()["engine_start"] == "spawn"
     for t in timelines:
         phases = {p["phase"]: p for p in t["phases"]}
         assert 0 < phases["init engine"]["s"] < phases["LLM() returned"]["s"] <= t["ready_s"]

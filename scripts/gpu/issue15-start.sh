@@ -17,14 +17,18 @@ t0=$(now)
   --limit "$N" --max-dynamic-patch 1 --max-tokens 32 > "$OUT/plain.log" 2>&1
 t1=$(now); echo "plain $(grep -E '^(engine start|[0-9]+ images)' "$OUT/plain.log" | tr '\n' ' ') wall $(python3 -c "print($t1 - $t0)")"
 echo "{\"plain_wall_s\": $(python3 -c "print($t1 - $t0)")}" > "$OUT/walls.json"
-rm -rf /tmp/ivb-cache15
-# PHASES: cold, warm, and warm-spawn (warm with vLLM's engine core spawned, as before
-# 2026-12-03, to attribute the fork's gain); each skipped once the call's time runs short
+# PHASES: cold (on an emptied cache) and warm, each with the engine-core
+# start that INTERNVL_BATCH_ENGINE_START says (procstart.py); a phase ending in -spawn or
+# -fs sets it to spawn or forkserver; one ending in -<digits> captions that many images.
+# Each is skipped once the call's time runs short.
 for phase in ${PHASES:-cold warm}; do
-  n=$N; [ $phase = cold ] && n=$NCOLD
+  n=$N; [ "${phase%%-*}" = cold ] && { n=$NCOLD; rm -rf /tmp/ivb-cache15; }
+  [[ $phase =~ -([0-9]+)$ ]] && n=${BASH_REMATCH[1]}
   left=$(python3 -c "import time; print(min(int(${DEADLINE:-1e12} - time.time()), 100000))")
   [ "$left" -lt 100 ] && { echo "skip $phase: ${left}s left"; continue; }
-  envx=""; [ $phase = warm-spawn ] && envx="VLLM_WORKER_MULTIPROC_METHOD=spawn"
+  envx=""
+  [[ $phase == *-spawn* ]] && envx="INTERNVL_BATCH_ENGINE_START=spawn"
+  [[ $phase == *-fs* ]] && envx="INTERNVL_BATCH_ENGINE_START=forkserver"
   rm -rf "/tmp/run15-$phase"
   t0=$(now)
   env $envx timeout $((left - 10)) $IVB run --dataset coco --limit "$n" --data-dir /tmp/d448/images --annotations "$ANN" \
@@ -51,5 +55,5 @@ json.dump(w, open(f"{out}/walls.json", "w"), indent=1)
 PY
 done
 tar czf "$OUT/logs.tgz" -C /tmp $(cd /tmp && ls -d run15-*/logs 2>/dev/null) 2>/dev/null
-grep -h "compile cache\|replicas ready\|encoder check\|waited" "$OUT"/run-cold.log | cut -c1-300 | head -20
+grep -h "compile cache\|replicas ready\|encoder check\|waited" "$OUT"/run-cold*.log | cut -c1-300 | head -20
 python3 -c "import json;d=json.load(open('$OUT/walls.json'));print(json.dumps({k:(v if not isinstance(v,dict) else {a:b for a,b in v.items() if a!='start_timeline'}) for k,v in d.items()},indent=0))" | head -80

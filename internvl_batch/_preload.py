@@ -1,0 +1,9 @@
+"""Imported by procstart's fork server, once, before it forks vLLM engine cores: the imports
+each spawned engine core would otherwise repeat. A failure here only costs that saving (the
+engine core then imports what it needs itself), so it must not stop the server."""
+try:
+    import torch  # noqa: F401
+    import vllm  # noqa: F401
+    import vllm.v1.engine.core  # noqa: F401
+except BaseException:  # noqa: BLE001 - any error: the fork server must keep running
+    pass

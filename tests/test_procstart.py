@@ -1,0 +1,52 @@
+"""procstart: engine cores forked from a fork server get their parent's environment and
+fds 1/2 as of the fork, not the server's (fast: a server without preload, no vLLM)."""
+from __future__ import annotations
+
+import os
+import sys
+from multiprocessing import forkserver
+
+import pytest
+
+from internvl_batch import procstart
+from internvl_batch.config import ConfigError
+
+
+def _child(path):
+    print(f"env={os.environ.get('IVB_PROCSTART_T')}", flush=True)
+    print("err", file=sys.stderr, flush=True)
+    with open(path, "w") as f:
+        f.write(os.environ.get("IVB_PROCSTART_T", "unset"))
+
+
+def test_mode_from_the_environment(monkeypatch):
+    monkeypatch.delenv(procstart.ENV, raising=False)
+    assert procstart.wanted() is False
+    monkeypatch.setenv(procstart.ENV, "forkserver")
+    assert procstart.wanted() is True
+    monkeypatch.setenv(procstart.ENV, "fork")
+    with pytest.raises(ConfigError, match="spawn or forkserver"):
+        procstart.wanted()
+
+
+def test_forked_child_gets_the_env_and_fds_of_the_moment(tmp_path, monkeypatch):
+    forkserver.ensure_running()  # this test process's server: started before the changes
+    monkeypatch.setenv("IVB_PROCSTART_T", "set after the server started")
+    out, err, seen = tmp_path / "out", tmp_path / "err", tmp_path / "seen"
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(out, "w") as fo, open(err, "w") as fe:
+            os.dup2(fo.fileno(), 1)
+            os.dup2(fe.fileno(), 2)
+            p = procstart._Context().Process(target=_child, args=(str(seen),))
+            p.start()
+            p.join(30)
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+    assert p.exitcode == 0
+    assert seen.read_text() == "set after the server started"
+    assert out.read_text() == "env=set after the server started\n"
+    assert err.read_text() == "err\n"
