@@ -334,9 +334,9 @@ class Engine(Engines):
     def start(self) -> "Engine":
         self.started_at = time.time()
         os.environ.update(self.cache_env)  # before vllm import: it reads these lazily
-        # spawn, not fork: a forked engine core dies if anything here touched CUDA first,
-        # and four forked from replicas hung at their first step on an H200 (vLLM 0.26).
-        # procstart's fork server, opt-in, forks it from a clean process instead
+        # not fork: a forked engine core dies if anything here touched CUDA first, and four
+        # forked from replicas hung at their first step on an H200 (vLLM 0.26). procstart's
+        # fork server forks it from a clean process; spawn where that is turned off
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         if self.spec.encoder_cudagraphs:

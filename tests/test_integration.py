@@ -422,12 +422,12 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     """`--replicas 2`: two real engine processes, batches dispatched and written back in
     order; captions (greedy) and error rows identical to the single in-process engine. The
     pool serves two runs in a row (as in `bench`), so its pipes must stay in step. The
-    replicas fork their engine cores from a fork server (procstart.py), the session engine
-    spawns its own: the rows must not tell them apart."""
+    session engine forks its engine core from a fork server (procstart.py, the default), the
+    replicas spawn theirs (vLLM's way): the rows must not tell them apart."""
     from internvl_batch import procstart
     from internvl_batch.replicas import ReplicaPool
 
-    monkeypatch.setenv(procstart.ENV, "forkserver")  # read by the replica processes
+    monkeypatch.setenv(procstart.ENV, "spawn")  # read by the replica processes
 
     images, ann = coco_bad
     one = tmp_path / "one"
@@ -456,8 +456,8 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     print(f"2-replica pool closed in {close_s:.2f} s")
     # each replica's start, as phases read from vLLM's lines and ours
     assert [t["engine"] for t in timelines] == ["replica 0", "replica 1"]
-    assert [t["engine_start"] for t in timelines] == ["forkserver"] * 2
-    assert engine[0].start_timeline()["engine_start"] == "spawn"
+    assert [t["engine_start"] for t in timelines] == ["spawn"] * 2
+    assert engine[0].start_timeline()["engine_start"] == "forkserver"
     for t in timelines:
         phases = {p["phase"]: p for p in t["phases"]}
         assert 0 < phases["init engine"]["s"] < phases["LLM() returned"]["s"] <= t["ready_s"]

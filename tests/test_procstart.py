@@ -21,6 +21,8 @@ def _child(path):
 
 def test_mode_from_the_environment(monkeypatch):
     monkeypatch.delenv(procstart.ENV, raising=False)
+    assert procstart.wanted() is True  # the default
+    monkeypatch.setenv(procstart.ENV, "spawn")
     assert procstart.wanted() is False
     monkeypatch.setenv(procstart.ENV, "forkserver")
     assert procstart.wanted() is True

@@ -12,11 +12,18 @@ $IVB data coco-synth --sizes 448 --n "$NCOLD" --out /tmp/d448 >/dev/null
 $IVB model synth --preset internvl3-1b --out /tmp/models/internvl3-1b >/dev/null
 ANN=/tmp/d448/annotations/captions_synth.json
 now() { date +%s.%N; }
-t0=$(now)
-[ -n "${SKIP_PLAIN:-}" ] || python3 -m internvl_batch.bench.plain --model /tmp/models/internvl3-1b --images /tmp/d448/images \
-  --limit "$N" --max-dynamic-patch 1 --max-tokens 32 > "$OUT/plain.log" 2>&1
-t1=$(now); echo "plain $(grep -E '^(engine start|[0-9]+ images)' "$OUT/plain.log" | tr '\n' ' ') wall $(python3 -c "print($t1 - $t0)")"
-echo "{\"plain_wall_s\": $(python3 -c "print($t1 - $t0)")}" > "$OUT/walls.json"
+echo "{}" > "$OUT/walls.json"
+# PLAIN_RUNS=2: the plain script twice; the second start finds vLLM's own compile cache
+# (~/.cache/vllm) that the first one wrote, as a second job on the same node would
+for i in $(seq "${PLAIN_RUNS:-1}"); do
+  [ -n "${SKIP_PLAIN:-}" ] && break
+  log="$OUT/plain.log"; key=plain_wall_s; [ "$i" -gt 1 ] && { log="$OUT/plain-$i.log"; key=plain_${i}_wall_s; }
+  t0=$(now)
+  python3 -m internvl_batch.bench.plain --model /tmp/models/internvl3-1b --images /tmp/d448/images \
+    --limit "$N" --max-dynamic-patch 1 --max-tokens 32 > "$log" 2>&1
+  t1=$(now); echo "plain #$i $(grep -E '^(engine start|[0-9]+ images)' "$log" | tr '\n' ' ') wall $(python3 -c "print($t1 - $t0)")"
+  python3 -c "import json; w=json.load(open('$OUT/walls.json')); w['$key']=$t1-$t0; json.dump(w, open('$OUT/walls.json','w'))"
+done
 # PHASES: cold (on an emptied cache) and warm, each with the engine-core
 # start that INTERNVL_BATCH_ENGINE_START says (procstart.py); a phase ending in -spawn or
 # -fs sets it to spawn or forkserver; one ending in -<digits> captions that many images.
