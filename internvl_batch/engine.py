@@ -352,8 +352,8 @@ class Engine(Engines):
                 procstart.start_server()
             from vllm import LLM
 
-            if forkserver:
-                procstart.use_for_vllm()
+            if forkserver and not procstart.use_for_vllm():
+                self.engine_start = "spawn"
             self.timings.vllm_import_s = time.perf_counter() - t0
             os.environ.update(self.gate)  # read by the engine core we spawn, not by us
             try:

@@ -76,11 +76,18 @@ class _Context(context.ForkServerContext):
     Process = EnvProcess
 
 
-def use_for_vllm() -> None:
-    """Make vLLM start its engine cores from our fork server (call after importing vllm).
-    vLLM 0.26 and 0.32 take the context from `get_mp_context()`, imported by name into
-    `vllm.v1.engine.utils`."""
-    import vllm.v1.engine.utils as engine_utils
+def use_for_vllm() -> bool:
+    """Make vLLM start its engine cores from our fork server (call after importing vllm);
+    False where this vLLM does not start them the way 0.26 and 0.32 do (the context from
+    `get_mp_context()`, imported by name into `vllm.v1.engine.utils`): it spawns them."""
+    import importlib
 
+    try:
+        engine_utils = importlib.import_module("vllm.v1.engine.utils")
+    except ImportError:
+        return False
+    if not callable(getattr(engine_utils, "get_mp_context", None)):
+        return False
     ctx = _Context()
     engine_utils.get_mp_context = lambda: ctx
+    return True

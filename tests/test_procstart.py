@@ -52,3 +52,16 @@ def test_forked_child_gets_the_env_and_fds_of_the_moment(tmp_path, monkeypatch):
     assert seen.read_text() == "set after the server started"
     assert out.read_text() == "env=set after the server started\n"
     assert err.read_text() == "err\n"
+
+
+def test_a_vllm_without_the_hook_keeps_spawning(monkeypatch):
+    """Where vLLM's module or its get_mp_context is missing, nothing is patched: vLLM
+    spawns its engine core, and the engine says so (`engine_start`)."""
+    import types
+
+    fake = types.ModuleType("vllm.v1.engine.utils")
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.utils", fake)
+    assert procstart.use_for_vllm() is False
+    fake.get_mp_context = lambda: "vllm's own"
+    assert procstart.use_for_vllm() is True
+    assert isinstance(fake.get_mp_context(), procstart._Context)
