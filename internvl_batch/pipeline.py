@@ -264,6 +264,8 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
     finally:
         stream.close()  # batches still at replicas are dropped: a rerun captions them
         progress.close()
+        if st.rows:  # every process still up: decode workers, replicas, engine cores
+            st.host_rss.append(stats_mod.host_memory(st.images, end=True))
         _stop_pool(pool)
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
         # a replica pool serves from its first ready replica; the others joined (or not)
@@ -343,6 +345,7 @@ def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.Ru
     """Write each batch's rows as it comes back; Stop on the error-rate rule or a signal."""
     t0 = time.perf_counter()  # waiting on decode or on engines counts as generation
     st.generate_started_at = time.time()
+    rss_at = list(stats_mod.RSS_AT)
     for batch, results in stream:
         results = iter(results)
         rows = []
@@ -354,6 +357,9 @@ def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.Ru
                        image_tokens=res.image_tokens if res else 0,
                        output_tokens=res.output_tokens if res else 0)
         writer.write(rows)
+        if rss_at and st.images >= rss_at[0]:  # a few ms, at 1k, 10k and 100k images
+            st.host_rss.append(stats_mod.host_memory(st.images))
+            rss_at = [n for n in rss_at if n > st.images]
         st.generate_s += time.perf_counter() - t0
         st.last_batch_at = time.time()
         st.first_batch_at = st.first_batch_at or st.last_batch_at

@@ -10,6 +10,7 @@ after any number of resumes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import sys
@@ -26,7 +27,7 @@ KEYS = (
     "peak_rss_gb", "gpu_name", "gpu_peak_mem_gb",
     "cache_hit", "cache_key",
     "time_to_first_row_s", "shutdown_s", "wall_s", "gpu_hours", "images_per_gpu_hour",
-    "error_kinds",
+    "error_kinds", "host_rss",
 )
 COUNT_KEYS = ("rows", "images", "requests", "errors", "input_tokens", "image_tokens",
               "output_tokens")
@@ -66,6 +67,8 @@ class RunStats:
     closed_at: float | None = None
     error_kinds: dict = field(default_factory=dict)  # "missing file" -> 10
     start_timeline: dict | None = None  # pipeline.start_timeline: where the start went
+    # host_memory() of every process of the run, at RSS_AT images and at the end
+    host_rss: list = field(default_factory=list)
 
     def add_row(self, *, error: str | None, prompt_tokens: int = 0, image_tokens: int = 0,
                 output_tokens: int = 0, answered: bool = False):
@@ -172,6 +175,91 @@ def peak_rss_gb() -> float:
     return round(kb / 2**20 if sys.platform != "darwin" else kb / 2**30, 3)
 
 
+# images written at which `run` samples host_memory(): does host memory grow with the run?
+RSS_AT = (1_000, 10_000, 100_000)
+
+
+def host_memory(images: int, end: bool = False, root: int | None = None) -> dict:
+    """Resident memory of this process and of every process below it (decode workers,
+    replicas, fork servers, vLLM's engine cores), read from Linux's /proc at a moment of the
+    run. Per process RSS and PSS; the total is PSS, which splits pages shared between
+    processes (a forked engine core shares its imports with its fork server) instead of
+    counting them once per process as an RSS sum would."""
+    root = os.getpid() if root is None else root
+    procs = []
+    for pid in _process_tree(root):
+        rss, pss = _rss_pss_gb(pid)
+        if rss is not None:
+            procs.append({"role": _role(pid, root), "pid": pid, "rss_gb": rss, "pss_gb": pss})
+    pss = [p["pss_gb"] for p in procs if p["pss_gb"] is not None]
+    return {"images": images, "end": end, "processes": len(procs),
+            "total_pss_gb": round(sum(pss), 3) if pss else None,
+            "total_rss_gb": round(sum(p["rss_gb"] for p in procs), 3),
+            "by_process": sorted(procs, key=lambda p: (p["role"], p["pid"]))}
+
+
+def _process_tree(root: int) -> list[int]:
+    parent_of = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+                    parent_of[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(c for c, p in parent_of.items() if p == pid)
+    return tree
+
+
+def _rss_pss_gb(pid: int) -> tuple[float | None, float | None]:
+    """(RSS, PSS) in GB; PSS is None where smaps_rollup is missing (Linux < 4.14)."""
+    gb = 2**20  # the files count kB
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        return None, None  # gone meanwhile
+    if rss is None:  # a zombie
+        return None, None
+    pss = None
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            pss = next((int(line.split()[1]) for line in f if line.startswith("Pss:")), None)
+    except OSError:
+        pass
+    return round(rss / gb, 3), (round(pss / gb, 3) if pss is not None else None)
+
+
+def _role(pid: int, root: int) -> str:
+    if pid == root:
+        return "main"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return "?"
+    if "EngineCore" in cmd or "EngineCore" in comm:  # vLLM names its processes so
+        return "vLLM engine core"
+    if "VLLM::Worker" in cmd:  # a worker process of vLLM's multiprocess executor
+        return "vLLM worker"
+    if "multiprocessing.forkserver" in cmd:
+        return "fork server"
+    if "resource_tracker" in cmd:
+        return "resource tracker"
+    if "internvl_batch" in cmd and " replica " in f" {cmd} ":
+        return "replica"
+    if "multiprocessing.spawn" in cmd:
+        return "decode worker"
+    return comm or "?"
+
+
 def _rate(n: float, s: float) -> float:
     return round(n / s, 3) if s > 0 else 0.0
 
@@ -221,6 +309,7 @@ def summarize(runs: list[dict]) -> dict:
     for r in runs:
         kinds.update(r.get("error_kinds") or {})
     out["error_kinds"] = dict(kinds)
+    out["host_rss"] = [m for r in runs for m in (r.get("host_rss") or [])]
     return out
 
 
@@ -291,6 +380,22 @@ def write(path, summary: dict, runs: list[dict], extra: dict | None = None):
     os.replace(tmp, path)
 
 
+def _memory_line(samples: list[dict]) -> str:
+    """'1.91 GB PSS at 1,000 images, 1.93 GB at 10,000, 1.93 GB at the end (9 processes)'."""
+    parts = []
+    samples = samples[-4:]  # a resumed shard or a merge holds several runs' samples
+    for m in samples:
+        gb = m.get("total_pss_gb")
+        gb = m.get("total_rss_gb") if gb is None else gb
+        at = "the end" if m.get("end") else f"{m.get('images', 0):,} images"
+        parts.append(f"{gb:.2f} GB at {at}")
+    if not parts:
+        return "-"
+    first_pss = samples[0].get("total_pss_gb") is not None
+    return (parts[0].replace(" GB", " GB PSS" if first_pss else " GB RSS", 1) + "".join(
+        f", {p}" for p in parts[1:]) + f" ({samples[-1].get('processes')} processes)")
+
+
 def table(summary: dict, title: str = "internvl-batch") -> str:
     """The end-of-run summary a person reads."""
     def f(v, unit=""):
@@ -315,6 +420,7 @@ def table(summary: dict, title: str = "internvl-batch") -> str:
          f"{f(summary['init_s'])} / {f(summary['warmup_s'])} / {f(summary['generate_s'])} / "
          f"{f(summary['total_s'])}"),
         ("peak host RSS", f(summary["peak_rss_gb"], " GB")),
+        ("host memory, all processes", _memory_line(summary.get("host_rss") or [])),
         ("device", f(summary["gpu_name"])), ("peak GPU memory", f(summary["gpu_peak_mem_gb"], " GB")),
         ("compile cache", "-" if summary["cache_hit"] is None else
          ("hit" if summary["cache_hit"] else "miss") + f" ({summary['cache_key']})"),

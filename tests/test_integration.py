@@ -75,6 +75,17 @@ def test_coco_with_bad_images(engine, engine_spec, coco_bad, tmp_path):
     assert st["total_tokens"] == st["input_tokens"] + st["output_tokens"]
     assert st["images_per_s"] == pytest.approx(st["images"] / st["generate_s"], rel=1e-2)
     assert st["generate_s"] < st["total_s"]
+    # host memory at the end, every process of the run: this (test) process, the decode
+    # workers, and vLLM's engine core below the fork server
+    end = st["host_rss"][-1]
+    assert end["end"] and end["images"] == len(good)
+    by_role = {}
+    for p in end["by_process"]:
+        by_role.setdefault(p["role"], []).append(p)
+    assert {"main", "decode worker", "vLLM engine core", "fork server"} <= set(by_role), by_role
+    assert len(by_role["decode worker"]) == 2  # --workers 2
+    assert by_role["vLLM engine core"][0]["pss_gb"] > 0.1  # it holds the model and KV cache
+    print(f"host memory at the end: {end['total_pss_gb']} GB PSS, {end['total_rss_gb']} GB RSS")
     md = pq.read_schema(out / "part-00000-of-00001.parquet").metadata
     meta = json.loads(md[b"internvl_batch"])
     assert meta["versions"]["vllm"] and meta["model_config_hash"] and meta["cache_key"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -212,7 +213,8 @@ def test_table_labels():
     assert lines[0] == "my title" and set(lines[1]) == {"-"}
     labels = ["images captioned", "error rows", "input / output tokens", "images/s",
               "images per GPU-hour", "requests/s", "output tok/s", "total tok/s", "load / compile / cudagraph s",
-              "init / warm-up / generate / total s", "peak host RSS", "device",
+              "init / warm-up / generate / total s", "peak host RSS",
+              "host memory, all processes", "device",
               "peak GPU memory", "compile cache", "first row after / shutdown s"]
     assert [ln.split("  ")[0].strip() for ln in lines[2:]] == labels
     assert "input / output tokens" in text and "3,900 / 250" in text
@@ -613,3 +615,52 @@ def test_rerun_removes_final_temp_of_a_killed_writer(tmp_path, fake_engine):
     assert pipeline.run(_run_cfg(tmp_path, out), log=lambda m: None) == 0
     assert w.is_complete()
     assert not stale.exists()
+
+
+def test_host_memory_counts_every_process_below_the_run():
+    """host_memory walks the process tree (children and theirs), names what it knows, and
+    sums PSS: a grandchild holding 64 MB shows up under a child named as a replica."""
+    import subprocess
+    import sys
+
+    grandchild = "import time; b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(60)"
+    child = ("import subprocess, sys, time; "
+             f"p = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", child, "internvl_batch", "replica"])
+    try:
+        deadline = time.time() + 20
+        while True:
+            m = stats_mod.host_memory(1000)
+            big = [p for p in m["by_process"]
+                   if p["rss_gb"] >= 0.06 and p["pid"] not in (os.getpid(), proc.pid)]
+            if big or time.time() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in stats_mod._process_tree(proc.pid)[::-1]:
+            os.kill(p, 9)
+        proc.wait()
+    roles = {p["role"] for p in m["by_process"]}
+    assert {"main", "replica"} <= roles and m["processes"] >= 3
+    assert len(big) == 1
+    assert m["images"] == 1000 and m["end"] is False
+    assert m["total_pss_gb"] >= big[0]["pss_gb"] >= 0.06
+    assert m["total_rss_gb"] >= m["total_pss_gb"]
+
+
+def test_pipeline_samples_host_memory(tmp_path, fake_engine, monkeypatch):
+    """At RSS_AT images (here 3) and at the end, into the run's stats and the summary."""
+    from internvl_batch import pipeline
+
+    monkeypatch.setattr(stats_mod, "RSS_AT", (3, 4))
+    out, shown = tmp_path / "out", []
+    term = pipeline.Terminal(info=lambda m: None, summary=lambda doc, table: shown.append(table))
+    assert pipeline.run(_run_cfg(tmp_path, out), term=term) == 0
+    st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
+    # batches of 2: 3 and 4 are crossed by the same batch (4 images), sampled once
+    assert [(m["images"], m["end"]) for m in st["runs"][-1]["host_rss"]] == [(4, False), (5, True)]
+    assert st["host_rss"] == st["runs"][-1]["host_rss"]
+    assert all(m["by_process"][0]["role"] == "main" and m["total_rss_gb"] > 0
+               for m in st["host_rss"])
+    line = next(l for l in shown[0].splitlines() if l.startswith("host memory, all processes"))
+    assert " at 4 images, " in line and " at the end (" in line and "processes)" in line
