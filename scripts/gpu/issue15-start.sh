@@ -54,7 +54,7 @@ if st:
     d = json.load(open(st[0]))
     keep = ("images", "errors", "images_per_s", "init_s", "generate_s", "total_s", "cache_hit",
             "time_to_first_row_s", "shutdown_s", "images_per_gpu_hour", "start_timeline",
-            "gpu_name", "replicas")
+            "gpu_name", "replicas", "host_rss")
     w[f"run_{phase}_stats"] = {k: d.get(k) for k in keep}
     r = d.get("runs", [{}])[-1]
     w[f"run_{phase}_stats"]["last_run"] = {k: r.get(k) for k in r if not isinstance(r.get(k), (list, dict))}
