@@ -265,7 +265,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         stream.close()  # batches still at replicas are dropped: a rerun captions them
         progress.close()
         if st.rows:  # every process still up: decode workers, replicas, engine cores
-            st.host_rss.append(stats_mod.host_memory(st.images, end=True))
+            _sample_memory(st, end=True)
         _stop_pool(pool)
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
         # a replica pool serves from its first ready replica; the others joined (or not)
@@ -358,7 +358,7 @@ def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.Ru
                        output_tokens=res.output_tokens if res else 0)
         writer.write(rows)
         if rss_at and st.images >= rss_at[0]:  # a few ms, at 1k, 10k and 100k images
-            st.host_rss.append(stats_mod.host_memory(st.images))
+            _sample_memory(st)
             rss_at = [n for n in rss_at if n > st.images]
         st.generate_s += time.perf_counter() - t0
         st.last_batch_at = time.time()
@@ -367,6 +367,14 @@ def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.Ru
         t0 = time.perf_counter()
         progress.update(len(rows), err=st.errors)
         _check_stop(cfg, st, writer, sig)
+
+
+def _sample_memory(st: stats_mod.RunStats, end: bool = False) -> None:
+    """A statistic only: it must never stop a run (nor hide the error that ends one)."""
+    try:
+        st.host_rss.append(stats_mod.host_memory(st.images, end=end))
+    except Exception:
+        pass
 
 
 def _check_stop(cfg: RunConfig, st: stats_mod.RunStats, writer: ShardWriter,

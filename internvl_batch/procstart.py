@@ -1,8 +1,8 @@
 """How vLLM's engine-core process starts: spawned, or forked from a fork server.
 
 vLLM starts its engine core in a new process. Spawned (a fresh interpreter), that process
-imports torch and vLLM again after `LLM()` asks for it: 22-26 s per replica on an H200 with
-four replicas starting at once (results/h200/issue15/). Forked straight from an engine's
+imports torch and vLLM again after `LLM()` asks for it: 17.7-27 s per replica on an H200
+with four replicas starting at once (results/h200/issue15-forkserver/). Forked straight from an engine's
 process it would skip them, but that process has threads and may have touched CUDA; tried
 on the H200, four forked engine cores hung at their first step.
 
@@ -18,8 +18,8 @@ Two things a fork from the server would get wrong, and `EnvProcess` carries over
 Variables that a preloaded module reads once at import (HF_HOME in huggingface_hub) must be
 set before `start_server`.
 
-Measured on an H200 (results/h200/issue15/, four replicas, InternVL3-1B shapes): the engine
-core was up 1.9-4.2 s after vLLM resolved the config instead of 17.7-27 s spawned; warm, the
+Measured on an H200 (results/h200/issue15-forkserver/, four replicas, InternVL3-1B shapes):
+the engine core was up 1.9-4.2 s after vLLM resolved the config instead of 17.7-27 s spawned; warm, the
 first row came after 46.6 s instead of 61.5 s in the same call, cold after 128.5 s instead of
 163.7 s. So it is the default; `INTERNVL_BATCH_ENGINE_START=spawn` goes back to vLLM's way.
 """

@@ -381,7 +381,7 @@ def write(path, summary: dict, runs: list[dict], extra: dict | None = None):
 
 
 def _memory_line(samples: list[dict]) -> str:
-    """'1.91 GB PSS at 1,000 images, 1.93 GB at 10,000, 1.93 GB at the end (9 processes)'."""
+    """'A GB PSS at 1,000 images, B GB at 10,000 images, C GB at the end (N processes)'."""
     parts = []
     samples = samples[-4:]  # a resumed shard or a merge holds several runs' samples
     for m in samples:
