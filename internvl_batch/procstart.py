@@ -2,9 +2,9 @@
 
 vLLM starts its engine core in a new process. Spawned (a fresh interpreter), that process
 imports torch and vLLM again after `LLM()` asks for it: 17.7-27 s per replica on an H200
-with four replicas starting at once (results/h200/issue15-forkserver/). Forked straight from an engine's
-process it would skip them, but that process has threads and may have touched CUDA; tried
-on the H200, four forked engine cores hung at their first step.
+with four replicas starting at once (results/h200/issue15-forkserver/). Forked straight
+from an engine's process it would skip them, but that process has threads and may have
+touched CUDA; tried on the H200, four forked engine cores hung at their first step.
 
 The middle way is Python's fork server: a clean, single-threaded process, started before we
 import vLLM, that imports torch and vLLM (`_preload`) while this process does its own work,
