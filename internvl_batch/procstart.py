@@ -19,9 +19,10 @@ Variables that a preloaded module reads once at import (HF_HOME in huggingface_h
 set before `start_server`.
 
 Measured on an H200 (results/h200/issue15-forkserver/, four replicas, InternVL3-1B shapes):
-the engine core was up 1.9-4.2 s after vLLM resolved the config instead of 17.7-27 s spawned; warm, the
-first row came after 46.6 s instead of 61.5 s in the same call, cold after 128.5 s instead of
-163.7 s. So it is the default; `INTERNVL_BATCH_ENGINE_START=spawn` goes back to vLLM's way.
+the engine core was up 1.9-4.2 s after vLLM resolved the config instead of 17.7-27 s
+spawned; warm, the first row came after 46.6 s instead of 61.5 s in the same call, cold
+after 128.5 s instead of 163.7 s. So it is the default; `INTERNVL_BATCH_ENGINE_START=spawn`
+goes back to vLLM's way.
 """
 from __future__ import annotations
 
