@@ -186,11 +186,15 @@ def host_memory(images: int, end: bool = False, root: int | None = None) -> dict
     processes (a forked engine core shares its imports with its fork server) instead of
     counting them once per process as an RSS sum would."""
     root = os.getpid() if root is None else root
-    procs = []
-    for pid in _process_tree(root):
+    procs, roles = [], {}
+    for pid, ppid in _process_tree(root):  # parents before their children
+        roles[pid] = role = _role(pid, root)
+        if role == "fork server" and roles.get(ppid) == "fork server":
+            # a child of our fork server that kept its cmdline (vLLM 0.32 CPU leaves it)
+            roles[pid] = role = "vLLM engine core"
         rss, pss = _rss_pss_gb(pid)
         if rss is not None:
-            procs.append({"role": _role(pid, root), "pid": pid, "rss_gb": rss, "pss_gb": pss})
+            procs.append({"role": role, "pid": pid, "rss_gb": rss, "pss_gb": pss})
     pss = [p["pss_gb"] for p in procs if p["pss_gb"] is not None]
     return {"images": images, "end": end, "processes": len(procs),
             "total_pss_gb": round(sum(pss), 3) if pss else None,
@@ -198,7 +202,8 @@ def host_memory(images: int, end: bool = False, root: int | None = None) -> dict
             "by_process": sorted(procs, key=lambda p: (p["role"], p["pid"]))}
 
 
-def _process_tree(root: int) -> list[int]:
+def _process_tree(root: int) -> list[tuple[int, int]]:
+    """(pid, parent pid) of `root` and all below it, each parent before its children."""
     parent_of = {}
     for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if d.isdigit():
@@ -211,7 +216,7 @@ def _process_tree(root: int) -> list[int]:
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
-        tree.append(pid)
+        tree.append((pid, parent_of.get(pid, 0)))
         todo.extend(c for c, p in parent_of.items() if p == pid)
     return tree
 

@@ -84,7 +84,9 @@ def test_coco_with_bad_images(engine, engine_spec, coco_bad, tmp_path):
         by_role.setdefault(p["role"], []).append(p)
     assert {"main", "decode worker", "vLLM engine core", "fork server"} <= set(by_role), by_role
     assert len(by_role["decode worker"]) == 2  # --workers 2
-    assert by_role["vLLM engine core"][0]["pss_gb"] > 0.1  # it holds the model and KV cache
+    # vLLM's processes hold the model and the KV cache (vLLM CPU: in a worker process)
+    vllm_procs = by_role["vLLM engine core"] + by_role.get("vLLM worker", [])
+    assert sum(p["pss_gb"] for p in vllm_procs) > 0.5, vllm_procs
     print(f"host memory at the end: {end['total_pss_gb']} GB PSS, {end['total_rss_gb']} GB RSS")
     md = pq.read_schema(out / "part-00000-of-00001.parquet").metadata
     meta = json.loads(md[b"internvl_batch"])
