@@ -225,8 +225,11 @@ def test_llm_kwargs_cpu_synth(synth_dir):
         "dtype": "auto", "max_model_len": 8192, "limit_mm_per_prompt": {"image": 1},
         "load_format": "dummy", "gpu_memory_utilization": 0.2, "enforce_eager": False,
         "worker_extension_cls": "internvl_batch.hooks.EncoderControl",
+        "mm_processor_cache_gb": 0.0,  # off: a dataset's images never repeat
     }
     assert "compilation_config" not in kw  # CPU: vLLM's own defaults, capture sizes too
+    kw = engine.llm_kwargs(EngineSpec(model=str(synth_dir), mm_cache_gb=None), cuda=False)
+    assert "mm_processor_cache_gb" not in kw  # None: vLLM's default
     kw = engine.llm_kwargs(EngineSpec(model=str(synth_dir), max_num_seqs=8), cuda=False)
     assert "compilation_config" not in kw
 

@@ -101,8 +101,9 @@ ENGINE_OPTIONS = [
     click.option("--encoder-cudagraphs", is_flag=True,
                  help="GPU: CUDA graphs for the vision encoder (vLLM cudagraph_mm_encoder, "
                       "on vLLM's V1 model runner)."),
-    click.option("--mm-cache-gb", type=float, default=None,
-                 help="vLLM multimodal processor cache size (0: off)."),
+    click.option("--mm-cache-gb", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                 help="vLLM's multimodal processor cache per engine, GiB; off by default, as "
+                      "every image of a dataset is new (it only helps with repeated images)."),
     click.option("--kv-cache-gb", type=float, default=None,
                  help="Fixed KV cache per engine instead of profiling free memory "
                       "(GPU; default 4 with --replicas > 1)."),
