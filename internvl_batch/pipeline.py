@@ -19,7 +19,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from . import __version__, fingerprint, prompts, stats as stats_mod
+from . import __version__, fingerprint, procstart, prompts, stats as stats_mod
 from .config import EngineSpec, RunConfig
 from .engine import EngineDead, Engines
 from .images import Decoded, make_pool, prefetch, start_workers
@@ -161,6 +161,8 @@ def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None,
         from .engine import check_device, has_cuda  # (torch: only when it is needed anyway)
 
         check_device(cfg.engine, cuda=has_cuda())
+    if started is None:  # a bad INTERNVL_BATCH_ENGINE_START: one line, not a replica's death
+        procstart.wanted()
     if writer.is_complete() and not cfg.overwrite:
         return _complete(cfg, writer, term)
     # raises SourceError before any model is loaded

@@ -38,7 +38,7 @@ def wanted() -> bool:
     if mode not in ("spawn", "forkserver"):
         from .config import ConfigError
 
-        raise ConfigError(f"{ENV}={mode!r}: use spawn or forkserver")
+        raise ConfigError(f"{ENV}={mode!r}: set it to spawn or forkserver, or unset it")
     return mode == "forkserver"
 
 

@@ -27,7 +27,7 @@ def test_mode_from_the_environment(monkeypatch):
     monkeypatch.setenv(procstart.ENV, "forkserver")
     assert procstart.wanted() is True
     monkeypatch.setenv(procstart.ENV, "fork")
-    with pytest.raises(ConfigError, match="spawn or forkserver"):
+    with pytest.raises(ConfigError, match="spawn or forkserver, or unset it"):
         procstart.wanted()
 
 
@@ -65,3 +65,19 @@ def test_a_vllm_without_the_hook_keeps_spawning(monkeypatch):
     fake.get_mp_context = lambda: "vllm's own"
     assert procstart.use_for_vllm() is True
     assert isinstance(fake.get_mp_context(), procstart._Context)
+
+
+def test_a_bad_mode_is_one_line_before_any_engine(tmp_path, monkeypatch):
+    """Read by every replica process; checked once in `run` first, so a typo is a user
+    error (exit 2, one line, nothing written), not N replicas dying while they start."""
+    from click.testing import CliRunner
+
+    from internvl_batch.cli import cli
+
+    monkeypatch.setenv(procstart.ENV, "fork")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["run", "--dataset", "sample", "--replicas", "2", "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.output.splitlines() == [
+        f"Error: {procstart.ENV}='fork': set it to spawn or forkserver, or unset it"]
+    assert not out.exists()
