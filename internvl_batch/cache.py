@@ -94,6 +94,11 @@ def model_config_hash(model: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def hf_home(root: Path) -> str:
+    """The Hugging Face home an engine gets where HF_HOME is unset: inside the cache root."""
+    return str(Path(root) / "hf")
+
+
 def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")[:24]
 
@@ -157,7 +162,7 @@ class Entry:
         env = {"VLLM_CACHE_ROOT": str(p / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(p / "inductor"),
                "TRITON_CACHE_DIR": str(self.root / "shared" / "triton")}
         if "HF_HOME" not in os.environ:
-            env["HF_HOME"] = str(self.root / "hf")
+            env["HF_HOME"] = hf_home(self.root)
         return env
 
     def link_shared(self) -> None:

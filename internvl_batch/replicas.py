@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import procstart
-from .cache import CompileCache, Entry, EntryPoisoned
+from .cache import CompileCache, Entry, EntryPoisoned, hf_home
 from .children import Child, recv_frame, reply_file, send_frame
 from .config import EngineSpec, SamplingSpec
 from .engine import EngineDead, Engines, InitTimings
@@ -414,7 +414,7 @@ def main(config_path: str) -> int:
     if procstart.wanted():
         # first thing: the server's imports then overlap ours. HF_HOME is read once at
         # import, so the server must see the value that cache.Entry.env would set
-        os.environ.setdefault("HF_HOME", str(CompileCache(cfg["cache_dir"]).root / "hf"))
+        os.environ.setdefault("HF_HOME", hf_home(CompileCache(cfg["cache_dir"]).root))
         procstart.start_server()
     reply = reply_file(cfg, "wb")
     spec = EngineSpec(**cfg["spec"])

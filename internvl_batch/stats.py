@@ -109,11 +109,8 @@ def process_started_at(pid: int | str = "self") -> float | None:
 
     `run` counts its time to the first row from here, so Python's start and the imports
     before the command's body count too."""
-    import os
-
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        ticks = int(_proc_stat(pid)[19])
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
@@ -202,22 +199,28 @@ def host_memory(images: int, end: bool = False, root: int | None = None) -> dict
             "by_process": sorted(procs, key=lambda p: (p["role"], p["pid"]))}
 
 
+def _proc_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after "pid (comm)" (comm may hold spaces and
+    parentheses): [state, ppid, ...]."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _process_tree(root: int) -> list[tuple[int, int]]:
     """(pid, parent pid) of `root` and all below it, each parent before its children."""
-    parent_of = {}
+    parent_of, children = {}, {}
     for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if d.isdigit():
             try:
-                with open(f"/proc/{d}/stat") as f:
-                    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-                    parent_of[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                parent_of[int(d)] = ppid = int(_proc_stat(d)[1])
             except (OSError, IndexError, ValueError):
-                pass
+                continue
+            children.setdefault(ppid, []).append(int(d))
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
         tree.append((pid, parent_of.get(pid, 0)))
-        todo.extend(c for c, p in parent_of.items() if p == pid)
+        todo.extend(children.get(pid, ()))
     return tree
 
 
@@ -380,25 +383,21 @@ def write(path, summary: dict, runs: list[dict], extra: dict | None = None):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=2, default=str)
-    import os
-
     os.replace(tmp, path)
 
 
 def _memory_line(samples: list[dict]) -> str:
     """'A GB PSS at 1,000 images, B GB at 10,000 images, C GB at the end (N processes)'."""
-    parts = []
     samples = samples[-4:]  # a resumed shard or a merge holds several runs' samples
-    for m in samples:
-        gb = m.get("total_pss_gb")
-        gb = m.get("total_rss_gb") if gb is None else gb
-        at = "the end" if m.get("end") else f"{m.get('images', 0):,} images"
-        parts.append(f"{gb:.2f} GB at {at}")
-    if not parts:
+    if not samples:
         return "-"
-    first_pss = samples[0].get("total_pss_gb") is not None
-    return (parts[0].replace(" GB", " GB PSS" if first_pss else " GB RSS", 1) + "".join(
-        f", {p}" for p in parts[1:]) + f" ({samples[-1].get('processes')} processes)")
+    parts = []
+    for i, m in enumerate(samples):
+        pss = m.get("total_pss_gb")
+        gb, kind = (m.get("total_rss_gb"), "RSS") if pss is None else (pss, "PSS")
+        at = "the end" if m.get("end") else f"{m.get('images', 0):,} images"
+        parts.append(f"{gb:.2f} GB {kind} at {at}" if i == 0 else f"{gb:.2f} GB at {at}")
+    return ", ".join(parts) + f" ({samples[-1].get('processes')} processes)"
 
 
 def table(summary: dict, title: str = "internvl-batch") -> str:
