@@ -94,6 +94,18 @@ def model_config_hash(model: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def restart_healed(args: list[str]):
+    """Re-execute `python -m internvl_batch ARGS` in this process (same pid and fds): this
+    process holds a dead engine and torch.compile state. The cache has moved the poisoned
+    entry aside; the new process rebuilds it, and HEALED_ENV stops a second restart."""
+    import sys
+
+    os.environ[HEALED_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "internvl_batch", *args])
+
+
 def hf_home(root: Path) -> str:
     """The Hugging Face home an engine gets where HF_HOME is unset: inside the cache root."""
     return str(Path(root) / "hf")

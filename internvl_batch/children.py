@@ -4,6 +4,7 @@ One helper for every place that starts a worker (engine replicas, benchmark vari
 command line, a process group of its own (so vLLM's engine-core processes stop with the
 worker), stdin as the command pipe, a second pipe for replies whose write end the child finds
 in its JSON config as `reply_fd`, and stopping: wait, then kill the whole group.
+`ForkedChild` is the same worker forked from procstart's fork server instead (replicas).
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 
 # Pickles are self-delimiting, so they go straight onto the pipe: a batch is a header and
@@ -131,6 +134,76 @@ class Child:
         except (OSError, AttributeError):
             return ""
         return "\n".join(lines[-n:])
+
+
+class _Forked:
+    """The `Popen` calls that Child's users make (`stdin`, `pid`, `poll`, `wait`,
+    `returncode`) on a process forked by the fork server: its exit status comes from the
+    server over a pipe that one reader may read, hence the lock."""
+
+    def __init__(self, process, stdin):
+        self._p, self.stdin, self.pid = process, stdin, process.pid
+        self._lock = threading.Lock()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def poll(self) -> int | None:
+        with self._lock:
+            return self._p.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        from multiprocessing.connection import wait
+
+        wait([self._p.sentinel], timeout)  # readable once the server has sent the status
+        code = self.poll()
+        if code is None:
+            raise subprocess.TimeoutExpired("forked worker", timeout)
+        return code
+
+
+class ForkedChild(Child):
+    """`target(config_path, fds={"command": fd, "reply": fd})`, forked by procstart's fork
+    server with our environment plus `env`, stdout and stderr on our stderr, in a process
+    group of its own. It finds the server's imports (torch, vLLM) done. The command pipe
+    is its `fds["command"]`, not stdin (multiprocessing points a child's stdin at
+    /dev/null); `reply_fd` in its config is None until the child knows its own fd."""
+
+    def __init__(self, target: Callable, config: dict, config_path: Path, *,
+                 env: dict[str, str] | None = None, name: str | None = None):
+        from . import procstart
+
+        config_path.write_text(json.dumps(dict(config, reply_fd=None), indent=1))
+        cmd_r, cmd_w = os.pipe()
+        r, w = os.pipe()
+        try:
+            process = procstart.EnvProcess(
+                target=target, args=(str(config_path),), name=name,
+                env=dict(env or {}, PYTHONUNBUFFERED="1"), stdio=(2, 2),
+                pass_fds={"command": cmd_r, "reply": w}, own_group=True)
+            process.start()  # waits for the server's imports the first time
+        except BaseException:
+            for fd in (cmd_w, r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(cmd_r)
+            os.close(w)
+        self.log_path, self._log, self._buf = None, None, b""
+        self.reply_fd = r
+        self.proc = _Forked(process, os.fdopen(cmd_w, "wb"))
+
+    def kill_group(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # killed before it made its group
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        except PermissionError:
+            pass
 
 
 def reply_file(config: dict, mode: str = "wb"):

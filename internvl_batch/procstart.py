@@ -23,14 +23,24 @@ the engine core was up 1.9-4.2 s after vLLM resolved the config instead of 17.7-
 spawned; warm, the first row came after 46.6 s instead of 61.5 s in the same call, cold
 after 128.5 s instead of 163.7 s. So it is the default; `INTERNVL_BATCH_ENGINE_START=spawn`
 goes back to vLLM's way.
+
+`run --replicas N` goes one step further: the same server (with `PRELOAD_REPLICA`) forks the
+replica processes themselves, so they start with torch and vLLM imported instead of 13-16 s
+of interpreter start and imports plus 8.2-8.7 s of `from vllm import LLM` each (four at once,
+H200). A replica is attached to its parent's server (`_attach`), so its engine core is forked
+from there too: CPython's forkserver child would otherwise start a server of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from multiprocessing import context, forkserver, reduction
+from multiprocessing import context, forkserver, reduction, resource_tracker
 
 ENV = "INTERNVL_BATCH_ENGINE_START"
-PRELOAD = ["internvl_batch._preload"]
+PRELOAD = ["internvl_batch._preload"]  # what an engine core imports
+PRELOAD_REPLICA = PRELOAD + ["internvl_batch._preload_replica"]  # and what a replica does
+REPLICA_COMM = "ivb-replica"  # a forked replica's name in /proc (stats.host_memory's roles)
+_attached = False  # this process was forked by a server that it now uses itself
 
 
 def wanted() -> bool:
@@ -42,28 +52,93 @@ def wanted() -> bool:
     return mode == "forkserver"
 
 
-def start_server() -> None:
-    """Start the fork server if it is not running. Returns at once: the server imports
-    torch and vLLM in the background, and the first fork waits for it."""
-    forkserver.set_forkserver_preload(PRELOAD)
-    forkserver.ensure_running()
+def start_server(preload: list[str] = PRELOAD, env: dict[str, str] | None = None) -> None:
+    """Start the fork server if it is not running (`preload` and `env`, the variables it
+    imports them with, count only then). Returns at once: the server imports in the
+    background, and the first fork waits for it."""
+    if _attached:
+        return
+    forkserver.set_forkserver_preload(preload)
+    with _environ(env or {}):
+        forkserver.ensure_running()
+
+
+def attached() -> bool:
+    """Whether this process was forked by the fork server (a replica of `run`)."""
+    return _attached
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _attach(server_id) -> None:
+    """In a process the server forked: fork through that server too. CPython's own
+    `ensure_running` would start a new server here (it only knows a server it started), so
+    it is replaced by a check of the resource tracker, which the fork passed on; the server
+    lives while we hold its `alive` fd, which the fork passed on as well."""
+    global _attached
+    server = forkserver._forkserver
+    address, authkey = server_id or (None, None)
+    if not address or server._forkserver_alive_fd is None:
+        return
+    server._forkserver_address = address
+    if authkey is not None:
+        server._forkserver_authkey = authkey
+    server.ensure_running = resource_tracker.ensure_running
+    _attached = True
 
 
 class EnvProcess(context.ForkServerProcess):
-    """A fork-server process that runs with the environment and fds 1/2 that its parent has
-    when it starts it (not those the server had when it started)."""
+    """A fork-server process that runs with the environment (plus `env`) and fds 1/2 (or
+    the fds in `stdio`) that its parent has when it starts it, not those the server had when
+    it started. `pass_fds` {name: fd} reach its target as the keyword `fds` {name: its fd}.
+    It joins its parent's process group, so that killing a replica's group stops its engine
+    core; `own_group`: a group of its own (a replica, which Ctrl-C must not reach)."""
+
+    def __init__(self, *args, env: dict[str, str] | None = None, stdio: tuple = (1, 2),
+                 pass_fds: dict[str, int] | None = None, own_group: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ivb = {"env": env or {}, "stdio": stdio, "pass": pass_fds or {},
+                     "own_group": own_group}
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        # vLLM builds its processes with Process(...) of our context: no __init__ options
+        opts = state.pop("_ivb", None) or {"env": {}, "stdio": (1, 2), "pass": {},
+                                           "own_group": False}
         # DupFd: the fds travel to the server with the request (SCM_RIGHTS)
-        state["_ivb_env"] = dict(os.environ)
-        state["_ivb_fds"] = (reduction.DupFd(1), reduction.DupFd(2))
+        state["_ivb_env"] = dict(os.environ, **opts["env"])
+        state["_ivb_fds"] = tuple(reduction.DupFd(fd) for fd in opts["stdio"])
+        state["_ivb_pass"] = {k: reduction.DupFd(fd) for k, fd in opts["pass"].items()}
+        state["_ivb_pgid"] = 0 if opts["own_group"] else os.getpgrp()
+        server = forkserver._forkserver
+        state["_ivb_server"] = (server._forkserver_address,
+                                getattr(server, "_forkserver_authkey", None))  # 3.14 has one
         return state
 
     def __setstate__(self, state):
         env = state.pop("_ivb_env")
         fds = state.pop("_ivb_fds")
+        passed = state.pop("_ivb_pass", {})
+        pgid = state.pop("_ivb_pgid", None)
+        server = state.pop("_ivb_server", None)
         self.__dict__.update(state)
+        if pgid is not None:
+            try:
+                os.setpgid(0, pgid)
+            except OSError:  # another session (a server started elsewhere): stay put
+                pass
         os.environ.clear()
         os.environ.update(env)
         for target, dup in zip((1, 2), fds):
@@ -71,6 +146,9 @@ class EnvProcess(context.ForkServerProcess):
             if fd != target:
                 os.dup2(fd, target)
                 os.close(fd)
+        if passed:
+            self._kwargs = dict(self._kwargs, fds={k: d.detach() for k, d in passed.items()})
+        _attach(server)
 
 
 class _Context(context.ForkServerContext):

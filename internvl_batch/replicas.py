@@ -6,7 +6,9 @@ that frontend work, not the GPU, sets the rate (measured on H100: ~96 images/s w
 mostly idle; see results/h100/ISSUE6.md). N engines give N frontends and N engine cores that
 time-share the GPU; the parent only decodes (in its pool), dispatches and writes.
 
-Each replica is `python -m internvl_batch replica CONFIG`: it starts its engine through the
+Each replica is forked from procstart's fork server, which has imported torch and vLLM
+(`forked_main`), or with INTERNVL_BATCH_ENGINE_START=spawn is `python -m internvl_batch
+replica CONFIG`; either way it starts its engine through the
 compile cache (so the first replica builds the entry under the cache lock and the others load
 it, and a replica that finds the entry poisoned restarts itself), then answers batches on stdin with
 results on a reply fd, as streamed pickles. Replicas start concurrently; each reserves a
@@ -27,8 +29,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import procstart
-from .cache import CompileCache, Entry, EntryPoisoned, hf_home
-from .children import Child, recv_frame, reply_file, send_frame
+from .cache import CompileCache, Entry, EntryPoisoned, hf_home, restart_healed
+from .children import Child, ForkedChild, recv_frame, reply_file, send_frame
 from .config import EngineSpec, SamplingSpec
 from .engine import EngineDead, Engines, InitTimings
 from .sizing import CPU_FRACTION_SHARED, DEFAULT_KV_CACHE_GB, gpu_memory_fraction, usable_cpus
@@ -91,10 +93,16 @@ class ReplicaPool(Engines):
                  f"gpu_memory_utilization {spec.gpu_memory_utilization}, "
                  f"kv cache {spec.kv_cache_gb or 'profiled'} GiB)")
         self._tmp = tempfile.TemporaryDirectory(prefix="ivb-replicas-")
+        forked = procstart.wanted()
+        if forked:  # its imports run while we go on; the first fork waits for them
+            # HF_HOME is read once at import, so the server gets the replicas' value
+            env = {} if "HF_HOME" in os.environ else {"HF_HOME": hf_home(CompileCache(
+                self.cache_dir).root)}
+            procstart.start_server(procstart.PRELOAD_REPLICA, env)
         # torch's CPU pool defaults to every core in every process; N frontends each spinning
         # that many OpenMP threads for small per-image tensor ops would fight over the host
         threads = max(1, usable_cpus() // (2 * self.n)) if self.cuda else None
-        self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads)
+        self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads, forked)
                       for k in range(self.n)]
         self._waiters = [threading.Thread(target=self._await_ready, args=(r,), daemon=True)
                          for r in self.procs]
@@ -355,18 +363,20 @@ class _Dispatch:
 
 
 class _Replica:
-    """One replica process: batches go out as pickled frames on its stdin, results come
-    back on its reply pipe."""
+    """One replica process: batches go out as pickled frames on its command pipe (stdin
+    when spawned), results come back on its reply pipe."""
 
     def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, tmp: Path,
-                 threads: int | None = None):
+                 threads: int | None = None, forked: bool = False):
         self.k = k
         self.busy_s = 0.0  # time its engine spent in generate, in the current imap
         self.images = 0
         env = {"OMP_NUM_THREADS": str(threads)} \
             if threads and "OMP_NUM_THREADS" not in os.environ else {}
-        self.child = Child(["replica"], {"spec": asdict(spec), "cache_dir": str(cache_dir),
-                                         "index": k}, tmp / f"replica-{k}.json", env=env)
+        config = {"spec": asdict(spec), "cache_dir": str(cache_dir), "index": k}
+        path = tmp / f"replica-{k}.json"
+        self.child = ForkedChild(forked_main, config, path, env=env, name=f"replica-{k}") \
+            if forked else Child(["replica"], config, path, env=env)
         self.replies = os.fdopen(self.child.reply_fd, "rb", closefd=False)
         self._send_lock = threading.Lock()
         # set by ReplicaPool once its start is over: `ready` (its message) or `error`
@@ -406,12 +416,51 @@ class _Replica:
 
 # -- the replica process ----------------------------------------------------------------------
 
+def forked_main(config_path: str, fds: dict[str, int]) -> None:
+    """A replica forked from procstart's fork server (the default): `main`, reading batches
+    from `fds["command"]` and replying on `fds["reply"]`, which go into its config, so that
+    a restart after a poisoned entry (`python -m internvl_batch replica CONFIG`, in this
+    process) finds them. Leaves with os._exit like the command (cli.common.exit_now)."""
+    code = 1
+    try:
+        try:
+            with open("/proc/self/comm", "w") as f:  # else it is named like the server
+                f.write(procstart.REPLICA_COMM)
+        except OSError:
+            pass
+        for fd in fds.values():
+            os.set_inheritable(fd, True)
+        path = Path(config_path)
+        path.write_text(json.dumps(dict(json.loads(path.read_text()),
+                                        command_fd=fds["command"], reply_fd=fds["reply"])))
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if threads:  # torch was imported (by the server) before our environment was set
+            import torch
+
+            torch.set_num_threads(int(threads))
+        try:
+            code = main(config_path)
+        except EntryPoisoned:
+            restart_healed(["replica", config_path])
+    except BaseException:  # noqa: BLE001 - reported like an uncaught error, then exit 1
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(config_path: str) -> int:
-    """One replica: start the engine, then answer (idx, batch) frames until stdin closes."""
+    """One replica: start the engine, then answer (idx, batch) frames until its command
+    pipe (stdin, or `command_fd` in its config) closes."""
     from .engine import _is_engine_death
 
     cfg = json.loads(Path(config_path).read_text())
-    if procstart.wanted():
+    commands = sys.stdin.buffer if cfg.get("command_fd") is None else \
+        os.fdopen(cfg["command_fd"], "rb")
+    if procstart.wanted():  # (a no-op where the server forked us: procstart.attached)
         # first thing: the server's imports then overlap ours. HF_HOME is read once at
         # import, so the server must see the value that cache.Entry.env would set
         os.environ.setdefault("HF_HOME", hf_home(CompileCache(cfg["cache_dir"]).root))
@@ -427,18 +476,20 @@ def main(config_path: str) -> int:
     except BaseException as e:
         send_frame(reply, (-1, {"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}))
         return 1
+    timeline = engine.start_timeline(f"replica {cfg['index']}")
+    timeline["replica_start"] = "forked" if procstart.attached() else "spawned"
     send_frame(reply, (-1, {"ready": True, "timings": engine.timings.as_dict(),
                             "cache_key": entry.key, "cache_hit": entry.hit,
                             "cache_fields": entry.fields, "info": engine.info(),
                             "tokens_per_tile": engine.tokens_per_tile,
-                            "timeline": engine.start_timeline(f"replica {cfg['index']}")}))
+                            "timeline": timeline}))
     # read ahead: the next batch is unpickled while this one generates
     inbox: queue.Queue = queue.Queue(maxsize=2)
 
     def read():
         try:
             while True:
-                inbox.put(recv_frame(sys.stdin.buffer, with_items=True))
+                inbox.put(recv_frame(commands, with_items=True))
         except EOFError:
             inbox.put(None)
 

@@ -18,6 +18,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from .procstart import REPLICA_COMM
+
 # Fixed keys: downstream tooling (merge, bench, dashboards) may rely on every one existing.
 KEYS = (
     "rows", "images", "requests", "errors",
@@ -253,6 +255,8 @@ def _role(pid: int, root: int) -> str:
             comm = f.read().strip()
     except OSError:
         return "?"
+    if comm == REPLICA_COMM:  # forked from the fork server: its cmdline is the server's
+        return "replica"
     if "EngineCore" in cmd or "EngineCore" in comm:  # vLLM names its processes so
         return "vLLM engine core"
     if "VLLM::Worker" in cmd:  # a worker process of vLLM's multiprocess executor

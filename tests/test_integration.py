@@ -435,13 +435,12 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     """`--replicas 2`: two real engine processes, batches dispatched and written back in
     order; captions (greedy) and error rows identical to the single in-process engine. The
     pool serves two runs in a row (as in `bench`), so its pipes must stay in step. The
-    session engine forks its engine core from a fork server (procstart.py, the default), the
-    replicas spawn theirs (vLLM's way): the rows must not tell them apart."""
-    from internvl_batch import procstart
+    default path: the fork server (procstart.py) forks the replica processes and their
+    engine cores."""
+    from internvl_batch import procstart, stats
     from internvl_batch.replicas import ReplicaPool
 
-    monkeypatch.setenv(procstart.ENV, "spawn")  # read by the replica processes
-
+    monkeypatch.delenv(procstart.ENV, raising=False)
     images, ann = coco_bad
     one = tmp_path / "one"
     assert run(_cfg(engine_spec, images, ann, one, batch_size=4), started=engine) == EXIT_OK
@@ -460,6 +459,7 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
             assert [{k: r[k] for k in keys} for r in b] == [{k: r[k] for k in keys} for r in a]
         pool.wait_all()  # the pool serves from its first ready replica: the other may be late
         timelines = pool.start_timelines()
+        roles = [p["role"] for p in stats.host_memory(0)["by_process"]]
     finally:
         t0 = time.perf_counter()
         pool.close()
@@ -469,7 +469,11 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     print(f"2-replica pool closed in {close_s:.2f} s")
     # each replica's start, as phases read from vLLM's lines and ours
     assert [t["engine"] for t in timelines] == ["replica 0", "replica 1"]
-    assert [t["engine_start"] for t in timelines] == ["spawn"] * 2
+    assert [t["engine_start"] for t in timelines] == ["forkserver"] * 2
+    assert [t["replica_start"] for t in timelines] == ["forked"] * 2
+    # named in /proc as replicas, though forked from the server; three engine cores: the
+    # session engine's and the replicas'
+    assert roles.count("replica") == 2 and roles.count("vLLM engine core") == 3, roles
     assert engine[0].start_timeline()["engine_start"] == "forkserver"
     for t in timelines:
         phases = {p["phase"]: p for p in t["phases"]}

@@ -81,3 +81,44 @@ def test_a_bad_mode_is_one_line_before_any_engine(tmp_path, monkeypatch):
     assert res.output.splitlines() == [
         f"Error: {procstart.ENV}='fork': set it to spawn or forkserver, or unset it"]
     assert not out.exists()
+
+
+def _grandchild(path):
+    with open(path, "w") as f:
+        f.write(f"{os.getppid()} {os.getpgrp()} {procstart.attached()}")
+
+
+def _replica_like(path, fds):
+    """Forked by the server; starts a process of its own through our context, as a replica
+    starts vLLM's engine core."""
+    got = os.read(fds["command"], 100).decode()
+    p = procstart._Context().Process(target=_grandchild, args=(path + ".g",))
+    p.start()
+    p.join(30)
+    with open(path, "w") as f:
+        f.write(f"{os.getpid()} {os.getpgrp()} {procstart.attached()} {got} {p.exitcode}")
+
+
+def test_a_forked_child_forks_through_the_same_server(tmp_path):
+    """A replica forked from the server is attached to it: its engine core comes from the
+    same server (CPython's own forkserver would start a second one, importing everything
+    again), and joins the replica's process group, so killing that group stops both."""
+    forkserver.ensure_running()
+    server_pid = forkserver._forkserver._forkserver_pid
+    r, w = os.pipe()
+    path = str(tmp_path / "seen")
+    p = procstart.EnvProcess(target=_replica_like, args=(path,), pass_fds={"command": r},
+                             own_group=True)
+    p.start()
+    os.close(r)
+    os.write(w, b"hello")
+    os.close(w)
+    p.join(60)
+    assert p.exitcode == 0
+    pid, pgid, attached, got, code = open(path).read().split()
+    assert int(pgid) == int(pid) == p.pid and attached == "True"
+    assert (got, code) == ("hello", "0")
+    ppid, gpgid, _ = open(path + ".g").read().split()
+    assert int(ppid) == server_pid  # forked by the same server
+    assert int(gpgid) == p.pid      # in the group of the process that asked for it
+    assert not procstart.attached()  # this process started the server: not attached

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from internvl_batch.config import EngineSpec, SamplingSpec
@@ -76,30 +78,86 @@ def test_cli_replicas_option():
     assert r.exit_code == 2 and "or auto" in r.output
 
 
-def _replicas_running(monkeypatch, tmp_path, n: int, code: str):
-    """`n` real replica processes that run `code` instead of an engine (no vLLM)."""
+ROOT = str(Path(__file__).resolve().parents[1])
+MODES = ["forked", "spawned"]  # from the fork server (the default) or `python -m`
+
+
+def _use_mode(monkeypatch, mode: str, target, **fake):
+    """Replica processes run `target(cfg, commands, reply, **fake)` instead of an engine (no
+    vLLM): forked from the fork server (preloading nothing), or as `python -c`."""
+    import json
     import sys
 
-    from internvl_batch import children
+    from internvl_batch import children, procstart, replicas
+
+    monkeypatch.setenv("IVB_FAKE_REPLICA", json.dumps([target.__name__, fake]))
+    if mode == "forked":
+        monkeypatch.delenv(procstart.ENV, raising=False)
+        monkeypatch.setattr(procstart, "PRELOAD_REPLICA", [])
+        monkeypatch.setattr(replicas, "forked_main", _fake_forked_main)
+    else:
+        monkeypatch.setenv(procstart.ENV, "spawn")
+        code = (f"import sys; sys.path.insert(0, {ROOT!r}); "
+                "from tests.test_replicas_unit import _fake_spawned_main; _fake_spawned_main()")
+        monkeypatch.setattr(children, "module_argv",
+                            lambda module, *args: [sys.executable, "-c", code, *map(str, args)])
+
+
+def _fake(cfg, commands, reply):
+    import json
+    import os
+
+    name, fake = json.loads(os.environ["IVB_FAKE_REPLICA"])
+    return globals()[name](cfg, commands, reply, **fake)
+
+
+def _fake_forked_main(config_path, fds):
+    import json
+    import os
+
+    cfg = json.loads(Path(config_path).read_text())
+    sys_exit = _fake(cfg, os.fdopen(fds["command"], "rb"), os.fdopen(fds["reply"], "wb"))
+    os._exit(sys_exit or 0)
+
+
+def _fake_spawned_main():
+    import json
+    import sys
+
+    from internvl_batch.children import reply_file
+
+    cfg = json.loads(Path(sys.argv[-1]).read_text())
+    sys.exit(_fake(cfg, sys.stdin.buffer, reply_file(cfg)))
+
+
+def _sleeper(cfg, commands, reply, sleep: float):
+    import time
+
+    commands.read()
+    time.sleep(sleep)
+
+
+def _replicas_running(monkeypatch, tmp_path, n: int, mode: str, sleep: float):
+    """`n` real replica processes that sleep `sleep` s after EOF on their command pipe."""
     from internvl_batch.replicas import ReplicaPool, _Replica
 
-    monkeypatch.setattr(children, "module_argv",
-                        lambda module, *args: [sys.executable, "-c", code, *map(str, args)])
+    _use_mode(monkeypatch, mode, _sleeper, sleep=sleep)
     pool = ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", n)
-    pool.procs = [_Replica(k, pool.spec, pool.cache_dir, tmp_path) for k in range(n)]
+    pool.procs = [_Replica(k, pool.spec, pool.cache_dir, tmp_path, forked=mode == "forked")
+                  for k in range(n)]
     for r in pool.procs:  # as if started: close() kills at once a replica still starting
         r.ready = {"ready": True}
         r.settled.set()
     return pool
 
 
-def test_pool_closes_replicas_at_the_same_time(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_closes_replicas_at_the_same_time(monkeypatch, tmp_path, mode):
     """Each replica takes 1 s to close its engine after EOF on stdin: three close in about
     1 s, not 3 (issue 15: four H100 replicas stopped one after another took ~22 s)."""
     import time
 
-    pool = _replicas_running(monkeypatch, tmp_path, 3,
-                             "import sys, time; sys.stdin.buffer.read(); time.sleep(1.0)")
+    pool = _replicas_running(monkeypatch, tmp_path, 3, mode, 1.0)
     procs = [r.child.proc for r in pool.procs]
     t0 = time.perf_counter()
     pool.close()
@@ -108,15 +166,15 @@ def test_pool_closes_replicas_at_the_same_time(monkeypatch, tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0] and pool.procs == []
 
 
-def test_pool_close_is_bounded(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_close_is_bounded(monkeypatch, tmp_path, mode):
     """A replica that does not leave after EOF is killed (its whole group) at the deadline."""
     import time
 
     from internvl_batch import replicas
 
     monkeypatch.setattr(replicas, "STOP_TIMEOUT_S", 1.0)
-    pool = _replicas_running(monkeypatch, tmp_path, 2,
-                             "import sys, time; sys.stdin.buffer.read(); time.sleep(60)")
+    pool = _replicas_running(monkeypatch, tmp_path, 2, mode, 60.0)
     procs = [r.child.proc for r in pool.procs]
     t0 = time.perf_counter()
     pool.close()
@@ -124,42 +182,38 @@ def test_pool_close_is_bounded(monkeypatch, tmp_path):
     assert [p.returncode for p in procs] == [-9, -9]
 
 
-# A stand-in for `python -m internvl_batch replica CONFIG`: ready after DELAYS[index] s (or
-# failing to start if its index is in FAIL), then each batch answered as [(index, request)]
-# after 0.05 s. cache_hit is false for replica 1 only.
-FAKE_REPLICA = """
-import json, sys, time
-from internvl_batch.children import recv_frame, reply_file, send_frame
-cfg = json.load(open(sys.argv[-1]))
-k = cfg["index"]
-reply = reply_file(cfg)
-time.sleep(DELAYS[k])
-if k in FAIL:
-    send_frame(reply, (-1, {"ready": False, "error": "boom"}))
-    sys.exit(1)
-send_frame(reply, (-1, {"ready": True, "timings": {"total_s": 1.0}, "cache_key": "key",
-                        "cache_hit": k != 1, "cache_fields": {}, "tokens_per_tile": 256,
-                        "info": {"vllm": "v", "torch": "t", "device": "cpu", "cuda": False},
-                        "timeline": {"engine": f"replica {k}", "phases": []}}))
-while True:
-    try:
-        idx, reqs, sampling = recv_frame(sys.stdin.buffer, with_items=True)
-    except EOFError:
-        break
-    time.sleep(0.05)
-    send_frame(reply, (idx, {"results": [(k, r) for r in reqs], "busy_s": 0.05}))
-"""
+def _engine_stand_in(cfg, commands, reply, delays: list[float], fail: list[int]):
+    """A stand-in for a replica's `main`: ready after delays[index] s (or failing to start
+    if its index is in `fail`), then each batch answered as [(index, request)] after
+    0.05 s. cache_hit is false for replica 1 only."""
+    import time
+
+    from internvl_batch.children import recv_frame, send_frame
+
+    k = cfg["index"]
+    time.sleep(delays[k])
+    if k in fail:
+        send_frame(reply, (-1, {"ready": False, "error": "boom"}))
+        return 1
+    send_frame(reply, (-1, {"ready": True, "timings": {"total_s": 1.0}, "cache_key": "key",
+                            "cache_hit": k != 1, "cache_fields": {}, "tokens_per_tile": 256,
+                            "info": {"vllm": "v", "torch": "t", "device": "cpu", "cuda": False},
+                            "timeline": {"engine": f"replica {k}", "phases": []}}))
+    while True:
+        try:
+            idx, reqs, sampling = recv_frame(commands, with_items=True)
+        except EOFError:
+            return 0
+        time.sleep(0.05)
+        send_frame(reply, (idx, {"results": [(k, r) for r in reqs], "busy_s": 0.05}))
 
 
-def _fake_pool(monkeypatch, tmp_path, n: int, delays: list[float], fail=(), log=print):
-    import sys
-
-    from internvl_batch import children, engine
+def _fake_pool(monkeypatch, tmp_path, n: int, delays: list[float], fail=(), log=print,
+               mode: str = "forked"):
+    from internvl_batch import engine
     from internvl_batch.replicas import ReplicaPool
 
-    code = FAKE_REPLICA.replace("DELAYS", repr(delays)).replace("FAIL", repr(set(fail)))
-    monkeypatch.setattr(children, "module_argv",
-                        lambda module, *args: [sys.executable, "-c", code, *map(str, args)])
+    _use_mode(monkeypatch, mode, _engine_stand_in, delays=delays, fail=list(fail))
     monkeypatch.setattr(engine, "has_cuda", lambda: False)
     return ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", n, log=log)
 
@@ -168,13 +222,14 @@ def _work(batches: int, size: int = 2):
     return [(b, [f"r{b}-{i}" for i in range(size)]) for b in range(batches)]
 
 
-def test_pool_serves_from_its_first_ready_replica(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_serves_from_its_first_ready_replica(monkeypatch, tmp_path, mode):
     """Batches go to replica 0 while replica 1 is still starting; it joins when ready, and
     entry.hit and the timelines then cover both."""
     import time
 
     logs: list[str] = []
-    pool = _fake_pool(monkeypatch, tmp_path, 2, [0.0, 4.0], log=logs.append)
+    pool = _fake_pool(monkeypatch, tmp_path, 2, [0.0, 4.0], log=logs.append, mode=mode)
     t0 = time.perf_counter()
     pool.start()
     try:
@@ -198,9 +253,10 @@ def test_pool_serves_from_its_first_ready_replica(monkeypatch, tmp_path):
         pool.close()
 
 
-def test_pool_goes_on_when_a_late_replica_fails_to_start(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_goes_on_when_a_late_replica_fails_to_start(monkeypatch, tmp_path, mode):
     logs: list[str] = []
-    pool = _fake_pool(monkeypatch, tmp_path, 3, [0.0, 0.5, 0.5], fail={2}, log=logs.append)
+    pool = _fake_pool(monkeypatch, tmp_path, 3, [0.0, 0.5, 0.5], fail={2}, log=logs.append, mode=mode)
     pool.start()
     try:
         # spans the failure: 30 batches of 0.05 s each on one or two replicas
@@ -218,21 +274,23 @@ def test_pool_goes_on_when_a_late_replica_fails_to_start(monkeypatch, tmp_path):
         pool.close()
 
 
-def test_pool_start_fails_when_every_replica_fails(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_start_fails_when_every_replica_fails(monkeypatch, tmp_path, mode):
     import pytest
 
-    pool = _fake_pool(monkeypatch, tmp_path, 2, [0.0, 0.2], fail={0, 1}, log=lambda m: None)
+    pool = _fake_pool(monkeypatch, tmp_path, 2, [0.0, 0.2], fail={0, 1}, log=lambda m: None, mode=mode)
     with pytest.raises(RuntimeError, match="engine replica 0 failed to start: boom"):
         pool.start()
     assert pool.procs == []
 
 
-def test_pool_close_while_replicas_start(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_close_while_replicas_start(monkeypatch, tmp_path, mode):
     """Replicas still starting (they read no stdin yet) are killed at once, quietly."""
     import time
 
     logs: list[str] = []
-    pool = _fake_pool(monkeypatch, tmp_path, 3, [0.0, 60.0, 60.0], log=logs.append)
+    pool = _fake_pool(monkeypatch, tmp_path, 3, [0.0, 60.0, 60.0], log=logs.append, mode=mode)
     pool.start()
     reps = list(pool.procs)
     t0 = time.perf_counter()

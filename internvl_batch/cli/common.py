@@ -38,15 +38,10 @@ def user_errors(fn):
 
 
 def restart_after_poison(e) -> None:
-    """Re-execute this command (same arguments) in a fresh process: this one holds a dead
-    engine and torch.compile state. The cache has moved the entry aside; the new process
-    rebuilds it, and the environment marker stops a second restart."""
-    from ..cache import HEALED_ENV
+    """Re-execute this command (same arguments) in a fresh process (cache.restart_healed)."""
+    from ..cache import restart_healed
 
-    os.environ[HEALED_ENV] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "internvl_batch", *sys.argv[1:]])
+    restart_healed(sys.argv[1:])
 
 
 def exit_now(code: int):

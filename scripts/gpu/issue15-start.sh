@@ -8,34 +8,39 @@ OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
 N=${N:-2000}        # images for the plain script and the warm run
 NCOLD=${NCOLD:-$N}  # images for the cold run (10240: also the sustained run of issue 14)
 IVB="python3 -m internvl_batch"
-$IVB data coco-synth --sizes 448 --n "$NCOLD" --out /tmp/d448 >/dev/null
+$IVB data coco-synth --sizes 448 --n "${DATA_N:-$NCOLD}" --out /tmp/d448 >/dev/null
 $IVB model synth --preset internvl3-1b --out /tmp/models/internvl3-1b >/dev/null
 ANN=/tmp/d448/annotations/captions_synth.json
 now() { date +%s.%N; }
 echo "{}" > "$OUT/walls.json"
 # PLAIN_RUNS=2: the plain script twice; the second start finds vLLM's own compile cache
 # (~/.cache/vllm) that the first one wrote, as a second job on the same node would
-for i in $(seq "${PLAIN_RUNS:-1}"); do
+# PLAIN_N="2000 500": the first run captions 2000 images, the second 500 (default: N each)
+plain_n=(${PLAIN_N:-})
+runs=${PLAIN_RUNS:-${#plain_n[@]}}; [ "$runs" -lt 1 ] && runs=1
+for i in $(seq "$runs"); do
   [ -n "${SKIP_PLAIN:-}" ] && break
+  pn=${plain_n[$((i - 1))]:-$N}
   log="$OUT/plain.log"; key=plain_wall_s; [ "$i" -gt 1 ] && { log="$OUT/plain-$i.log"; key=plain_${i}_wall_s; }
   t0=$(now)
   python3 -m internvl_batch.bench.plain --model /tmp/models/internvl3-1b --images /tmp/d448/images \
-    --limit "$N" --max-dynamic-patch 1 --max-tokens 32 > "$log" 2>&1
+    --limit "$pn" --max-dynamic-patch 1 --max-tokens 32 > "$log" 2>&1
   t1=$(now); echo "plain #$i $(grep -E '^(engine start|[0-9]+ images)' "$log" | tr '\n' ' ') wall $(python3 -c "print($t1 - $t0)")"
   python3 -c "import json; w=json.load(open('$OUT/walls.json')); w['$key']=$t1-$t0; json.dump(w, open('$OUT/walls.json','w'))"
 done
 # PHASES: cold (on an emptied cache) and warm, each with the engine-core
 # start that INTERNVL_BATCH_ENGINE_START says (procstart.py); a phase ending in -spawn or
-# -fs sets it to spawn or forkserver; one ending in -<digits> captions that many images.
-# Each is skipped once the call's time runs short.
+# -fs sets it to spawn or forkserver; one ending in -<digits> captions that many images;
+# @<k> after all that names a repeat (warm@2). Each is skipped once the call's time runs short.
 for phase in ${PHASES:-cold warm}; do
-  n=$N; [ "${phase%%-*}" = cold ] && { n=$NCOLD; rm -rf /tmp/ivb-cache15; }
-  [[ $phase =~ -([0-9]+)$ ]] && n=${BASH_REMATCH[1]}
+  base=${phase%@*}
+  n=$N; [ "${base%%-*}" = cold ] && { n=$NCOLD; rm -rf /tmp/ivb-cache15; }
+  [[ $base =~ -([0-9]+)$ ]] && n=${BASH_REMATCH[1]}
   left=$(python3 -c "import time; print(min(int(${DEADLINE:-1e12} - time.time()), 100000))")
   [ "$left" -lt 100 ] && { echo "skip $phase: ${left}s left"; continue; }
   envx=""
-  [[ $phase == *-spawn* ]] && envx="INTERNVL_BATCH_ENGINE_START=spawn"
-  [[ $phase == *-fs* ]] && envx="INTERNVL_BATCH_ENGINE_START=forkserver"
+  [[ $base == *-spawn* ]] && envx="INTERNVL_BATCH_ENGINE_START=spawn"
+  [[ $base == *-fs* ]] && envx="INTERNVL_BATCH_ENGINE_START=forkserver"
   rm -rf "/tmp/run15-$phase"
   t0=$(now)
   env $envx timeout $((left - 10)) $IVB run --dataset coco --limit "$n" --data-dir /tmp/d448/images --annotations "$ANN" \
@@ -61,6 +66,8 @@ if st:
 json.dump(w, open(f"{out}/walls.json", "w"), indent=1)
 PY
 done
+mkdir -p "$OUT/stats"
+for d in /tmp/run15-*; do cp "$d"/*.stats.json "$OUT/stats/${d#/tmp/run15-}.stats.json" 2>/dev/null; done
 tar czf "$OUT/logs.tgz" -C /tmp $(cd /tmp && ls -d run15-*/logs 2>/dev/null) 2>/dev/null
 grep -h "compile cache\|replicas ready\|encoder check\|waited" "$OUT"/run-cold*.log | cut -c1-300 | head -20
 python3 -c "import json;d=json.load(open('$OUT/walls.json'));print(json.dumps({k:(v if not isinstance(v,dict) else {a:b for a,b in v.items() if a!='start_timeline'}) for k,v in d.items()},indent=0))" | head -80
