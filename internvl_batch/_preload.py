@@ -5,5 +5,6 @@ try:
     import torch  # noqa: F401
     import vllm  # noqa: F401
     import vllm.v1.engine.core  # noqa: F401
+    import vllm.v1.executor.multiproc_executor  # noqa: F401 - the workers' starter
 except BaseException:  # noqa: BLE001 - any error: the fork server must keep running
     pass

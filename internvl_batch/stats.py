@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .procstart import REPLICA_COMM
+from .procstart import REPLICA_NAME
 
 # Fixed keys: downstream tooling (merge, bench, dashboards) may rely on every one existing.
 KEYS = (
@@ -255,11 +255,13 @@ def _role(pid: int, root: int) -> str:
             comm = f.read().strip()
     except OSError:
         return "?"
-    if comm == REPLICA_COMM:  # forked from the fork server: its cmdline is the server's
+    # a process forked by our fork server keeps the server's cmdline; procstart names it
+    # after its Process in comm. Spawned, vLLM titles its own (VLLM::EngineCore_DP0)
+    if comm.startswith(REPLICA_NAME):
         return "replica"
-    if "EngineCore" in cmd or "EngineCore" in comm:  # vLLM names its processes so
+    if "EngineCore" in cmd or "EngineCore" in comm:
         return "vLLM engine core"
-    if "VLLM::Worker" in cmd:  # a worker process of vLLM's multiprocess executor
+    if "VLLM::Worker" in cmd or "VllmWorker" in comm:  # of vLLM's multiprocess executor
         return "vLLM worker"
     if "multiprocessing.forkserver" in cmd:
         return "fork server"

@@ -56,15 +56,22 @@ def test_forked_child_gets_the_env_and_fds_of_the_moment(tmp_path, monkeypatch):
 
 def test_a_vllm_without_the_hook_keeps_spawning(monkeypatch):
     """Where vLLM's module or its get_mp_context is missing, nothing is patched: vLLM
-    spawns its engine core, and the engine says so (`engine_start`)."""
+    spawns its engine core, and the engine says so (`engine_start`). The executor's
+    workers are patched where their module has the hook."""
     import types
 
     fake = types.ModuleType("vllm.v1.engine.utils")
+    workers = types.ModuleType("vllm.v1.executor.multiproc_executor")
     monkeypatch.setitem(sys.modules, "vllm.v1.engine.utils", fake)
+    monkeypatch.setitem(sys.modules, "vllm.v1.executor.multiproc_executor", workers)
     assert procstart.use_for_vllm() is False
     fake.get_mp_context = lambda: "vllm's own"
     assert procstart.use_for_vllm() is True
     assert isinstance(fake.get_mp_context(), procstart._Context)
+    assert not hasattr(workers, "get_mp_context")
+    workers.get_mp_context = lambda: "vllm's own"
+    assert procstart.use_for_vllm() is True
+    assert isinstance(workers.get_mp_context(), procstart._Context)
 
 
 def test_a_bad_mode_is_one_line_before_any_engine(tmp_path, monkeypatch):
