@@ -299,3 +299,41 @@ def test_pool_close_while_replicas_start(monkeypatch, tmp_path, mode):
     assert [r.child.proc.returncode for r in reps] == [0, -9, -9]
     assert all(r.settled.is_set() for r in reps)  # nothing waits on them forever
     assert not any("failed to start" in m for m in logs), logs
+
+
+def test_a_forked_replica_restarts_with_its_pipes_in_its_config(monkeypatch, tmp_path):
+    """A forked replica that finds its entry poisoned re-executes itself as `python -m
+    internvl_batch replica CONFIG` (cache.restart_healed): its config must then name the
+    command and reply fds it holds, and they must survive the exec (inheritable)."""
+    import json
+    import multiprocessing
+
+    from internvl_batch import replicas
+    from internvl_batch.cache import EntryPoisoned
+
+    seen = tmp_path / "seen.json"
+
+    def poisoned(config_path):
+        raise EntryPoisoned("k: crashed")
+
+    def restart(args):  # instead of the exec: what it would start with
+        cfg = json.loads(Path(args[1]).read_text())
+        seen.write_text(json.dumps({"args": args, "cfg": cfg, "inheritable": [
+            os.get_inheritable(cfg["command_fd"]), os.get_inheritable(cfg["reply_fd"])]}))
+        os._exit(0)
+
+    monkeypatch.setattr(replicas, "main", poisoned)
+    monkeypatch.setattr(replicas, "restart_healed", restart)
+    config = tmp_path / "replica-0.json"
+    config.write_text(json.dumps({"index": 0, "reply_fd": None}))
+    r, w = os.pipe()
+    p = multiprocessing.get_context("fork").Process(
+        target=replicas.forked_main, args=(str(config),), kwargs={"fds": {"command": r,
+                                                                          "reply": w}})
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    got = json.loads(seen.read_text())
+    assert got["args"] == ["replica", str(config)]
+    assert (got["cfg"]["command_fd"], got["cfg"]["reply_fd"]) == (r, w)
+    assert got["inheritable"] == [True, True] and got["cfg"]["index"] == 0
