@@ -31,9 +31,9 @@ done
 # PHASES: cold (on an emptied cache) and warm, each with the engine-core
 # start that INTERNVL_BATCH_ENGINE_START says (procstart.py); a phase ending in -spawn or
 # -fs sets it to spawn or forkserver; one ending in -<digits> captions that many images;
-# @<k> after all that names a repeat (warm@2). Each is skipped once the call's time runs short.
+# _<k> after all that names a repeat (warm_2). Each is skipped once the call's time runs short.
 for phase in ${PHASES:-cold warm}; do
-  base=${phase%@*}
+  base=${phase%_*}
   n=$N; [ "${base%%-*}" = cold ] && { n=$NCOLD; rm -rf /tmp/ivb-cache15; }
   [[ $base =~ -([0-9]+)$ ]] && n=${BASH_REMATCH[1]}
   left=$(python3 -c "import time; print(min(int(${DEADLINE:-1e12} - time.time()), 100000))")
