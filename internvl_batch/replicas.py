@@ -8,10 +8,10 @@ time-share the GPU; the parent only decodes (in its pool), dispatches and writes
 
 Each replica is forked from procstart's fork server, which has imported torch and vLLM
 (`forked_main`), or with INTERNVL_BATCH_ENGINE_START=spawn is `python -m internvl_batch
-replica CONFIG`; either way it starts its engine through the
-compile cache (so the first replica builds the entry under the cache lock and the others load
-it, and a replica that finds the entry poisoned restarts itself), then answers batches on stdin with
-results on a reply fd, as streamed pickles. Replicas start concurrently; each reserves a
+replica CONFIG`. Either way it starts its engine through the compile cache (so the first
+replica builds the entry under the cache lock and the others load it, and a replica that finds
+the entry poisoned restarts itself), then answers batches from its command pipe with results
+on a reply pipe, as streamed pickles. Replicas start concurrently; each reserves a
 fixed KV cache (`kv_cache_gb`) instead of profiling free memory, which other replicas
 starting at the same moment would distort.
 """
@@ -375,8 +375,11 @@ class _Replica:
             if threads and "OMP_NUM_THREADS" not in os.environ else {}
         config = {"spec": asdict(spec), "cache_dir": str(cache_dir), "index": k}
         path = tmp / f"replica-{k}.json"
-        self.child = ForkedChild(forked_main, config, path, env=env, name=f"{procstart.REPLICA_NAME}-{k}") \
-            if forked else Child(["replica"], config, path, env=env)
+        if forked:
+            self.child: Child = ForkedChild(forked_main, config, path, env=env,
+                                            name=f"{procstart.REPLICA_NAME}-{k}")
+        else:
+            self.child = Child(["replica"], config, path, env=env)
         self.replies = os.fdopen(self.child.reply_fd, "rb", closefd=False)
         self._send_lock = threading.Lock()
         # set by ReplicaPool once its start is over: `ready` (its message) or `error`
