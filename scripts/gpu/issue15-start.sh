@@ -66,6 +66,13 @@ if st:
 json.dump(w, open(f"{out}/walls.json", "w"), indent=1)
 PY
 done
+# FRONT_COST=1: then one engine front's host cost per image (issue 14, scripts/front_cost.py)
+left=$(python3 -c "import time; print(min(int(${DEADLINE:-1e12} - time.time()), 100000))")
+if [ -n "${FRONT_COST:-}" ] && [ "$left" -gt 150 ]; then
+  timeout $((left - 20)) python3 scripts/front_cost.py --model /tmp/models/internvl3-1b \
+    --images /tmp/d448/images --n 300 --out "$OUT/front-cost.json" > "$OUT/front-cost.log" 2>&1
+  echo "front cost exit $?"; tail -30 "$OUT/front-cost.log" | grep " ms "
+fi
 mkdir -p "$OUT/stats"
 for d in /tmp/run15-*; do cp "$d"/*.stats.json "$OUT/stats/${d#/tmp/run15-}.stats.json" 2>/dev/null; done
 tar czf "$OUT/logs.tgz" -C /tmp $(cd /tmp && ls -d run15-*/logs 2>/dev/null) 2>/dev/null
