@@ -1,6 +1,7 @@
-"""Imported by procstart's fork server, once, before it forks vLLM engine cores: the imports
-each spawned engine core would otherwise repeat. A failure here only costs that saving (the
-engine core then imports what it needs itself), so it must not stop the server."""
+"""Imported by procstart's fork server, once, before it forks vLLM engine cores and their
+executor workers: the imports each of them, spawned, would otherwise repeat. A failure here
+only costs that saving (the process then imports what it needs itself), so it must not stop
+the server."""
 try:
     import torch  # noqa: F401
     import vllm  # noqa: F401
