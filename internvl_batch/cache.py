@@ -106,9 +106,10 @@ def restart_healed(args: list[str]):
     os.execv(sys.executable, [sys.executable, "-m", "internvl_batch", *args])
 
 
-def hf_home(root: Path) -> str:
-    """The Hugging Face home an engine gets where HF_HOME is unset: inside the cache root."""
-    return str(Path(root) / "hf")
+def hf_home_default(root: Path) -> dict[str, str]:
+    """{"HF_HOME": inside the cache root} where HF_HOME is unset (an engine's Hugging Face
+    home), else {}: the user's stays."""
+    return {} if "HF_HOME" in os.environ else {"HF_HOME": str(Path(root) / "hf")}
 
 
 def _slug(s: str) -> str:
@@ -173,8 +174,7 @@ class Entry:
         # graph capture: 27 s in a cold build on H200, none when warm, results/h200/issue15/)
         env = {"VLLM_CACHE_ROOT": str(p / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(p / "inductor"),
                "TRITON_CACHE_DIR": str(self.root / "shared" / "triton")}
-        if "HF_HOME" not in os.environ:
-            env["HF_HOME"] = hf_home(self.root)
+        env.update(hf_home_default(self.root))
         return env
 
     def link_shared(self) -> None:

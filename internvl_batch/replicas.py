@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import procstart
-from .cache import CompileCache, Entry, EntryPoisoned, hf_home, restart_healed
+from .cache import CompileCache, Entry, EntryPoisoned, hf_home_default, restart_healed
 from .children import Child, ForkedChild, recv_frame, reply_file, send_frame
 from .config import EngineSpec, SamplingSpec
 from .engine import EngineDead, Engines, InitTimings
@@ -96,9 +96,8 @@ class ReplicaPool(Engines):
         forked = procstart.wanted()
         if forked:  # its imports run while we go on; the first fork waits for them
             # HF_HOME is read once at import, so the server gets the replicas' value
-            env = {} if "HF_HOME" in os.environ else {"HF_HOME": hf_home(CompileCache(
-                self.cache_dir).root)}
-            procstart.start_server(procstart.PRELOAD_REPLICA, env)
+            procstart.start_server(procstart.PRELOAD_REPLICA,
+                                   hf_home_default(CompileCache(self.cache_dir).root))
         # torch's CPU pool defaults to every core in every process; N frontends each spinning
         # that many OpenMP threads for small per-image tensor ops would fight over the host
         threads = max(1, usable_cpus() // (2 * self.n)) if self.cuda else None
@@ -461,7 +460,7 @@ def main(config_path: str) -> int:
     if procstart.wanted():  # (a no-op where the server forked us: procstart.attached)
         # first thing: the server's imports then overlap ours. HF_HOME is read once at
         # import, so the server must see the value that cache.Entry.env would set
-        os.environ.setdefault("HF_HOME", hf_home(CompileCache(cfg["cache_dir"]).root))
+        os.environ.update(hf_home_default(CompileCache(cfg["cache_dir"]).root))
         procstart.start_server()
     reply = reply_file(cfg, "wb")
     spec = EngineSpec(**cfg["spec"])

@@ -189,7 +189,8 @@ def host_memory(images: int, end: bool = False, root: int | None = None) -> dict
     for pid, ppid in _process_tree(root):  # parents before their children
         roles[pid] = role = _role(pid, root)
         if role == "fork server" and roles.get(ppid) == "fork server":
-            # a child of our fork server that kept its cmdline (vLLM 0.32 CPU leaves it)
+            # a child of our fork server that neither vLLM nor procstart named (its cmdline
+            # is the server's): what the server forks unnamed is vLLM's engine core
             roles[pid] = role = "vLLM engine core"
         rss, pss = _rss_pss_gb(pid)
         if rss is not None:

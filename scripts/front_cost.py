@@ -124,7 +124,8 @@ def main() -> int:
     groups: dict[str, float] = {}
     top, cum = [], []
     for (file, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
-        groups[group_of(file, func)] = groups.get(group_of(file, func), 0.0) + tt
+        g = group_of(file, func)
+        groups[g] = groups.get(g, 0.0) + tt
         top.append((tt, f"{Path(file).name}:{line} {func}", nc))
         cum.append((ct, f"{file.split('site-packages/')[-1]}:{line} {func}", nc))
     top.sort(reverse=True)
