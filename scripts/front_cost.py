@@ -21,6 +21,7 @@ import json
 import pickle
 import pstats
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def spread(xs: list[float]) -> dict:
             "p90": round(q(0.9), 4), "n": len(xs)}
 
 
+def _usage(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="preset:internvl3-1b")
@@ -69,10 +75,13 @@ def main() -> int:
     from internvl_batch.config import EngineSpec, PromptSpec, default_cache_dir
     from internvl_batch.engine import Engine
 
+    if not Path(a.images).is_dir():
+        return _usage(f"--images {a.images}: no such directory (a folder of 448 px images)")
     files = sorted(p for p in Path(a.images).iterdir()
                    if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: a.n + a.warmup]
     if len(files) < a.n + a.warmup:
-        raise SystemExit(f"{a.images}: {len(files)} images, need {a.n + a.warmup}")
+        return _usage(f"--images {a.images}: {len(files)} images, need {a.n + a.warmup} "
+                      "(--n plus --warmup)")
     images = [Image.open(p).convert("RGB") for p in files]
     # `run --replicas`: each decoded image is pickled to its replica (children.send_frame)
     pickle_ms = []
