@@ -33,6 +33,7 @@ from typing import Iterable, Iterator, Protocol
 from .config import ConfigError, EngineSpec, SamplingSpec
 from . import checkpoint, procstart, prompts, timeline
 from .hooks import EXTENSION
+from .stats import process_started_at
 from .sizing import CPU_FRACTION, gpu_memory_fraction
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -428,7 +429,7 @@ class Engine(Engines):
                            "at_s": round(t.total_s, 3)})
         return {"engine": name, "engine_start": self.engine_start,
                 "started_at": self.started_at, "ready_s": round(t.total_s, 3),
-                "process_started_at": timeline.process_started_at(), "phases": phases}
+                "process_started_at": process_started_at(), "phases": phases}
 
     def _warm_encoder(self):
         from vllm import SamplingParams

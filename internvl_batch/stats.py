@@ -106,17 +106,32 @@ class RunStats:
         return d
 
 
-def process_started_at(pid: int | str = "self") -> float | None:
-    """Wall-clock time a process started (Linux /proc, to the clock tick), or None.
+_BOOT_WALL: list[float] = []
+
+
+def _boot_wall() -> float:
+    """When the machine booted, as wall-clock time to the microsecond, read once per process.
+
+    /proc/stat's `btime` is whole seconds (a start time off by up to 1 s); CLOCK_BOOTTIME is
+    exact but read beside time.time() differs by microseconds from call to call. Read once,
+    every start time this process computes shares one reference, so two calls agree."""
+    if not _BOOT_WALL:
+        _BOOT_WALL.append(time.time() - time.clock_gettime(time.CLOCK_BOOTTIME))
+    return _BOOT_WALL[0]
+
+
+def process_started_at(pid: int | str | None = None) -> float | None:
+    """Wall-clock time process `pid` (default: this one) started (Linux /proc, to the clock
+    tick), or None where there is no such process or no /proc.
 
     `run` counts its time to the first row from here, so Python's start and the imports
-    before the command's body count too."""
+    before the command's body count too; an engine's timeline records it per process."""
     try:
-        ticks = int(_proc_stat(pid)[19])
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        ticks = int(_proc_stat(pid or "self")[19])
+        started = _boot_wall() + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return None
-    return time.time() - age if 0 <= age < 10 * 365 * 86400 else None
+    return started if 0 <= time.time() - started < 10 * 365 * 86400 else None
 
 
 # "missing file: /x.jpg" -> "missing file"; "aspect ratio 4000x10 exceeds 200:1" -> "aspect

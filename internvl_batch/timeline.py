@@ -18,7 +18,6 @@ start). Without stamps, vLLM's own timestamp (to the second) is used, from the f
 """
 from __future__ import annotations
 
-import os
 import re
 from datetime import datetime
 from typing import Iterable
@@ -125,19 +124,6 @@ def parse(lines: Iterable[str | tuple[float, str]], t0: float | None = None) -> 
     if aot_loads:
         out.append({"phase": "AOT artefacts loaded", "s": 0.0, "n": aot_loads})
     return out
-
-
-def process_started_at(pid: int | None = None) -> float | None:
-    """Wall-clock time at which process `pid` (default: this one) started, from Linux's /proc
-    (boot time plus the start in clock ticks); None elsewhere."""
-    try:
-        stat = open(f"/proc/{pid or 'self'}/stat").read()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])
-        btime = next(int(line.split()[1]) for line in open("/proc/stat")
-                     if line.startswith("btime "))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
 
 
 def table(engines: list[dict]) -> str:

@@ -277,6 +277,10 @@ def test_process_started_at_is_the_process_start(tmp_path):
     # /proc counts clock ticks (10 ms); the interpreter's start lies between
     assert t0 - 0.05 <= started <= first_line + 0.05, (t0, started, first_line)
     assert stats_mod.process_started_at(2**30) is None  # no such process
+    # one reference per process: two calls agree exactly (an engine's timeline is compared)
+    mine = stats_mod.process_started_at()
+    assert mine == stats_mod.process_started_at() == stats_mod.process_started_at("self")
+    assert time.time() - 24 * 3600 < mine <= time.time()
 
 
 def test_stats_write(tmp_path):

@@ -101,14 +101,6 @@ def test_milestones_split_the_span_before_the_weights(lines):
     assert [m for m in again if m.get("mark")] == marks
 
 
-def test_process_started_at_is_this_process_start():
-    import time
-
-    t = timeline.process_started_at()
-    assert t is not None and time.time() - 24 * 3600 < t <= time.time()
-    assert timeline.process_started_at(2 ** 22 + 12345) is None  # no such process
-
-
 def test_other_lines_and_versions_give_fewer_phases_not_errors():
     assert timeline.parse([]) == []
     assert timeline.parse(["hello", "INFO 01-02 03:04:05 [x.py:1] something else"]) == []
