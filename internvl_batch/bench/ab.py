@@ -11,6 +11,14 @@ there no encoder speed-up can show. This benchmark removes both blurs:
   the same code; the report says so). `collective_rpc("ivb_encoder_mode", ...)`
   (`internvl_batch/hooks.py`) switches its InternViT layers between the compiled graph and
   the plain forward between rounds: same weights, same KV cache, same scheduler.
+* **Engine core in this process** (`--engine-core inline`, the default;
+  `VLLM_ENABLE_V1_MULTIPROCESSING=0`). In vLLM's default layout the core runs in a process of
+  its own, so inside the clock every request's pixels are serialized to it, deserialized
+  by a thread that shares the core's interpreter lock with its loop, while three processes
+  compete for the host's cores. In an A/A test (both modes the same code, CPU, 2 cores,
+  `results/cpu-2core/ab-noise/`, 9 runs each) that layout's per-round ratio had a median SD
+  of 34 %, the inline core's 5.6 % (3.9 % with garbage collection off inside the clock,
+  `feed`); `--engine-core process` keeps vLLM's layout.
 * **GPU-bound feed.** Every request of a round is turned into vLLM's `EngineCoreRequest`
   *before* the clock, by the engine's own renderer and input processor (what
   `LLM.generate` does per prompt: tokenise, run the multimodal processor, pixels to
@@ -31,7 +39,9 @@ there no encoder speed-up can show. This benchmark removes both blurs:
   call of a round: the encoder's GPU milliseconds and tiles. With the round's wall time that
   is the encoder's share; GPU busy % comes from `nvidia-smi` sampled every 100 ms. Optional
   profiled rounds (`ivb_encoder_profile`, torch.profiler in the worker) give the encoder's
-  share of all GPU kernel time. From the share and the in-engine encoder gain, Amdahl's law
+  share of all GPU kernel time, and the step's GPU time by part (InternViT, projector,
+  prefill and decode steps, sampling) and kernel class with the GPU's idle gaps: issue 14's
+  breakdown of the engine's own time. From the share and the in-engine encoder gain, Amdahl's law
   predicts the end-to-end gain (`hooks.predicted_speedup`), reported beside the measured one.
 * **Checked.** Greedy token ids of every image are compared between the modes of its round.
   With dummy weights (`load_format=dummy`, flat logits) agreement proves little: use a
@@ -58,6 +68,11 @@ from .encoder import Recorder, _err, _git_sha, median_ci, paired_speedup
 
 MODES = ("eager", "compiled")
 SIZES = ("448", "coco")
+# where the engine core runs: vLLM's default separate process (the requests' pixels are
+# serialized to it inside the clock), or this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as
+# bench-encoder): add_request then hands the request object over and nothing else competes
+# with the core's loop for the host's cores
+ENGINE_CORES = ("process", "inline")
 # images per round: a round of a few seconds on an H100 at the rates of issue 14 (~230
 # images/s at one tile, ~35 at COCO sizes), long enough that start and tail are small
 DEFAULT_IMAGES = {"448": 1024, "coco": 192}
@@ -82,6 +97,8 @@ class ABOptions:
     kv_cache_gb: float | None = None
     gpu_memory_utilization: float | None = None
     profile_images: int = 256  # images of one profiled round per mode (0: none)
+    engine_core: str = "inline"  # ENGINE_CORES
+    gc_off: bool = True  # no garbage collection inside the clock (see `feed`)
     seed: int = 0
     reuse_compile_cache: bool = False
     cache_dir: str = ""
@@ -93,6 +110,9 @@ class ABOptions:
     def __post_init__(self):
         if self.sizes not in SIZES:
             raise ConfigError(f"--sizes {self.sizes}: choose from {', '.join(SIZES)}")
+        if self.engine_core not in ENGINE_CORES:
+            raise ConfigError(f"--engine-core {self.engine_core}: choose from "
+                              f"{', '.join(ENGINE_CORES)}")
         if self.images is not None and self.images < 1:
             raise ConfigError("--images must be >= 1")
         if self.repeats < 1:
@@ -360,23 +380,40 @@ def ab_sampling_params(max_tokens: int):
     return params
 
 
-def feed(llm, requests: list, params) -> tuple[float, float, float, dict]:
+def feed(llm, requests: list, params, gc_off: bool = False
+         ) -> tuple[float, float, float, dict]:
     """The clock: hand the processed requests over, step until all are done.
     Returns (seconds, wall start, wall end as time.time() for nvidia-smi's samples,
-    {request id: RequestOutput})."""
+    {request id: RequestOutput}).
+
+    `gc_off`: collect before the clock, then no collection inside it. A round allocates
+    objects per request and per step; a generation-2 collection then walks every live object
+    (the engine's, the round's requests) at whatever moment the thresholds say, a pause of
+    varying length landing in one mode's round and not the other's. With the engine core
+    inline this covers the core's loop too."""
+    import gc
+
     engine = llm.llm_engine
     if engine.has_unfinished_requests():
         raise RuntimeError("the engine has unfinished requests before the round")
     done: dict = {}
-    w0 = time.time()
-    t0 = time.perf_counter()
-    for r in requests:
-        engine.add_request(r.request_id, r, params)
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o
-    seconds = time.perf_counter() - t0
+    was_enabled = gc.isenabled()
+    if gc_off:
+        gc.collect()
+        gc.disable()
+    try:
+        w0 = time.time()
+        t0 = time.perf_counter()
+        for r in requests:
+            engine.add_request(r.request_id, r, params)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = o
+        seconds = time.perf_counter() - t0
+    finally:
+        if gc_off and was_enabled:
+            gc.enable()
     return seconds, w0, time.time(), done
 
 
@@ -452,7 +489,8 @@ def run(opts: ABOptions, log=print) -> dict:
                    "feed": "EngineCoreRequests processed before the clock (renderer + input "
                            "processor), then LLMEngine.add_request + step() inside it",
                    "image_identity": "multi_modal_uuids per (round, mode, image): same pixels "
-                                     "in both modes of a round, never a cache hit"},
+                                     "in both modes of a round, never a cache hit",
+                   "engine_core": opts.engine_core, "gc_off_in_clock": opts.gc_off},
         "model": {"spec": opts.model, "path": spec.model,
                   "synthesized": checkpoint.is_synthesized(spec.model),
                   "load_format": kw.get("load_format")},
@@ -483,6 +521,9 @@ def run(opts: ABOptions, log=print) -> dict:
         cc_root = tmp
     engine = None
     busy = None
+    if opts.engine_core == "inline":
+        # read by vLLM when the engine starts; this process runs one benchmark and exits
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         say(f"starting the engine: {opts.model} ({spec.model}), compile_mm_encoder "
             f"{bool(spec.compile)}, compile cache {'reused: ' + str(cc_root) if tmp is None else 'fresh'}")
@@ -498,6 +539,8 @@ def run(opts: ABOptions, log=print) -> dict:
         doc["device"]["name"] = info["device"]
         say(f"engine ready in {doc['engine']['init_s']} s")
         llm = engine.llm
+        # what vLLM made of the layout: InprocClient (inline) or SyncMPClient (process)
+        doc["engine"]["core_client"] = type(getattr(llm.llm_engine, "engine_core", None)).__name__
         _describe(llm, engine, doc, rec, say)
         if cuda:
             busy = GpuBusy().start()
@@ -580,7 +623,7 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
         for m in r["order"]:
             try:
                 row["modes"][m], tokens[m] = _one(llm, rnd, m, r["kind"], prompt_text, params,
-                                                  tpt, img_id, busy, doc)
+                                                  tpt, img_id, busy, doc, opts)
             except Exception as e:
                 row["modes"][m] = {"error": _err(e)}
                 rec.error(f"round {r['label']} {m}", e)
@@ -617,7 +660,7 @@ def _stop_profile(llm) -> None:
 
 
 def _one(llm, rnd: Round, mode: str, kind: str, prompt_text: str, params, tpt: int,
-         img_id: int, busy, doc: dict) -> tuple[dict, list]:
+         img_id: int, busy, doc: dict, opts: ABOptions) -> tuple[dict, list]:
     """One mode of one round: switch, process the requests (untimed), feed them (timed)."""
     rpc(llm, "ivb_encoder_mode", mode)
     t0 = time.perf_counter()
@@ -626,7 +669,7 @@ def _one(llm, rnd: Round, mode: str, kind: str, prompt_text: str, params, tpt: i
     rpc(llm, "ivb_encoder_timer", "start")
     if kind == "profile":
         rpc(llm, "ivb_encoder_profile", "start")
-    seconds, w0, w1, done = feed(llm, reqs, params)
+    seconds, w0, w1, done = feed(llm, reqs, params, gc_off=opts.gc_off)
     del reqs
     prof = rpc(llm, "ivb_encoder_profile", "stop") if kind == "profile" else None
     enc = rpc(llm, "ivb_encoder_timer", "read")
@@ -706,7 +749,10 @@ def results_markdown(doc: dict) -> str:
         f"layers {(eng.get('encoder_mode') or {}).get('layers')}, compiled "
         f"{(eng.get('encoder_mode') or {}).get('compilable_layers')}; model runner "
         f"`{mr.get('class', '?')}`; start {eng.get('init_s')} s.",
-        f"- Feed: {cfg.get('feed')}. Images: {cfg.get('image_identity')}.",
+        f"- Feed: {cfg.get('feed')}; engine core "
+        f"{'in this process' if cfg.get('engine_core') == 'inline' else 'in its own process'}"
+        f", garbage collection {'off' if cfg.get('gc_off_in_clock') else 'on'} inside the "
+        f"clock. Images: {cfg.get('image_identity')}.",
         f"- Rounds: {opts.get('warmup_rounds')} warm-up, {a.get('rounds_timed')} timed pairs "
         f"(order alternating), each its own images; ratios per round, median and 95 % "
         f"order-statistics interval. Whole run {doc.get('total_s')} s; "
@@ -784,6 +830,7 @@ def results_markdown(doc: dict) -> str:
                              f"{_f(p.get('encoder_cpu_ms'), 1)} | – | "
                              f"{_pct(p.get('encoder_share_of_wall'))} of wall | – |")
         lines.append("")
+        lines += breakdown_markdown(prof)
     lines += ["Per round (images/s; encoder ms per tile):", "",
               "| round | order | eager img/s | compiled img/s | compiled/eager | eager enc ms/tile "
               "| compiled enc ms/tile | tokens identical |", "|---|---|---|---|---|---|---|---|"]
@@ -802,6 +849,59 @@ def results_markdown(doc: dict) -> str:
     if doc.get("command"):
         lines += ["", f"Command: `{doc['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def breakdown_markdown(prof: dict) -> list[str]:
+    """The profiled round's time by part of the engine step, per mode (`hooks.breakdown`):
+    GPU ms and share with the largest kernel classes, then the GPU's idle gaps; on CPU, the
+    ranges' calls and CPU ms."""
+    from ..hooks import OUTSIDE, RANGES
+
+    modes = [m for m in MODES if (prof.get(m) or {}).get("breakdown")]
+    if not modes:
+        return []
+    bds = {m: prof[m]["breakdown"] for m in modes}
+    names = {**RANGES, OUTSIDE: OUTSIDE}
+    lines = []
+    if any(b.get("parts") for b in bds.values()):
+        order = list(dict.fromkeys(k for b in bds.values() for k in (b.get("parts") or {})))
+        lines += ["GPU time by part of the step in the profiled round (the innermost range "
+                  "around each kernel's launch; kernel classes by name):", "",
+                  "| part | " + " | ".join(f"{m} GPU ms (share)" for m in modes)
+                  + " | largest kernel classes (" + modes[0] + ") |",
+                  "|---|" + "---|" * len(modes) + "---|"]
+        for k in order:
+            cells = []
+            for m in modes:
+                part = (bds[m].get("parts") or {}).get(k)
+                cells.append(f"{_f(part['gpu_ms'], 1)} ({_pct(part.get('share'))})" if part
+                             else "–")
+            top = ((bds[modes[0]].get("parts") or {}).get(k) or {}).get("classes") or {}
+            lines.append(f"| {names.get(k, k)} | " + " | ".join(cells) + " | " + ", ".join(
+                f"{c} {_f(v, 1)}" for c, v in list(top.items())[:3]) + " |")
+        lines.append("")
+        for m in modes:
+            idle = bds[m].get("idle") or {}
+            if idle:
+                lines.append(
+                    f"- {m}: GPU busy {_pct(idle.get('busy_of_wall'))} of the profiled wall "
+                    f"(union of kernels); {idle.get('gaps_over_1ms')} idle gaps ≥ 1 ms "
+                    f"totalling {_f(idle.get('gap_ms_over_1ms'), 1)} ms, "
+                    f"{idle.get('gaps_over_0_1ms')} ≥ 0.1 ms, largest "
+                    f"{_f(idle.get('largest_gap_ms'), 1)} ms.")
+        lines.append("")
+    else:
+        lines += ["Ranges in the profiled round (CPU ms, inclusive of ranges inside them):", "",
+                  "| range | " + " | ".join(f"{m} calls | {m} CPU ms" for m in modes) + " |",
+                  "|---|" + "---|---|" * len(modes)]
+        names["ivb_encoder"] = "encoder (embed_multimodal, all of it)"  # inclusive here
+        for k in RANGES:
+            if any(k in (b.get("calls") or {}) for b in bds.values()):
+                lines.append(f"| {names[k]} | " + " | ".join(
+                    f"{(bds[m].get('calls') or {}).get(k, 0)} | "
+                    f"{_f((bds[m].get('cpu_ms') or {}).get(k), 1)}" for m in modes) + " |")
+        lines.append("")
+    return lines
 
 
 def plot(doc: dict, path: Path) -> Path | None:

@@ -37,6 +37,15 @@ import click
 @click.option("--profile-images", type=int, default=256, show_default=True,
               help="Images of one extra, untimed round per mode under torch.profiler in the "
                    "worker (the encoder's share of GPU kernel time); 0: none.")
+@click.option("--engine-core", type=click.Choice(["inline", "process"]), default="inline",
+              show_default=True,
+              help="vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0; "
+                   "the lower-noise layout) or in its own (vLLM's default: each request's "
+                   "pixels are serialized to it inside the clock).")
+@click.option("--gc-off/--gc-on", default=True, show_default=True,
+              help="Collect garbage before each timed feed and none inside it (inside the "
+                   "engine core too with --engine-core inline), or let Python collect "
+                   "whenever its thresholds say.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Engine seed and generated dataset.")
 @click.option("--reuse-compile-cache", is_flag=True,
@@ -76,7 +85,8 @@ def bench_ab(**kw):
             max_num_batched_tokens=kw["max_num_batched_tokens"],
             max_model_len=kw["max_model_len"], mm_cache_gb=kw["mm_cache_gb"],
             kv_cache_gb=kw["kv_cache_gb"], gpu_memory_utilization=kw["gpu_memory_utilization"],
-            profile_images=kw["profile_images"], seed=kw["seed"],
+            profile_images=kw["profile_images"], engine_core=kw["engine_core"],
+            gc_off=kw["gc_off"], seed=kw["seed"],
             reuse_compile_cache=kw["reuse_compile_cache"],
             cache_dir=str(cache_root(kw["cache_dir"])), work_dir=kw["work_dir"] or "",
             results_dir=kw["results_dir"], name=kw["name"] or "",

@@ -16,9 +16,14 @@ OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
 export INTERNVL_BATCH_CACHE=${INTERNVL_BATCH_CACHE:-/tmp/ivb-cache}
 MODEL=${MODEL:-preset:internvl3-1b+weights}
 SIZES=${SIZES:-448 coco}
-REPEATS=${REPEATS:-7}
+# 12 timed pairs: bench-ab's order-statistics 95 % interval is then [3rd, 10th] of the sorted
+# per-round ratios (96 % coverage); with 7 it is [min, max]
+REPEATS=${REPEATS:-12}
 LIMIT=${LIMIT:-560}  # seconds per workload
-EXTRA=${EXTRA:-}     # more bench-ab options, e.g. "--max-num-seqs 512"
+# more bench-ab options, e.g. "--engine-core process" (vLLM's own layout, as on the H100 on
+# 2026-11-25) or "--gc-off"; the engine core runs inline by default since the CPU A/A test
+# (results/cpu-2core/ab-noise/)
+EXTRA=${EXTRA:-}
 t0=$(date +%s)
 el() { echo $(( $(date +%s) - t0 )); }
 
@@ -32,5 +37,7 @@ for s in $SIZES; do
   echo "[$(el) s] $name exit $?"
   grep -E '^\[ *[0-9.]+ s\]' "$OUT/$name.log" | tail -14
   [ -f "$OUT/$name.md" ] && sed -n '/^| | compiled \/ eager/,/^$/p' "$OUT/$name.md"
+  # issue 14's breakdown of the engine's GPU time (the profiled round)
+  [ -f "$OUT/$name.md" ] && sed -n '/^GPU time by part/,/^- compiled: GPU busy/p' "$OUT/$name.md"
 done
 echo "[$(el) s] done"
