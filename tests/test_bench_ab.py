@@ -417,6 +417,7 @@ def test_bench_ab_on_cpu_vllm(tmp_path, cache_root, layout):
     assert doc["config"]["gc_off_in_clock"] is inline
     # vLLM's own client says where its core runs
     assert doc["engine"]["core_client"] == ("InprocClient" if inline else "SyncMPClient")
+    assert doc["engine"]["async_scheduling"] in (True, False)  # vLLM's resolved setting
     assert not doc["device"]["cuda"] and any("CPU" in n for n in doc["notes"])
     assert doc["engine"]["encoder_mode"]["compilable_layers"] == 0  # CPU: eager both ways
     assert [r["label"] for r in doc["rounds"]] == ["w0", "0", "1", "p"]

@@ -539,8 +539,11 @@ def run(opts: ABOptions, log=print) -> dict:
         doc["device"]["name"] = info["device"]
         say(f"engine ready in {doc['engine']['init_s']} s")
         llm = engine.llm
-        # what vLLM made of the layout: InprocClient (inline) or SyncMPClient (process)
+        # what vLLM made of the layout: InprocClient (inline) or SyncMPClient (process), and
+        # whether its scheduler overlaps the next step's scheduling with the GPU's work
         doc["engine"]["core_client"] = type(getattr(llm.llm_engine, "engine_core", None)).__name__
+        sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+        doc["engine"]["async_scheduling"] = getattr(sched, "async_scheduling", None)
         _describe(llm, engine, doc, rec, say)
         if cuda:
             busy = GpuBusy().start()
@@ -748,7 +751,8 @@ def results_markdown(doc: dict) -> str:
         f"- Engine: one, compile_mm_encoder {'on' if dev.get('cuda') else 'off (CPU)'}; encoder "
         f"layers {(eng.get('encoder_mode') or {}).get('layers')}, compiled "
         f"{(eng.get('encoder_mode') or {}).get('compilable_layers')}; model runner "
-        f"`{mr.get('class', '?')}`; start {eng.get('init_s')} s.",
+        f"`{mr.get('class', '?')}`; async scheduling {eng.get('async_scheduling')}; start "
+        f"{eng.get('init_s')} s.",
         f"- Feed: {cfg.get('feed')}; engine core "
         f"{'in this process' if cfg.get('engine_core') == 'inline' else 'in its own process'}"
         f", garbage collection {'off' if cfg.get('gc_off_in_clock') else 'on'} inside the "
