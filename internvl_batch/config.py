@@ -64,6 +64,9 @@ class SamplingSpec:
             raise ConfigError("--top-p must be in (0, 1]")
 
 
+QUANTIZATIONS = ("fp8",)  # vLLM's `quantization` values `--quantization` accepts
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     model: str
@@ -86,10 +89,17 @@ class EngineSpec:
     # vLLM's encoder CUDA graphs (`cudagraph_mm_encoder`); vLLM 0.26 honours it only on its V1
     # model runner, which Engine.start selects (VLLM_USE_V2_MODEL_RUNNER=0) when this is set
     encoder_cudagraphs: bool = False
+    # vLLM's online quantization of the checkpoint's linear layers at load (None: none). "fp8":
+    # weights to FP8 per tensor, activations scaled per token as they come; vLLM passes the
+    # config to InternViT and to the language model (the projector, plain nn.Linear, stays bf16)
+    quantization: str | None = None
 
     def __post_init__(self):
         if not self.model:
             raise ConfigError("--model is required")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization {self.quantization}: choose from "
+                              f"{', '.join(QUANTIZATIONS)}")
         if self.max_dynamic_patch is not None and not 1 <= self.max_dynamic_patch <= 40:
             raise ConfigError("--max-dynamic-patch must be between 1 and 40")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
@@ -104,8 +114,11 @@ class EngineSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not d["encoder_cudagraphs"]:  # off: the keys of existing cache entries stay as they were
+        # off: the keys of existing cache entries stay as they were
+        if not d["encoder_cudagraphs"]:
             del d["encoder_cudagraphs"]
+        if d["quantization"] is None:
+            del d["quantization"]
         return d
 
 

@@ -216,6 +216,10 @@ def check_device(spec: EngineSpec, *, cuda: bool) -> None:
         raise ConfigError(
             "--compile needs a CUDA GPU: on CPU vLLM's compiled InternVL encoder fails "
             "('Inference tensors cannot be saved for backward'); drop --compile")
+    if spec.quantization and not cuda:
+        raise ConfigError(
+            f"--quantization {spec.quantization} needs a CUDA GPU (vLLM's FP8 layers run "
+            "CUDA kernels); drop --quantization")
 
 
 def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
@@ -249,6 +253,8 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         kw["compilation_config"] = {"compile_mm_encoder": bool(spec.compile)}
         if spec.encoder_cudagraphs:
             kw["compilation_config"]["cudagraph_mm_encoder"] = True
+    if spec.quantization:
+        kw["quantization"] = spec.quantization
     return kw
 
 

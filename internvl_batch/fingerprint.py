@@ -65,6 +65,8 @@ def of(cfg: RunConfig) -> dict:
         "seed": s.seed, "ignore_eos": s.ignore_eos,
         "max_dynamic_patch": e.max_dynamic_patch, "dtype": e.dtype,
         "load_format": e.load_format,
+        # None for rows written before the setting existed as well (diff compares with .get)
+        "quantization": e.quantization,
     })
     return fp
 
@@ -74,7 +76,7 @@ FLAGS = {"model": "--model", "model_config_hash": "model config.json",
          "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
          "seed": "--seed", "ignore_eos": "--ignore-eos",
          "max_dynamic_patch": "--max-dynamic-patch", "dtype": "--dtype",
-         "load_format": "--load-format"}
+         "load_format": "--load-format", "quantization": "--quantization"}
 
 
 def _short(v) -> str:

@@ -157,7 +157,8 @@ def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None,
     log = term.info
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
     writer.fingerprint = fingerprint.of(cfg)
-    if started is None and cfg.engine.compile:  # on CPU: one line now, not after the lock
+    # GPU-only settings on CPU: one line now, not after the lock and the output exist
+    if started is None and (cfg.engine.compile or cfg.engine.quantization):
         from .engine import check_device, has_cuda  # (torch: only when it is needed anyway)
 
         check_device(cfg.engine, cuda=has_cuda())

@@ -233,6 +233,32 @@ def test_compiled_refused_without_gpu(tmp_path):
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.parametrize("variants,msg", [
+    ("eager,pipeline", "--quantization fp8 needs a CUDA GPU"),
+    ("eager,plain", "--quantization applies to the pipeline variant"),
+])
+def test_quantization_refused_without_gpu_or_pipeline(tmp_path, variants, msg):
+    from internvl_batch.engine import has_cuda
+
+    if has_cuda():
+        pytest.skip("a GPU is present")
+    r = _cli("--model", "preset:tiny", "--images", "2", "--variants", variants,
+             "--quantization", "fp8", "--cache-dir", str(tmp_path),
+             "--results-dir", str(tmp_path / "res"))
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(err) == 1 and msg in err[0], r.stderr
+    assert not (tmp_path / "res").exists()
+
+
+def test_results_markdown_names_a_quantized_pipeline():
+    doc = fake_doc()
+    doc["config"]["pipeline"] = {"quantization": "fp8"}
+    md = report.results_markdown(doc)
+    assert "- pipeline: quantization fp8 (vLLM's online fp8 for InternViT and the language " \
+           "model)" in md
+    assert "quantization" not in report.results_markdown(fake_doc())
+
+
 # -- real vLLM on CPU -------------------------------------------------------------------------
 
 @pytest.mark.vllm

@@ -67,6 +67,7 @@ def test_entry_key_stable(fake_env):
     {"max_model_len": 8192}, {"compile": True}, {"dtype": "bfloat16"},
     {"max_dynamic_patch": 6}, {"max_num_batched_tokens": 8192}, {"max_num_seqs": 64},
     {"enforce_eager": True}, {"load_format": "auto"}, {"model": "/m/other"},
+    {"quantization": "fp8"},  # FP8 layers compile to other graphs
 ])
 def test_entry_key_changes_with_settings(fake_env, change):
     base = {"model": "/m/tiny", "max_model_len": 4096}

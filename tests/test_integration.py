@@ -311,6 +311,17 @@ def test_cli_compile_on_cpu_fails_fast_with_one_line(tiny_model, tmp_path):
     assert time.time() - t0 < 60
 
 
+def test_cli_quantization_on_cpu_is_one_line_exit_2(tiny_model, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "internvl_batch", "run", "--dataset", "sample",
+                        "--model", tiny_model, "--quantization", "fp8",
+                        "--output", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=120)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1, p.stderr
+    assert "--quantization fp8 needs a CUDA GPU" in err[0]
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
 def test_cache_verify_compares_against_eager(tiny_model, tmp_path, engine):
     """`cache verify` loads the entry and runs the encoder check inside the engine (hooks.py
     through collective_rpc): the serving InternViT layers against the same layers with the

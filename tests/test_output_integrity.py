@@ -250,7 +250,12 @@ def test_fingerprint_names_what_changes_captions(tmp_path):
     fp = fingerprint.of(cfg)
     assert set(fp) == {"model", "model_config_hash", "weights", "prompt", "system_prompt",
                        "max_tokens", "temperature", "top_p", "seed", "ignore_eos",
-                       "max_dynamic_patch", "dtype", "load_format"}
+                       "max_dynamic_patch", "dtype", "load_format", "quantization"}
+    # FP8 captions differ from bf16's; rows from before the setting existed (no key) are bf16
+    fp8 = fingerprint.of(dataclasses.replace(
+        cfg, engine=dataclasses.replace(cfg.engine, quantization="fp8")))
+    assert fingerprint.diff(fp, fp8) == ["--quantization None -> 'fp8'"]
+    assert fingerprint.diff({k: v for k, v in fp.items() if k != "quantization"}, fp) == []
     tiny = fingerprint.of(dataclasses.replace(
         cfg, engine=dataclasses.replace(cfg.engine, model="preset:tiny")))
     assert tiny["model_config_hash"] and tiny["weights"] == "random, seeded (synthesized)"

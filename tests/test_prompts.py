@@ -247,6 +247,23 @@ def test_llm_kwargs_encoder_cudagraphs(synth_dir):
     assert spec.to_dict()["encoder_cudagraphs"] is True
 
 
+def test_llm_kwargs_quantization(synth_dir):
+    """--quantization fp8 is vLLM's `quantization`, on a GPU only; unset, the cache key's
+    engine fields are what they were before the option existed."""
+    from internvl_batch import engine
+
+    spec = EngineSpec(model=str(synth_dir), compile=True, quantization="fp8")
+    assert engine.llm_kwargs(spec, cuda=True)["quantization"] == "fp8"
+    assert "quantization" not in engine.llm_kwargs(EngineSpec(model=str(synth_dir)), cuda=True)
+    assert "quantization" not in EngineSpec(model="m").to_dict()
+    assert spec.to_dict()["quantization"] == "fp8"
+    with pytest.raises(ConfigError, match=r"^--quantization fp8 needs a CUDA GPU .*drop "
+                                          r"--quantization$"):
+        engine.llm_kwargs(EngineSpec(model=str(synth_dir), quantization="fp8"), cuda=False)
+    with pytest.raises(ConfigError, match="--quantization int4: choose from fp8"):
+        EngineSpec(model="m", quantization="int4")
+
+
 def test_llm_kwargs_synth_with_weights(tmp_path):
     """A synthesized checkpoint with safetensors loads them; one without gets dummy."""
     from internvl_batch import engine

@@ -412,6 +412,11 @@ def _plan(opts: dict, log) -> _Plan:
         opts["pipeline_engine"] == "compiled"
     if "pipeline" in variants and pipeline_compile and not cuda:
         raise ConfigError("--pipeline-engine compiled needs a CUDA GPU")
+    if opts.get("quantization"):
+        if "pipeline" not in variants:
+            raise ConfigError("--quantization applies to the pipeline variant: add it to "
+                              "--variants")
+        llm_kwargs(EngineSpec(model=spec.model, quantization=opts["quantization"]), cuda=cuda)
     share = opts["gpu_memory_utilization"] or gpu_share(len(variants), cuda)
     return _Plan(variants, spec, cache.root, cuda, share, pipeline_compile, notes)
 
@@ -521,6 +526,7 @@ def run_bench(opts: dict, log=print) -> dict:
             "out_dir": str(raw_dir / "pipeline-out"), "batch_size": opts["batch_size"],
             "workers": opts["workers"], "replicas": opts["replicas"],
             "encoder_cudagraphs": bool(opts.get("encoder_cudagraphs")),
+            "quantization": opts.get("quantization"),
             "kv_cache_gb": KV_CACHE_GB if plan.cuda else None}
     # every variant's captions of one slice (the warm-up's, else repeat 0's) are compared
     # with the slow path's: the fast paths must not change what the model says
@@ -566,7 +572,8 @@ def _document(opts: dict, plan: _Plan, session: _Session, images_dir: Path,
                    "prompt": DEFAULT_PROMPT, "kv_cache_gb": session.base["kv_cache_gb"],
                    "pipeline": {"batch_size": opts["batch_size"], "workers": opts["workers"],
                                 "compile": plan.pipeline_compile, "replicas": opts["replicas"],
-                                "encoder_cudagraphs": bool(opts.get("encoder_cudagraphs"))},
+                                "encoder_cudagraphs": bool(opts.get("encoder_cudagraphs")),
+                                "quantization": opts.get("quantization")},
                    "dataset": str(images_dir.parent), "order": session.order_log,
                    "images_per_repeat": "distinct slice per repeat (same slice k for every "
                                         "variant); eager/compiled decode before the clock",

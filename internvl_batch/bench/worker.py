@@ -87,7 +87,9 @@ class Worker:
                           gpu_memory_utilization=c["gpu_memory_utilization"],
                           kv_cache_gb=c.get("kv_cache_gb"),
                           encoder_cudagraphs=bool(c.get("encoder_cudagraphs")
-                                                  and self.variant == "pipeline"))
+                                                  and self.variant == "pipeline"),
+                          quantization=c.get("quantization") if self.variant == "pipeline"
+                          else None)
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         replicas = c.get("replicas", 1) if self.variant == "pipeline" else 1
         self.engine, self.entry = open_engines(spec, Path(c["cache_dir"]), replicas, log)

@@ -74,6 +74,9 @@ def _worker(config_path: str):
               help="pipeline variant: vLLM engines sharing the GPU (run --replicas).")
 @click.option("--encoder-cudagraphs", is_flag=True,
               help="pipeline variant: vLLM's encoder CUDA graphs (run --encoder-cudagraphs).")
+@click.option("--quantization", type=click.Choice(["fp8"]), default=None,
+              help="pipeline variant: vLLM's online FP8 (run --quantization); its captions "
+                   "are compared with the plain script's bf16 ones.")
 @click.option("--cpu-ok", is_flag=True,
               help="Run without a GPU: drop `compiled` with a note instead of refusing.")
 @click.option("--worker", hidden=True, default=None)

@@ -96,6 +96,11 @@ ENGINE_OPTIONS = [
     click.option("--encoder-cudagraphs", is_flag=True,
                  help="GPU: CUDA graphs for the vision encoder (vLLM cudagraph_mm_encoder, "
                       "on vLLM's V1 model runner)."),
+    click.option("--quantization", type=click.Choice(["fp8"]), default=None,
+                 help="GPU, opt-in: vLLM's online FP8 for the linear layers of InternViT and "
+                      "the language model (weights quantized at load, activations per "
+                      "token). Captions may differ from bf16's: compare before relying on "
+                      "it (bench --quantization fp8)."),
     click.option("--mm-cache-gb", type=click.FloatRange(min=0), default=0.0, show_default=True,
                  help="vLLM's multimodal processor cache per engine, GiB; off by default, as "
                       "every image of a dataset is new (it only helps with repeated images)."),
@@ -133,4 +138,5 @@ def make_engine_spec(kw: dict) -> EngineSpec:
         gpu_memory_utilization=kw.pop("gpu_memory_utilization"), dtype=kw.pop("dtype"),
         load_format=kw.pop("load_format"), enforce_eager=kw.pop("enforce_eager"),
         mm_cache_gb=kw.pop("mm_cache_gb"), kv_cache_gb=kw.pop("kv_cache_gb"),
-        encoder_cudagraphs=kw.pop("encoder_cudagraphs", False), seed=kw.get("seed", 0) or 0)
+        encoder_cudagraphs=kw.pop("encoder_cudagraphs", False),
+        quantization=kw.pop("quantization", None), seed=kw.get("seed", 0) or 0)
