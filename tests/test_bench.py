@@ -233,30 +233,39 @@ def test_compiled_refused_without_gpu(tmp_path):
     assert not (tmp_path / "res").exists()
 
 
-@pytest.mark.parametrize("variants,msg", [
-    ("eager,pipeline", "--quantization fp8 needs a CUDA GPU"),
-    ("eager,plain", "--quantization applies to the pipeline variant"),
-])
-def test_quantization_refused_without_gpu_or_pipeline(tmp_path, variants, msg):
+def test_pipeline_fp8_refused_without_gpu_or_dropped_with_cpu_ok(tmp_path):
     from internvl_batch.engine import has_cuda
 
     if has_cuda():
         pytest.skip("a GPU is present")
-    r = _cli("--model", "preset:tiny", "--images", "2", "--variants", variants,
-             "--quantization", "fp8", "--cache-dir", str(tmp_path),
-             "--results-dir", str(tmp_path / "res"))
+    r = _cli("--model", "preset:tiny", "--images", "2", "--variants", "plain,pipeline-fp8",
+             "--cache-dir", str(tmp_path), "--results-dir", str(tmp_path / "res"))
     err = [line for line in r.stderr.splitlines() if line.strip()]
-    assert r.returncode == 2 and len(err) == 1 and msg in err[0], r.stderr
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "variant pipeline-fp8 needs a CUDA GPU" in err[0] and "--cpu-ok" in err[0]
     assert not (tmp_path / "res").exists()
+    plan = bench._plan({"variants": ["plain", "compiled", "pipeline-fp8"], "model": "preset:tiny",
+                        "cache_dir": str(tmp_path), "max_dynamic_patch": 1, "cpu_ok": True,
+                        "pipeline_engine": "auto", "gpu_memory_utilization": None},
+                       log=lambda m: None)
+    assert plan.variants == ["plain"]
+    assert [n.split(" (")[0] for n in plan.notes] == ["dropped variant compiled",
+                                                      "dropped variant pipeline-fp8"]
 
 
-def test_results_markdown_names_a_quantized_pipeline():
+def test_pipeline_fp8_ratios_and_note():
+    reps = {v: [bench.repeat_row(_rep(s), None, None, str(k)) for k, s in enumerate(ss)]
+            for v, ss in {"plain": [2.0, 2.0], "pipeline": [1.0, 1.0],
+                          "pipeline-fp8": [0.8, 0.5]}.items()}
+    infos = {v: {"init": {"total_s": 1.0}, "compile": v != "plain"} for v in reps}
+    got = bench.analyse(reps, infos)
+    assert set(got["ratios"]) == {"pipeline/plain", "pipeline-fp8/pipeline",
+                                  "pipeline-fp8/plain"}
+    assert got["ratios"]["pipeline-fp8/pipeline"]["requests_per_s"]["per_repeat"] == [1.25, 2.0]
     doc = fake_doc()
-    doc["config"]["pipeline"] = {"quantization": "fp8"}
-    md = report.results_markdown(doc)
-    assert "- pipeline: quantization fp8 (vLLM's online fp8 for InternViT and the language " \
-           "model)" in md
-    assert "quantization" not in report.results_markdown(fake_doc())
+    doc["variants"]["pipeline-fp8"] = doc["variants"]["compiled"]
+    assert "- pipeline-fp8: vLLM's online FP8" in report.results_markdown(doc)
+    assert "pipeline-fp8" not in report.results_markdown(fake_doc())
 
 
 # -- real vLLM on CPU -------------------------------------------------------------------------

@@ -257,7 +257,7 @@ def test_llm_kwargs_quantization(synth_dir):
     assert "quantization" not in engine.llm_kwargs(EngineSpec(model=str(synth_dir)), cuda=True)
     assert "quantization" not in EngineSpec(model="m").to_dict()
     assert spec.to_dict()["quantization"] == "fp8"
-    with pytest.raises(ConfigError, match=r"^--quantization fp8 needs a CUDA GPU .*drop "
+    with pytest.raises(ConfigError, match=r"^--quantization fp8 needs a CUDA GPU: .*; drop "
                                           r"--quantization$"):
         engine.llm_kwargs(EngineSpec(model=str(synth_dir), quantization="fp8"), cuda=False)
     with pytest.raises(ConfigError, match="--quantization int4: choose from fp8"):

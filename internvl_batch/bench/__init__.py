@@ -23,7 +23,9 @@ Design (what makes the numbers comparable):
 
 What each variant times: `eager` / `compiled` one `LLM.generate` over pre-decoded images
 (engine throughput); `plain` `internvl_batch/bench/plain.py`'s loop including its own serial image
-decoding; `pipeline` `pipeline.run` end to end (decode workers, batches, Parquet, stats).
+decoding; `pipeline` `pipeline.run` end to end (decode workers, batches, Parquet, stats);
+`pipeline-fp8` the same with `--quantization fp8` (GPU), whose captions against the plain
+script's bf16 ones are FP8's agreement with bf16.
 """
 from __future__ import annotations
 
@@ -47,17 +49,19 @@ from ..sizing import CPU_FRACTION_SHARED, gpu_memory_fraction, lm_shape
 if TYPE_CHECKING:
     from ..config import EngineSpec
 
-VARIANTS = ("eager", "compiled", "plain", "pipeline")
+VARIANTS = ("eager", "compiled", "plain", "pipeline", "pipeline-fp8")
+PIPELINES = {"pipeline": None, "pipeline-fp8": "fp8"}  # the run path, by its quantization
 LABELS = {
     "eager": "internvl-batch engine, eager encoder (images pre-decoded)",
     "compiled": "internvl-batch engine, compiled encoder (images pre-decoded)",
     "plain": "plain vLLM script (internvl_batch/bench/plain.py, decodes serially inside the clock)",
     "pipeline": "internvl-batch run path end to end (decode workers + batches + Parquet)",
+    "pipeline-fp8": "the run path with --quantization fp8 (vLLM's online FP8, GPU only)",
 }
 # the two comparisons this benchmark is for, then the pipeline against its own engine alone
 # (compiled on GPU, eager on CPU): what the product's decode/batch/write path costs or saves
 RATIOS = (("compiled", "eager"), ("pipeline", "plain"), ("pipeline", "compiled"),
-          ("pipeline", "eager"))
+          ("pipeline", "eager"), ("pipeline-fp8", "pipeline"), ("pipeline-fp8", "plain"))
 METRICS = ("requests_per_s", "output_tokens_per_s", "images_per_s", "seconds")
 KV_CACHE_GB = 2.0  # per engine of ours on GPU: ~170k tokens of InternVL3-1B, ~70k of 2B; all
 # variants (4 replicas included) must fit on one 80 GB GPU at once
@@ -393,30 +397,30 @@ def _plan(opts: dict, log) -> _Plan:
     cache = CompileCache(opts["cache_dir"])
     spec = cache.resolve(EngineSpec(model=opts["model"], max_dynamic_patch=opts["max_dynamic_patch"]))
     notes = []
-    if "compiled" in variants and not cuda:
+    # variants whose engine settings this device cannot run: refused, or dropped with a note
+    gpu_only = {"compiled": EngineSpec(model=spec.model, compile=True),
+                "pipeline-fp8": EngineSpec(model=spec.model, quantization="fp8")}
+    for v, needs in gpu_only.items():
+        if v not in variants or cuda:
+            continue
         try:
-            llm_kwargs(EngineSpec(model=spec.model, compile=True), cuda=False)
+            llm_kwargs(needs, cuda=False)
         except ConfigError as e:
             msg = str(e)
             reason = msg.split(": ", 1)[1].rsplit("; drop", 1)[0] if ": " in msg else msg
             if not opts["cpu_ok"]:
-                raise ConfigError(f"variant compiled needs a CUDA GPU: {reason}; drop it from "
+                raise ConfigError(f"variant {v} needs a CUDA GPU: {reason}; drop it from "
                                   "--variants or pass --cpu-ok") from None
-            variants = [v for v in variants if v != "compiled"]
-            notes.append(f"dropped variant compiled (--cpu-ok): needs a CUDA GPU: {reason}")
+            variants = [x for x in variants if x != v]
+            notes.append(f"dropped variant {v} (--cpu-ok): needs a CUDA GPU: {reason}")
             log(f"note: {notes[-1]}")
     if not variants:
         raise ConfigError("no variants left to run")
     llm_kwargs(spec, cuda=cuda)  # flag other config errors before anything starts
     pipeline_compile = cuda if opts["pipeline_engine"] == "auto" else \
         opts["pipeline_engine"] == "compiled"
-    if "pipeline" in variants and pipeline_compile and not cuda:
+    if any(v in PIPELINES for v in variants) and pipeline_compile and not cuda:
         raise ConfigError("--pipeline-engine compiled needs a CUDA GPU")
-    if opts.get("quantization"):
-        if "pipeline" not in variants:
-            raise ConfigError("--quantization applies to the pipeline variant: add it to "
-                              "--variants")
-        llm_kwargs(EngineSpec(model=spec.model, quantization=opts["quantization"]), cuda=cuda)
     share = opts["gpu_memory_utilization"] or gpu_share(len(variants), cuda)
     return _Plan(variants, spec, cache.root, cuda, share, pipeline_compile, notes)
 
@@ -452,13 +456,13 @@ class _Session:
         # cache (`kv_cache_gb`, no profiling) and then all start at once, the compile cache
         # serialising any build.
         p = self.plan
-        start_order = sorted(p.variants, key=lambda v: v not in ("compiled", "pipeline"))
+        start_order = sorted(p.variants, key=lambda v: v not in ("compiled", *PIPELINES))
         alone = [v for v in start_order if v == "plain" and p.cuda]
         together = [v for v in start_order if v not in alone]
         for group in (alone, together):
             started_at = {}
             for v in group:
-                compile_ = v == "compiled" or (v == "pipeline" and p.pipeline_compile)
+                compile_ = v == "compiled" or (v in PIPELINES and p.pipeline_compile)
                 self.log(f"starting {v} (gpu_memory_utilization {p.share})")
                 started_at[v] = time.perf_counter()
                 self.children[v] = Child(v, dict(self.base, compile=compile_), self.raw_dir)
@@ -526,7 +530,6 @@ def run_bench(opts: dict, log=print) -> dict:
             "out_dir": str(raw_dir / "pipeline-out"), "batch_size": opts["batch_size"],
             "workers": opts["workers"], "replicas": opts["replicas"],
             "encoder_cudagraphs": bool(opts.get("encoder_cudagraphs")),
-            "quantization": opts.get("quantization"),
             "kv_cache_gb": KV_CACHE_GB if plan.cuda else None}
     # every variant's captions of one slice (the warm-up's, else repeat 0's) are compared
     # with the slow path's: the fast paths must not change what the model says
@@ -572,8 +575,7 @@ def _document(opts: dict, plan: _Plan, session: _Session, images_dir: Path,
                    "prompt": DEFAULT_PROMPT, "kv_cache_gb": session.base["kv_cache_gb"],
                    "pipeline": {"batch_size": opts["batch_size"], "workers": opts["workers"],
                                 "compile": plan.pipeline_compile, "replicas": opts["replicas"],
-                                "encoder_cudagraphs": bool(opts.get("encoder_cudagraphs")),
-                                "quantization": opts.get("quantization")},
+                                "encoder_cudagraphs": bool(opts.get("encoder_cudagraphs"))},
                    "dataset": str(images_dir.parent), "order": session.order_log,
                    "images_per_repeat": "distinct slice per repeat (same slice k for every "
                                         "variant); eager/compiled decode before the clock",
@@ -604,9 +606,10 @@ def analyse(reps: dict[str, list[dict]], infos: dict[str, dict]) -> dict:
                                             "gpu_busy_pct")
                         if rows and all(r.get(m) is not None for r in rows)},
         }
-    pipe_engine = "compiled" if infos.get("pipeline", {}).get("compile") else "eager"
+    pipe_engine = "compiled" if any(infos.get(v, {}).get("compile") for v in PIPELINES) \
+        else "eager"
     for a, b in RATIOS:
-        if a == "pipeline" and b in ("compiled", "eager") and b != pipe_engine:
+        if a in PIPELINES and b in ("compiled", "eager") and b != pipe_engine:
             continue
         if a in reps and b in reps:
             out["ratios"][f"{a}/{b}"] = {m: ratio(reps[a], reps[b], m)

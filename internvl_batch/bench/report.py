@@ -122,11 +122,10 @@ def results_markdown(doc: dict) -> str:
     if cap:
         out += [cap, ""]
     notes = list(doc["config"].get("notes") or [])
-    quant = (doc["config"].get("pipeline") or {}).get("quantization")
-    if quant:
-        notes.append(f"pipeline: quantization {quant} (vLLM's online {quant} for InternViT "
-                     "and the language model); every other variant runs the checkpoint's "
-                     "bf16, so its caption agreement is the quantized model's against bf16.")
+    if "pipeline-fp8" in doc["variants"]:
+        notes.append("pipeline-fp8: vLLM's online FP8 for InternViT's and the language "
+                     "model's linear layers; every other variant runs the checkpoint's bf16, "
+                     "so its caption agreement is FP8's against bf16.")
     pipe = doc["variants"].get("pipeline")
     if pipe and pipe["repeats"] and all("pipeline_generate_s" in r for r in pipe["repeats"]):
         outside = [r["seconds"] - r["pipeline_generate_s"] for r in pipe["repeats"]]

@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 
 from ..engine import tokens_per_tile
+from . import PIPELINES
 
 def load_plain(path: Path | None = None):
     """The plain-vLLM baseline: `internvl_batch.bench.plain`, or a user's own copy at `path`."""
@@ -87,11 +88,10 @@ class Worker:
                           gpu_memory_utilization=c["gpu_memory_utilization"],
                           kv_cache_gb=c.get("kv_cache_gb"),
                           encoder_cudagraphs=bool(c.get("encoder_cudagraphs")
-                                                  and self.variant == "pipeline"),
-                          quantization=c.get("quantization") if self.variant == "pipeline"
-                          else None)
+                                                  and self.variant in PIPELINES),
+                          quantization=PIPELINES.get(self.variant))
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-        replicas = c.get("replicas", 1) if self.variant == "pipeline" else 1
+        replicas = c.get("replicas", 1) if self.variant in PIPELINES else 1
         self.engine, self.entry = open_engines(spec, Path(c["cache_dir"]), replicas, log)
         # a pool serves from its first ready replica on: throughput is timed with all of them
         ready_s = self.engine.wait_all()
@@ -115,7 +115,7 @@ class Worker:
                    "prompt_tokens": stats["prompt_tokens"],
                    "image_tokens": stats["image_tokens"], "errors": len(paths) - n,
                    "captions": stats["captions"]}
-        elif self.variant == "pipeline":
+        elif self.variant in PIPELINES:
             rep = self._run_pipeline(slice_name, s)
         else:
             rep = self._run_engine(paths)

@@ -53,7 +53,9 @@ def _worker(config_path: str):
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--warmup-images", type=click.IntRange(0), default=64, show_default=True)
 @click.option("--variants", default="eager,compiled,plain,pipeline", show_default=True,
-              callback=_variants, help="Comma list of eager, compiled, plain, pipeline.")
+              callback=_variants,
+              help="Comma list of eager, compiled, plain, pipeline, pipeline-fp8 (the run "
+                   "path with --quantization fp8; GPU).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Compile-cache root (also holds presets and, by default, the data).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
@@ -74,11 +76,9 @@ def _worker(config_path: str):
               help="pipeline variant: vLLM engines sharing the GPU (run --replicas).")
 @click.option("--encoder-cudagraphs", is_flag=True,
               help="pipeline variant: vLLM's encoder CUDA graphs (run --encoder-cudagraphs).")
-@click.option("--quantization", type=click.Choice(["fp8"]), default=None,
-              help="pipeline variant: vLLM's online FP8 (run --quantization); its captions "
-                   "are compared with the plain script's bf16 ones.")
 @click.option("--cpu-ok", is_flag=True,
-              help="Run without a GPU: drop `compiled` with a note instead of refusing.")
+              help="Run without a GPU: drop `compiled` and `pipeline-fp8` with a note "
+                   "instead of refusing.")
 @click.option("--worker", hidden=True, default=None)
 def bench(worker, **kw):
     """Benchmark compiled vs eager encoder and internvl-batch vs a plain vLLM script.
