@@ -100,7 +100,7 @@ ENGINE_OPTIONS = [
                  help="GPU, opt-in: vLLM's online FP8 for the linear layers of InternViT and "
                       "the language model (weights quantized at load, activations per "
                       "token). Captions may differ from bf16's: compare before relying on "
-                      "it (bench --quantization fp8)."),
+                      "it (bench --variants plain,pipeline,pipeline-fp8)."),
     click.option("--mm-cache-gb", type=click.FloatRange(min=0), default=0.0, show_default=True,
                  help="vLLM's multimodal processor cache per engine, GiB; off by default, as "
                       "every image of a dataset is new (it only helps with repeated images)."),

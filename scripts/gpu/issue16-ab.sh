@@ -21,8 +21,8 @@ SIZES=${SIZES:-448 coco}
 REPEATS=${REPEATS:-12}
 LIMIT=${LIMIT:-560}  # seconds per workload
 # more bench-ab options, e.g. "--engine-core process" (vLLM's own layout, as on the H100 on
-# 2026-11-25) or "--gc-off"; the engine core runs inline by default since the CPU A/A test
-# (results/cpu-2core/ab-noise/)
+# 2026-11-25) or "--gc-on"; bench-ab runs its engine core inline, with no garbage collection
+# inside the clock, by default since the CPU A/A test (results/cpu-2core/ab-noise/)
 EXTRA=${EXTRA:-}
 # SPY=1: the whole bench-ab under py-spy (every process, idle threads too, RATE samples/s),
 # summarized per process and category by `python -m internvl_batch.bench.spy` (issue 14's
