@@ -330,7 +330,7 @@ def _doc(cuda=True):
                                 "classes": {"GEMM": 150.0, "attention": 80.0, "other": 20.0}},
                     "ivb_decode": {"gpu_ms": 500.0, "share": 0.5, "kernels": 90, "classes": {}}},
           "idle": {"busy_of_wall": 0.9, "gaps_over_1ms": 3, "gap_ms_over_1ms": 12.5,
-                   "gaps_over_0_1ms": 40, "largest_gap_ms": 6.0}}
+                   "gaps_over_0_1ms": 40, "largest_gap_ms": 6.0}, "attributed_gpu_ms": 990.0}
     prof = {"eager": {"cuda": True, "encoder_calls": 10, "encoder_gpu_ms": 300.0,
                       "gpu_ms": 1000.0, "encoder_share_of_gpu": 0.3, "gpu_busy_of_wall": 0.9,
                       "breakdown": bd}}
@@ -364,6 +364,7 @@ def test_results_markdown_has_the_headline_rows():
     assert "model step, decode only (LM) | 500.0 (50.0 %)" in md
     assert "eager: GPU busy 90.0 % of the profiled wall (union of kernels); 3 idle gaps ≥ 1 ms " \
            "totalling 12.5 ms" in md
+    assert "kernels placed in the table 990.0 of 1000.0 GPU ms (the rest: no launch seen)." in md
 
 
 def test_write_outputs_json_md_and_plot(tmp_path):

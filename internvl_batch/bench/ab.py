@@ -892,7 +892,9 @@ def breakdown_markdown(prof: dict) -> list[str]:
                     f"(union of kernels); {idle.get('gaps_over_1ms')} idle gaps ≥ 1 ms "
                     f"totalling {_f(idle.get('gap_ms_over_1ms'), 1)} ms, "
                     f"{idle.get('gaps_over_0_1ms')} ≥ 0.1 ms, largest "
-                    f"{_f(idle.get('largest_gap_ms'), 1)} ms.")
+                    f"{_f(idle.get('largest_gap_ms'), 1)} ms; kernels placed in the table "
+                    f"{_f(bds[m].get('attributed_gpu_ms'), 1)} of "
+                    f"{_f(prof[m].get('gpu_ms'), 1)} GPU ms (the rest: no launch seen).")
         lines.append("")
     else:
         lines += ["Ranges in the profiled round (CPU ms, inclusive of ranges inside them):", "",
