@@ -210,8 +210,13 @@ def resolve_model(model: str) -> tuple[str, bool]:
     return model, False
 
 
-def check_device(spec: EngineSpec, *, cuda: bool) -> None:
-    """Settings this device cannot run, found before any output or engine exists."""
+def check_device(spec: EngineSpec, *, cuda: bool | None = None) -> None:
+    """Settings this device cannot run, found before any output or engine exists. `cuda`
+    None: asked (`has_cuda`, which imports torch) only if a setting needs a GPU."""
+    if not (spec.compile or spec.quantization):
+        return
+    if cuda is None:
+        cuda = has_cuda()
     if spec.compile and not cuda:
         raise ConfigError(
             "--compile needs a CUDA GPU: on CPU vLLM's compiled InternVL encoder fails "

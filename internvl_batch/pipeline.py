@@ -157,13 +157,11 @@ def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None,
     log = term.info
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
     writer.fingerprint = fingerprint.of(cfg)
-    # GPU-only settings on CPU: one line now, not after the lock and the output exist
-    if started is None and (cfg.engine.compile or cfg.engine.quantization):
-        from .engine import check_device, has_cuda  # (torch: only when it is needed anyway)
+    if started is None:  # one line now, not after the lock or as a replica's death:
+        from .engine import check_device
 
-        check_device(cfg.engine, cuda=has_cuda())
-    if started is None:  # a bad INTERNVL_BATCH_ENGINE_START: one line, not a replica's death
-        procstart.wanted()
+        check_device(cfg.engine)  # GPU-only settings on CPU
+        procstart.wanted()  # a bad INTERNVL_BATCH_ENGINE_START
     if writer.is_complete() and not cfg.overwrite:
         return _complete(cfg, writer, term)
     # raises SourceError before any model is loaded

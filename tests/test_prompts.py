@@ -264,6 +264,18 @@ def test_llm_kwargs_quantization(synth_dir):
         EngineSpec(model="m", quantization="int4")
 
 
+def test_check_device_asks_for_a_gpu_only_when_a_setting_needs_one(monkeypatch):
+    from internvl_batch import engine
+
+    asked = []
+    monkeypatch.setattr(engine, "has_cuda", lambda: asked.append(1) or False)
+    engine.check_device(EngineSpec(model="m"))  # nothing GPU-only: torch is not imported
+    assert asked == []
+    with pytest.raises(ConfigError, match="^--quantization fp8 needs a CUDA GPU"):
+        engine.check_device(EngineSpec(model="m", quantization="fp8"))
+    assert asked == [1]
+
+
 def test_llm_kwargs_synth_with_weights(tmp_path):
     """A synthesized checkpoint with safetensors loads them; one without gets dummy."""
     from internvl_batch import engine
