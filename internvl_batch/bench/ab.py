@@ -557,6 +557,9 @@ def run(opts: ABOptions, log=print) -> dict:
             "; encoder gain " + _x(a["encoder_gain"]) +
             f"; predicted {_f(a['prediction'].get('predicted'), 4)}; token agreement "
             f"{doc['agreement']['identical_pct']} %")
+    except Stopped as e:  # the caller's time limit: keep the rounds measured so far
+        rec.error("run", e)
+        say(f"STOPPED: {e}")
     except Exception as e:  # keep what was measured; the caller exits non-zero
         rec.error("run", e)
         say(f"FAILED: {_err(e)}")
@@ -956,8 +959,29 @@ def plot(doc: dict, path: Path) -> Path | None:
                        cpu=not doc.get("device", {}).get("cuda"))
 
 
+class Stopped(Exception):
+    """Raised in the main thread by bench-ab's SIGTERM handler (a `timeout` around it)."""
+
+
+def analyse_partial(doc: dict) -> dict:
+    """A run that ended early (stopped at its time limit, or failed) keeps its timed rounds:
+    their analysis goes into the document, which stays `complete: false` and says how many
+    pairs it has (on the H200, 6 of 8 COCO pairs fitted in a 400 s call)."""
+    if "analysis" not in doc and any(r.get("kind") == "timed" for r in doc.get("rounds", ())):
+        doc["analysis"] = analyse(doc["rounds"], doc.get("profile"))
+        doc["agreement"] = merge_agreement([r["agreement"] for r in doc["rounds"]
+                                            if r.get("agreement")])
+        timed = sum(1 for r in doc.get("schedule", ()) if r.get("kind") == "timed")
+        doc.setdefault("notes", []).append(
+            f"Incomplete: the analysis covers the {doc['analysis']['rounds_timed']} timed "
+            f"pairs finished of {timed} planned.")
+    return doc
+
+
 def write_outputs(doc: dict, results_dir: Path) -> dict[str, Path]:
-    """NAME.json (already written while running), NAME.md and NAME.png (if matplotlib)."""
+    """NAME.json (already written while running), NAME.md and NAME.png (if matplotlib); a
+    run that ended early is analysed over the rounds it finished (`analyse_partial`)."""
+    analyse_partial(doc)
     results_dir.mkdir(parents=True, exist_ok=True)
     out = {"json": results_dir / f"{doc['name']}.json"}
     Recorder(doc, results_dir).save()

@@ -105,6 +105,14 @@ def bench_ab(**kw):
 
 
 def _run(opts):
-    from ..bench.ab import run
+    import signal
 
+    from ..bench.ab import Stopped, run
+
+    # a `timeout` around the benchmark (the GPU scripts' per-workload limit) sends SIGTERM:
+    # the rounds measured so far are then analysed and written, not lost
+    def stop(signum, frame):
+        raise Stopped(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, stop)
     return run(opts, log=lambda m: click.echo(m, err=True))
