@@ -161,7 +161,7 @@ def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None,
         from .engine import check_device
 
         check_device(cfg.engine)  # GPU-only settings on CPU
-        procstart.wanted()  # a bad INTERNVL_BATCH_ENGINE_START
+        procstart.fork_replicas(cuda=False)  # a bad INTERNVL_BATCH_{ENGINE,REPLICA}_START
     if writer.is_complete() and not cfg.overwrite:
         return _complete(cfg, writer, term)
     # raises SourceError before any model is loaded

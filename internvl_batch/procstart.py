@@ -25,7 +25,8 @@ after 128.5 s instead of 163.7 s. So it is the default; `INTERNVL_BATCH_ENGINE_S
 goes back to vLLM's way.
 
 Two steps further, the same server forks
-* `run`'s replica processes (with `PRELOAD_REPLICA`), which then start with torch and vLLM
+* `run`'s replica processes on CPU (`fork_replicas`: on a GPU only if asked), which then
+  start with torch and vLLM
   imported instead of spending 13-16 s on interpreter start and imports and 8.2-8.7 s on
   `from vllm import LLM` each (four at once, H200). A replica is attached to its parent's
   server (`_attach`), so its engine core comes from there too: CPython's forkserver child
@@ -34,7 +35,8 @@ Two steps further, the same server forks
   and tensor-parallel GPU engines do.
 On 2 CPU cores (results/cpu-2core/engine-start/) a single engine's first row came after
 21.9 s instead of 28.6 s with its worker spawned, and two replicas' after 23.2-24.5 s
-instead of 52.0-53.3 s with every process spawned. Not yet measured on a GPU.
+instead of 52.0-53.3 s with every process spawned. On an H200, forked replicas started
+sooner but served a third of the spawned ones' images/s (`fork_replicas`).
 """
 from __future__ import annotations
 
@@ -57,6 +59,30 @@ def wanted() -> bool:
 
         raise ConfigError(f"{ENV}={mode!r}: set it to spawn or forkserver, or unset it")
     return mode == "forkserver"
+
+
+REPLICA_ENV = "INTERNVL_BATCH_REPLICA_START"
+
+
+def fork_replicas(cuda: bool) -> bool:
+    """Whether `run`'s replica processes come from the fork server (`fork`) or start as
+    `python -m internvl_batch replica` (`spawn`). Unset: forked on CPU, spawned on a GPU.
+    On an H200 (results/h200/issue15-forked/), four forked replicas reached their first
+    row sooner (warm 41-43 s against 46.6-55.3 s spawned on 2026-12-04), but served 85-98
+    images/s against 239-268 spawned, with each replica 86-96 % busy. One difference from
+    the spawned layout: their engine cores kept the thread pool that torch sized at the
+    server's import (every core), not the replica's share; `_threads_from_env` now applies
+    the share, but whether that was the cause is not measured. Until a GPU run shows forked
+    replicas keep the spawned ones' rate, a GPU spawns them. `spawn` in ENV spawns every
+    process."""
+    mode = os.environ.get(REPLICA_ENV, "")
+    if mode not in ("", "fork", "spawn"):
+        from .config import ConfigError
+
+        raise ConfigError(f"{REPLICA_ENV}={mode!r}: set it to fork or spawn, or unset it")
+    if not wanted():
+        return False
+    return mode == "fork" or (mode == "" and not cuda)
 
 
 def start_server(preload: list[str] = PRELOAD, env: dict[str, str] | None = None) -> None:
@@ -156,9 +182,25 @@ class EnvProcess(context.ForkServerProcess):
         if passed:
             self._kwargs = dict(self._kwargs, fds={k: d.detach() for k, d in passed.items()})
         _attach(server)
+        _threads_from_env()
         _name_in_proc(self.name)
         if _VLLM_STARTERS[0] in sys.modules:  # an engine core: its workers come from here too
             use_for_vllm()
+
+
+def _threads_from_env() -> None:
+    """torch sizes its CPU thread pool at import, from OMP_NUM_THREADS or every core: in a
+    forked process, at the server's import, with the server's environment. A parent that
+    gives its children a share of the cores (`run`'s replicas) sets OMP_NUM_THREADS, and
+    the child applies it here, as a spawned one would at its own import."""
+    n, torch = os.environ.get("OMP_NUM_THREADS"), sys.modules.get("torch")
+    if not n or torch is None:
+        return
+    try:
+        if torch.get_num_threads() != int(n):
+            torch.set_num_threads(int(n))
+    except (ValueError, RuntimeError):  # a bad value: torch's own default stays
+        pass
 
 
 def _name_in_proc(name: str) -> None:

@@ -6,9 +6,10 @@ that frontend work, not the GPU, sets the rate (measured on H100: ~96 images/s w
 mostly idle; see results/h100/ISSUE6.md). N engines give N frontends and N engine cores that
 time-share the GPU; the parent only decodes (in its pool), dispatches and writes.
 
-Each replica is forked from procstart's fork server, which has imported torch and vLLM
-(`forked_main`), or with INTERNVL_BATCH_ENGINE_START=spawn is `python -m internvl_batch
-replica CONFIG`. Either way it starts its engine through the compile cache (so the first
+Each replica is `python -m internvl_batch replica CONFIG` on a GPU, or forked from
+procstart's fork server, which has imported torch and vLLM (`forked_main`), on CPU or where
+INTERNVL_BATCH_REPLICA_START=fork asks (`procstart.fork_replicas` says why a GPU spawns
+them). Either way it starts its engine through the compile cache (so the first
 replica builds the entry under the cache lock and the others load it, and a replica that finds
 the entry poisoned restarts itself), then answers batches from its command pipe with results
 on a reply pipe, as streamed pickles. Replicas start concurrently; each reserves a
@@ -93,7 +94,7 @@ class ReplicaPool(Engines):
                  f"gpu_memory_utilization {spec.gpu_memory_utilization}, "
                  f"kv cache {spec.kv_cache_gb or 'profiled'} GiB)")
         self._tmp = tempfile.TemporaryDirectory(prefix="ivb-replicas-")
-        forked = procstart.wanted()
+        forked = procstart.fork_replicas(self.cuda)
         if forked:  # its imports run while we go on; the first fork waits for them
             # HF_HOME is read once at import, so the server gets the replicas' value
             procstart.start_server(procstart.PRELOAD_REPLICA,
@@ -419,10 +420,11 @@ class _Replica:
 # -- the replica process ----------------------------------------------------------------------
 
 def forked_main(config_path: str, fds: dict[str, int]) -> None:
-    """A replica forked from procstart's fork server (the default): `main`, reading batches
-    from `fds["command"]` and replying on `fds["reply"]`, which go into its config, so that
-    a restart after a poisoned entry (`python -m internvl_batch replica CONFIG`, in this
-    process) finds them. Leaves with os._exit like the command (cli.common.exit_now)."""
+    """A replica forked from procstart's fork server (`procstart.fork_replicas`): `main`,
+    reading batches from `fds["command"]` and replying on `fds["reply"]`, which go into its
+    config, so that a restart after a poisoned entry (`python -m internvl_batch replica
+    CONFIG`, in this process) finds them. Leaves with os._exit like the command
+    (cli.common.exit_now)."""
     code = 1
     try:
         for fd in fds.values():
@@ -430,11 +432,6 @@ def forked_main(config_path: str, fds: dict[str, int]) -> None:
         path = Path(config_path)
         path.write_text(json.dumps(dict(json.loads(path.read_text()),
                                         command_fd=fds["command"], reply_fd=fds["reply"])))
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if threads:  # torch was imported (by the server) before our environment was set
-            import torch
-
-            torch.set_num_threads(int(threads))
         try:
             code = main(config_path)
         except EntryPoisoned:

@@ -207,9 +207,10 @@ def host_memory(images: int, end: bool = False, root: int | None = None) -> dict
             # a child of our fork server that neither vLLM nor procstart named (its cmdline
             # is the server's): what the server forks unnamed is vLLM's engine core
             roles[pid] = role = "vLLM engine core"
-        rss, pss = _rss_pss_gb(pid)
+        rss, pss, threads = _memory_threads(pid)
         if rss is not None:
-            procs.append({"role": role, "pid": pid, "rss_gb": rss, "pss_gb": pss})
+            procs.append({"role": role, "pid": pid, "rss_gb": rss, "pss_gb": pss,
+                          "threads": threads})
     pss = [p["pss_gb"] for p in procs if p["pss_gb"] is not None]
     return {"images": images, "end": end, "processes": len(procs),
             "total_pss_gb": round(sum(pss), 3) if pss else None,
@@ -242,23 +243,27 @@ def _process_tree(root: int) -> list[tuple[int, int]]:
     return tree
 
 
-def _rss_pss_gb(pid: int) -> tuple[float | None, float | None]:
-    """(RSS, PSS) in GB; PSS is None where smaps_rollup is missing (Linux < 4.14)."""
+def _memory_threads(pid: int) -> tuple[float | None, float | None, int | None]:
+    """(RSS, PSS) in GB and the OS threads (torch's CPU pool among them, once it ran: a
+    process's share of the cores shows there); PSS is None where smaps_rollup is missing
+    (Linux < 4.14)."""
     gb = 2**20  # the files count kB
     try:
         with open(f"/proc/{pid}/status") as f:
-            rss = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), None)
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
     except OSError:
-        return None, None  # gone meanwhile
-    if rss is None:  # a zombie
-        return None, None
+        return None, None, None  # gone meanwhile
+    if "VmRSS" not in fields:  # a zombie
+        return None, None, None
+    rss = int(fields["VmRSS"].split()[0])
+    threads = int(fields["Threads"]) if fields.get("Threads", "").strip().isdigit() else None
     pss = None
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             pss = next((int(line.split()[1]) for line in f if line.startswith("Pss:")), None)
     except OSError:
         pass
-    return round(rss / gb, 3), (round(pss / gb, 3) if pss is not None else None)
+    return round(rss / gb, 3), (round(pss / gb, 3) if pss is not None else None), threads
 
 
 def _role(pid: int, root: int) -> str:

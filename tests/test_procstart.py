@@ -74,6 +74,63 @@ def test_a_vllm_without_the_hook_keeps_spawning(monkeypatch):
     assert isinstance(workers.get_mp_context(), procstart._Context)
 
 
+def test_replicas_are_forked_on_cpu_and_spawned_on_a_gpu_unless_asked(monkeypatch):
+    """On an H200 forked replicas served a third of the spawned ones' images/s
+    (results/h200/issue15-forked/): a GPU spawns them unless INTERNVL_BATCH_REPLICA_START
+    says fork; ENGINE_START=spawn spawns everything."""
+    monkeypatch.delenv(procstart.ENV, raising=False)
+    monkeypatch.delenv(procstart.REPLICA_ENV, raising=False)
+    assert [procstart.fork_replicas(cuda) for cuda in (False, True)] == [True, False]
+    monkeypatch.setenv(procstart.REPLICA_ENV, "fork")
+    assert [procstart.fork_replicas(cuda) for cuda in (False, True)] == [True, True]
+    monkeypatch.setenv(procstart.ENV, "spawn")
+    assert [procstart.fork_replicas(cuda) for cuda in (False, True)] == [False, False]
+    monkeypatch.delenv(procstart.ENV)
+    monkeypatch.setenv(procstart.REPLICA_ENV, "spawn")
+    assert [procstart.fork_replicas(cuda) for cuda in (False, True)] == [False, False]
+    monkeypatch.setenv(procstart.REPLICA_ENV, "forkserver")
+    with pytest.raises(ConfigError, match="set it to fork or spawn, or unset it"):
+        procstart.fork_replicas(False)
+
+
+def _threads(path):
+    import torch
+
+    with open(path, "w") as f:
+        f.write(f"{torch.get_num_threads()} {os.environ['OMP_NUM_THREADS']}")
+
+
+def test_a_forked_child_gets_the_thread_budget_of_its_environment(tmp_path, monkeypatch):
+    """torch sizes its thread pool at import: in a forked child, at the server's, which
+    knew nothing of the share a replica gives its engine core (OMP_NUM_THREADS). The child
+    applies its own. The server preloads torch here (unless this test process started one
+    before; the engine tests start it with torch and vLLM). One thread: the budget that
+    differs from torch's default on any machine (a fresh import caps it at the cores)."""
+    import torch
+
+    n = 1
+    forkserver.set_forkserver_preload(["torch"])
+    forkserver.ensure_running()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(n))
+    seen = tmp_path / "seen"
+    p = procstart._Context().Process(target=_threads, args=(str(seen),))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+    assert seen.read_text() == f"{n} {n}"
+    # the function itself, in this process (whose torch is imported)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", str(before + 1))
+        procstart._threads_from_env()
+        assert torch.get_num_threads() == before + 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "many")  # not a number: left as it is
+        procstart._threads_from_env()
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_bad_mode_is_one_line_before_any_engine(tmp_path, monkeypatch):
     """Read by every replica process; checked once in `run` first, so a typo is a user
     error (exit 2, one line, nothing written), not N replicas dying while they start."""
@@ -87,6 +144,13 @@ def test_a_bad_mode_is_one_line_before_any_engine(tmp_path, monkeypatch):
     assert res.exit_code == 2, res.output
     assert res.output.splitlines() == [
         f"Error: {procstart.ENV}='fork': set it to spawn or forkserver, or unset it"]
+    assert not out.exists()
+    monkeypatch.delenv(procstart.ENV)
+    monkeypatch.setenv(procstart.REPLICA_ENV, "forked")
+    res = CliRunner().invoke(cli, ["run", "--dataset", "sample", "--replicas", "2", "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    assert res.output.splitlines() == [
+        f"Error: {procstart.REPLICA_ENV}='forked': set it to fork or spawn, or unset it"]
     assert not out.exists()
 
 
@@ -129,3 +193,4 @@ def test_a_forked_child_forks_through_the_same_server(tmp_path):
     assert int(ppid) == server_pid  # forked by the same server
     assert int(gpgid) == p.pid      # in the group of the process that asked for it
     assert not procstart.attached()  # this process started the server: not attached
+

@@ -651,6 +651,9 @@ def test_host_memory_counts_every_process_below_the_run():
     assert m["images"] == 1000 and m["end"] is False
     assert m["total_pss_gb"] >= big[0]["pss_gb"] >= 0.06
     assert m["total_rss_gb"] >= m["total_pss_gb"]
+    # OS threads per process: this one runs at least the main thread; the child one
+    assert role and all(p["threads"] >= 1 for p in m["by_process"])
+    assert next(p["threads"] for p in m["by_process"] if p["pid"] == proc.pid) == 1
 
 
 def test_pipeline_samples_host_memory(tmp_path, fake_engine, monkeypatch):

@@ -30,7 +30,10 @@ for i in $(seq "$runs"); do
 done
 # PHASES: cold (on an emptied cache) and warm, each with the engine-core
 # start that INTERNVL_BATCH_ENGINE_START says (procstart.py); a phase ending in -spawn or
-# -fs sets it to spawn or forkserver; one ending in -<digits> captions that many images;
+# -fs sets it to spawn or forkserver; one with -fr forks the replicas from the fork server
+# (INTERNVL_BATCH_REPLICA_START=fork; a GPU spawns them by default since the forked ones
+# served a third of the rate, results/h200/issue15-forked/), e.g. warm-fr-2000;
+# one ending in -<digits> captions that many images;
 # _<k> after all that names a repeat (warm_2). Each is skipped once the call's time runs short.
 for phase in ${PHASES:-cold warm}; do
   base=${phase%_*}
@@ -41,6 +44,7 @@ for phase in ${PHASES:-cold warm}; do
   envx=""
   [[ $base == *-spawn* ]] && envx="INTERNVL_BATCH_ENGINE_START=spawn"
   [[ $base == *-fs* ]] && envx="INTERNVL_BATCH_ENGINE_START=forkserver"
+  [[ $base == *-fr* ]] && envx="INTERNVL_BATCH_REPLICA_START=fork"
   rm -rf "/tmp/run15-$phase"
   t0=$(now)
   env $envx timeout $((left - 10)) $IVB run --dataset coco --limit "$n" --data-dir /tmp/d448/images --annotations "$ANN" \
