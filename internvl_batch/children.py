@@ -211,3 +211,85 @@ def reply_file(config: dict, mode: str = "wb"):
     """In the child: the reply pipe named by its config."""
     return os.fdopen(int(config["reply_fd"]), mode, **({"buffering": 1} if "b" not in mode
                                                        else {}))
+
+
+# -- no process outlives the command ------------------------------------------------------------
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def become_subreaper() -> bool:
+    """Make processes orphaned below this one its children instead of init's. vLLM's engine
+    core is the child of procstart's fork server, which a signal to our process group (Ctrl-C,
+    `timeout`) stops first: the engine core then lived on after `run` exited, on an H200
+    still holding the replicas' GPU memory when the next command started ~30 s later
+    (results/h200/issue15-forked/README.md). As our children, `reap_descendants` waits for
+    them. Linux only; False where it is not available."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _descendants() -> list[int]:
+    """Living processes below this one, except the resource tracker of multiprocessing (it
+    leaves when we do); zombies among our children are reaped on the way."""
+    from .stats import _proc_stat, _process_tree
+
+    while True:  # reap what has exited (our children, orphans adopted as a subreaper)
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+    alive = []
+    for pid, _ in _process_tree(os.getpid())[1:]:
+        try:
+            if _proc_stat(pid)[0] == "Z":
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"multiprocessing.resource_tracker" in f.read():
+                    continue
+        except OSError:
+            continue
+        alive.append(pid)
+    return alive
+
+
+def reap_descendants(grace_s: float = 8.0, term_s: float = 3.0) -> dict:
+    """Before the command exits: stop our fork server (it leaves once no replica holds it),
+    wait up to `grace_s` for every process below us to exit, SIGTERM what is left, wait
+    `term_s`, SIGKILL the rest. Returns {"waited_s", "left" (after the grace), "killed"}."""
+    import time
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:  # the server exits at EOF on this fd (once replicas hold none either)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None
+    t0 = time.monotonic()
+    out = {"waited_s": 0.0, "left": 0, "killed": 0}
+    for sig, limit in ((None, grace_s), (signal.SIGTERM, term_s), (signal.SIGKILL, 2.0)):
+        pids = _descendants()
+        if sig is not None and pids:
+            out["left" if sig == signal.SIGTERM else "killed"] = len(pids)
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + limit
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = _descendants()
+        if not pids:
+            break
+    out["waited_s"] = round(time.monotonic() - t0, 2)
+    return out

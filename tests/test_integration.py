@@ -259,6 +259,23 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     assert manifest["fields"]["model"] == os.path.realpath(tiny_model)
 
 
+def _session_left(sid: int) -> list[str]:
+    """Processes of session `sid` still running (zombies aside), as "pid comm: cmdline"."""
+    left = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                comm, rest = f.read().rsplit(")", 1)
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+        except OSError:
+            continue
+        fields = rest.split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            left.append(f"{d} {comm.split('(', 1)[1]}: {cmd}")
+    return left
+
+
 def test_cli_ctrl_c_then_quiet_resume(tiny_model, tmp_path, clean_env):
     """What a person sees (issue 13): our lines on the terminal and vLLM's in OUTPUT/logs;
     Ctrl-C stops like SIGTERM (exit 130, one line, no traceback, rows kept); `-q` prints
@@ -278,6 +295,16 @@ def test_cli_ctrl_c_then_quiet_resume(tiny_model, tmp_path, clean_env):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
     stdout, stderr = p.communicate(timeout=180)
+    # the command ends with its processes (vLLM's engine core, the fork server): none of
+    # its session is left to hold memory (on a GPU: the next command's). multiprocessing's
+    # resource tracker leaves at our exit, a moment later
+    left = _session_left(p.pid)
+    for _ in range(20):
+        if not left or (len(left) == 1 and "resource_tracker" in left[0]):
+            break
+        time.sleep(0.05)
+        left = _session_left(p.pid)
+    assert len(left) <= 1 and all("resource_tracker" in x for x in left), left
     assert p.returncode == 130, stderr
     assert stdout == "" and "Traceback" not in stderr
     lines = stderr.splitlines()
@@ -298,6 +325,41 @@ def test_cli_ctrl_c_then_quiet_resume(tiny_model, tmp_path, clean_env):
     assert len(ids) == len(set(ids)) == 30
     st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
     assert st["rows"] == 30 and len(st["runs"]) == 2
+
+
+def test_cli_sigterm_with_replicas_leaves_no_process(tiny_model, tmp_path, clean_env):
+    """`timeout` (or a Slurm step's signal) stops `run --replicas 2`: exit 75, the rows
+    written are kept, and no process of the run is left once the command has exited. The
+    replicas and their engine cores are in process groups of their own, so the signal
+    reaches only ours (main, workers, the fork server); with the fork server gone, the
+    engine cores outlived the command by ~4 s here and, on an H200, held the replicas' GPU
+    memory when the next command started (results/h200/issue15-forked/README.md)."""
+    images, ann = make_coco(tmp_path / "coco", 400)
+    out = tmp_path / "out"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "internvl_batch", "run", "--dataset", "coco",
+         "--data-dir", str(images), "--annotations", str(ann), "--model", tiny_model,
+         "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--max-tokens", "6",
+         "--replicas", "2", "--max-model-len", "4096", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    parts = out / "_parts" / "part-00000-of-00001"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 2:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)  # as `timeout` does: the command's process group
+    stdout, stderr = p.communicate(timeout=120)
+    left = _session_left(p.pid)
+    for _ in range(20):  # multiprocessing's resource tracker leaves a moment after us
+        if not left or (len(left) == 1 and "resource_tracker" in left[0]):
+            break
+        time.sleep(0.05)
+        left = _session_left(p.pid)
+    assert len(left) <= 1 and all("resource_tracker" in x for x in left), (left, stderr)
+    assert p.returncode == 75, stderr
+    assert "Traceback" not in stderr and "stopped by signal SIGTERM" in stderr
+    written = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
+    assert 0 < written < 400
 
 
 def test_cli_compile_on_cpu_fails_fast_with_one_line(tiny_model, tmp_path):

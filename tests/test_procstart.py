@@ -194,3 +194,36 @@ def test_a_forked_child_forks_through_the_same_server(tmp_path):
     assert int(gpgid) == p.pid      # in the group of the process that asked for it
     assert not procstart.attached()  # this process started the server: not attached
 
+
+_REAP = r"""
+import json, subprocess, sys
+from internvl_batch.children import _descendants, become_subreaper, reap_descendants
+assert become_subreaper()
+kinds = {
+    "ignores SIGTERM": "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)",
+    "stops on SIGTERM": "import time; time.sleep(60)",
+    "ends by itself": "import time; time.sleep(0.3)",
+}
+for code in kinds.values():  # each orphaned at once: its parent leaves after starting it
+    subprocess.run([sys.executable, "-c",
+                    f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {code!r}])"])
+before = len(_descendants())
+print(json.dumps(dict(reap_descendants(grace_s=1.5, term_s=1.5), before=before,
+                      after=len(_descendants()))))
+"""
+
+
+def test_the_command_waits_for_its_orphans_and_stops_the_stragglers():
+    """`run` adopts what is orphaned below it (vLLM's engine core, once the fork server is
+    gone) and does not exit before it has: one orphan ends by itself in the grace, one on
+    SIGTERM, one only on SIGKILL; none is left after."""
+    import json
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-c", _REAP], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.splitlines()[-1])
+    assert got["before"] == 3 and got["after"] == 0, got
+    assert (got["left"], got["killed"]) == (2, 1), got
+    assert 3.0 <= got["waited_s"] < 6.0, got

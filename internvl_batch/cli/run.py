@@ -74,6 +74,7 @@ def run(**kw):
     """Caption a dataset shard and write Parquet + stats.json (resumable)."""
     import json
 
+    from ..children import become_subreaper, reap_descendants
     from ..console import NORMAL, QUIET, VERBOSE, Console
     from ..pipeline import Terminal, run as run_pipeline
     from ..sinks import shard_name
@@ -105,7 +106,14 @@ def run(**kw):
                   flush=True)
         term = Terminal(info=con.info, error=con.error, summary=summary, stream=lambda: con.err,
                         quiet=quiet, starting=con.capture)
+        become_subreaper()  # before any process starts: orphans below us stay ours
         code = run_pipeline(cfg, term=term, started_at=process_started_at())
+        # the command ends when its processes have: a vLLM engine core left running (its
+        # fork server stopped by the same signal as we were) would hold the GPU's memory
+        reaped = reap_descendants()
+        if reaped["left"]:
+            con.info(f"{reaped['left']} process(es) of the run were still running after it "
+                     f"ended; stopped ({reaped['killed']} killed) {reaped['waited_s']} s after")
     exit_now(code)
 
 
