@@ -377,7 +377,54 @@ def test_write_outputs_json_md_and_plot(tmp_path):
     assert ab.plot(d, tmp_path / "none.png") is None
 
 
+def test_a_run_stopped_early_is_reported_over_the_pairs_it_finished(tmp_path):
+    """A `timeout` around bench-ab (SIGTERM: ab.Stopped) leaves rounds but no analysis; the
+    report analyses the finished pairs and says it is incomplete (on the H200 the COCO run
+    was stopped after 6 of 8 pairs)."""
+    d = _doc()
+    d.update(complete=False, schedule=[{"kind": "warmup"}] + [{"kind": "timed"}] * 5)
+    d["rounds"].append({"label": "3", "kind": "timed", "order": list(ab.MODES), "modes": {
+        "eager": d["rounds"][1]["modes"]["eager"]}})  # the pair the signal cut short
+    del d["analysis"], d["agreement"]
+    paths = ab.write_outputs(d, tmp_path)
+    saved = json.loads(paths["json"].read_text())
+    assert saved["analysis"]["rounds_timed"] == 3 and saved["complete"] is False
+    assert saved["analysis"]["end_to_end"]["images_per_s"]["median"] == pytest.approx(105 / 100)
+    md = paths["md"].read_text()
+    assert "INCOMPLETE" in md and "3 timed pairs finished of 5 planned" in md
+    assert "end to end, images/s (measured)" in md
+    # a document without any timed round (stopped during the engine start) stays as it is
+    d = _doc()
+    d["rounds"] = d["rounds"][:1]
+    del d["analysis"]
+    assert "analysis" not in ab.analyse_partial(d)
+
+
 # -- command line --------------------------------------------------------------------------------
+
+def test_cli_turns_sigterm_into_stopped_inside_the_run(monkeypatch):
+    """SIGTERM while the rounds run raises ab.Stopped there, where `run` keeps what it has
+    measured (instead of dying with nothing written but the json)."""
+    import os
+    import signal
+    import time
+
+    import importlib
+
+    cli_ab = importlib.import_module("internvl_batch.cli.bench_ab")  # the module, not the command
+
+    def fake_run(opts, log):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return {"complete": True}
+
+    monkeypatch.setattr(ab, "run", fake_run)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(ab.Stopped, match="signal SIGTERM"):
+            cli_ab._run(None)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 def test_cli_help_lists_the_command():
     from click.testing import CliRunner
