@@ -400,6 +400,39 @@ def test_a_run_stopped_early_is_reported_over_the_pairs_it_finished(tmp_path):
     assert "analysis" not in ab.analyse_partial(d)
 
 
+@pytest.mark.vllm
+def test_clone_request_gives_a_new_id_and_encoder_identity_and_shares_the_pixels():
+    """With vLLM's own types: the copy for the second mode of a round."""
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+    from vllm.v1.engine import EngineCoreRequest
+
+    pixels = object()  # stands for the processed item: shared, never copied
+    rid = ab.request_id("3", "eager", 7)
+    feat = MultiModalFeatureSpec(data=pixels, modality="image", identifier=rid,
+                                 mm_position=PlaceholderRange(offset=1, length=256), mm_hash=rid)
+    req = EngineCoreRequest(request_id=rid, prompt_token_ids=[1, 2, 3], mm_features=[feat],
+                            sampling_params=SamplingParams(max_tokens=4), pooling_params=None,
+                            arrival_time=0.0, lora_request=None, cache_salt=None,
+                            data_parallel_rank=None)
+    new = ab.request_id("3", "compiled", 7)
+    c = ab.clone_request(req, new)
+    assert c.request_id == new and req.request_id == rid
+    f = c.mm_features[0]
+    assert (f.identifier, f.mm_hash) == (new, new) and feat.identifier == rid
+    assert f.data is pixels and f.mm_position == feat.mm_position
+    assert c.prompt_token_ids == req.prompt_token_ids
+    assert c.sampling_params is not req.sampling_params and c.sampling_params.max_tokens == 4
+    # an identity that does not hold the id cannot be told apart: process again instead
+    req.mm_features[0] = MultiModalFeatureSpec(data=pixels, modality="image",
+                                               identifier="sha-of-pixels",
+                                               mm_position=feat.mm_position)
+    with pytest.raises(ab.CloneError):
+        ab.clone_request(req, new)
+    assert ab.clone_request(req, rid, check=False).mm_features[0].identifier == "sha-of-pixels"
+
+
 # -- command line --------------------------------------------------------------------------------
 
 def test_cli_turns_sigterm_into_stopped_inside_the_run(monkeypatch):
@@ -482,6 +515,9 @@ def test_bench_ab_on_cpu_vllm(tmp_path, cache_root, layout):
             assert row["tiles"] == n and row["encoder"]["tiles"] == n
             assert row["encoder"]["calls"] > 0 and row["encoder"]["ms"] > 0
             assert 0 < row["encoder"]["share_of_wall"] < 1
+        # the images are processed once per round: the second mode's requests are copies
+        # (own ids and encoder identities: every tile went through the encoder above)
+        assert [r["modes"][m]["requests_copied"] for m in r["order"]] == [False, True]
         # the same code both ways on CPU: greedy tokens equal bit for bit
         assert r["agreement"]["identical_pct"] == 100.0
     a = doc["analysis"]
