@@ -222,8 +222,8 @@ def become_subreaper() -> bool:
     """Make processes orphaned below this one its children instead of init's. vLLM's engine
     core is the child of procstart's fork server, which a signal to our process group (Ctrl-C,
     `timeout`) stops first: the engine core then lived on after `run` exited, on an H200
-    still holding the replicas' GPU memory when the next command started ~30 s later
-    (results/h200/issue15-forked/README.md). As our children, `reap_descendants` waits for
+    still holding the replicas' GPU memory when the next command's engine asked for it,
+    14-44 s later (results/h200/issue15-forked/README.md). As our children, `reap_descendants` waits for
     them. Linux only; False where it is not available."""
     try:
         import ctypes

@@ -68,7 +68,7 @@ def fork_replicas(cuda: bool) -> bool:
     """Whether `run`'s replica processes come from the fork server (`fork`) or start as
     `python -m internvl_batch replica` (`spawn`). Unset: forked on CPU, spawned on a GPU.
     On an H200 (results/h200/issue15-forked/), four forked replicas reached their first
-    row sooner (warm 41-43 s against 46.6-55.3 s spawned on 2026-12-04), but served 85-98
+    row sooner (warm 41-43 s against 46.6-66.5 s spawned on 2026-12-04), but served 85-98
     images/s against 239-268 spawned, with each replica 86-96 % busy. One difference from
     the spawned layout: their engine cores kept the thread pool that torch sized at the
     server's import (every core), not the replica's share; `_threads_from_env` now applies
