@@ -55,6 +55,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -1040,3 +1041,89 @@ def write_outputs(doc: dict, results_dir: Path) -> dict[str, Path]:
     if png:
         out["png"] = png
     return out
+
+
+# -- several runs, one analysis --------------------------------------------------------------------
+
+# what must be equal for two runs' pairs to measure the same thing
+SAME = ("model", "sizes", "images", "max_tokens", "max_dynamic_patch", "max_num_seqs",
+        "max_num_batched_tokens", "max_model_len", "mm_cache_gb", "kv_cache_gb",
+        "gpu_memory_utilization", "engine_core", "gc_off")
+
+
+class MergeError(ValueError):
+    """Runs that did not measure the same configuration."""
+
+
+def merge(docs: list[dict], name: str) -> dict:
+    """The timed pairs of several bench-ab runs of one configuration, analysed together.
+    Issue 16's ±2 % needs more pairs than one 600 s device call holds (on the H200: ~13-21
+    COCO pairs at a per-round SD of 3.7 %, 6 fitted), and each pair is a comparison within
+    one round, so pairs from separate engine starts can be pooled where the settings,
+    device and versions are the same (checked). Rounds are relabelled `<run>:<label>`;
+    the profile and encoder check are the first run's."""
+    if len(docs) < 2:
+        raise MergeError("give two or more result files")
+    first = docs[0]
+    for d in docs[1:]:
+        for k in SAME:
+            if d.get("options", {}).get(k) != first.get("options", {}).get(k):
+                raise MergeError(f"{d.get('name')}: option {k} is "
+                                 f"{d.get('options', {}).get(k)!r}, not "
+                                 f"{first.get('options', {}).get(k)!r} as in {first.get('name')}")
+        for where, k in (("device", "name"), ("versions", "vllm"), ("versions", "torch")):
+            if d.get(where, {}).get(k) != first.get(where, {}).get(k):
+                raise MergeError(f"{d.get('name')}: {where} {k} is {d.get(where, {}).get(k)!r}, "
+                                 f"not {first.get(where, {}).get(k)!r} as in {first.get('name')}")
+    rounds, schedule = [], []
+    for i, d in enumerate(docs):
+        rounds += [dict(r, label=f"{i}:{r['label']}") for r in d.get("rounds", ())]
+        schedule += [dict(s, label=f"{i}:{s.get('label')}") for s in d.get("schedule", ())]
+    out = {k: v for k, v in first.items() if k not in ("analysis", "agreement", "rounds",
+                                                       "schedule", "notes", "errors")}
+    out.update(name=name, rounds=rounds, schedule=schedule,
+               complete=all(d.get("complete") for d in docs),
+               merged_from=[{"name": d.get("name"), "created": d.get("created"),
+                             "git": d.get("versions", {}).get("git"),
+                             "command": d.get("command"), "complete": d.get("complete")}
+                            for d in docs],
+               errors=[e for d in docs for e in d.get("errors", ())],
+               notes=list(dict.fromkeys(n for d in docs for n in d.get("notes", ())
+                                        if not n.startswith("Incomplete:"))))
+    out["notes"].append(f"Merged: the timed pairs of {len(docs)} runs "
+                        f"({', '.join(d.get('name', '?') for d in docs)}), each from its own "
+                        "engine start; the profile and the encoder check are the first run's.")
+    out["command"] = "python -m internvl_batch.bench.ab merge " + " ".join(
+        f"{d.get('name')}.json" for d in docs)
+    out["analysis"] = analyse(rounds, first.get("profile"))
+    out["agreement"] = merge_agreement([r["agreement"] for r in rounds if r.get("agreement")])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m internvl_batch.bench.ab",
+                                 description="bench-ab's result files, pooled.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="analyse the timed pairs of several runs of one "
+                                     "configuration together; writes NAME.json/.md/.png")
+    m.add_argument("files", nargs="+", help="bench-ab result files (NAME.json)")
+    m.add_argument("--name", required=True)
+    m.add_argument("--results-dir", default=None, help="default: the first file's folder")
+    a = ap.parse_args(argv)
+    try:
+        docs = [json.loads(Path(f).read_text()) for f in a.files]
+        doc = merge(docs, a.name)
+    except (OSError, ValueError) as e:  # a missing or broken file, or runs that differ
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = write_outputs(doc, Path(a.results_dir or Path(a.files[0]).parent))
+    a_ = doc["analysis"]["end_to_end"]["images_per_s"]
+    print(f"{doc['analysis']['rounds_timed']} pairs: compiled/eager images/s {_x(a_)}; wrote "
+          + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,9 @@
 # committed) so that greedy token agreement between the modes means something; throughput does
 # not depend on the weights' values. Each workload is one process under its own `timeout`.
 # Everything lands in $OUT: ab-internvl3-1b-{448,coco}.{json,md,png} and one log per run.
+# More pairs than one call holds (issue 16's ±2 %): run it again with NAME_SUFFIX=-2 (other
+# file names), then `python -m internvl_batch.bench.ab merge A.json B.json --name NAME`
+# analyses the pairs of both runs together (same settings, device and versions, checked).
 set -uo pipefail
 OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
 export INTERNVL_BATCH_CACHE=${INTERNVL_BATCH_CACHE:-/tmp/ivb-cache}
@@ -43,7 +46,7 @@ el() { echo $(( $(date +%s) - t0 )); }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 for s in $SIZES; do
-  name=ab-internvl3-1b-$s
+  name=ab-internvl3-1b-$s${NAME_SUFFIX:-}
   echo "[$(el) s] start $name (limit $LIMIT s)"
   spy=()
   [ ${#SPYCMD[@]} -gt 0 ] && spy=("${SPYCMD[@]}" -o "$OUT/$name.spy.txt" --)
