@@ -94,14 +94,19 @@ class ReplicaPool(Engines):
                  f"gpu_memory_utilization {spec.gpu_memory_utilization}, "
                  f"kv cache {spec.kv_cache_gb or 'profiled'} GiB)")
         self._tmp = tempfile.TemporaryDirectory(prefix="ivb-replicas-")
-        forked = procstart.fork_replicas(self.cuda)
-        if forked:  # its imports run while we go on; the first fork waits for them
-            # HF_HOME is read once at import, so the server gets the replicas' value
-            procstart.start_server(procstart.PRELOAD_REPLICA,
-                                   hf_home_default(CompileCache(self.cache_dir).root))
         # torch's CPU pool defaults to every core in every process; N frontends each spinning
         # that many OpenMP threads for small per-image tensor ops would fight over the host
         threads = max(1, usable_cpus() // (2 * self.n)) if self.cuda else None
+        forked = procstart.fork_replicas(self.cuda)
+        if forked:  # its imports run while we go on; the first fork waits for them
+            # HF_HOME is read once at import, and so are the thread pools' sizes (torch's,
+            # OpenBLAS's): the server imports with the replicas' values, as a spawned replica
+            # and its engine core would (procstart._threads_from_env covers a server that
+            # was already running)
+            env = hf_home_default(CompileCache(self.cache_dir).root)
+            if threads and "OMP_NUM_THREADS" not in os.environ:
+                env["OMP_NUM_THREADS"] = str(threads)
+            procstart.start_server(procstart.PRELOAD_REPLICA, env)
         self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads, forked)
                       for k in range(self.n)]
         self._waiters = [threading.Thread(target=self._await_ready, args=(r,), daemon=True)

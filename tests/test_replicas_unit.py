@@ -337,3 +337,32 @@ def test_a_forked_replica_restarts_with_its_pipes_in_its_config(monkeypatch, tmp
     assert got["args"] == ["replica", str(config)]
     assert (got["cfg"]["command_fd"], got["cfg"]["reply_fd"]) == (r, w)
     assert got["inheritable"] == [True, True] and got["cfg"]["index"] == 0
+
+
+def test_the_replicas_fork_server_imports_with_their_thread_share(monkeypatch, tmp_path):
+    """Forked replicas (and their engine cores) get the thread pools a spawned replica's
+    import would size: the server imports torch with OMP_NUM_THREADS at the replicas'
+    share (16 cores, 4 replicas: 2), unless the user set it."""
+    from internvl_batch import engine, procstart, replicas
+
+    seen = []
+
+    def fake_server(preload, env=None):
+        seen.append(dict(env or {}))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(engine, "has_cuda", lambda: True)
+    monkeypatch.setattr(replicas, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(procstart, "start_server", fake_server)
+    monkeypatch.setenv(procstart.REPLICA_ENV, "fork")
+    monkeypatch.delenv(procstart.ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    pool = replicas.ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", 4, log=lambda m: None)
+    with pytest.raises(RuntimeError, match="stop here"):
+        pool.start()
+    assert seen[-1]["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's: left to the environment
+    with pytest.raises(RuntimeError, match="stop here"):
+        replicas.ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", 4,
+                             log=lambda m: None).start()
+    assert "OMP_NUM_THREADS" not in seen[-1]
