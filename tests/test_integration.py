@@ -276,6 +276,17 @@ def _session_left(sid: int) -> list[str]:
     return left
 
 
+def _left_after_exit(sid: int) -> list[str]:
+    """What of session `sid` still runs after its command exited, but multiprocessing's
+    resource tracker, which leaves at its parent's exit, a moment later (given 1 s)."""
+    for _ in range(20):
+        left = _session_left(sid)
+        if len(left) <= 1 and all("resource_tracker" in x for x in left):
+            return []
+        time.sleep(0.05)
+    return left
+
+
 def test_cli_ctrl_c_then_quiet_resume(tiny_model, tmp_path, clean_env):
     """What a person sees (issue 13): our lines on the terminal and vLLM's in OUTPUT/logs;
     Ctrl-C stops like SIGTERM (exit 130, one line, no traceback, rows kept); `-q` prints
@@ -298,13 +309,7 @@ def test_cli_ctrl_c_then_quiet_resume(tiny_model, tmp_path, clean_env):
     # the command ends with its processes (vLLM's engine core, the fork server): none of
     # its session is left to hold memory (on a GPU: the next command's). multiprocessing's
     # resource tracker leaves at our exit, a moment later
-    left = _session_left(p.pid)
-    for _ in range(20):
-        if not left or (len(left) == 1 and "resource_tracker" in left[0]):
-            break
-        time.sleep(0.05)
-        left = _session_left(p.pid)
-    assert len(left) <= 1 and all("resource_tracker" in x for x in left), left
+    assert _left_after_exit(p.pid) == []
     assert p.returncode == 130, stderr
     assert stdout == "" and "Traceback" not in stderr
     lines = stderr.splitlines()
@@ -353,13 +358,7 @@ def test_cli_sigterm_with_replicas_leaves_no_process(tiny_model, tmp_path, clean
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGTERM)  # as `timeout` does: the command's process group
     stdout, stderr = p.communicate(timeout=120)
-    left = _session_left(p.pid)
-    for _ in range(20):  # multiprocessing's resource tracker leaves a moment after us
-        if not left or (len(left) == 1 and "resource_tracker" in left[0]):
-            break
-        time.sleep(0.05)
-        left = _session_left(p.pid)
-    assert len(left) <= 1 and all("resource_tracker" in x for x in left), (left, stderr)
+    assert _left_after_exit(p.pid) == [], stderr
     assert p.returncode == 75, stderr
     assert "Traceback" not in stderr and "stopped by signal SIGTERM" in stderr
     written = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
