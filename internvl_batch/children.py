@@ -221,10 +221,10 @@ PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 def become_subreaper() -> bool:
     """Make processes orphaned below this one its children instead of init's. vLLM's engine
     core is the child of procstart's fork server, which a signal to our process group (Ctrl-C,
-    `timeout`) stops first: the engine core then lived on after `run` exited, on an H200
-    still holding the replicas' GPU memory when the next command's engine asked for it,
-    14-44 s later (results/h200/issue15-forked/README.md). As our children, `reap_descendants` waits for
-    them. Linux only; False where it is not available."""
+    `timeout`) stops first: the engine core then lived on after `run` exited (on CPU, ~4 s);
+    on an H200 the replicas' GPU memory was still held when the next command's engine asked
+    for it, 14-44 s later (results/h200/issue15-forked/README.md). As our children,
+    `reap_descendants` waits for them. Linux only; False where it is not available."""
     try:
         import ctypes
 
@@ -236,7 +236,7 @@ def become_subreaper() -> bool:
 def _descendants() -> list[int]:
     """Living processes below this one, except the resource tracker of multiprocessing (it
     leaves when we do); zombies among our children are reaped on the way."""
-    from .stats import _proc_stat, _process_tree
+    from .stats import _proc_stat, _process_tree, _role
 
     while True:  # reap what has exited (our children, orphans adopted as a subreaper)
         try:
@@ -246,16 +246,15 @@ def _descendants() -> list[int]:
         if pid == 0:
             break
     alive = []
-    for pid, _ in _process_tree(os.getpid())[1:]:
+    root = os.getpid()
+    for pid, _ in _process_tree(root)[1:]:
         try:
             if _proc_stat(pid)[0] == "Z":
                 continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"multiprocessing.resource_tracker" in f.read():
-                    continue
-        except OSError:
+        except OSError:  # gone meanwhile
             continue
-        alive.append(pid)
+        if _role(pid, root) != "resource tracker":  # host_memory's names
+            alive.append(pid)
     return alive
 
 
