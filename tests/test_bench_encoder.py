@@ -62,6 +62,45 @@ def test_paired_speedup_pairs_rounds():
     assert enc.paired_speedup([1.0], [0.0])["n"] == 0  # a zero time is not a ratio
 
 
+def test_t_quantile_matches_the_tables():
+    # two-sided 95 % (and one 99 %) critical values of Student's t, from the printed tables
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (5, 2.571), (10, 2.228), (18, 2.101),
+                  (30, 2.042), (120, 1.980)):
+        assert enc.t_two_sided(df) == pytest.approx(t, abs=5e-4)
+    assert enc.t_two_sided(10, 0.99) == pytest.approx(3.169, abs=5e-4)
+    with pytest.raises(ValueError):
+        enc.t_two_sided(0)
+
+
+def test_crossover_takes_the_order_effect_out():
+    """Rounds alternate the order; the mode that runs second is 3 % faster. The per-round
+    ratios then swing ±3 % around the true 1.05 (the median's interval spans the swing), while
+    the crossover estimate recovers 1.05 and the 3 % with a narrow interval."""
+    noise = [0.002, -0.001, 0.0, 0.001, -0.002, 0.001, -0.001, 0.0]
+    second = [k % 2 == 0 for k in range(8)]  # num (compiled) runs second in even rounds
+    ratios = [1.05 * (1.03 if s else 1 / 1.03) * math.exp(e) for s, e in zip(second, noise)]
+    x = enc.crossover(ratios, second)
+    assert x["n"] == 8 and x["df"] == 6 and x["n_num_second"] == 4
+    assert x["estimate"] == pytest.approx(1.05, rel=2e-3)
+    assert x["order_effect"] == pytest.approx(1.03, rel=2e-3)
+    assert x["lo"] < 1.05 < x["hi"] and x["half_width_pct"] < 0.5
+    med = enc.median_ci(ratios)
+    assert 100 * (med["hi"] - med["lo"]) / 2 / med["median"] > 2.5
+    # the interval is the t interval of the two groups' pooled variance
+    a = [math.log(r) for r, s in zip(ratios, second) if s]
+    b = [math.log(r) for r, s in zip(ratios, second) if not s]
+    import statistics
+    se = math.sqrt((3 * statistics.variance(a) + 3 * statistics.variance(b)) / 6 * 0.5) / 2
+    assert math.log(x["hi"] / x["estimate"]) == pytest.approx(enc.t_two_sided(6) * se)
+    # no order effect, no noise: the geometric mean, an interval of zero width
+    y = enc.crossover([1.1, 1.1, 1.1, 1.1], [True, False, True, False])
+    assert y["estimate"] == pytest.approx(1.1) and y["lo"] == pytest.approx(1.1)
+    assert y["order_effect"] == pytest.approx(1.0)
+    # fewer than two rounds of each order: no estimate (and failed rounds do not count)
+    z = enc.crossover([1.1, 1.2, 1.0, None], [True, True, False, False])
+    assert z["estimate"] is None and z["n"] == 3
+
+
 # -- parsing and options -------------------------------------------------------------------------
 
 def test_parse_ints_and_modes():

@@ -65,7 +65,7 @@ from pathlib import Path
 from ..config import ConfigError, DEFAULT_PROMPT, EngineSpec
 from ..hooks import predicted_speedup
 from . import GpuBusy, dataset
-from .encoder import Recorder, _err, _git_sha, median_ci, paired_speedup
+from .encoder import Recorder, _err, _git_sha, crossover, median_ci, paired_speedup
 
 MODES = ("eager", "compiled")
 SIZES = ("448", "coco")
@@ -267,9 +267,10 @@ def _get(row: dict, path: str):
 def analyse(rounds: list[dict], profile: dict | None = None) -> dict:
     """The paired comparison over the timed rounds.
 
-    `rounds`: [{label, kind, modes: {eager: round_stats, compiled: round_stats}}]. Ratios are
-    taken per round (same images in both modes), then summarised as median with an
-    order-statistics 95 % interval (`median_ci`)."""
+    `rounds`: [{label, kind, order, modes: {eager: round_stats, compiled: round_stats}}].
+    Ratios are taken per round (same images in both modes), then summarised twice: as median
+    with an order-statistics 95 % interval (`median_ci`), and as the crossover estimate with
+    the order effect taken out and a t interval (`crossover`, under `crossover`)."""
     timed = [r for r in rounds if r["kind"] == "timed"
              and all(m in r.get("modes", {}) and not r["modes"][m].get("error")
                      for m in MODES)]
@@ -293,6 +294,12 @@ def analyse(rounds: list[dict], profile: dict | None = None) -> dict:
         pairs = [(a, b) for a, b in pairs if a and b]
         return paired_speedup([a for a, _ in pairs], [b for _, b in pairs])
 
+    def balanced(path: str, num: str, den: str) -> dict:
+        rows = [(_get(r["modes"][num], path), _get(r["modes"][den], path),
+                 list(r.get("order") or MODES)[-1] == num) for r in timed]
+        rows = [(a / b, second) for a, b, second in rows if a and b]
+        return crossover([x for x, _ in rows], [s for _, s in rows])
+
     # compiled/eager rates (> 1: compiled faster); encoder gain eager/compiled ms per tile
     e2e = {"images_per_s": paired("images_per_s", "compiled", "eager"),
            "output_tokens_per_s": paired("output_tokens_per_s", "compiled", "eager")}
@@ -302,7 +309,11 @@ def analyse(rounds: list[dict], profile: dict | None = None) -> dict:
     share = per_mode["eager"]["encoder_share_of_wall"]
     share_busy = per_mode["eager"]["encoder_share_of_busy"]
     out = {"rounds_timed": len(timed), "modes": per_mode, "end_to_end": e2e,
-           "encoder_gain": gain, "prediction": predict(share, share_busy, gain, profile)}
+           "encoder_gain": gain, "prediction": predict(share, share_busy, gain, profile),
+           "crossover": {"images_per_s": balanced("images_per_s", "compiled", "eager"),
+                         "output_tokens_per_s": balanced("output_tokens_per_s", "compiled",
+                                                         "eager"),
+                         "encoder_gain": balanced("encoder.ms_per_tile", "eager", "compiled")}}
     meas = e2e["images_per_s"]
     out["prediction"]["measured"] = meas.get("median")
     out["prediction"]["measured_interval"] = [meas.get("lo"), meas.get("hi")]
@@ -310,6 +321,9 @@ def analyse(rounds: list[dict], profile: dict | None = None) -> dict:
     out["interval_within_target"] = (meas.get("half_width_pct") is not None and
                                      (meas.get("coverage") or 0) >= 0.95 and
                                      meas["half_width_pct"] <= TARGET_HALF_WIDTH * 100)
+    xo = out["crossover"]["images_per_s"]
+    out["crossover_within_target"] = (xo.get("half_width_pct") is not None and
+                                      xo["half_width_pct"] <= TARGET_HALF_WIDTH * 100)
     return out
 
 
@@ -809,8 +823,9 @@ def results_markdown(doc: dict) -> str:
         f", garbage collection {'off' if cfg.get('gc_off_in_clock') else 'on'} inside the "
         f"clock. Images: {cfg.get('image_identity')}.",
         f"- Rounds: {opts.get('warmup_rounds')} warm-up, {a.get('rounds_timed')} timed pairs "
-        f"(order alternating), each its own images; ratios per round, median and 95 % "
-        f"order-statistics interval. Whole run {doc.get('total_s')} s; "
+        f"(order alternating), each its own images; ratios per round, summarised as median "
+        f"with its 95 % order-statistics interval and as the crossover estimate (order "
+        f"effect removed, t interval). Whole run {doc.get('total_s')} s; "
         f"{'complete' if doc.get('complete') else 'INCOMPLETE'}.",
     ]
     lines += [f"- Note: {n}" for n in doc.get("notes", [])]
@@ -818,12 +833,19 @@ def results_markdown(doc: dict) -> str:
     if a:
         e2e, gain, pr = a["end_to_end"], a["encoder_gain"], a["prediction"]
         ips = e2e["images_per_s"]
+        xo = (a.get("crossover") or {}).get("images_per_s") or {}
+        xg = (a.get("crossover") or {}).get("encoder_gain") or {}
         lines += [
             "| | compiled / eager | 95 % interval | half-width |",
             "|---|---|---|---|",
             f"| **end to end, images/s (measured)** | **{_f(ips.get('median'), 4)}** "
             f"({_gain_pct(ips.get('median'))}) | {_interval(ips)} "
             f"| ±{_f(ips.get('half_width_pct'), 2)} % |",
+            f"| **end to end, images/s, order effect removed** (crossover: mean of the two "
+            f"orders' mean log ratios, t interval, df {xo.get('df', '–')}) | "
+            f"**{_f(xo.get('estimate'), 4)}** ({_gain_pct(xo.get('estimate'))}) | "
+            f"{_f(xo.get('lo'), 4)}–{_f(xo.get('hi'), 4)} | "
+            f"±{_f(xo.get('half_width_pct'), 2)} % |",
             f"| end to end, output tok/s | {_f(e2e['output_tokens_per_s'].get('median'), 4)} | "
             f"{_interval(e2e['output_tokens_per_s'])} | "
             f"±{_f(e2e['output_tokens_per_s'].get('half_width_pct'), 2)} % |",
@@ -845,7 +867,16 @@ def results_markdown(doc: dict) -> str:
             + f". Measured {_f(pr.get('measured'), 4)} against predicted "
             f"{_f(pr.get('predicted'), 4)}. The measured 95 % interval is "
             f"{'within' if a.get('interval_within_target') else 'NOT within'} ±2 % "
-            f"(issue 16's target).",
+            f"(issue 16's target) as the median's interval and "
+            f"{'within' if a.get('crossover_within_target') else 'NOT within'} as the "
+            f"crossover's.",
+            "",
+            f"Order effect: the mode that ran second in a round was "
+            f"{_gain_pct(xo.get('order_effect'))} faster than the one that ran first "
+            f"(95 % interval {_gain_pct(xo.get('order_effect_lo'))} to "
+            f"{_gain_pct(xo.get('order_effect_hi'))}; the per-round log ratio's SD within "
+            f"each order {_pct(xo.get('sd_log'))}). The encoder gain with it removed: "
+            f"{_f(xg.get('estimate'), 4)} ({_f(xg.get('lo'), 4)}–{_f(xg.get('hi'), 4)}).",
             "",
             "| mode | images/s | output tok/s | round s | GPU busy % | encoder ms/tile | "
             "tiles/call | encoder share of wall | tiles/image |",
@@ -987,6 +1018,12 @@ def plot(doc: dict, path: Path) -> Path | None:
     pred = (a.get("prediction") or {}).get("predicted")
     if med:
         ax1.axhline(med, color="#1f77b4", ls="--", lw=1, label=f"median {med:.4f}")
+    xo = (a.get("crossover") or {}).get("images_per_s") or {}
+    if xo.get("estimate"):
+        ax1.axhspan(xo["lo"], xo["hi"], color="#9467bd", alpha=0.12, lw=0)
+        ax1.axhline(xo["estimate"], color="#9467bd", lw=1,
+                    label=f"order effect removed {xo['estimate']:.4f} "
+                          f"({xo['lo']:.4f}–{xo['hi']:.4f})")
     if pred:
         ax1.axhline(pred, color="#d62728", ls=":", lw=1.2, label=f"predicted {pred:.4f}")
     ax1.axhline(1.0, color="black", lw=0.8)
@@ -1110,18 +1147,47 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("files", nargs="+", help="bench-ab result files (NAME.json)")
     m.add_argument("--name", required=True)
     m.add_argument("--results-dir", default=None, help="default: the first file's folder")
+    r = sub.add_parser("report", help="analyse a result file's rounds again with this code "
+                                      "and rewrite NAME.json/.md/.png beside it")
+    r.add_argument("files", nargs="+", help="bench-ab result files (NAME.json)")
     a = ap.parse_args(argv)
     try:
         docs = [json.loads(Path(f).read_text()) for f in a.files]
-        doc = merge(docs, a.name)
-    except (OSError, ValueError) as e:  # a missing or broken file, or runs that differ
+        if a.cmd == "merge":
+            todo = [(merge(docs, a.name), Path(a.results_dir or Path(a.files[0]).parent))]
+        else:
+            todo = [(reanalyse(d), Path(f).parent) for d, f in zip(docs, a.files)]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        # a missing or broken file, or runs that differ
         print(f"error: {e}", file=sys.stderr)
         return 2
-    paths = write_outputs(doc, Path(a.results_dir or Path(a.files[0]).parent))
-    a_ = doc["analysis"]["end_to_end"]["images_per_s"]
-    print(f"{doc['analysis']['rounds_timed']} pairs: compiled/eager images/s {_x(a_)}; wrote "
-          + ", ".join(str(p) for p in paths.values()))
+    for doc, where in todo:
+        paths = write_outputs(doc, where)
+        a_ = doc["analysis"]
+        print(f"{a_['rounds_timed']} pairs: compiled/eager images/s {_x(a_['end_to_end']['images_per_s'])}"
+              f", order effect removed {_xo(a_['crossover']['images_per_s'])}; wrote "
+              + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def reanalyse(doc: dict) -> dict:
+    """`doc` with its analysis computed again from its recorded rounds (a result written
+    before the analysis gained a part, such as the crossover estimate)."""
+    if not any(r.get("kind") == "timed" for r in doc["rounds"]):
+        raise ValueError(f"{doc.get('name')}: no timed rounds to analyse")
+    doc["analysis"] = analyse(doc["rounds"], doc.get("profile"))
+    doc["agreement"] = merge_agreement([r["agreement"] for r in doc["rounds"]
+                                        if r.get("agreement")])
+    note = f"Analysis recomputed from the recorded rounds by git {(_git_sha() or '?')[:12]}."
+    doc["notes"] = [n for n in doc.get("notes", ())
+                    if not n.startswith("Analysis recomputed")] + [note]
+    return doc
+
+
+def _xo(st: dict) -> str:
+    if not st or st.get("estimate") is None:
+        return "–"
+    return f"{st['estimate']:.4f} ({st['lo']:.4f}–{st['hi']:.4f})"
 
 
 if __name__ == "__main__":
