@@ -34,7 +34,10 @@ there no encoder speed-up can show. This benchmark removes both blurs:
   pixels in both processes.
 * **Interleaved, alternating rounds.** Warm-up round(s) in each mode, then `repeats` rounds
   of the pair, the order alternating (eager-compiled, compiled-eager, ...), so drift lands
-  on both alike. Each round uses its own images.
+  on both alike. Each round uses its own images. That makes the rounds an AB/BA crossover,
+  and the analysis gives its estimate beside the median (`encoder.crossover`): where the
+  mode run second in a round is faster whichever it is (+2.7 % in the H200's COCO rounds),
+  the per-round ratios swing with the order, and the crossover estimate takes that out.
 * **Measured inside the engine.** `ivb_encoder_timer` puts CUDA events around every encoder
   call of a round: the encoder's GPU milliseconds and tiles. With the round's wall time that
   is the encoder's share; GPU busy % comes from `nvidia-smi` sampled every 100 ms. Optional
