@@ -1,7 +1,9 @@
-"""The settings that change a shard's captions, recorded with its rows.
+"""The settings that change a shard's captions, and the dataset they are of, recorded with
+its rows.
 
 A resumed run adds rows to those already written; if its prompt, sampling, model or tiling
-differ, one file would mix two kinds of captions under metadata naming only the last. So every
+differ, one file would mix two kinds of captions under metadata naming only the last, and if
+its dataset differs, captions of one dataset would be published as another's. So every
 chunk and the final file carry this fingerprint, and a run whose fingerprint differs from the
 rows already there stops (exit 2) naming what differs, before any engine starts.
 
@@ -68,7 +70,19 @@ def of(cfg: RunConfig) -> dict:
         # None for rows written before the setting existed as well (diff compares with .get)
         "quantization": e.quantization,
     })
+    fp.update(cfg.source.identity())  # which record each seq is (resume skips by seq and id)
     return fp
+
+
+# recorded since a later version: a fingerprint without them says nothing about them
+LATER = {"dataset", "data_dir", "annotations", "split", "image_column", "caption_column",
+         "id_column", "limit"}
+# what decides the captions themselves; the rest says which records they are of. `merge`
+# compares only these across shards: each shard holds its own records, and a cluster may
+# stage the same dataset at a path of its own on every node
+CAPTION_KEYS = ("model", "model_config_hash", "weights", "prompt", "system_prompt",
+                "max_tokens", "temperature", "top_p", "seed", "ignore_eos",
+                "max_dynamic_patch", "dtype", "load_format", "quantization")
 
 
 FLAGS = {"model": "--model", "model_config_hash": "model config.json",
@@ -76,18 +90,25 @@ FLAGS = {"model": "--model", "model_config_hash": "model config.json",
          "max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
          "seed": "--seed", "ignore_eos": "--ignore-eos",
          "max_dynamic_patch": "--max-dynamic-patch", "dtype": "--dtype",
-         "load_format": "--load-format", "quantization": "--quantization"}
+         "load_format": "--load-format", "quantization": "--quantization",
+         "dataset": "--dataset", "data_dir": "--data-dir", "annotations": "--annotations",
+         "split": "--split", "image_column": "--image-column",
+         "caption_column": "--caption-column", "id_column": "--id-column", "limit": "--limit"}
 
 
 def _short(v) -> str:
+    """repr(v) within ~60 characters, its middle dropped: two paths or prompts differ at
+    either end, so both ends stay visible."""
     s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "...'"
+    return s if len(s) <= 60 else s[:22] + "..." + s[-35:]
 
 
 def diff(old: dict, new: dict) -> list[str]:
     """'--prompt 'a' -> 'b'' for each setting that differs (keys either side knows)."""
     out = []
     for k in [*new, *(k for k in old if k not in new)]:
+        if k in LATER and (k not in old or k not in new):
+            continue
         if old.get(k) != new.get(k):
             out.append(f"{FLAGS.get(k, k)} {_short(old.get(k))} -> {_short(new.get(k))}")
     return out

@@ -11,6 +11,9 @@ from .sinks import SHARD_RE, shard_name
 def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
     if not output.is_dir():
         return False, f"merge: {output} does not exist"
+    if compact is not None and not compact.parent.is_dir():
+        return False, (f"merge: --compact {compact}: the folder {compact.parent} does not "
+                       "exist; create it or name a file in an existing one")
     names = {m.group(0) for p in output.iterdir() if (m := SHARD_RE.match(p.name))}
     names |= {m.group(0) for p in (output / "_parts").glob("*") if (m := SHARD_RE.match(p.name))}
     counts = {int(SHARD_RE.match(n).group(2)) for n in names}
@@ -43,6 +46,9 @@ def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
         if missing:
             lines.append(f"merge: missing shards (never started): {', '.join(missing)}")
         return False, "\n".join(lines)
+    differ = _settings_differ(output, [n for n, _ in shards])
+    if differ:
+        return False, "\n".join(lines + differ)
     summary = stats_mod.merge_parallel([s for _, s in shards])
     summary["rows_in_output"] = sum(s.get("rows_in_shard", s["rows"]) for _, s in shards)
     summary["shards"] = total
@@ -55,6 +61,29 @@ def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
     lines.append(stats_mod.table(summary, f"merged {total} shards: "
                                           f"{summary['rows_in_output']} rows"))
     return True, "\n".join(lines)
+
+
+def _settings_differ(output: Path, names: list[str]) -> list[str]:
+    """Lines naming each shard whose captions were made with other settings than the first
+    shard's (the caption settings of the fingerprint, not the dataset: each shard holds its
+    own records, and nodes may stage the data at paths of their own). One merged file must
+    not mix two prompts or two models under one header."""
+    from .fingerprint import CAPTION_KEYS, diff
+    from .sinks import read_metadata
+
+    def caption_settings(name: str) -> dict | None:
+        fp = read_metadata(output / f"{name}.parquet").get("fingerprint")
+        return {k: fp.get(k) for k in CAPTION_KEYS} if fp is not None else None
+
+    first = caption_settings(names[0])
+    out = []
+    for name in names[1:]:
+        fp = caption_settings(name)
+        if first is not None and fp is not None and fp != first:
+            out.append(f"merge: {name} was captioned with other settings than {names[0]} "
+                       f"({'; '.join(diff(first, fp))}); rerun it with the same settings "
+                       "(--overwrite)")
+    return out
 
 
 def _compact(output: Path, total: int, dest: Path):

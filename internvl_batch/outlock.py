@@ -250,14 +250,22 @@ class ShardLock:
         self._thread.start()
 
     def _beat(self):
+        failed = 0
         while not self._stop.wait(self.heartbeat_s):
             if not self.holds():
                 self.lost = True
                 return
             try:
                 os.utime(self.path)
+                failed = 0
             except OSError:
-                pass
+                # a flaky mount: if it cannot refresh the file, another node will judge the
+                # lock stale after STALE_BEATS heartbeats and take it over; give it up one
+                # heartbeat before that, so two writers never write at once
+                failed += 1
+                if failed >= max(1, self.stale_beats - 1):
+                    self.lost = True
+                    return
 
     def holds(self) -> bool:
         holder = self.read()

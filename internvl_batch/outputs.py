@@ -85,13 +85,33 @@ def open_output(path) -> Output:
     if p.is_file():
         if p.suffix != ".parquet":
             raise OutputError(f"{p} is not a Parquet file or an output folder")
-        return Output(p, (p,))
+        return _readable(Output(p, (p,)))
     files = sorted(f for f in p.glob("part-*.parquet") if SHARD_RE.match(f.name))
+    counts = sorted({int(SHARD_RE.match(f.name).group(2)) for f in files})
+    if len(counts) > 1:  # a rerun with another --num-shards left the first run's files
+        raise OutputError(f"{p} mixes runs with different shard counts {counts}: the same "
+                          "images would be read twice; remove the stale part files "
+                          "or name one .parquet file")
     if not files:
         hint = " (unfinished shards under _parts/: finish or merge the run first)" \
             if (p / "_parts").is_dir() else ""
         raise OutputError(f"no part-*.parquet in {p}{hint}")
-    return Output(p, tuple(files))
+    return _readable(Output(p, tuple(files)))
+
+
+def _readable(out: Output) -> Output:
+    """`out`, once every file's footer reads (a few KB each): a truncated or foreign file is
+    one line naming it, not a traceback from deep inside a reader."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in out.files:
+        try:
+            pq.read_metadata(f)
+        except (pa.ArrowException, OSError) as e:
+            raise OutputError(f"{f} is not a readable Parquet file "
+                              f"({str(e).splitlines()[0]})") from None
+    return out
 
 
 def take(output: Output, indices, columns: list[str]):

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -25,13 +26,14 @@ from .engine import EngineDead, Engines
 from .images import Decoded, make_pool, prefetch, start_workers
 from .outlock import ShardLock
 from .progress import Progress
-from .sinks import ShardWriter
+from .sinks import ShardWriter, WriteFailed
 from .sources import open_source
 
 if TYPE_CHECKING:
     from .cache import Entry
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_ENGINE_DIED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 3, 4, 75, 130
+EXIT_WRITE_FAILED = 5  # the output could not be written (disk full, permissions)
 
 
 @dataclass
@@ -147,13 +149,47 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
     return row
 
 
+class _EarlyStop(Exception):
+    """A stop signal before the batches' own handling (`_Signals`) is in place."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _stop_at_once():
+    """Until `_Signals` takes over: SIGTERM/SIGUSR1/SIGINT stop the run where it is (listing
+    a large folder, waiting for another run's lock with --wait, reading what is written),
+    with one line and the exit code of a stop, instead of a traceback or a death by signal
+    that a Slurm requeue would not recognise."""
+    def handle(signum, frame):
+        raise _EarlyStop(signum)
+
+    old = {s: signal.signal(s, handle) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None,
         started_at: float | None = None) -> int:
     """Caption one shard. `started` = (Engines, Entry) reuses engines (tests, benchmarks);
     `started_at`: wall clock of the command's start (default: now), which the time to the
     first row and the wall time behind images per GPU-hour count from."""
-    started_at = started_at or time.time()
     term = term or Terminal(info=log)
+    try:
+        with _stop_at_once():
+            return _run_shard(cfg, started, term, started_at or time.time())
+    except _EarlyStop as e:
+        term.fail(f"stopped by signal {signal.Signals(e.signum).name}; rows written so far "
+                  "are kept; rerun to resume")
+        return EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED
+
+
+def _run_shard(cfg: RunConfig, started, term: Terminal, started_at: float) -> int:
     log = term.info
     writer = ShardWriter(cfg.output, cfg.shard_index, cfg.num_shards)
     writer.fingerprint = fingerprint.of(cfg)
@@ -191,8 +227,8 @@ def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
 
 def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started,
                 started_at: float) -> int:
-    done = writer.done_ids()
-    mine = (r for r in records if r.id not in done)
+    done = writer.done_keys()  # by position and id: a dataset may repeat an id
+    mine = (r for r in records if (r.seq, r.id) not in done)
     if done:
         term.info(f"resuming {writer.name}: {len(done)} rows already written")
     if term.starting is not None:
@@ -212,6 +248,10 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
             term.fail(f"the vLLM engine died ({e}); rows written so far are kept; "
                       "rerun to resume")
             return EXIT_ENGINE_DIED
+        except WriteFailed as e:
+            term.fail(f"{e}; rows committed before are kept; make room (or fix the "
+                      "permissions) and rerun to resume")
+            return EXIT_WRITE_FAILED
         except Exception:
             if sig.received:  # vLLM's processes got the job's SIGTERM too and died mid-start
                 term.fail(f"stopped by signal {sig.name} during start-up; rerun to resume")
@@ -399,9 +439,13 @@ def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: l
     done)."""
     total_rows = writer.finalize(metadata)
     summary = stats_mod.whole_shard(runs, writer.counts)
-    stats_mod.write(writer.stats_path, summary, runs,
-                    {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
-                     "metadata": metadata, "start_timeline": st.start_timeline})
+    try:
+        stats_mod.write(writer.stats_path, summary, runs,
+                        {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
+                         "metadata": metadata, "start_timeline": st.start_timeline})
+    except OSError as e:
+        writer.abandon()
+        raise WriteFailed(f"cannot write {writer.stats_path}: {e.strerror or e}") from e
     writer.commit()
     term.done(summary, stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} "
                                                 f"rows -> {writer.final}"))

@@ -6,14 +6,18 @@ chunk file (written to a temp name, then renamed: a chunk either exists whole or
 under `_parts/<shard>/`. When the shard is done the chunks are streamed, in order, into the
 final `part-XXXXX-of-YYYYY.parquet` (again temp + rename) and removed.
 
-Resume reads the ids of the final file (the shard is complete: nothing to do) or of the
-chunks (skip them), so a rerun neither duplicates nor loses rows. Chunks and the final file
-record the settings fingerprint (`fingerprint.py`) so a rerun with other settings is refused
-instead of mixing captions; one writer at a time is `outlock.py`'s job, and as a last guard
-`finalize`/`commit` refuse to replace a final file by one with fewer rows, whatever the cause.
+Resume reads the (seq, id) keys of the chunks and skips those records, so a rerun neither
+duplicates nor loses rows. Not the id alone: datasets repeat ids (one row per caption, an
+`image_id` column), and every row with an id must not count as done because one of them is.
+Chunks and the final file record the settings fingerprint (`fingerprint.py`), the dataset
+included (so a seq names the same record in every run), and a rerun with other settings is
+refused instead of mixing captions; one writer at a time is `outlock.py`'s job, and as a
+last guard `finalize`/`commit` refuse to replace a final file by one with fewer rows,
+whatever the cause.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -42,6 +46,23 @@ SCHEMA = pa.schema([
 ])
 META_KEY = b"internvl_batch"
 ROW_GROUP = 8192
+
+
+class WriteFailed(Exception):
+    """The output could not be written (disk full, quota, permissions, a lost mount). What
+    was committed before is intact: chunks are renamed into place whole or not at all."""
+
+
+def _writes(fn):
+    """OSError from writing `fn`'s files becomes WriteFailed naming the folder."""
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except OSError as e:
+            raise WriteFailed(f"cannot write {self.output}: "
+                              f"{e.strerror or str(e).splitlines()[0]}") from e
+    return wrapper
 
 
 class FewerRows(ConfigError):
@@ -84,23 +105,35 @@ class ShardWriter:
         self.fingerprint: dict | None = None  # recorded in every chunk and the final file
         self.lock = None  # an outlock.ShardLock: nothing is written once it is lost
         self.counts: dict | None = None  # the whole shard's row counts, set by finalize()
+        self._pending: Path | None = None  # finalize()'s file, until commit() publishes it
 
     # -- resume -------------------------------------------------------------------------
     def is_complete(self) -> bool:
         return self.final.is_file()
 
     def _chunks(self) -> list[Path]:
+        """Chunk files in the order written: by number (past chunk-999999 the names have 7
+        digits, and a string sort would put them first)."""
         if not self.parts.is_dir():
             return []
-        return sorted(self.parts.glob("chunk-*.parquet"))
+        found = []
+        for c in self.parts.glob("chunk-*.parquet"):
+            num = c.stem.split("-", 1)[1]
+            if num.isdigit():
+                found.append((int(num), c))
+        return [c for _, c in sorted(found)]
+
+    def done_keys(self) -> set[tuple[int, str]]:
+        """(seq, id) of every row written: of the final file, else of the chunks."""
+        files = [self.final] if self.is_complete() else self._chunks()
+        keys: set[tuple[int, str]] = set()
+        for f in files:
+            t = pq.read_table(f, columns=["seq", "id"])
+            keys.update(zip(t.column("seq").to_pylist(), t.column("id").to_pylist()))
+        return keys
 
     def done_ids(self) -> set[str]:
-        if self.is_complete():
-            return set(pq.read_table(self.final, columns=["id"]).column("id").to_pylist())
-        ids: set[str] = set()
-        for c in self._chunks():
-            ids.update(pq.read_table(c, columns=["id"]).column("id").to_pylist())
-        return ids
+        return {i for _, i in self.done_keys()}
 
     def recorded_fingerprints(self) -> list[tuple[Path, dict | None]]:
         """(file, its fingerprint) for the final file, or each chunk with a distinct one."""
@@ -164,13 +197,16 @@ class ShardWriter:
         for stale in [*self.parts.glob(".*.tmp*"), *self.output.glob(f".{self.name}.parquet.tmp*")]:
             stale.unlink(missing_ok=True)
         chunks = self._chunks()
-        self._next = int(chunks[-1].stem.split("-")[1]) + 1 if chunks else 0
+        self._next = int(chunks[-1].stem.split("-", 1)[1]) + 1 if chunks else 0
         return self
 
+    @_writes
     def write(self, rows: list[dict]):
         if not rows:
             return
-        if self.lock is not None and self.lock.lost:
+        if self.lock is not None:
+            # re-read the lock file, not only the heartbeat's flag: a run that took the lock
+            # over between heartbeats would otherwise get chunks of ours under its numbers
             self.lock.check()  # raises: another run owns this shard now
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         _atomic_write_table(table, self.parts / f"chunk-{self._next:06d}.parquet",
@@ -178,25 +214,41 @@ class ShardWriter:
         self._next += 1
         self.rows_written += len(rows)
 
+    @_writes
     def save_partial_stats(self, runs: list[dict]):
         tmp = self.partial_stats.with_suffix(".tmp")
         tmp.write_text(json.dumps({"runs": runs}, indent=2))
         os.replace(tmp, self.partial_stats)
 
+    @_writes
     def finalize(self, metadata: dict) -> int:
         """Stream chunks into the final file (under a temp name) in seq order; return its row
         count. `commit()` makes it visible: the caller writes stats.json in between, so a
         complete-looking shard always has its stats. Sets `counts` (the whole shard's rows,
         errors and tokens, however many runs wrote them). Raises FewerRows, before anything
         is written, if a final file with more rows exists."""
-        from .stats import count_rows
-
         self._guard(0)  # a lost lock: stop before reading anything
         if self.fingerprint is not None:
             metadata = {**metadata, "fingerprint": self.fingerprint}
         chunks = self._chunks()
         tmp = self.final.with_name(f".{self.final.name}.tmp{os.getpid()}")
         schema = SCHEMA.with_metadata({META_KEY: json.dumps(metadata).encode()})
+        try:
+            total = self._stream(chunks, tmp, schema)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a half file the size of the shard, on a full disk
+            raise
+        self._pending = tmp
+        try:
+            self._guard(total)
+        except Exception:
+            tmp.unlink(missing_ok=True)
+            raise
+        return total
+
+    def _stream(self, chunks: list[Path], tmp: Path, schema) -> int:
+        from .stats import count_rows
+
         total, last_seq, ordered, counts = 0, -1, True, None
         with pq.ParquetWriter(tmp, schema) as w:
             for c in chunks:
@@ -217,14 +269,15 @@ class ShardWriter:
             total = t.num_rows
             counts = count_rows(t)
         self.counts = counts if total else count_rows(None)
-        self._pending = tmp
-        try:
-            self._guard(total)
-        except Exception:
-            tmp.unlink(missing_ok=True)
-            raise
         return total
 
+    def abandon(self):
+        """Drop the file `finalize()` made, unpublished (the stats could not be written)."""
+        if self._pending is not None:
+            self._pending.unlink(missing_ok=True)
+            self._pending = None
+
+    @_writes
     def commit(self):
         n = pq.read_metadata(self._pending).num_rows
         try:

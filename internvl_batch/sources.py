@@ -31,6 +31,39 @@ class Record:
     payload: bytes | str | None = field(repr=False)  # raw bytes, a file path, or None if absent
     references: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        # Parquet strings are UTF-8: a file name that is not (Python keeps its bytes as lone
+        # surrogates) or a JSON "\udce9" would fail the whole chunk at every rerun. The id and
+        # ref get a printable spelling here, once, so resume compares what was written; the
+        # payload keeps the real path to open.
+        if not _utf8(self.id):
+            object.__setattr__(self, "id", _printable(self.id))
+        if not _utf8(self.image_ref):
+            object.__setattr__(self, "image_ref", _printable(self.image_ref))
+        if not all(_utf8(r) for r in self.references):
+            object.__setattr__(self, "references", tuple(_printable(r) for r in self.references))
+
+
+def _utf8(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(s: str) -> str:
+    """`s` with what UTF-8 cannot hold spelled as \\xNN (file name bytes) or \\udNNN."""
+    return s.encode("utf-8", "surrogateescape" if _only_escapes(s) else "backslashreplace") \
+        .decode("utf-8", "backslashreplace")
+
+
+def _only_escapes(s: str) -> bool:
+    """True if every surrogate in `s` is one of surrogateescape's (U+DC80-U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in s)
+
 
 @dataclass(frozen=True)
 class SourceSpec:
@@ -66,6 +99,23 @@ class SourceSpec:
     def describe(self) -> str:
         return f"{self.kind}:{self.target}" if self.target else self.kind
 
+    def identity(self) -> dict:
+        """What decides which record a `seq` is, by the flag a user knows: the dataset (paths
+        made absolute, so a rerun from another directory is the same), the options its kind
+        reads, and --limit. Part of the shard's settings fingerprint: a rerun into the same
+        --output with another dataset would otherwise skip its records by the ids of the first
+        one's and publish those captions as its own."""
+        def norm(v):
+            return os.path.abspath(v) if isinstance(v, str) and v and \
+                (self.kind != "hf" or os.path.exists(v)) else v
+
+        out = {"dataset": f"{self.kind}:{norm(self.target)}" if self.target else self.kind}
+        for opt in READERS[self.kind].options:
+            v = getattr(self, opt)
+            out[opt] = norm(v) if opt in ("data_dir", "annotations") else v
+        out["limit"] = self.limit
+        return out
+
 
 # -- the registry of readers --------------------------------------------------------------
 
@@ -97,6 +147,8 @@ class Reader:
     kind: ClassVar[str]
     usage: ClassVar[str]          # how --dataset spells it, e.g. "folder:DIR"
     needs_target: ClassVar[bool] = False
+    # the SourceSpec fields besides the target that this kind reads (SourceSpec.identity)
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: SourceSpec):
         self.spec = spec
@@ -175,6 +227,7 @@ class CocoReader(Reader):
     """A COCO captions file (images[] + annotations[]) and its image directory."""
 
     kind, usage = "coco", "coco"
+    options = ("data_dir", "annotations")
 
     @classmethod
     def check(cls, spec: SourceSpec) -> None:
@@ -316,21 +369,38 @@ class ParquetReader(Reader):
     """Parquet files matching a glob: image bytes, {bytes, path} structs or paths."""
 
     kind, usage, needs_target = "parquet", "parquet:GLOB", True
+    options = ("image_column", "caption_column", "id_column")
 
     def records(self) -> Iterator[Record]:
         return _parquet(self.spec)
 
 
 def _parquet(spec: SourceSpec) -> Iterator[Record]:
-    files = sorted(glob.glob(spec.target, recursive=True))
+    files = sorted(f for f in glob.glob(spec.target, recursive=True) if os.path.isfile(f))
     if not files:
-        raise SourceError(f"no Parquet files match {spec.target!r}")
+        hint = f" (a folder: use parquet:{spec.target.rstrip('/')}/*.parquet)" \
+            if os.path.isdir(spec.target) else ""
+        raise SourceError(f"no Parquet files match {spec.target!r}{hint}")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    first = pq.read_schema(files[0])
+    footers = {}
+    for f in files:  # every footer now: a file that is not Parquet is one line, not a crash
+        try:
+            footers[f] = pq.ParquetFile(f).metadata
+        except (pa.ArrowException, OSError) as e:
+            raise SourceError(f"{f} is not a readable Parquet file ({str(e).splitlines()[0]}); "
+                              "narrow the glob to Parquet files") from None
+    first = footers[files[0]].schema.to_arrow_schema()
     if spec.image_column not in first.names:
         raise SourceError(f"{files[0]} has no column {spec.image_column!r} "
                           f"(columns: {', '.join(first.names)}); pass --image-column")
+    for flag, col in (("--caption-column", spec.caption_column), ("--id-column", spec.id_column)):
+        if col and col not in first.names:
+            raise SourceError(f"{files[0]} has no column {col!r} "
+                              f"(columns: {', '.join(first.names)}); fix {flag}")
+    if spec.caption_column:
+        _check_caption_type(first.field(spec.caption_column).type, spec.caption_column)
 
     def gen():
         seq = 0
@@ -347,7 +417,23 @@ def _parquet(spec: SourceSpec) -> Iterator[Record]:
                                  _captions_of(row.get(spec.caption_column)))
                     seq += 1
     # Parquet footers hold the row counts: no data is read for this
-    return Records(gen(), sum(pq.ParquetFile(f).metadata.num_rows for f in files))
+    return Records(gen(), sum(m.num_rows for m in footers.values()))
+
+
+def _check_caption_type(typ, column: str) -> None:
+    """Reference captions are text, a list of texts, or a struct holding them (COCO-style
+    {"raw": [...]}); a number column named by mistake is one line now, not a crash mid-run."""
+    import pyarrow as pa
+
+    def texty(t) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+    ok = texty(typ) or pa.types.is_struct(typ) or (
+        (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and texty(typ.value_type))
+    if not ok:
+        raise SourceError(f"--caption-column {column!r} holds {typ}, not text or a list of "
+                          "texts; name the column with the reference captions, or leave "
+                          "--caption-column out")
 
 
 def _payload_of(value, base: Path) -> tuple[bytes | str | None, str]:
@@ -380,6 +466,8 @@ def _captions_of(value) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         return (value,)
+    if not isinstance(value, (dict, list, tuple)):  # a number where text was expected
+        return (str(value),)
     if isinstance(value, dict):  # e.g. {"raw": [...]} or {"text": ...}
         for k in ("raw", "text", "caption", "captions"):
             if k in value:
@@ -395,6 +483,7 @@ class HFReader(Reader):
     """A Hugging Face dataset: a save_to_disk() directory or a hub name (streamed)."""
 
     kind, usage, needs_target = "hf", "hf:NAME_OR_PATH", True
+    options = ("split", "image_column", "caption_column", "id_column")
 
     def records(self) -> Iterator[Record]:
         return _hf(self.spec)
@@ -420,6 +509,10 @@ def _hf(spec: SourceSpec) -> Iterator[Record]:
     if features and spec.image_column not in features:
         raise SourceError(f"hf:{target} has no column {spec.image_column!r} "
                           f"(columns: {', '.join(features)}); pass --image-column")
+    for flag, col in (("--caption-column", spec.caption_column), ("--id-column", spec.id_column)):
+        if features and col and col not in features:
+            raise SourceError(f"hf:{target} has no column {col!r} "
+                              f"(columns: {', '.join(features)}); fix {flag}")
     if isinstance(features.get(spec.image_column), datasets.Image):
         # raw bytes, so decoding runs in our workers instead of the reading thread
         ds = ds.cast_column(spec.image_column, datasets.Image(decode=False))

@@ -250,7 +250,9 @@ def test_fingerprint_names_what_changes_captions(tmp_path):
     fp = fingerprint.of(cfg)
     assert set(fp) == {"model", "model_config_hash", "weights", "prompt", "system_prompt",
                        "max_tokens", "temperature", "top_p", "seed", "ignore_eos",
-                       "max_dynamic_patch", "dtype", "load_format", "quantization"}
+                       "max_dynamic_patch", "dtype", "load_format", "quantization",
+                       "dataset", "limit"}  # the sample source: no options of its own
+    assert set(fingerprint.CAPTION_KEYS) | {"dataset", "limit"} == set(fp)
     # FP8 captions differ from bf16's; rows from before the setting existed (no key) are bf16
     fp8 = fingerprint.of(dataclasses.replace(
         cfg, engine=dataclasses.replace(cfg.engine, quantization="fp8")))
@@ -560,7 +562,7 @@ def test_cli_changed_prompt_exits_2_with_one_line(tmp_path):
     before = _snapshot(out)
     code, err = _cli_run(tmp_path, "--dataset", "sample", "-o", str(out), "--model",
                          "/nonexistent-model", "--prompt", "Name the animal.",
-                         "--max-tokens", "9")
+                         "--max-tokens", "9", "--limit", "5")
     assert code == 2 and err == [
         f"Error: {out} ({NAME}, unfinished) holds rows written with other settings (--prompt "
         "'Describe this image in one sentence.' -> 'Name the animal.'; --max-tokens 64 -> 9); "

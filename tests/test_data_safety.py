@@ -1,0 +1,338 @@
+"""Rows neither lost nor mixed, bad input as one line: the holes a read-through found
+(2026-12-05). Each test reproduces one: a resume that skipped every row of a repeated id, a
+rerun on another dataset that published the first one's captions as its own, a file name
+that is not UTF-8 failing every rerun at the same chunk, merge joining shards of two
+prompts, a writer that kept writing after losing its lock, tracebacks for a glob that
+matches a non-Parquet file, signals before the batches' handler, chunk numbers past
+999,999, a full disk. No vLLM: the fake engine of test_sinks_stats."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from internvl_batch import fingerprint, outlock, sinks
+from internvl_batch.config import EngineSpec, PromptSpec, RunConfig
+from internvl_batch.fingerprint import SettingsChanged
+from internvl_batch.merge import merge_output
+from internvl_batch.outlock import OutputBusy, ShardLock
+from internvl_batch.outputs import OutputError, open_output
+from internvl_batch.sinks import ShardWriter
+from internvl_batch.sources import SourceError, SourceSpec, open_source
+from tests.test_sinks_stats import FakeEngine, fake_engine, row  # noqa: F401
+
+NAME = "part-00000-of-00001"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _png(shade: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (shade, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _cfg(tmp_path, dataset: str, out: Path, batch_size: int = 2, **src) -> RunConfig:
+    return RunConfig(source=SourceSpec.parse(dataset, **src), engine=EngineSpec(model="m"),
+                     output=out, cache_dir=tmp_path / "cache", progress=False, workers=0,
+                     batch_size=batch_size, max_error_rate=1.0)
+
+
+class DyingEngine(FakeEngine):
+    """Serves `batches` batches, then dies as a crashed vLLM engine would."""
+
+    def __init__(self, batches: int):
+        super().__init__()
+        self.left = batches
+
+    def imap(self, work, sampling):
+        from internvl_batch.engine import EngineDead
+
+        for tag, reqs in work:
+            if self.left == 0:
+                raise EngineDead("fake engine death")
+            self.left -= 1
+            yield tag, self.generate(reqs, sampling)
+
+
+def _run(cfg: RunConfig, engine=None) -> int:
+    from internvl_batch import pipeline
+
+    entry = types.SimpleNamespace(hit=True, key="k", fields={"model_config_hash": "h"})
+    return pipeline.run(cfg, log=lambda m: None, started=(engine or FakeEngine(), entry))
+
+
+def _rows(out: Path) -> list[dict]:
+    return pq.read_table(out / f"{NAME}.parquet").to_pylist()
+
+
+# -- resume by position and id --------------------------------------------------------------------
+
+def test_resume_keeps_every_row_of_a_repeated_id(tmp_path):
+    """One row per caption, `--id-column image_id`: ids repeat. A resume that skipped by id
+    alone dropped every row whose id had one row written (5 of 6 rows came back)."""
+    ids = [1, 1, 2, 2, 3, 3]
+    pq.write_table(pa.table({"image": [_png(40 * i) for i in ids], "image_id": ids,
+                             "text": [f"caption {k}" for k in range(6)]}),
+                   tmp_path / "caps.parquet")
+    spec = dict(id_column="image_id", caption_column="text")
+    out = tmp_path / "out"
+    src = f"parquet:{tmp_path}/caps.parquet"
+    assert _run(_cfg(tmp_path, src, out, batch_size=3, **spec), DyingEngine(1)) == 4
+    assert _run(_cfg(tmp_path, src, out, batch_size=2, **spec)) == 0
+    rows = _rows(out)
+    assert [(r["seq"], r["id"], r["references"]) for r in rows] == [
+        (k, str(i), [f"caption {k}"]) for k, i in enumerate(ids)]
+
+
+def test_chunks_past_999999_keep_their_order(tmp_path):
+    """chunk-1000000 sorts before chunk-999999 as a string: the next chunk took the number
+    1000000 again and replaced it, losing its row."""
+    w = ShardWriter(tmp_path, 0, 1).open()
+    for n, seq in ((999999, 0), (1000000, 1)):
+        w._next = n
+        w.write([row(seq)])
+    again = ShardWriter(tmp_path, 0, 1).open()
+    assert again._next == 1000001
+    again.write([row(2)])
+    assert again.done_ids() == {"id0", "id1", "id2"}
+    again.finalize({})
+    again.commit()
+    assert [r["seq"] for r in pq.read_table(again.final).to_pylist()] == [0, 1, 2]
+
+
+# -- the dataset is part of the settings ------------------------------------------------------------
+
+def _folder(path: Path, shade: int, n: int = 4) -> Path:
+    path.mkdir(parents=True)
+    for k in range(n):
+        (path / f"img{k}.png").write_bytes(_png(shade))
+    return path
+
+
+def test_another_dataset_into_the_same_output_is_refused(tmp_path):
+    """Same file names in two folders: the second run skipped the second folder's images by
+    the first one's ids and published those captions (exit 0)."""
+    a, b = _folder(tmp_path / "red", 200), _folder(tmp_path / "blue", 20)
+    out = tmp_path / "out"
+    assert _run(_cfg(tmp_path, f"folder:{a}", out), DyingEngine(1)) == 4
+    with pytest.raises(SettingsChanged, match=r"--dataset 'folder:.*red' -> 'folder:.*blue'"):
+        _run(_cfg(tmp_path, f"folder:{b}", out))
+    assert _run(_cfg(tmp_path, f"folder:{a}", out)) == 0  # the same one resumes
+    # finished: a larger --limit is not "nothing to do" but a change, named
+    with pytest.raises(SettingsChanged, match=r"--limit None -> 2"):
+        _run(_cfg(tmp_path, f"folder:{a}", out, limit=2))
+
+
+def test_dataset_identity_is_absolute_and_per_kind(tmp_path, monkeypatch):
+    d = _folder(tmp_path / "imgs", 1, n=1)
+    monkeypatch.chdir(tmp_path)
+    rel, absolute = SourceSpec.parse("folder:imgs"), SourceSpec.parse(f"folder:{d}")
+    assert rel.identity() == absolute.identity() == {"dataset": f"folder:{d}", "limit": None}
+    assert SourceSpec.parse("parquet:x/*.parquet", id_column="k").identity() == {
+        "dataset": f"parquet:{tmp_path}/x/*.parquet", "image_column": "image",
+        "caption_column": None, "id_column": "k", "limit": None}
+    # a hub name stays a name; a coco source names its files
+    assert SourceSpec.parse("hf:org/set", split="val").identity()["dataset"] == "hf:org/set"
+    coco = SourceSpec.parse("coco", data_dir="imgs", annotations="a.json").identity()
+    assert coco["data_dir"] == str(d) and coco["annotations"] == f"{tmp_path}/a.json"
+    # rows written before the dataset was recorded say nothing about it: accepted
+    new = {"prompt": "p", **absolute.identity()}
+    assert fingerprint.diff({"prompt": "p"}, new) == []
+    changed = fingerprint.diff({**new, "dataset": "folder:/else"}, new)
+    assert len(changed) == 1 and changed[0].startswith("--dataset 'folder:/else' -> 'folder:")
+    assert changed[0].endswith("/imgs'")  # a long path keeps its end, where paths differ
+
+
+# -- file names that are not UTF-8 ------------------------------------------------------------------
+
+def test_a_file_name_that_is_not_utf8_is_captioned(tmp_path):
+    """Python keeps such a name's bytes as lone surrogates, which Parquet cannot store: every
+    run failed at the same chunk, so the shard could never finish."""
+    d = tmp_path / "latin1"
+    d.mkdir()
+    for name in (b"a.png", b"caf\xe9.png", b"z.png"):
+        with open(os.path.join(os.fsencode(d), name), "wb") as f:
+            f.write(_png(9))
+    out = tmp_path / "out"
+    assert _run(_cfg(tmp_path, f"folder:{d}", out, batch_size=1)) == 0
+    rows = _rows(out)
+    assert [(r["id"], r["error"]) for r in rows] == [
+        ("a.png", None), ("caf\\xe9.png", None), ("z.png", None)]
+    rec = next(r for r in open_source(SourceSpec.parse(f"folder:{d}")) if r.seq == 1)
+    assert os.path.isfile(rec.payload)  # the real path is kept for decoding
+    assert _run(_cfg(tmp_path, f"folder:{d}", out)) == 0  # and a rerun finds it done
+
+
+# -- merge, show and score ----------------------------------------------------------------------
+
+def test_merge_refuses_shards_captioned_with_other_settings(tmp_path):
+    out = tmp_path / "out"
+    for shard, prompt in ((0, "Describe this image."), (1, "Write a poem about this image.")):
+        cfg = dataclasses.replace(_cfg(tmp_path, "sample", out), num_shards=2,
+                                  shard_index=shard, prompt=PromptSpec(prompt))
+        assert _run(cfg) == 0
+    ok, report = merge_output(out, compact=tmp_path / "all.parquet")
+    assert not ok and not (tmp_path / "all.parquet").exists()
+    assert "part-00001-of-00002 was captioned with other settings than part-00000-of-00002 " \
+           "(--prompt 'Describe this image.' -> 'Write a poem about this image.')" in report
+    # --compact into a folder that does not exist: said before stats.json is written
+    cfg = dataclasses.replace(_cfg(tmp_path, "sample", out), num_shards=2, shard_index=1,
+                              prompt=PromptSpec("Describe this image."), overwrite=True)
+    assert _run(cfg) == 0
+    ok, report = merge_output(out, compact=tmp_path / "nowhere" / "all.parquet")
+    assert not ok and "does not exist" in report and not (out / "stats.json").exists()
+    ok, report = merge_output(out, compact=tmp_path / "all.parquet")
+    assert ok and pq.read_metadata(tmp_path / "all.parquet").num_rows == 17
+
+
+def test_show_and_score_refuse_mixed_shard_counts_and_unreadable_files(tmp_path):
+    out = tmp_path / "out"
+    assert _run(_cfg(tmp_path, "sample", out)) == 0
+    assert len(open_output(out).files) == 1
+    for shard in (0, 1):  # a rerun with --num-shards 2 beside the first run's file
+        assert _run(dataclasses.replace(_cfg(tmp_path, "sample", out), num_shards=2,
+                                        shard_index=shard)) == 0
+    with pytest.raises(OutputError, match=r"mixes runs with different shard counts \[1, 2\]"):
+        open_output(out)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(OutputError, match="bad.parquet is not a readable Parquet file"):
+        open_output(bad)
+
+
+# -- the lock ------------------------------------------------------------------------------------
+
+def test_a_writer_stops_at_the_first_chunk_after_a_takeover(tmp_path):
+    """Between heartbeats the flag said nothing: chunks of ours went on under the numbers of
+    the run that had taken over."""
+    w = ShardWriter(tmp_path, 0, 1).open()
+    w.lock = ShardLock(tmp_path, NAME, heartbeat_s=3600).acquire()
+    w.write([row(0)])
+    doc = json.loads(w.lock.path.read_text())
+    w.lock.path.write_text(json.dumps({**doc, "token": "theirs"}))  # taken over just now
+    with pytest.raises(OutputBusy, match="lost the lock"):
+        w.write([row(1)])
+    assert [c.name for c in w._chunks()] == ["chunk-000000.parquet"]
+    w.lock.release()
+
+
+def test_a_heartbeat_that_cannot_refresh_gives_the_lock_up_in_time(tmp_path, monkeypatch):
+    """utime failing (a flaky mount) was ignored: another node takes a lock over after
+    STALE_BEATS silent heartbeats, while this writer went on."""
+    lock = ShardLock(tmp_path, NAME, heartbeat_s=0.05, stale_beats=4).acquire()
+    real = os.utime
+
+    def utime(path, *a, **kw):
+        if Path(path) == lock.path:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(outlock.os, "utime", utime)
+    deadline = time.time() + 5
+    while not lock.lost and time.time() < deadline:
+        time.sleep(0.02)
+    assert lock.lost  # after 3 failures, before the 4 that make it stale elsewhere
+    with pytest.raises(OutputBusy):
+        lock.check()
+    lock.release()
+
+
+# -- sources: one line, exit 2 ---------------------------------------------------------------------
+
+def test_parquet_globs_and_columns_that_cannot_work_are_one_line(tmp_path):
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.table({"image": [_png(1)], "score": [0.5], "k": ["a"]}), d / "a.parquet")
+    with pytest.raises(SourceError, match=r"a folder: use parquet:.*/pq/\*\.parquet"):
+        open_source(SourceSpec.parse(f"parquet:{d}"))
+    with pytest.raises(SourceError, match="holds double, not text"):
+        open_source(SourceSpec.parse(f"parquet:{d}/*", caption_column="score"))
+    with pytest.raises(SourceError, match="no column 'nope'.*fix --id-column"):
+        open_source(SourceSpec.parse(f"parquet:{d}/*", id_column="nope"))
+    (d / "notes.txt").write_text("x")
+    with pytest.raises(SourceError, match=r"notes.txt is not a readable Parquet file"):
+        open_source(SourceSpec.parse(f"parquet:{d}/*"))
+
+
+# -- a full disk -----------------------------------------------------------------------------------
+
+def test_a_full_disk_is_one_line_and_exit_5_and_the_rerun_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real = sinks._atomic_write_table
+    calls = []
+
+    def full(table, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, path, *a, **kw)
+
+    monkeypatch.setattr(sinks, "_atomic_write_table", full)
+    lines = []
+    from internvl_batch import pipeline
+
+    entry = types.SimpleNamespace(hit=True, key="k", fields={})
+    assert pipeline.run(_cfg(tmp_path, "sample", out), log=lines.append,
+                        started=(FakeEngine(), entry)) == pipeline.EXIT_WRITE_FAILED
+    w = ShardWriter(out, 0, 1)
+    assert len(w.done_keys()) == 4 and not w.is_complete()  # the two chunks before are intact
+    # the final file fails half way: nothing of it is left behind
+    monkeypatch.setattr(sinks, "_atomic_write_table", real)
+    monkeypatch.setattr(ShardWriter, "_stream", lambda self, c, tmp, s: (
+        tmp.write_bytes(b"half"), (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))[1])
+    assert _run(_cfg(tmp_path, "sample", out)) == 5
+    assert not list(out.glob(".*tmp*"))
+    monkeypatch.undo()
+    assert _run(_cfg(tmp_path, "sample", out)) == 0
+    assert [r["seq"] for r in _rows(out)] == list(range(17))
+
+
+# -- signals before the batches' handler -------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_a_signal_while_waiting_for_the_lock_stops_with_the_stop_code(tmp_path, sig, code):
+    """`run --wait` behind another run's lock: SIGTERM killed it by the signal (no exit 75
+    for a requeue to see), Ctrl-C printed click's 'Aborted!' and exit 1."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "boot_id": outlock._boot_id(),
+              "proc_start": outlock._proc_start(os.getpid()), "started_at": time.time(),
+              "heartbeat_s": 30.0, "stale_beats": 4, "slurm": {}, "token": "theirs"}
+    (out / f"{NAME}.lock").write_text(json.dumps(holder))
+    p = subprocess.Popen([sys.executable, "-m", "internvl_batch", "run", "--dataset", "sample",
+                          "--output", str(out), "--wait", "--no-progress"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 60
+        while not any("waiting for another" in x for x in lines) and time.time() < deadline:
+            time.sleep(0.1)
+        assert any("waiting for another" in x for x in lines), lines
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        reader.join(timeout=5)
+    finally:
+        p.kill()
+    err = "".join(lines)
+    assert p.returncode == code, err
+    assert f"stopped by signal {sig.name}" in err and "Traceback" not in err
+    assert json.loads((out / f"{NAME}.lock").read_text())["token"] == "theirs"
