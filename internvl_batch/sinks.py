@@ -185,9 +185,14 @@ class ShardWriter:
                             "(another run finished this shard?); nothing was changed")
 
     def previous_stats(self) -> list[dict]:
-        if self.partial_stats.is_file():
-            return json.loads(self.partial_stats.read_text()).get("runs", [])
-        return []
+        """Earlier runs' timings. Not fsynced (rewritten after every batch): after a power
+        loss it may be empty or cut; then the timings are lost, never the rerun. Row, error
+        and token counts come from the rows themselves."""
+        try:
+            runs = json.loads(self.partial_stats.read_text()).get("runs", [])
+        except (OSError, ValueError, AttributeError):
+            return []
+        return runs if isinstance(runs, list) else []
 
     # -- writing ------------------------------------------------------------------------
     def open(self):

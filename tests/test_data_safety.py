@@ -336,3 +336,17 @@ def test_a_signal_while_waiting_for_the_lock_stops_with_the_stop_code(tmp_path, 
     assert p.returncode == code, err
     assert f"stopped by signal {sig.name}" in err and "Traceback" not in err
     assert json.loads((out / f"{NAME}.lock").read_text())["token"] == "theirs"
+
+
+def test_a_cut_partial_stats_file_does_not_stop_the_rerun(tmp_path):
+    """stats.partial.json is rewritten after every batch without fsync: a power loss may
+    leave it empty, and every rerun then died reading it."""
+    out = tmp_path / "out"
+    assert _run(_cfg(tmp_path, "sample", out), DyingEngine(1)) == 4
+    w = ShardWriter(out, 0, 1)
+    assert w.previous_stats()
+    w.partial_stats.write_text("")
+    assert w.previous_stats() == []
+    assert _run(_cfg(tmp_path, "sample", out)) == 0
+    st = json.loads((out / f"{NAME}.stats.json").read_text())
+    assert st["rows"] == 17  # counted from the rows, whatever the timings lost
