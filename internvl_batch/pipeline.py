@@ -205,11 +205,10 @@ def _run_shard(cfg: RunConfig, started, term: Terminal, started_at: float) -> in
     # one writer per shard, from before reading what is written to the final commit
     with ShardLock(cfg.output, writer.name).acquire(wait=cfg.wait, log=log) as lock:
         writer.lock = lock
-        if cfg.overwrite:
-            log(f"--overwrite: removed {', '.join(str(p) for p in writer.clear()) or 'nothing'}")
-        elif writer.is_complete():  # finished by the run we waited for
-            return _complete(cfg, writer, term)
-        writer.check_settings(writer.fingerprint)  # before any engine starts
+        if not cfg.overwrite:  # (--overwrite removes the old rows once the engines are up)
+            if writer.is_complete():  # finished by the run we waited for
+                return _complete(cfg, writer, term)
+            writer.check_settings(writer.fingerprint)  # before any engine starts
         return _run_locked(cfg, writer, records, term, started, started_at)
 
 
@@ -227,7 +226,8 @@ def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
 
 def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started,
                 started_at: float) -> int:
-    done = writer.done_keys()  # by position and id: a dataset may repeat an id
+    # by position and id: a dataset may repeat an id; --overwrite: none of the old rows count
+    done = set() if cfg.overwrite else writer.done_keys()
     mine = (r for r in records if (r.seq, r.id) not in done)
     if done:
         term.info(f"resuming {writer.name}: {len(done)} rows already written")
@@ -290,6 +290,11 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
     prompt_text = prompts.render(cfg.prompt)
     metadata = _metadata(cfg, info, entry)
 
+    if cfg.overwrite:
+        # only now, with the engines up: a run that fails to start (a wrong --model, a GPU
+        # setting on CPU, a signal) leaves the rows it was asked to replace where they were
+        removed = writer.clear()
+        term.info(f"--overwrite: removed {', '.join(str(p) for p in removed) or 'nothing'}")
     writer.open()
     previous = writer.previous_stats()
     mine, batch_size = fit_batches(mine, cfg.batch_size, engine.replicas)

@@ -350,3 +350,33 @@ def test_a_cut_partial_stats_file_does_not_stop_the_rerun(tmp_path):
     assert _run(_cfg(tmp_path, "sample", out)) == 0
     st = json.loads((out / f"{NAME}.stats.json").read_text())
     assert st["rows"] == 17  # counted from the rows, whatever the timings lost
+
+
+def test_overwrite_keeps_the_old_rows_until_the_engines_are_up(tmp_path, monkeypatch):
+    """--overwrite removed the shard's rows before the engine started: a run that then
+    failed to start (a wrong --model, a signal) left nothing of either."""
+    from internvl_batch import pipeline
+    from internvl_batch.cache import CompileCache
+
+    out = tmp_path / "out"
+    assert _run(_cfg(tmp_path, "sample", out)) == 0
+    final = out / f"{NAME}.parquet"
+    before = final.stat().st_mtime_ns
+
+    def broken(self, spec, log=print):
+        raise RuntimeError("engine start failed")
+
+    monkeypatch.setattr(CompileCache, "start_engine", broken)
+    cfg = dataclasses.replace(_cfg(tmp_path, "sample", out), prompt=PromptSpec("Other."),
+                              overwrite=True)
+    with pytest.raises(RuntimeError, match="engine start failed"):
+        pipeline.run(cfg, log=lambda m: None)
+    assert final.stat().st_mtime_ns == before and len(_rows(out)) == 17
+    # with the engines up, the rows are replaced: every one, with the new prompt's fingerprint
+    logs = []
+    assert pipeline.run(cfg, log=logs.append, started=(FakeEngine(), types.SimpleNamespace(
+        hit=True, key="k", fields={}))) == 0
+    assert any(x.startswith("--overwrite: removed ") for x in logs)
+    assert len(_rows(out)) == 17
+    assert json.loads(pq.read_schema(final).metadata[b"internvl_batch"])["fingerprint"][
+        "prompt"] == "Other."

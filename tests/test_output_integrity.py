@@ -335,7 +335,8 @@ def test_finished_output_with_a_new_prompt_is_refused_then_overwritten(tmp_path,
     cfg = dataclasses.replace(_prompted(tmp_path, out, "B"), overwrite=True)
     logs.clear()
     assert pipeline.run(cfg, log=logs.append) == 0
-    assert logs[0].startswith("--overwrite: removed ") and str(final) in logs[0]
+    said = [x for x in logs if x.startswith("--overwrite: removed ")]
+    assert len(said) == 1 and str(final) in said[0]
     md = json.loads(pq.read_schema(final).metadata[b"internvl_batch"])
     assert md["fingerprint"]["prompt"] == "B" and pq.read_table(final).num_rows == 5
 

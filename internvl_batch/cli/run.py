@@ -58,7 +58,8 @@ def _replicas(ctx, param, value):
               help="Exit 3 when more than this fraction of rows fail (checked after 20 rows "
                    "and over the finished shard; 1 accepts any).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace the shard's rows already in --output (e.g. after changing --prompt).")
+              help="Replace the shard's rows already in --output (e.g. after changing "
+                   "--prompt); they are removed once the engines have started.")
 @click.option("--wait", is_flag=True,
               help="If another run is writing this shard, wait for it instead of exiting 2.")
 @click.option("--no-progress", is_flag=True)
