@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -62,6 +63,34 @@ class EntryPoisoned(RuntimeError):
     process holds a dead engine and torch.compile state: the caller restarts its command in
     a fresh process (setting HEALED_ENV), which rebuilds the entry. With HEALED_ENV already
     set the original error is raised instead, so a rebuild that crashes too stops."""
+
+
+# A failed start of a complete entry says why. These causes are not the entry's: quarantining
+# it would throw away a good shared entry and rebuild it for minutes (on a GPU) in every job.
+NOT_THE_ENTRY = ("out of memory", "outofmemoryerror", "no available memory for the cache",
+                 "cannot allocate memory", "keyboardinterrupt", "received signal",
+                 "sigterm", "validationerror", "no space left on device")
+_stop = {"requested": False}
+
+
+def request_stop(on: bool = True) -> None:
+    """The run got a stop signal (pipeline's handler): an engine start failing from now on
+    failed because of it (the engine core gets the job's signal too), not because of the
+    entry it loaded. `on=False`: a new run begins."""
+    _stop["requested"] = on
+
+
+def not_the_entrys_fault(e: BaseException, log_lines=()) -> str | None:
+    """Why a failed start is not the entry's fault (a marker found in the exception chain or
+    in what the engine printed), or None. Unknown crashes count as the entry's: one of a
+    graph traced on one tile crashes on the first multi-tile batch, and that is healed by a
+    rebuild."""
+    if _stop["requested"]:
+        return "the run was stopped by a signal"
+    import traceback
+
+    text = "\n".join([*traceback.format_exception(e), *log_lines]).lower()
+    return next((m for m in NOT_THE_ENTRY if m in text), None)
 
 
 def _version(*dists: str) -> str:
@@ -235,6 +264,18 @@ class CompileCache:
         self.root = Path(root).expanduser().resolve()
         self.lock_timeout = lock_timeout
 
+    def check_writable(self) -> None:
+        """One line (exit 2) before anything starts if the cache folder cannot be written:
+        a read-only mount or someone else's folder failed later with a traceback."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise CacheError(f"--cache-dir {self.root}: cannot write there ({e.strerror or e}); "
+                             "pass a writable --cache-dir or set INTERNVL_BATCH_CACHE") from None
+
     # -- model resolution -------------------------------------------------------------------
     def resolve(self, spec: EngineSpec) -> EngineSpec:
         """`preset:NAME[+weights|+dummy]` -> a synthesized checkpoint under <root>/models
@@ -246,6 +287,7 @@ class CompileCache:
                 name, weights = checkpoint.parse_preset(spec.model.split(":", 1)[1])
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            self.check_writable()  # the checkpoint is synthesized under it
             path = checkpoint.ensure(name, self.root / "models", weights=weights)
             return replace(spec, model=str(path))
         if os.path.isdir(spec.model):
@@ -309,6 +351,7 @@ class CompileCache:
 
         spec = self.resolve(spec)
         llm_kwargs(spec, cuda=has_cuda())  # flag errors now, before an entry is created
+        self.check_writable()
         entry = self.entry(spec)
         if entry.complete:
             entry.hit = True
@@ -354,13 +397,20 @@ class CompileCache:
                 moved = entry.quarantine(f"probe check failed: {check}")
                 raise CacheError(f"compiled encoder differs from eager beyond tolerance "
                                  f"({summarize_check(check)}); entry moved to {moved}")
-        entry.write_manifest({
-            "key": entry.key, "fields": entry.fields, "built_by": {
-                "host": socket.gethostname(), "pid": os.getpid(),
-                "slurm_job": os.environ.get("SLURM_JOB_ID")},
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "build_s": round(time.time() - t0, 2),
-            "timings": engine.timings.as_dict(), "probe_check": check, "naive": naive})
-        entry.mark_complete()
+        try:
+            entry.write_manifest({
+                "key": entry.key, "fields": entry.fields, "built_by": {
+                    "host": socket.gethostname(), "pid": os.getpid(),
+                    "slurm_job": os.environ.get("SLURM_JOB_ID")},
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "build_s": round(time.time() - t0, 2),
+                "timings": engine.timings.as_dict(), "probe_check": check, "naive": naive})
+            entry.mark_complete()
+        except OSError as e:  # a full disk: nothing half-written may look complete
+            engine.close()
+            shutil.rmtree(entry.path, ignore_errors=True)
+            raise CacheError(f"cannot write the compile cache entry {entry.path} "
+                             f"({e.strerror or e}); free space in --cache-dir and rerun") from None
         return engine
 
     def _start_hit(self, spec: EngineSpec, entry: Entry, log, gate: bool = False):
@@ -375,6 +425,11 @@ class CompileCache:
                 raise
             # stop the dying engine first: its processes still write into the entry
             engine.close()
+            other = not_the_entrys_fault(e, engine.tap.tail if engine.tap else ())
+            if other:
+                log(f"compile cache: the engine failed to start ({other}); entry {entry.key} "
+                    "is kept")
+                raise
             # a complete entry that crashes on a multi-tile batch is poisoned (a graph traced
             # on one tile): move it aside and start over in a fresh process, since this one
             # holds a dead engine and torch.compile state
@@ -412,6 +467,7 @@ class CompileCache:
         return out
 
     def clear(self, older_than_s: float | None = None) -> list[str]:
+        self.check_writable()
         removed = []
         now = time.time()
         for e in self.entries():
@@ -431,7 +487,17 @@ class CompileCache:
 
 
 def dir_size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    """Bytes under `p`; files that a running build removes meanwhile count as gone."""
+    total = 0
+    for root, _dirs, files in os.walk(p):  # os.walk skips folders that vanish under it
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name), follow_symlinks=False)
+            except OSError:  # a compiler's temporary file, gone between listing and stat
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
 
 
 # -- the encoder check ---------------------------------------------------------------------

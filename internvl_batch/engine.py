@@ -107,9 +107,15 @@ class LogTap:
     # the whole committed H100 bench-encoder log of InternViT-6B holds 233 of them
     MAX_TIMELINE_LINES = 5000
 
+    TAIL_LINES = 400
+
     def __init__(self):
+        from collections import deque
+
         self.values: dict[str, float] = {}
         self.lines: list[str] = []
+        # the last lines of everything: what a failed start said (the engine core's traceback)
+        self.tail: deque[str] = deque(maxlen=self.TAIL_LINES)
         # (wall clock read, line) of the lines timeline.parse uses
         self.timeline_lines: list[tuple[float, str]] = []
         self._saved = None
@@ -143,6 +149,7 @@ class LogTap:
                     self._match(raw.decode("utf-8", "replace"))
 
     def _match(self, line: str):
+        self.tail.append(line)
         if len(self.timeline_lines) < self.MAX_TIMELINE_LINES and timeline.wanted(line):
             self.timeline_lines.append((time.time(), line.strip()))
         for key, pat in self.PATTERNS.items():
@@ -359,6 +366,7 @@ class Engine(Engines):
         kwargs = llm_kwargs(self.spec, cuda=self.cuda)
         t0 = time.perf_counter()
         with LogTap() as tap:
+            self.tap = tap  # also when the start fails: the cache reads what it said
             forkserver = procstart.wanted()
             self.engine_start = "forkserver" if forkserver else "spawn"
             if forkserver:  # before our vllm import, which it then overlaps
@@ -378,7 +386,6 @@ class Engine(Engines):
             if self.spec.compile:
                 self._warm_encoder()  # may raise: the caller closes us (self.llm is set)
             self.timings.warmup_s = time.perf_counter() - init
-        self.tap = tap
         self.timings.total_s = time.perf_counter() - t0
         for k in ("load_s", "compile_s", "encoder_compile_s", "cudagraph_s"):
             if k in tap.values:

@@ -76,12 +76,18 @@ class _Signals:
         self._old = {}
 
     def __enter__(self):
+        from . import cache
+
+        cache.request_stop(False)
         for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame):
+        from . import cache
+
         self.received = signum
+        cache.request_stop()  # an engine start failing now is the signal's doing
 
     @property
     def exit_code(self) -> int:
@@ -92,8 +98,11 @@ class _Signals:
         return signal.Signals(self.received).name if self.received else "none"
 
     def __exit__(self, *exc):
+        from . import cache
+
         for s, h in self._old.items():
             signal.signal(s, h)
+        cache.request_stop(False)
 
 
 def git_sha() -> str | None:

@@ -609,3 +609,74 @@ def test_a_model_folder_is_checked_before_anything_starts(tmp_path, content, mes
         (model / "config.json").write_text(content)
     with pytest.raises(ConfigError, match=f"^--model {model}: {message}"):
         EngineSpec(model=str(model))
+
+
+@pytest.mark.parametrize("crash", [
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "No available memory for the cache blocks. Try increasing `gpu_memory_utilization`",
+    "1 validation error for SchedulerConfig\nmax_num_seqs\n  Input should be >= 1 [ValidationError]",
+])
+def test_a_start_that_fails_for_another_reason_keeps_the_entry(tmp_path, monkeypatch, fake_env,
+                                                                crash):
+    """Out of memory, a bad setting: the entry is not at fault, and moving a good shared
+    entry aside meant minutes of rebuilding in every job (audit, 2026-12-05)."""
+    from internvl_batch import engine
+
+    monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
+    cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
+    monkeypatch.setattr(engine.Engine, "start", lambda self: (_ for _ in ()).throw(
+        RuntimeError(crash)))
+    logs = []
+    with pytest.raises(RuntimeError, match=crash.split()[0]):
+        cc.start_engine(spec, log=logs.append)
+    assert entry.complete and not (cc.root / "quarantine").exists()
+    assert any("is kept" in m for m in logs)
+
+
+def test_a_start_failing_after_a_stop_signal_keeps_the_entry(tmp_path, monkeypatch, fake_env):
+    """The job's SIGTERM reaches vLLM's engine core during start-up: the crash that follows
+    is the signal's, and what the engine printed names no cause."""
+    monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
+    cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
+    monkeypatch.setattr(cache_mod, "_stop", {"requested": False})
+    cache_mod.request_stop()
+    with pytest.raises(RuntimeError, match="split_with_sizes"):
+        cc.start_engine(spec, log=lambda m: None)
+    assert entry.complete
+
+
+def test_what_the_engine_printed_counts_for_the_verdict():
+    e = RuntimeError("Engine core initialization failed. See root cause above.")
+    assert cache_mod.not_the_entrys_fault(e) is None  # unknown: the entry's (healed by a rebuild)
+    assert cache_mod.not_the_entrys_fault(e, ["torch.OutOfMemoryError: CUDA out of memory."]) \
+        == "out of memory"
+
+
+@pytest.mark.parametrize("args", [["cache", "warm", "--model", "preset:tiny"],
+                                  ["cache", "clear"]])
+def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, args):
+    """A read-only mount or a path under a file: a traceback before (audit 2026-12-05)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(cli, [*args, "--cache-dir", str(blocker / "cache")])
+    assert res.exit_code == 2, res.output
+    assert res.output.splitlines() == [
+        f"Error: --cache-dir {blocker / 'cache'}: cannot write there (Not a directory); "
+        "pass a writable --cache-dir or set INTERNVL_BATCH_CACHE"]
+
+
+def test_dir_size_skips_files_that_vanish(tmp_path, monkeypatch):
+    """`cache ls` beside a running build: a compiler's temporary file gone between listing
+    and stat crashed the listing (2 of 30 tries in the audit)."""
+    (tmp_path / "a").write_bytes(b"x" * 10)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "gone").write_bytes(b"y" * 5)
+    real = os.stat
+
+    def stat(path, *a, **kw):
+        if str(path).endswith("gone"):
+            raise FileNotFoundError(path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(cache_mod.os, "stat", stat)
+    assert cache_mod.dir_size(tmp_path) == 10
