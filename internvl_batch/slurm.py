@@ -30,7 +30,8 @@ SCRIPTS = ("warm-cache.sbatch", "caption-array.sbatch", "merge.sbatch")
 # IVB_* variables the rendered scripts take from the environment before their own defaults;
 # `slurm submit` removes them from sbatch's environment so the options given to it win.
 BAKED_ENV = ("IVB_DATASET", "IVB_MODEL", "IVB_OUTPUT", "IVB_CACHE_DIR", "IVB_ENGINE_ARGS",
-             "IVB_EXTRA_ARGS", "IVB_GPU", "IVB_NUM_SHARDS", "IVB_MERGE_ARGS")
+             "IVB_EXTRA_ARGS", "IVB_GPU", "IVB_NUM_SHARDS", "IVB_MERGE_ARGS", "IVB_ACTIVATE",
+             "IVB_BIN")
 # options that `slurm submit` sets itself and so may not appear in --extra-args
 OWN_OPTIONS = ("--dataset", "--output", "-o", "--model", "--cache-dir", "--num-shards",
                "--shard-index")
@@ -38,6 +39,10 @@ OWN_OPTIONS = ("--dataset", "--output", "-o", "--model", "--cache-dir", "--num-s
 
 class SlurmError(RuntimeError):
     """One-line user-facing error (the command line reports it: exit 1, no traceback)."""
+
+
+class SlurmUsageError(SlurmError):
+    """A value given to `slurm submit` that cannot work (exit 2)."""
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -60,6 +65,24 @@ def q(value) -> str:
     return shlex.quote(str(value))
 
 
+def sb(value) -> str:
+    """A `#SBATCH` value. sbatch ends an unquoted one at a space and takes `#` for a comment
+    (`--output=/data/my run#1/...` logged to `/data/my`); in double quotes it keeps both
+    (checked with sbatch on the test cluster). `one_line` has refused newlines and quotes."""
+    v = str(value)
+    return f'"{v}"' if any(c.isspace() or c == "#" for c in v) else v
+
+
+def one_line(flag: str, value):
+    """`value`, if a script line can carry it: a newline would end the #SBATCH line or the
+    comment it is written into and run the rest as a command; a double quote would end sb's
+    quoting."""
+    if value is not None and any(c in str(value) for c in '\n\r"'):
+        raise SlurmUsageError(f"{flag} {str(value)!r}: a newline or a double quote cannot go "
+                              "into a job script; choose another value")
+    return value
+
+
 @dataclass
 class Resources:
     partition: str | None = None
@@ -73,15 +96,15 @@ class Resources:
     def lines(self) -> list[str]:
         out = []
         if self.partition:
-            out.append(f"#SBATCH --partition={self.partition}")
+            out.append(f"#SBATCH --partition={sb(self.partition)}")
         elif self.partition_hint:
             out.append("##SBATCH --partition=gpu   # (remove one # to use; default: the cluster's)")
-        out += [f"#SBATCH --time={self.time}",
+        out += [f"#SBATCH --time={sb(self.time)}",
                "#SBATCH --nodes=1",
                f"#SBATCH --ntasks={self.ntasks}",
                f"#SBATCH --cpus-per-task={self.cpus_per_task}"]
         if self.mem:
-            out.append(f"#SBATCH --mem={self.mem}")
+            out.append(f"#SBATCH --mem={sb(self.mem)}")
         if self.gpu:
             out.append("#SBATCH --gres=gpu:1" if self.ntasks == 1 else "#SBATCH --gpus-per-task=1")
         return out
@@ -133,7 +156,7 @@ class Plan:
         return v
 
     def _log(self, pattern: str) -> str:
-        return f"{self.log_dir.rstrip('/')}/{pattern}" if self.log_dir else pattern
+        return sb(f"{self.log_dir.rstrip('/')}/{pattern}" if self.log_dir else pattern)
 
     def _render(self, name: str, title: str, description: list[str], sbatch: list[str]) -> str:
         text = template(name).replace("@@COMMON@@", template("_common.sh").rstrip("\n"))
@@ -298,6 +321,10 @@ def submit_plan(*, dataset: str, model: str, output: str, cache_dir: str, engine
                 time_: str, mem: str | None, cpus_per_task: int | None, cpu: bool,
                 max_running: int | None, bin_: str | None, activate: str) -> Plan:
     """The Plan of `slurm submit`: resources per job from its options (paths absolute)."""
+    # what goes into #SBATCH lines and the scripts' header comment (the rest is shell-quoted)
+    for flag, v in (("--output", output), ("--partition", partition), ("--time", time_),
+                    ("--mem", mem)):
+        one_line(flag, v)
     k = min(gpus_per_node, shards)  # no array task with only idle GPUs
     cpus = cpus_per_task or (2 if cpu else 8)
     caption_mem = mem or ("8G" if cpu else f"{64 * k}G")

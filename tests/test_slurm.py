@@ -158,9 +158,13 @@ def test_submit_chains_job_ids(tmp_path, monkeypatch):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     _fake_tool(bindir / "sbatch", f'echo "$*" >> {tmp_path}/calls\n'
+               f'env | grep ^IVB_ >> {tmp_path}/env || true\n'
                f'n=$(wc -l < {tmp_path}/calls); echo "$((100 + n));cluster"\n')
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     monkeypatch.setenv("IVB_DATASET", "from-the-environment")  # must not override --dataset
+    # nor an old venv that jobs/README.md's exports left in the shell override --bin/--activate
+    monkeypatch.setenv("IVB_BIN", "/old/venv/bin/internvl-batch")
+    monkeypatch.setenv("IVB_ACTIVATE", "source /old/venv/bin/activate")
     res = CliRunner().invoke(slurm, ["submit", "--dataset", "sample", "--model", "m",
                                      "--output", str(tmp_path / "o"), "--shards", "5", "--cpu"])
     assert res.exit_code == 0, res.output
@@ -169,6 +173,7 @@ def test_submit_chains_job_ids(tmp_path, monkeypatch):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert "--dependency=afterok:101" in calls[1] and "--array=0-4" in calls[1]
     assert "--dependency=afterok:102" in calls[2]
+    assert not (tmp_path / "env").exists() or "/old/" not in (tmp_path / "env").read_text()
     for name in slurm_mod.SCRIPTS:
         assert (tmp_path / "o" / "slurm" / name).is_file()
     assert (tmp_path / "o" / "slurm" / "logs").is_dir()
@@ -189,6 +194,23 @@ def test_submit_errors_are_one_line(tmp_path, monkeypatch):
     assert res.exit_code == 1
     assert "sbatch failed (exit 1): sbatch: error: Invalid partition name specified" in res.output
     assert "Traceback" not in res.output
+
+
+def test_paths_with_spaces_and_hashes_stay_whole_in_sbatch_lines(tmp_path):
+    """sbatch ends an unquoted #SBATCH value at a space and takes # for a comment: the logs
+    of `--output "/data/my run#1"` went to /data/my. A newline would run as a command."""
+    out = tmp_path / "my run#1"
+    res = CliRunner().invoke(slurm, ["submit", "--dataset", "sample", "--model", "m", "--cpu",
+                                     "--output", str(out), "--mem", "4 G", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert f'#SBATCH --output="{out}/slurm/logs/%x-%A_%a.out"' in res.output
+    assert '#SBATCH --mem="4 G"' in res.output
+    for bad in (["--output", f"{tmp_path}/o\ntouch {tmp_path}/PWNED"], ["--time", '1:00"']):
+        res = CliRunner().invoke(slurm, ["submit", "--dataset", "sample", "--model", "m",
+                                         "--cpu", "--output", str(tmp_path / "o"), *bad,
+                                         "--dry-run"])
+        assert res.exit_code == 2 and "cannot go into a job script" in res.output
+        assert "Traceback" not in res.output and not (tmp_path / "PWNED").exists()
 
 
 # -- the caption script's signal handling, under plain bash -----------------------------------

@@ -13,15 +13,18 @@ from .common import engine_option_flags
 
 
 def slurm_errors(fn):
-    """SlurmError -> one line, exit 1, no traceback."""
+    """SlurmError -> one line, exit 1 (2 for a value that cannot work), no traceback."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from ..slurm import SlurmError
+        from ..slurm import SlurmError, SlurmUsageError
 
         try:
             return fn(*a, **kw)
         except SlurmError as e:
-            raise click.ClickException(str(e)) from None
+            err = click.ClickException(str(e))
+            if isinstance(e, SlurmUsageError):
+                err.exit_code = 2
+            raise err from None
     return wrapper
 
 
