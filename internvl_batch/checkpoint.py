@@ -555,13 +555,17 @@ def ensure(preset: str, root: str | os.PathLike, *, weights: bool | None = None)
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (out / SYNTH_MARKER).is_file():
             return out
+        import shutil
+
         tmp = Path(root) / f".{out.name}.tmp{os.getpid()}"
-        synthesize(preset, tmp, weights=weights)
+        try:
+            synthesize(preset, tmp, weights=weights)
+        except BaseException:  # a full disk: not gigabytes of a half checkpoint left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.replace(tmp, out)
         except OSError:  # an older, lockless writer won the race: use theirs
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 

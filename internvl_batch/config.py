@@ -6,6 +6,7 @@ says what to do, so bad flags fail before any model is loaded.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,13 +59,15 @@ class SamplingSpec:
     def __post_init__(self):
         if self.max_tokens < 1:
             raise ConfigError("--max-tokens must be >= 1")
-        if self.temperature < 0:
-            raise ConfigError("--temperature must be >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ConfigError("--temperature must be a number >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError("--top-p must be in (0, 1]")
 
 
 QUANTIZATIONS = ("fp8",)  # vLLM's `quantization` values `--quantization` accepts
+# the `dtype` values vLLM's LLM accepts (ModelConfig: "auto" and these torch dtypes)
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,18 @@ class EngineSpec:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.max_model_len < 256:
             raise ConfigError("--max-model-len must be >= 256")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise ConfigError("--kv-cache-gb must be > 0")
+        if self.kv_cache_gb is not None and not (math.isfinite(self.kv_cache_gb)
+                                                 and self.kv_cache_gb > 0):
+            raise ConfigError("--kv-cache-gb must be a number > 0")
+        if self.mm_cache_gb is not None and not (math.isfinite(self.mm_cache_gb)
+                                                 and self.mm_cache_gb >= 0):
+            raise ConfigError("--mm-cache-gb must be a number >= 0")
+        for flag, v in (("--max-num-seqs", self.max_num_seqs),
+                        ("--max-num-batched-tokens", self.max_num_batched_tokens)):
+            if v is not None and v < 1:
+                raise ConfigError(f"{flag} must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype}: choose from {', '.join(DTYPES)}")
         if self.compile and self.enforce_eager:
             raise ConfigError("--compile and --enforce-eager contradict each other")
         check_model_dir(self.model)

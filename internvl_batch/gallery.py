@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .outputs import Output, take
+from .outputs import Output, OutputError, take
 
 COLUMNS = ["id", "seq", "image_ref", "references", "caption", "prompt_tokens", "image_tokens",
            "tiles", "output_tokens", "finish_reason", "error"]
@@ -350,22 +350,30 @@ def _page_name(base: Path, i: int) -> str:
     return base.name if i == 0 else f"{base.stem}-p{i + 1}{base.suffix}"
 
 
+def _href(base: Path, i: int) -> str:
+    """A link to page i, for an href: `#`, `?` or `%` in a file name would otherwise start a
+    fragment or a query (`run#1-p2.html` pointed at `run`)."""
+    from urllib.parse import quote
+
+    return esc(quote(_page_name(base, i)))
+
+
 def _nav(base: Path, i: int, n: int) -> str:
     if n <= 1:
         return ""
     items = []
     if i > 0:
-        items.append(f'<a href="{esc(_page_name(base, i - 1))}" rel="prev">‹ prev</a>')
+        items.append(f'<a href="{_href(base, i - 1)}" rel="prev">‹ prev</a>')
     shown = sorted({0, n - 1, *range(max(0, i - 3), min(n, i + 4))})
     last = -1
     for k in shown:
         if k - last > 1:
             items.append("<span>…</span>")
         items.append(f'<span class="cur">{k + 1}</span>' if k == i else
-                     f'<a href="{esc(_page_name(base, k))}">{k + 1}</a>')
+                     f'<a href="{_href(base, k)}">{k + 1}</a>')
         last = k
     if i < n - 1:
-        items.append(f'<a href="{esc(_page_name(base, i + 1))}" rel="next">next ›</a>')
+        items.append(f'<a href="{_href(base, i + 1)}" rel="next">next ›</a>')
     return f'<nav class="pages">page {i + 1} of {n}: {"".join(items)}</nav>'
 
 
@@ -386,7 +394,10 @@ def build(output: Output, out: Path | None = None, opts: GalleryOptions = Galler
               for t, (p, why) in zip(thumbs, payloads)]
 
     base = Path(out) if out else output.beside("gallery.html")
-    base.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write {base}: {e.strerror or e}") from None
     layout = _Layout(base, max(1, opts.page_size), len(ok_rows), err_rows, kinds_all, kind_order)
     n_err = sum(kinds_all.values())
     n_ok = n_rows - n_err
@@ -404,8 +415,12 @@ def build(output: Output, out: Path | None = None, opts: GalleryOptions = Galler
                          lo, hi, len(shown))
         path = base.with_name(_page_name(base, i))
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(doc, encoding="utf-8")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(doc, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only or full folder: one line, no half page left
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
         pages.append(path)
     return pages
 
@@ -443,8 +458,8 @@ class _Layout:
         for k in self.kind_order:
             if k in self.first_at:
                 page = self.first_at[k] // self.size
-                href = _page_name(self.base, page) if page != page_index else ""
-                link = f'<a href="{esc(href)}#{self.kind_id[k]}">{esc(k)}</a>'
+                href = _href(self.base, page) if page != page_index else ""
+                link = f'<a href="{href}#{self.kind_id[k]}">{esc(k)}</a>'
             else:
                 link = esc(k)
             trs.append(f'<tr><td>{link}</td><td class="n">{self.kinds_all[k]:,}</td>'

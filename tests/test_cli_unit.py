@@ -152,13 +152,20 @@ def _cases(tmp: str):
         (["run", "--dataset", "sample", "--model", tmp, "-o", out],
          f"Error: --model {tmp}: no config.json there; pass a Hugging Face checkpoint folder "
          "(config.json, tokenizer, weights), a hub id, or preset:NAME"),
+        # accepted before, then failing in vLLM after the engine had started (audit 2026-12-05)
+        (["run", "--dataset", "sample", "--temperature", "nan", "-o", out],
+         "Error: --temperature must be a number >= 0"),
+        (["run", "--dataset", "sample", "--max-num-seqs", "0", "-o", out],
+         "Error: --max-num-seqs must be >= 1"),
+        (["run", "--dataset", "sample", "--kv-cache-gb", "inf", "-o", out],
+         "Error: --kv-cache-gb must be a number > 0"),
     ]
 
 
 CASE_IDS = ["dataset-nope", "folder-missing", "coco-no-paths", "shard-index", "older-than",
             "merge-missing", "parquet-none", "limit", "top-p", "compile-eager", "max-model-len",
             "empty-prompt", "older-than-zero", "older-than-negative", "coco-no-annotations",
-            "model-no-config"]
+            "model-no-config", "temperature-nan", "max-num-seqs-0", "kv-cache-inf"]
 
 
 def _exit_code(args) -> int:
@@ -277,6 +284,27 @@ def test_model_synth_cli(tmp_path):
     assert (tmp_path / "w" / "model.safetensors").is_file()
     res = CliRunner().invoke(cli, ["model", "synth", "--preset", "huge", "--out", "x"])
     assert res.exit_code == 2 and "Invalid value for '--preset'" in res.output
+    (tmp_path / "file").write_text("x")  # an --out that cannot be written: one line, exit 2
+    res = CliRunner().invoke(cli, ["model", "synth", "--preset", "tiny", "--out",
+                                   str(tmp_path / "file" / "m")])
+    assert res.exit_code == 2 and res.output == \
+        f"Error: cannot write {tmp_path / 'file' / 'm'}: Not a directory\n"
+
+
+def test_a_failed_synthesis_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """checkpoint.ensure draws into a temporary folder; on a full disk (1B weights: ~2 GB)
+    it stayed behind after every failed attempt."""
+    from internvl_batch import checkpoint
+
+    def full(preset, out, weights=False):
+        Path(out).mkdir(parents=True)
+        (Path(out) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "synthesize", full)
+    with pytest.raises(OSError):
+        checkpoint.ensure("tiny", tmp_path / "models", weights=True)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [".tiny-weights.lock"]
 
 
 def test_data_coco_synth_cli(tmp_path):
@@ -290,6 +318,9 @@ def test_data_coco_synth_cli(tmp_path):
     assert all((i["width"], i["height"]) == (448, 448) for i in doc["images"])
     assert len(doc["annotations"]) == 6
     assert sorted(p.name for p in images.iterdir()) == [f"{i:012d}.jpg" for i in range(3)]
+    for bad in (["--n", "-5"], ["--n", "2", "--seed", "-1"]):  # were tracebacks
+        res = CliRunner().invoke(cli, ["data", "coco-synth", *bad, "--out", str(tmp_path / "b")])
+        assert res.exit_code == 2 and "is not in the range" in res.output
 
 
 def test_merge_cli_ok_and_missing(tmp_path):

@@ -305,6 +305,23 @@ def test_cli_show(merged, tmp_path):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(cli, ["show", str(tmp_path / "empty")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+    # a negative seed, an --out that cannot be written: one line, exit 2 (were tracebacks)
+    r = CliRunner().invoke(cli, ["show", str(merged), "--seed", "-1"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    (tmp_path / "file").write_text("x")
+    r = CliRunner().invoke(cli, ["show", str(merged), "--out", str(tmp_path / "file" / "g.html")])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == \
+        f"Error: cannot write {tmp_path / 'file' / 'g.html'}: File exists"
+
+
+def test_page_links_survive_odd_file_names(merged, tmp_path):
+    """`--out "run#1.html"` linked its pages as `run#1-p2.html`: a browser reads `#1-p2.html`
+    as a fragment of `run`."""
+    pages = build(open_output(merged), tmp_path / "run#1 %.html",
+                  GalleryOptions(page_size=5))
+    assert [p.name for p in pages] == ["run#1 %.html", "run#1 %-p2.html", "run#1 %-p3.html"]
+    first = pages[0].read_text()
+    assert 'href="run%231%20%25-p2.html"' in first and 'href="run#1' not in first
 
 
 # -- the real thing: a sample run with real vLLM ------------------------------------------------

@@ -49,7 +49,7 @@ def test_request():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_tokens": 0}, "--max-tokens must be >= 1"),
-    ({"temperature": -0.1}, "--temperature must be >= 0"),
+    ({"temperature": -0.1}, "--temperature must be a number >= 0"),
     ({"top_p": 0.0}, "--top-p must be in (0, 1]"),
     ({"top_p": 1.5}, "--top-p must be in (0, 1]"),
 ])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..config import ConfigError, EngineSpec, default_cache_dir
+from ..config import DTYPES, ConfigError, EngineSpec, default_cache_dir
 from ..sources import SourceError
 
 
@@ -88,7 +88,7 @@ ENGINE_OPTIONS = [
     click.option("--max-num-batched-tokens", type=int, default=None),
     click.option("--gpu-memory-utilization", type=float, default=None,
                  help="Fraction of GPU memory (on CPU: of RAM for the KV cache)."),
-    click.option("--dtype", default="auto", show_default=True),
+    click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True),
     click.option("--load-format", default=None,
                  help="vLLM load format (default: dummy for synthesized checkpoints "
                       "without weights)."),

@@ -17,7 +17,7 @@ from .common import UserError, user_errors
                    "up to --max-errors).")
 @click.option("--all", "all_", is_flag=True, help="Show every row (thumbnails for all of them).")
 @click.option("--page-size", type=int, default=100, show_default=True, help="Cards per page file.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--max-errors", type=int, default=200, show_default=True)
 @click.option("--image-root", type=click.Path(file_okay=False), default=None,
               help="Folder that relative image paths are under, if the dataset has moved.")
