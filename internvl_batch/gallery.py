@@ -26,6 +26,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from .outputs import Output, OutputError, take
 
@@ -353,8 +354,6 @@ def _page_name(base: Path, i: int) -> str:
 def _href(base: Path, i: int) -> str:
     """A link to page i, for an href: `#`, `?` or `%` in a file name would otherwise start a
     fragment or a query (`run#1-p2.html` pointed at `run`)."""
-    from urllib.parse import quote
-
     return esc(quote(_page_name(base, i)))
 
 

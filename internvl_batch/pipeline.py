@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_ENGINE_DIED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 3, 4, 75, 130
 EXIT_WRITE_FAILED = 5  # the output could not be written (disk full, permissions)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # Slurm preemption, Ctrl-C
+
+
+def _stop_code(signum: int) -> int:
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
 
 
 @dataclass
@@ -79,7 +84,7 @@ class _Signals:
         from . import cache
 
         cache.request_stop(False)
-        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        for s in STOP_SIGNALS:
             self._old[s] = signal.signal(s, self._handle)
         return self
 
@@ -91,7 +96,7 @@ class _Signals:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_PREEMPTED
+        return _stop_code(self.received)
 
     @property
     def name(self) -> str:
@@ -175,7 +180,7 @@ def _stop_at_once():
     def handle(signum, frame):
         raise _EarlyStop(signum)
 
-    old = {s: signal.signal(s, handle) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -195,7 +200,7 @@ def run(cfg: RunConfig, log=print, started=None, term: Terminal | None = None,
     except _EarlyStop as e:
         term.fail(f"stopped by signal {signal.Signals(e.signum).name}; rows written so far "
                   "are kept; rerun to resume")
-        return EXIT_INTERRUPTED if e.signum == signal.SIGINT else EXIT_PREEMPTED
+        return _stop_code(e.signum)
 
 
 def _run_shard(cfg: RunConfig, started, term: Terminal, started_at: float) -> int:

@@ -111,9 +111,9 @@ class ShardWriter:
     def is_complete(self) -> bool:
         return self.final.is_file()
 
-    def _chunks(self) -> list[Path]:
-        """Chunk files in the order written: by number (past chunk-999999 the names have 7
-        digits, and a string sort would put them first)."""
+    def _numbered_chunks(self) -> list[tuple[int, Path]]:
+        """(number, file) of the chunks in the order written: by number (past chunk-999999
+        the names have 7 digits, and a string sort would put them first)."""
         if not self.parts.is_dir():
             return []
         found = []
@@ -121,7 +121,10 @@ class ShardWriter:
             num = c.stem.split("-", 1)[1]
             if num.isdigit():
                 found.append((int(num), c))
-        return [c for _, c in sorted(found)]
+        return sorted(found)
+
+    def _chunks(self) -> list[Path]:
+        return [c for _, c in self._numbered_chunks()]
 
     def done_keys(self) -> set[tuple[int, str]]:
         """(seq, id) of every row written: of the final file, else of the chunks."""
@@ -201,8 +204,8 @@ class ShardWriter:
         # a writer killed mid-chunk, or between finalize() and commit()
         for stale in [*self.parts.glob(".*.tmp*"), *self.output.glob(f".{self.name}.parquet.tmp*")]:
             stale.unlink(missing_ok=True)
-        chunks = self._chunks()
-        self._next = int(chunks[-1].stem.split("-", 1)[1]) + 1 if chunks else 0
+        chunks = self._numbered_chunks()
+        self._next = chunks[-1][0] + 1 if chunks else 0
         return self
 
     @_writes

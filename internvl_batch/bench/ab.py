@@ -771,10 +771,12 @@ def _f(v, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _x(st: dict | None) -> str:
-    if not st or st.get("median") is None:
+def _x(st: dict | None, key: str = "median") -> str:
+    """'1.0665 (1.0287–1.1250)': `key` (the median, or the crossover's estimate) and the
+    interval."""
+    if not st or st.get(key) is None:
         return "–"
-    return f"{st['median']:.4f} ({st['lo']:.4f}–{st['hi']:.4f})"
+    return f"{st[key]:.4f} ({st['lo']:.4f}–{st['hi']:.4f})"
 
 
 def _pct(v) -> str:
@@ -1168,7 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_outputs(doc, where)
         a_ = doc["analysis"]
         print(f"{a_['rounds_timed']} pairs: compiled/eager images/s {_x(a_['end_to_end']['images_per_s'])}"
-              f", order effect removed {_xo(a_['crossover']['images_per_s'])}; wrote "
+              f", order effect removed {_x(a_['crossover']['images_per_s'], 'estimate')}; wrote "
               + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -1186,11 +1188,6 @@ def reanalyse(doc: dict) -> dict:
                     if not n.startswith("Analysis recomputed")] + [note]
     return doc
 
-
-def _xo(st: dict) -> str:
-    if not st or st.get("estimate") is None:
-        return "–"
-    return f"{st['estimate']:.4f} ({st['lo']:.4f}–{st['hi']:.4f})"
 
 
 if __name__ == "__main__":
