@@ -558,6 +558,25 @@ def test_cli_turns_sigterm_into_stopped_inside_the_run(monkeypatch):
     finally:
         signal.signal(signal.SIGTERM, before)
 
+def test_a_stop_wrapped_by_vllm_is_still_a_stop():
+    """vLLM's input processor re-raises what its HF processor raised as a ValueError: a
+    SIGTERM that lands there (H100, 2026-12-05) must read as a stop, not a failure."""
+    def wrapped():
+        try:
+            raise ab.Stopped("signal SIGTERM")
+        except ab.Stopped as e:
+            raise ValueError("Failed to apply InternVLProcessor") from e
+
+    with pytest.raises(ValueError) as info:
+        wrapped()
+    assert str(ab._stop_in(info.value)) == "signal SIGTERM"
+    assert ab._stop_in(ValueError("a real failure")) is None
+    loop = ValueError("a")
+    loop.__context__ = KeyError("b")
+    loop.__context__.__context__ = loop  # a cycle ends the walk
+    assert ab._stop_in(loop) is None
+
+
 def test_cli_help_lists_the_command():
     from click.testing import CliRunner
 

@@ -621,15 +621,16 @@ def run(opts: ABOptions, log=print) -> dict:
             "; encoder gain " + _x(a["encoder_gain"]) +
             f"; predicted {_f(a['prediction'].get('predicted'), 4)}; token agreement "
             f"{doc['agreement']['identical_pct']} %")
-    except Stopped as e:  # the caller's time limit: keep the rounds measured so far
-        rec.error("run", e)
-        say(f"STOPPED: {e}")
     except Exception as e:  # keep what was measured; the caller exits non-zero
-        rec.error("run", e)
-        say(f"FAILED: {_err(e)}")
-        import traceback
+        stop = _stop_in(e)
+        rec.error("run", stop or e)
+        if stop is not None:  # the caller's time limit: keep the rounds measured so far
+            say(f"STOPPED: {stop}")
+        else:
+            say(f"FAILED: {_err(e)}")
+            import traceback
 
-        traceback.print_exc()
+            traceback.print_exc()
     finally:
         doc["total_s"] = round(time.perf_counter() - t_start, 1)
         rec.save()
@@ -1051,6 +1052,18 @@ def plot(doc: dict, path: Path) -> Path | None:
 
 class Stopped(Exception):
     """Raised in the main thread by bench-ab's SIGTERM handler (a `timeout` around it)."""
+
+
+def _stop_in(e: BaseException | None) -> Stopped | None:
+    """The Stopped behind `e`, if any: a stop that lands inside vLLM's input processor comes
+    back wrapped in its ValueError ("Failed to apply InternVLProcessor", H100, 2026-12-05)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Stopped):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def analyse_partial(doc: dict) -> dict:
