@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import time
 import warnings
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -30,6 +34,11 @@ MAX_ASPECT = 200.0
 
 class ImageError(Exception):
     pass
+
+
+class DecodeWorkerDied(RuntimeError):
+    """A decode worker process died (killed: out of host memory, a signal); its images and
+    those queued behind them will not come back from this pool."""
 
 
 @dataclass
@@ -124,7 +133,72 @@ def make_pool(workers: int) -> Executor | None:
     import multiprocessing as mp
 
     # fork would copy a process that may already hold CUDA/vLLM state; spawn is clean
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_ignore_stop_signals)
+
+
+# Stopping is the run's decision (pipeline._Signals: finish the batch, flush, exit 75/130),
+# but `timeout`, Slurm and Ctrl-C signal the whole process group, decode workers included.
+# A worker killed while it sends its decoded images back leaves half a message in the
+# pool's result pipe, and CPython's ProcessPoolExecutor (3.11.7 here) then waits for the
+# rest forever: no future fails, and the run hung after SIGTERM (CI, stop 25). Measured with
+# `scripts/cpu/pool-kill-hang.py` (a 2-worker pool signalled mid-stream): 6 and 11 of 15
+# tries hung in two runs; with the signals ignored, 0 of 15, results kept coming. So the
+# workers ignore the stop signals; the run stops them when it stops the pool.
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+def _ignore_stop_signals() -> None:
+    for name in _STOP_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _dead_worker(pool: Executor) -> str | None:
+    """How a worker of `pool` ended, if one has (a nonzero exit or a signal), else None.
+    (`_processes`: ProcessPoolExecutor's own table of its workers, 3.8 to 3.13.)"""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        code = proc.exitcode
+        if code is None or code == 0:
+            continue
+        if code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+            if code == -signal.SIGKILL:
+                how += " (out of host memory?)"
+        else:
+            how = f"exited with code {code}"
+        return f"a decode worker (pid {proc.pid}) {how}"
+    return None
+
+
+def _result(future: Future, pool: Executor, poll_s: float = 1.0) -> list:
+    """`future.result()`, but a dead worker is an error rather than a wait that never ends
+    (the pool does not always notice: see `_STOP_SIGNALS`; the OOM killer's SIGKILL is
+    not ignorable)."""
+    while True:
+        try:
+            return future.result(timeout=poll_s)
+        except FutureTimeout:
+            dead = _dead_worker(pool)
+            if dead:
+                raise DecodeWorkerDied(dead) from None
+        except BrokenProcessPool:
+            raise _broken(pool) from None
+
+
+def _broken(pool: Executor) -> DecodeWorkerDied:
+    """The error for a pool that noticed a dead worker itself (BrokenProcessPool, from a
+    result or from the next submit); the worker's exit status comes a moment later."""
+    dead = None
+    for _ in range(20):
+        dead = _dead_worker(pool)
+        if dead:
+            break
+        time.sleep(0.05)
+    return DecodeWorkerDied(dead or "a decode worker died")
 
 
 def start_workers(pool: Executor | None, workers: int) -> None:
@@ -135,6 +209,20 @@ def start_workers(pool: Executor | None, workers: int) -> None:
         return
     for _ in range(workers):  # a submit starts a process while none is idle yet
         pool.submit(_decode_many, [], None)
+
+
+def stop_pool(pool: Executor | None) -> None:
+    """Stop the decode workers without waiting for them (they leave once they have read the
+    pool's stop); in a pool with a dead worker, kill the others: they may wait forever on a
+    queue lock the dead one held, and the pool's own stop would wait with them."""
+    if pool is None:
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    if any(p.exitcode not in (None, 0) for p in procs):
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
 
 
 def prefetch(records: Iterable[Record], pool: Executor | None, *, window: int = 512,
@@ -156,12 +244,15 @@ def prefetch(records: Iterable[Record], pool: Executor | None, *, window: int = 
             except StopIteration:
                 exhausted = True
             if buf and (len(buf) >= chunk or exhausted):
-                pending.append(pool.submit(_decode_many, buf, max_side))
+                try:
+                    pending.append(pool.submit(_decode_many, buf, max_side))
+                except BrokenProcessPool:
+                    raise _broken(pool) from None
                 in_flight += len(buf)
                 buf = []
         if not pending:
             return
-        done = pending.popleft().result()
+        done = _result(pending.popleft(), pool)
         in_flight -= len(done)
         yield from done
 

@@ -2,11 +2,12 @@
 
 Exit codes: 0 shard complete; 2 a user error, another run holds the shard, or its rows were
 written with other settings; 3 more than --max-error-rate of the rows failed (stopped early,
-or the finished shard as a whole); 4 the vLLM engine died; 75
-(EX_TEMPFAIL) stopped early by SIGUSR1/SIGTERM (Slurm preemption); 130 stopped by SIGINT
-(Ctrl-C; the shell's convention, so a wrapper can tell a person's stop from preemption). In every case each
-finished row is kept and a rerun resumes; a batch whose engine died is never written, so its
-images are captioned by the rerun instead of becoming error rows.
+or the finished shard as a whole); 4 a process of the run died (the vLLM engine, or a
+decode worker); 5 the output could not be written; 75 (EX_TEMPFAIL) stopped early by
+SIGUSR1/SIGTERM (Slurm preemption); 130 stopped by SIGINT (Ctrl-C; the shell's convention,
+so a wrapper can tell a person's stop from preemption). In every case each finished row is
+kept and a rerun resumes; a batch whose engine or decode worker died is never written, so
+its images are captioned by the rerun instead of becoming error rows.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Callable, TextIO
 from . import __version__, fingerprint, procstart, prompts, stats as stats_mod
 from .config import EngineSpec, RunConfig
 from .engine import EngineDead, Engines
-from .images import Decoded, make_pool, prefetch, start_workers
+from .images import (Decoded, DecodeWorkerDied, make_pool, prefetch, start_workers,
+                     stop_pool)
 from .outlock import ShardLock
 from .progress import Progress
 from .sinks import ShardWriter, WriteFailed
@@ -262,6 +264,14 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
             term.fail(f"the vLLM engine died ({e}); rows written so far are kept; "
                       "rerun to resume")
             return EXIT_ENGINE_DIED
+        except DecodeWorkerDied as e:
+            if sig.received:
+                term.fail(f"stopped by signal {sig.name}; rows written so far are kept; "
+                          "rerun to resume")
+                return sig.exit_code
+            term.fail(f"{e}; rows written so far are kept; rerun to resume (if memory ran "
+                      "out: fewer --workers or a smaller --batch-size)")
+            return EXIT_ENGINE_DIED
         except WriteFailed as e:
             term.fail(f"{e}; rows committed before are kept; make room (or fix the "
                       "permissions) and rerun to resume")
@@ -288,10 +298,10 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
     try:
         engine, entry = started or start_engines(cfg, term.info)
     except BaseException:
-        _stop_pool(pool)
+        stop_pool(pool)
         raise
     if sig.received:
-        _stop_pool(pool)
+        stop_pool(pool)
         if started is None:
             engine.close()
         raise Stop(sig.exit_code, "signal during start-up")
@@ -326,7 +336,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         progress.close()
         if st.rows:  # every process still up: decode workers, replicas, engine cores
             _sample_memory(st, end=True)
-        _stop_pool(pool)
+        stop_pool(pool)
         st.gpu_peak_mem_gb = engine.gpu_memory_used_gb()
         # a replica pool serves from its first ready replica; the others joined (or not)
         # since: their starts and cache hits are known only now
@@ -358,13 +368,6 @@ def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunSt
     st.cache_hit, st.cache_key = entry.hit, entry.key
     st.gpu_name = info["device"] if info["cuda"] else None
     return st
-
-
-def _stop_pool(pool) -> None:
-    if pool is not None:
-        # no wait: after a job-wide SIGTERM the decode workers are dead and waiting on them
-        # can hang (seen on the GPU host under `timeout`); they exit with us
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start_timeline(engine: Engines, started_at: float, t_engines: float, t_ready: float) -> dict:

@@ -2,12 +2,16 @@
 to sensible RGB; `prefetch` keeps input order. No engine."""
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from internvl_batch import images
-from internvl_batch.images import Decoded, decode, make_pool, prefetch
+from internvl_batch.images import Decoded, decode, make_pool, prefetch, start_workers
 from internvl_batch.sources import Record, SourceSpec, open_source
 from tests.helpers import BAD_IMAGES, make_coco
 
@@ -178,8 +182,6 @@ def test_prefetch_window_bounds_reads(bad_records):
 def test_start_workers_starts_the_pool_before_the_first_batch(tmp_path):
     """`run` starts the decode processes while the engines start: each submit of an empty
     chunk starts a process (none is idle yet), and decoding afterwards works as before."""
-    from internvl_batch.images import start_workers
-
     start_workers(None, 4)  # inline decode: nothing to start
     pool = make_pool(2)
     try:
@@ -188,3 +190,87 @@ def test_start_workers_starts_the_pool_before_the_first_batch(tmp_path):
         assert list(prefetch([], pool)) == []
     finally:
         pool.shutdown()
+
+
+def _workers(pool, n: int) -> list[int]:
+    start_workers(pool, n)
+    deadline = time.time() + 60
+    while len(pool._processes or {}) < n and time.time() < deadline:
+        time.sleep(0.02)
+    return list(pool._processes)
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_decode_workers_outlive_the_stop_signals_of_the_process_group(bad_records):
+    """`timeout`, Slurm and Ctrl-C signal the run's whole process group; the run decides
+    when its workers stop. A worker killed while it sent results back left the pool waiting
+    forever (CPython 3.11.7: `scripts/cpu/pool-kill-hang.py`); now they ignore the signals
+    and decode on."""
+    recs = _mixed_records(bad_records, 45)
+    pool = make_pool(2)
+    try:
+        pids = _workers(pool, 2)
+        deadline = time.time() + 60  # spawned, a worker imports before its initializer runs
+        while time.time() < deadline and not all(_ignores(pid, signal.SIGTERM) for pid in pids):
+            time.sleep(0.02)
+        for pid in pids:
+            for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                os.kill(pid, s)
+        _check(list(prefetch(recs, pool, window=8, chunk=4)), recs)
+        assert [p.exitcode for p in pool._processes.values()] == [None, None]
+    finally:
+        pool.shutdown()
+
+
+def test_a_dead_decode_worker_is_one_error_not_a_hang():
+    """The OOM killer's SIGKILL cannot be ignored: a future the pool never fails (its
+    result pipe holding half a message) or one it fails as broken both end in
+    DecodeWorkerDied naming the worker and its signal, within a poll; `stop_pool` then
+    stops the other worker (busy for a minute, SIGTERM ignored) at once."""
+    from concurrent.futures import Future
+
+    from internvl_batch.images import DecodeWorkerDied, _result, stop_pool
+
+    pool = make_pool(2)
+    try:
+        fut = pool.submit(time.sleep, 60)
+        pids = _workers(pool, 2)
+        procs = list(pool._processes.values())
+        os.kill(pids[0], signal.SIGKILL)
+        t0 = time.time()
+        with pytest.raises(DecodeWorkerDied, match=rf"pid {pids[0]}\) killed by SIGKILL"):
+            _result(fut, pool, poll_s=0.1)
+        with pytest.raises(DecodeWorkerDied, match="killed by SIGKILL"):
+            _result(Future(), pool, poll_s=0.1)  # never completed, as in the hang
+        stop_pool(pool)
+        while time.time() - t0 < 10 and any(p.exitcode is None for p in procs):
+            time.sleep(0.05)
+        assert [p.exitcode is not None for p in procs] == [True, True]
+        assert time.time() - t0 < 5
+    finally:
+        pool.shutdown(wait=False)
+
+
+def test_prefetch_on_a_pool_broken_by_a_dead_worker_is_one_error(bad_records):
+    """Once the pool has noticed the death itself, its next submit raises BrokenProcessPool:
+    prefetch turns that into the same DecodeWorkerDied (2 of 15 SIGKILL tries ended there in
+    `scripts/cpu/pool-kill-hang.py` before)."""
+    from internvl_batch.images import DecodeWorkerDied
+
+    pool = make_pool(1)
+    try:
+        pid = _workers(pool, 1)[0]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline and not pool._broken:
+            time.sleep(0.02)
+        assert pool._broken
+        with pytest.raises(DecodeWorkerDied, match=rf"pid {pid}\) killed by SIGKILL"):
+            list(prefetch(_mixed_records(bad_records, 20), pool, window=8, chunk=4))
+    finally:
+        pool.shutdown(wait=False)

@@ -23,7 +23,8 @@ import pytest
 from internvl_batch import stats as stats_mod
 from internvl_batch.config import PromptSpec, RunConfig, SamplingSpec
 from internvl_batch.engine import CLOSE_GRACE_S
-from internvl_batch.pipeline import EXIT_ERROR_RATE, EXIT_OK, EXIT_PREEMPTED, run
+from internvl_batch.pipeline import (EXIT_ENGINE_DIED, EXIT_ERROR_RATE, EXIT_OK,
+                                     EXIT_PREEMPTED, run)
 from internvl_batch.sources import SourceSpec
 from tests.conftest import needs_vllm
 from tests.helpers import BAD_IMAGES, make_coco
@@ -135,6 +136,54 @@ def test_signal_stops_cleanly_then_resumes(engine, engine_spec, tmp_path):
     assert len(st["runs"]) == 2 and st["rows"] == 24
     # a third run has nothing to do
     assert run(cfg, started=engine) == EXIT_OK
+
+
+def _decode_workers() -> list[int]:
+    from internvl_batch.stats import _process_tree, _role
+
+    me = os.getpid()
+    return [pid for pid, _ in _process_tree(me)[1:] if _role(pid, me) == "decode worker"]
+
+
+def test_a_decode_worker_killed_mid_run_is_exit_4_then_resumes(engine, engine_spec, tmp_path):
+    """The OOM killer takes a decode worker while rows are being written: one line naming
+    it, exit 4 (not a run that waits forever: CPython's pool can miss the death), the rows
+    written are kept, and the rerun captions the rest, each image once."""
+    images, ann = make_coco(tmp_path / "coco", 400)
+    out = tmp_path / "out"
+    cfg = _cfg(engine_spec, images, ann, out, batch_size=2, workers=2)
+    parts = out / "_parts" / "part-00000-of-00001"
+    before = set(_decode_workers())  # pools of earlier tests, on their way out
+    killed = []
+
+    def oom_kill():
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 2:
+            time.sleep(0.02)
+        pid = next(iter(set(_decode_workers()) - before), None)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    said = []
+    t = threading.Thread(target=oom_kill)
+    t.start()
+    t0 = time.time()
+    code = run(cfg, started=engine, log=said.append)
+    t.join()
+    assert killed, "no decode worker found to kill"
+    assert code == EXIT_ENGINE_DIED, said
+    assert time.time() - t0 < 120
+    assert any(f"decode worker (pid {killed[0]}) killed by SIGKILL" in m and "\n" not in m
+               for m in said), said
+    assert not (out / "part-00000-of-00001.parquet").exists()
+    partial = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
+    assert 0 < partial < 400
+
+    assert run(cfg, started=engine) == EXIT_OK
+    ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
+    assert sorted(ids, key=int) == [str(i) for i in range(400)]
+    assert not any(r["error"] for r in _rows(out / "part-00000-of-00001.parquet"))
 
 
 def test_max_error_rate_stops_and_keeps_rows(engine, engine_spec, tmp_path):
