@@ -256,21 +256,17 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
     with _Signals() as sig:
         try:
             return _run(cfg, writer, mine, progress, sig, term, started, started_at)
-        except EngineDead as e:
-            if sig.received:
+        except (EngineDead, DecodeWorkerDied) as e:  # a process of the run died
+            if sig.received:  # the job's signal reached it too: a stop, not a crash
                 term.fail(f"stopped by signal {sig.name}; the batch in flight was dropped, "
                           "rows written so far are kept; rerun to resume")
                 return sig.exit_code
-            term.fail(f"the vLLM engine died ({e}); rows written so far are kept; "
-                      "rerun to resume")
-            return EXIT_ENGINE_DIED
-        except DecodeWorkerDied as e:
-            if sig.received:
-                term.fail(f"stopped by signal {sig.name}; rows written so far are kept; "
+            if isinstance(e, EngineDead):
+                term.fail(f"the vLLM engine died ({e}); rows written so far are kept; "
                           "rerun to resume")
-                return sig.exit_code
-            term.fail(f"{e}; rows written so far are kept; rerun to resume (if memory ran "
-                      "out: fewer --workers or a smaller --batch-size)")
+            else:
+                term.fail(f"{e}; rows written so far are kept; rerun to resume (if memory "
+                          "ran out: fewer --workers or a smaller --batch-size)")
             return EXIT_ENGINE_DIED
         except WriteFailed as e:
             term.fail(f"{e}; rows committed before are kept; make room (or fix the "
