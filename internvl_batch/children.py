@@ -19,6 +19,11 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+# the signals that stop a run (Slurm preemption: SIGUSR1/SIGTERM; Ctrl-C: SIGINT). `run`
+# traps them (pipeline._Signals) and its decode workers ignore them (images.make_pool):
+# one list for both
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
 
 # Pickles are self-delimiting, so they go straight onto the pipe: a batch is a header and
 # then one pickle per request. One 150 MB bytes object per batch of 256 decoded images cost

@@ -22,6 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from .children import STOP_SIGNALS
 from .sources import Record
 
 # A 16-bit TIFF or a 10k x 10k PNG decodes to hundreds of MB; past this it is not a caption
@@ -145,19 +146,20 @@ def make_pool(workers: int) -> Executor | None:
 # `scripts/cpu/pool-kill-hang.py` (a 2-worker pool signalled mid-stream): 6 and 11 of 15
 # tries hung in two runs; with the signals ignored, 0 of 15, results kept coming. So the
 # workers ignore the stop signals; the run stops them when it stops the pool.
-_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
-
-
 def _ignore_stop_signals() -> None:
-    for name in _STOP_SIGNALS:
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _workers(pool: Executor) -> list:
+    """The pool's worker processes (`_processes`: ProcessPoolExecutor's own table of them,
+    3.8 to 3.13; None once the pool has shut down)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
 
 
 def _dead_worker(pool: Executor) -> str | None:
-    """How a worker of `pool` ended, if one has (a nonzero exit or a signal), else None.
-    (`_processes`: ProcessPoolExecutor's own table of its workers, 3.8 to 3.13.)"""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+    """How a worker of `pool` ended, if one has (a nonzero exit or a signal), else None."""
+    for proc in _workers(pool):
         code = proc.exitcode
         if code is None or code == 0:
             continue
@@ -176,7 +178,7 @@ def _dead_worker(pool: Executor) -> str | None:
 
 def _result(future: Future, pool: Executor, poll_s: float = 1.0) -> list:
     """`future.result()`, but a dead worker is an error rather than a wait that never ends
-    (the pool does not always notice: see `_STOP_SIGNALS`; the OOM killer's SIGKILL is
+    (the pool does not always notice: see `_ignore_stop_signals`; the OOM killer's SIGKILL is
     not ignorable)."""
     while True:
         try:
@@ -217,7 +219,7 @@ def stop_pool(pool: Executor | None) -> None:
     queue lock the dead one held, and the pool's own stop would wait with them."""
     if pool is None:
         return
-    procs = list((getattr(pool, "_processes", None) or {}).values())
+    procs = _workers(pool)
     pool.shutdown(wait=False, cancel_futures=True)
     if any(p.exitcode not in (None, 0) for p in procs):
         for p in procs:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from . import __version__, fingerprint, procstart, prompts, stats as stats_mod
+from .children import STOP_SIGNALS
 from .config import EngineSpec, RunConfig
 from .engine import EngineDead, Engines
 from .images import (Decoded, DecodeWorkerDied, make_pool, prefetch, start_workers,
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_ERROR_RATE, EXIT_ENGINE_DIED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 0, 3, 4, 75, 130
 EXIT_WRITE_FAILED = 5  # the output could not be written (disk full, permissions)
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # Slurm preemption, Ctrl-C
 
 
 def _stop_code(signum: int) -> int:

@@ -1,4 +1,4 @@
-"""Why run's decode workers ignore the stop signals (images._STOP_SIGNALS), measured.
+"""Why run's decode workers ignore the stop signals (images._ignore_stop_signals), measured.
 
 A 2-worker spawned ProcessPoolExecutor streams results of ~3 MB (16 decoded-image-sized
 buffers per task, as prefetch's chunks are); once the first result is back (the workers are
