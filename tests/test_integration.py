@@ -109,6 +109,26 @@ def test_shards_partition_and_merge(engine, engine_spec, tmp_path, clean_env):
     assert json.loads((out / "stats.json").read_text())["rows_in_output"] == 13
 
 
+def _wait_for_chunks(parts: Path, k: int, timeout_s: float) -> None:
+    """Until `k` chunks of rows are committed (rows are being written), or `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < k:
+        time.sleep(0.02)
+
+
+def _kept_then_resumed(cfg, engine, out: Path, n: int) -> None:
+    """After a run stopped mid-shard: some but not all of the `n` rows kept as chunks, no
+    final file; the rerun completes the shard with every id once."""
+    parts = out / "_parts" / "part-00000-of-00001"
+    assert not (out / "part-00000-of-00001.parquet").exists()
+    partial = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
+    assert 0 < partial < n
+
+    assert run(cfg, started=engine) == EXIT_OK
+    ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
+    assert sorted(ids, key=int) == [str(i) for i in range(n)]
+
+
 def test_signal_stops_cleanly_then_resumes(engine, engine_spec, tmp_path):
     images, ann = make_coco(tmp_path / "coco", 24)
     out = tmp_path / "out"
@@ -116,22 +136,14 @@ def test_signal_stops_cleanly_then_resumes(engine, engine_spec, tmp_path):
     parts = out / "_parts" / "part-00000-of-00001"
 
     def preempt():  # what Slurm does before a requeue: SIGUSR1 while rows are being written
-        deadline = time.time() + 60
-        while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 2:
-            time.sleep(0.02)
+        _wait_for_chunks(parts, 2, 60)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     t = threading.Thread(target=preempt)
     t.start()
     assert run(cfg, started=engine) == EXIT_PREEMPTED
     t.join()
-    assert not (out / "part-00000-of-00001.parquet").exists()
-    partial = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
-    assert 0 < partial < 24
-
-    assert run(cfg, started=engine) == EXIT_OK
-    ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
-    assert sorted(ids, key=int) == [str(i) for i in range(24)]
+    _kept_then_resumed(cfg, engine, out, 24)
     st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
     assert len(st["runs"]) == 2 and st["rows"] == 24
     # a third run has nothing to do
@@ -157,9 +169,7 @@ def test_a_decode_worker_killed_mid_run_is_exit_4_then_resumes(engine, engine_sp
     killed = []
 
     def oom_kill():
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 2:
-            time.sleep(0.02)
+        _wait_for_chunks(parts, 2, 120)
         pid = next(iter(set(_decode_workers()) - before), None)
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
@@ -176,13 +186,7 @@ def test_a_decode_worker_killed_mid_run_is_exit_4_then_resumes(engine, engine_sp
     assert time.time() - t0 < 120
     assert any(f"decode worker (pid {killed[0]}) killed by SIGKILL" in m and "\n" not in m
                for m in said), said
-    assert not (out / "part-00000-of-00001.parquet").exists()
-    partial = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
-    assert 0 < partial < 400
-
-    assert run(cfg, started=engine) == EXIT_OK
-    ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
-    assert sorted(ids, key=int) == [str(i) for i in range(400)]
+    _kept_then_resumed(cfg, engine, out, 400)
     assert not any(r["error"] for r in _rows(out / "part-00000-of-00001.parquet"))
 
 
