@@ -305,6 +305,11 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     assert 0 < tl["engines_asked_s"] < tl["engines_ready_s"] <= r2["time_to_first_row_s"]
     phases = {p["phase"]: p for p in tl["engines"][0]["phases"]}
     assert 0 < phases["init engine"]["s"] < phases["LLM() returned"]["s"]
+    # run 1 met an empty cache: vLLM inspected the model class in the engine's own process
+    # (engine._inspect_here), not in a fresh Python; run 2 read the file vLLM then wrote
+    inspected = [[p["s"] for p in r["start_timeline"]["engines"][0]["phases"]
+                  if p["phase"] == "model class inspected here"] for r in (r1, r2)]
+    assert len(inspected[0]) == 1 and 0 < inspected[0][0] < 30 and inspected[1] == [], inspected
     assert "images captioned" in log and "Traceback" not in log
     entries = list((cache / "entries").iterdir())
     assert len(entries) == 1 and (entries[0] / ".complete").is_file()

