@@ -253,6 +253,35 @@ def test_pool_serves_from_its_first_ready_replica(monkeypatch, tmp_path, mode):
         pool.close()
 
 
+def test_a_result_back_is_handed_on_before_more_batches_are_made(monkeypatch, tmp_path):
+    """The first rows must not wait for the read-ahead: with batches that take 0.5 s each to
+    make (decoding), batch 0's result (back after 0.05 s) is yielded once batch 1 is made,
+    not after the 5 batches that two replicas may hold (on H100 the first row came 2.2-2.5 s
+    after the replicas were ready, for a 32-image first batch)."""
+    import time
+
+    events: list[str] = []
+
+    def work():
+        for b in range(6):
+            if b:
+                time.sleep(0.5)
+            events.append(f"made {b}")
+            yield b, [f"r{b}-0"]
+
+    pool = _fake_pool(monkeypatch, tmp_path, 2, [0.0, 0.0], log=lambda m: None)
+    pool.start()
+    try:
+        pool.wait_all()
+        for tag, res in pool.imap(work(), SamplingSpec()):
+            events.append(f"got {tag}")
+            assert [r for _, r in res] == [f"r{tag}-0"]
+    finally:
+        pool.close()
+    assert events.index("got 0") < events.index("made 2"), events
+    assert [e for e in events if e.startswith("got")] == [f"got {b}" for b in range(6)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_pool_goes_on_when_a_late_replica_fails_to_start(monkeypatch, tmp_path, mode):
     logs: list[str] = []
