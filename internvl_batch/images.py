@@ -158,11 +158,24 @@ def _workers(pool: Executor) -> list:
 
 
 def _dead_worker(pool: Executor) -> str | None:
-    """How a worker of `pool` ended, if one has (a nonzero exit or a signal), else None."""
-    for proc in _workers(pool):
+    """How a worker of `pool` ended, if one has (a nonzero exit or a signal), else None.
+
+    A SIGTERM death is named last: the workers ignore SIGTERM, so it comes from the pool
+    itself, which terminates the other workers once one died (CPython's broken-pool
+    teardown; a worker still in its initializer does not ignore it yet), not the cause.
+    The cause's status can lag behind (the pool's thread reaps it while we look, and
+    multiprocessing then answers None for a moment), so SIGTERM alone is looked at again."""
+    def dead_now():
+        return [p for p in _workers(pool) if p.exitcode not in (None, 0)]
+
+    dead = dead_now()
+    for _ in range(10):
+        if not dead or any(p.exitcode != -signal.SIGTERM for p in dead):
+            break
+        time.sleep(0.05)
+        dead = dead_now()
+    for proc in sorted(dead, key=lambda p: p.exitcode == -signal.SIGTERM):
         code = proc.exitcode
-        if code is None or code == 0:
-            continue
         if code < 0:
             try:
                 how = f"killed by {signal.Signals(-code).name}"
