@@ -10,7 +10,6 @@ NCOLD=${NCOLD:-$N}  # images for the cold run (10240: also the sustained run of 
 IVB="python3 -m internvl_batch"
 $IVB data coco-synth --sizes 448 --n "${DATA_N:-$NCOLD}" --out /tmp/d448 >/dev/null
 $IVB model synth --preset internvl3-1b --out /tmp/models/internvl3-1b >/dev/null
-ANN=/tmp/d448/annotations/captions_synth.json
 now() { date +%s.%N; }
 echo "{}" > "$OUT/walls.json"
 # PLAIN_RUNS=2: the plain script twice; the second start finds vLLM's own compile cache
@@ -33,7 +32,7 @@ done
 # -fs sets it to spawn or forkserver; one with -fr forks the replicas from the fork server
 # (INTERNVL_BATCH_REPLICA_START=fork; a GPU spawns them by default since the forked ones
 # served a third of the rate, results/h200/issue15-forked/), e.g. warm-fr-2000;
-# one ending in -<digits> captions that many images;
+# one ending in -<digits> captions that many images; -coco: COCO sizes, default tiles;
 # _<k> after all that names a repeat (warm_2). Each is skipped once the call's time runs short.
 for phase in ${PHASES:-cold warm}; do
   base=${phase%_*}
@@ -45,10 +44,18 @@ for phase in ${PHASES:-cold warm}; do
   [[ $base == *-spawn* ]] && envx="INTERNVL_BATCH_ENGINE_START=spawn"
   [[ $base == *-fs* ]] && envx="INTERNVL_BATCH_ENGINE_START=forkserver"
   [[ $base == *-fr* ]] && envx="INTERNVL_BATCH_REPLICA_START=fork"
+  # a phase with -coco captions COCO-sized images at the default tiles (issue 14's second
+  # workload) instead of one-tile 448 px ones
+  data=/tmp/d448; tiles="--max-dynamic-patch 1"
+  if [[ $base == *-coco* ]]; then
+    data=/tmp/dcoco; tiles=""
+    [ -d $data ] || $IVB data coco-synth --n "$n" --out $data >/dev/null
+  fi
   rm -rf "/tmp/run15-$phase"
   t0=$(now)
-  env $envx timeout $((left - 10)) $IVB run --dataset coco --limit "$n" --data-dir /tmp/d448/images --annotations "$ANN" \
-    --model preset:internvl3-1b --compile --max-dynamic-patch 1 --max-tokens 32 --ignore-eos \
+  env $envx timeout $((left - 10)) $IVB run --dataset coco --limit "$n" --data-dir $data/images \
+    --annotations $data/annotations/captions_synth.json \
+    --model preset:internvl3-1b --compile $tiles --max-tokens 32 --ignore-eos \
     --cache-dir /tmp/ivb-cache15 --no-progress ${EXTRA:-} --output "/tmp/run15-$phase" > "$OUT/run-$phase.log" 2>&1
   code=$?
   t1=$(now)
