@@ -8,7 +8,11 @@ from . import stats as stats_mod
 from .sinks import SHARD_RE, shard_name
 
 
-def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
+def merge_output(output: Path, compact: Path | None = None,
+                 max_error_rate: float | None = None) -> tuple[bool, str]:
+    """(ok, report). A shard that is complete but whose rows failed above the error rate
+    makes it not ok, as it made that shard's `run` exit 3: by default the rate each shard
+    was run with (its stats' metadata), else `max_error_rate` for all."""
     if not output.is_dir():
         return False, f"merge: {output} does not exist"
     if compact is not None and not compact.parent.is_dir():
@@ -49,6 +53,9 @@ def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
     differ = _settings_differ(output, [n for n, _ in shards])
     if differ:
         return False, "\n".join(lines + differ)
+    failed_rate = _over_error_rate(shards, max_error_rate)
+    if failed_rate:
+        return False, "\n".join(lines + failed_rate)
     summary = stats_mod.merge_parallel([s for _, s in shards])
     summary["rows_in_output"] = sum(s.get("rows_in_shard", s["rows"]) for _, s in shards)
     summary["shards"] = total
@@ -61,6 +68,26 @@ def merge_output(output: Path, compact: Path | None = None) -> tuple[bool, str]:
     lines.append(stats_mod.table(summary, f"merged {total} shards: "
                                           f"{summary['rows_in_output']} rows"))
     return True, "\n".join(lines)
+
+
+def _over_error_rate(shards: list[tuple[str, dict]], max_error_rate: float | None) -> list[str]:
+    """Lines naming each shard whose failed rows are above the error rate: a Slurm merge
+    must not turn a shard its run failed (exit 3) into a merged output that exits 0."""
+    from .config import DEFAULT_MAX_ERROR_RATE
+
+    out = []
+    for name, s in shards:
+        rate = max_error_rate
+        if rate is None:
+            config = (s.get("metadata") or {}).get("config") or {}
+            rate = config.get("max_error_rate", DEFAULT_MAX_ERROR_RATE)
+        counts = {"rows": s.get("rows_in_shard", s.get("rows")), "errors": s.get("errors"),
+                  "error_kinds": s.get("error_kinds")}
+        bad = stats_mod.error_rate_exceeded(counts, rate)
+        if bad:
+            out.append(f"merge: {name}: {bad}; see its error column, fix the input and rerun "
+                       "it with --overwrite, or merge with a higher --max-error-rate")
+    return out
 
 
 def _settings_differ(output: Path, names: list[str]) -> list[str]:

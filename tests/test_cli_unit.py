@@ -336,3 +336,7 @@ def test_merge_cli_ok_and_missing(tmp_path):
     assert res.exit_code == 0, res.output
     assert f"compacted 3 rows into {tmp_path / 'all.parquet'}" in res.output
     assert json.loads((out / "stats.json").read_text())["rows_in_output"] == 3
+    res = CliRunner().invoke(cli, ["merge", str(out), "--max-error-rate", "0"])
+    assert res.exit_code == 0, res.output  # no failed rows: even a rate of 0 holds
+    res = CliRunner().invoke(cli, ["merge", str(out), "--max-error-rate", "2"])
+    assert res.exit_code == 2 and "--max-error-rate" in res.output

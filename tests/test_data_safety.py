@@ -201,6 +201,36 @@ def test_merge_refuses_shards_captioned_with_other_settings(tmp_path):
     assert ok and pq.read_metadata(tmp_path / "all.parquet").num_rows == 17
 
 
+def test_merge_fails_a_shard_above_the_error_rate_it_was_run_with(tmp_path):
+    """A shard whose run failed on the error rate (exit 3) is complete, rows kept; merging it
+    fails too (a Slurm merge job must not turn that into exit 0), naming the shard, unless
+    --max-error-rate says otherwise. A shard run with a higher rate merges by default."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "a.png").write_bytes(_png(9))
+    for name in ("b.png", "c.png", "d.png"):
+        (d / name).write_bytes(b"not an image")
+    out = tmp_path / "out"
+    cfg = dataclasses.replace(_cfg(tmp_path, f"folder:{d}", out), max_error_rate=0.5)
+    assert _run(cfg) == 3
+    assert len(_rows(out)) == 4
+    ok, report = merge_output(out, compact=tmp_path / "all.parquet")
+    assert not ok and not (out / "stats.json").exists() and not (tmp_path / "all.parquet").exists()
+    assert report.splitlines()[-1].startswith(
+        f"merge: {NAME}: 3/4 rows failed, above --max-error-rate 0.5 (")
+    assert report.splitlines()[-1].endswith(
+        "); see its error column, fix the input and rerun it with --overwrite, or merge "
+        "with a higher --max-error-rate")
+    ok, report = merge_output(out, max_error_rate=0.8)
+    assert ok and json.loads((out / "stats.json").read_text())["rows_in_output"] == 4
+    (out / "stats.json").unlink()
+    assert _run(dataclasses.replace(cfg, max_error_rate=0.9, overwrite=True)) == 0
+    ok, report = merge_output(out)
+    assert ok, report
+    ok, report = merge_output(out, max_error_rate=0.5)
+    assert not ok and "3/4 rows failed, above --max-error-rate 0.5" in report
+
+
 def test_show_and_score_refuse_mixed_shard_counts_and_unreadable_files(tmp_path):
     out = tmp_path / "out"
     assert _run(_cfg(tmp_path, "sample", out)) == 0

@@ -296,7 +296,7 @@ def complete_shard(out: Path, index: int, count: int, seqs: list[int], run: dict
     w = ShardWriter(out, index, count).open()
     w.write([row(s) for s in seqs])
     n = w.finalize({"shard": index})
-    runs = [dict(run, rows=n)]
+    runs = [dict(run, rows=n, errors=0)]  # as its rows: none failed (merge checks the rate)
     stats_mod.write(w.stats_path, stats_mod.summarize(runs), runs,
                     {"shard": w.name, "rows_in_shard": n, "complete": True})
     w.commit()  # as pipeline.run: stats first, then the shard becomes visible

@@ -13,11 +13,16 @@ from .common import user_errors
 @click.argument("output", type=click.Path(file_okay=False))
 @click.option("--compact", type=click.Path(dir_okay=False), default=None,
               help="Also write all shards into this one Parquet file.")
+@click.option("--max-error-rate", type=click.FloatRange(0, 1), default=None,
+              help="Fail if more than this share of a shard's rows failed [default: the "
+                   "rate each shard was run with].")
 @user_errors
-def merge(output, compact):
-    """Check every shard is complete and combine their stats (exit 1 naming missing shards)."""
+def merge(output, compact, max_error_rate):
+    """Check every shard is complete and combine their stats (exit 1 naming missing shards,
+    or shards whose failed rows are above the error rate)."""
     from ..merge import merge_output
 
-    ok, report = merge_output(Path(output), compact=Path(compact) if compact else None)
+    ok, report = merge_output(Path(output), compact=Path(compact) if compact else None,
+                              max_error_rate=max_error_rate)
     click.echo(report)
     sys.exit(0 if ok else 1)
