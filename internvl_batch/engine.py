@@ -95,9 +95,10 @@ def _inspect_here(timings: InitTimings):
     vLLM learns what a model class supports (multimodal, ...) from its cache under
     VLLM_CACHE_ROOT/modelinfos or else by importing the class in a subprocess, so that the
     import cannot initialise CUDA in the caller. That subprocess imports torch and vLLM
-    from scratch: 16.4 s of a cold start on H100 in each of four replicas at once (the
-    "config resolved" phase, results/h100/issue15/, call C), 6.4 s on a 2-core CPU against
-    0.2 s in process. Here it is safe to import the class: this process never uses CUDA
+    from scratch: on a 2-core CPU the cold "config resolved" phase that holds it took 6.7 s,
+    0.2 s with the class inspected here (results/cpu-2core/engine-start/); on H100 the same
+    phase took 16.4 s in each of four cold replicas at once (results/h100/issue15/, call C,
+    before this change). Here it is safe to import the class: this process never uses CUDA
     (its engine core, a separate process, does) and imports the same module moments later
     anyway, for the multimodal processor. vLLM still writes its cache file. A vLLM without
     that private function keeps its own way."""

@@ -224,8 +224,9 @@ class ReplicaPool(Engines):
             while True:
                 while not exhausted and submitted - yielded < ahead:
                     # a batch back is handed on before the queue is topped up: filling it
-                    # first held the first rows until `ahead` batches were decoded (on H100
-                    # 2.2-2.5 s after the replicas were ready, for a 32-image first batch)
+                    # first held the first rows until `ahead` batches were decoded, most
+                    # likely the 2.2-2.5 s from ready to the first row of a 32-image first
+                    # batch on H100 (results/h100/issue15/, call C)
                     if yielded < submitted and dispatch.has(yielded):
                         break
                     nxt = next(it, None)
