@@ -104,11 +104,9 @@ def _inspect_here(timings: InitTimings):
     that private function keeps its own way."""
     try:
         from vllm.model_executor.models import registry
-    except ImportError:
-        yield
-        return
-    own = getattr(registry, "_run_in_subprocess", None)
-    if own is None:
+
+        own = registry._run_in_subprocess
+    except (ImportError, AttributeError):
         yield
         return
 

@@ -157,23 +157,28 @@ def _workers(pool: Executor) -> list:
     return list((getattr(pool, "_processes", None) or {}).values())
 
 
-def _dead_worker(pool: Executor) -> str | None:
-    """How a worker of `pool` ended, if one has (a nonzero exit or a signal), else None.
+def _dead(procs: list) -> list:
+    """The processes of `procs` that have ended badly (a nonzero exit or a signal)."""
+    return [p for p in procs if p.exitcode not in (None, 0)]
+
+
+def _dead_worker(pool: Executor, expect: bool = False) -> str | None:
+    """How a worker of `pool` ended, if one has, else None.
 
     A SIGTERM death is named last: the workers ignore SIGTERM, so it comes from the pool
     itself, which terminates the other workers once one died (CPython's broken-pool
     teardown; a worker still in its initializer does not ignore it yet), not the cause.
-    The cause's status can lag behind (the pool's thread reaps it while we look, and
-    multiprocessing then answers None for a moment), so SIGTERM alone is looked at again."""
-    def dead_now():
-        return [p for p in _workers(pool) if p.exitcode not in (None, 0)]
-
-    dead = dead_now()
-    for _ in range(10):
-        if not dead or any(p.exitcode != -signal.SIGTERM for p in dead):
+    Exit statuses lag (the pool's thread reaps a worker while we look, and multiprocessing
+    then answers None for a moment), so while only SIGTERM deaths show, or none although
+    the pool said one died (`expect`: BrokenProcessPool), it looks again, for up to 0.5 s
+    (1 s when expected)."""
+    deadline = time.monotonic() + (1.0 if expect else 0.5)
+    while True:
+        dead = _dead(_workers(pool))
+        if (any(p.exitcode != -signal.SIGTERM for p in dead) or (not dead and not expect)
+                or time.monotonic() >= deadline):
             break
         time.sleep(0.05)
-        dead = dead_now()
     for proc in sorted(dead, key=lambda p: p.exitcode == -signal.SIGTERM):
         code = proc.exitcode
         if code < 0:
@@ -207,13 +212,7 @@ def _result(future: Future, pool: Executor, poll_s: float = 1.0) -> list:
 def _broken(pool: Executor) -> DecodeWorkerDied:
     """The error for a pool that noticed a dead worker itself (BrokenProcessPool, from a
     result or from the next submit); the worker's exit status comes a moment later."""
-    dead = None
-    for _ in range(20):
-        dead = _dead_worker(pool)
-        if dead:
-            break
-        time.sleep(0.05)
-    return DecodeWorkerDied(dead or "a decode worker died")
+    return DecodeWorkerDied(_dead_worker(pool, expect=True) or "a decode worker died")
 
 
 def start_workers(pool: Executor | None, workers: int) -> None:
@@ -234,7 +233,7 @@ def stop_pool(pool: Executor | None) -> None:
         return
     procs = _workers(pool)
     pool.shutdown(wait=False, cancel_futures=True)
-    if any(p.exitcode not in (None, 0) for p in procs):
+    if _dead(procs):
         for p in procs:
             if p.exitcode is None:
                 p.kill()
