@@ -38,6 +38,11 @@ def test_schedule_alternates_the_order_and_gives_every_round_its_images():
     assert timed == [["eager", "compiled"], ["compiled", "eager"]] * 2
     assert [r["slice"] for r in plan] == list(range(7))  # distinct images per round
     assert [r["kind"] for r in ab.schedule(0, 1, False)] == ["timed"]
+    # --same-images: one slice for every warm-up and timed round, the profile its own
+    same = ab.schedule(warmup_rounds=2, repeats=4, profile=True, same_images=True)
+    assert [r["slice"] for r in same] == [0] * 6 + [1]
+    assert [r["order"] for r in same] == [r["order"] for r in plan]
+    assert [r["slice"] for r in ab.schedule(0, 2, True, same_images=True)] == [0, 0, 1]
 
 
 def test_request_ids_are_unique_per_round_mode_and_image():
@@ -290,10 +295,10 @@ def test_a_failed_profiled_round_keeps_the_timed_rounds(tmp_path, monkeypatch):
     calls = []
 
     class FakeRound:
-        def __init__(self, label, paths):
-            self.label, self.images = label, paths
+        def __init__(self, paths, keep=False):
+            self.images, self.keep = paths, keep
 
-    def fake_one(llm, rnd, mode, kind, *a):
+    def fake_one(llm, rnd, label, mode, kind, *a):
         if kind == "profile":
             raise RuntimeError("CUPTI said no")
         return ab.round_stats(1.0, _outs(2), {"calls": 1, "tiles": 2, "gpu_ms": 10.0}, 256,
@@ -602,8 +607,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, msg):
 
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("layout", [[], ["--engine-core", "process", "--gc-on"]],
-                         ids=["default-inline-gc-off", "process-gc-on"])
+@pytest.mark.parametrize("layout", [[], ["--engine-core", "process", "--gc-on",
+                                         "--same-images"]],
+                         ids=["default-inline-gc-off", "process-gc-on-same-images"])
 def test_bench_ab_on_cpu_vllm(tmp_path, cache_root, layout):
     res = _cli("bench-ab", "--model", "preset:tiny", "--images", "3", "--repeats", "2",
                "--max-tokens", "4", "--profile-images", "2", "--cache-dir", str(cache_root),
@@ -614,6 +620,9 @@ def test_bench_ab_on_cpu_vllm(tmp_path, cache_root, layout):
     inline = not layout
     assert doc["config"]["engine_core"] == ("inline" if inline else "process")
     assert doc["config"]["gc_off_in_clock"] is inline
+    assert doc["config"]["same_images"] is not inline
+    # distinct images per round (3 rounds of 3, the profile's 2), or one slice for all
+    assert len(list(Path(doc["config"]["dataset"]).glob("images/*"))) == (11 if inline else 5)
     # vLLM's own client says where its core runs
     assert doc["engine"]["core_client"] == ("InprocClient" if inline else "SyncMPClient")
     assert doc["engine"]["async_scheduling"] in (True, False)  # vLLM's resolved setting
@@ -634,8 +643,10 @@ def test_bench_ab_on_cpu_vllm(tmp_path, cache_root, layout):
             assert row["encoder"]["calls"] > 0 and row["encoder"]["ms"] > 0
             assert 0 < row["encoder"]["share_of_wall"] < 1
         # the images are processed once per round: the second mode's requests are copies
-        # (own ids and encoder identities: every tile went through the encoder above)
-        assert [r["modes"][m]["requests_copied"] for m in r["order"]] == [False, True]
+        # (own ids and encoder identities: every tile went through the encoder above);
+        # --same-images: once per run, every later round copies the first one's
+        first = inline or r["label"] in ("w0", "p")
+        assert [r["modes"][m]["requests_copied"] for m in r["order"]] == [not first, True]
         # the same code both ways on CPU: greedy tokens equal bit for bit
         assert r["agreement"]["identical_pct"] == 100.0
     a = doc["analysis"]

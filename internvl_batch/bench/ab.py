@@ -101,6 +101,7 @@ class ABOptions:
     kv_cache_gb: float | None = None
     gpu_memory_utilization: float | None = None
     profile_images: int = 256  # images of one profiled round per mode (0: none)
+    same_images: bool = False  # every warm-up and timed round on one processed slice
     engine_core: str = "inline"  # ENGINE_CORES
     gc_off: bool = True  # no garbage collection inside the clock (see `feed`)
     seed: int = 0
@@ -162,20 +163,25 @@ def default_name(opts: ABOptions) -> str:
 
 # -- the plan (pure) ------------------------------------------------------------------------
 
-def schedule(warmup_rounds: int, repeats: int, profile: bool) -> list[dict]:
+def schedule(warmup_rounds: int, repeats: int, profile: bool,
+             same_images: bool = False) -> list[dict]:
     """Every round in run order: {label, kind, slice, order (modes)}.
 
     Warm-up rounds first (eager then compiled, alternating too), then the timed pairs with
     the order alternating (E C, C E, ...), then one profiled pair. Each round has its own
-    image slice; both modes of a round use the same one."""
+    image slice; both modes of a round use the same one. `same_images`: every warm-up and
+    timed round uses slice 0 (the profiled round keeps its own, of its own size)."""
     rounds, s = [], 0
+    step = 0 if same_images else 1
     for w in range(warmup_rounds):
         rounds.append({"label": f"w{w}", "kind": "warmup", "slice": s,
                        "order": list(MODES if w % 2 == 0 else MODES[::-1])})
-        s += 1
+        s += step
     for k in range(repeats):
         rounds.append({"label": str(k), "kind": "timed", "slice": s,
                        "order": list(MODES if k % 2 == 0 else MODES[::-1])})
+        s += step
+    if same_images and rounds:
         s += 1
     if profile:
         rounds.append({"label": "p", "kind": "profile", "slice": s, "order": list(MODES)})
@@ -443,39 +449,43 @@ def rpc(llm, method: str, *args):
 # -- the run --------------------------------------------------------------------------------
 
 class Round:
-    """Images of one round, decoded once and processed once; requests per mode (fresh ids
-    and uuids)."""
+    """Images of one slice, decoded once and processed once; requests per (round, mode) with
+    fresh ids and uuids. `keep`: the slice serves every round (`--same-images`), so its
+    processed requests are kept as the template of every later copy."""
 
-    def __init__(self, label: str, paths: list[str]):
+    def __init__(self, paths: list[str], keep: bool = False):
         from ..images import load_rgb
 
-        self.label = label
         self.paths = paths
+        self.keep = keep
         self.images = [load_rgb(p) for p in paths]
-        self._unchanged: list | None = None  # the first mode's requests, for the second
+        self._unchanged: list | None = None  # processed, never fed: the copies' template
         self.copied = False  # whether the last `requests` were copies
 
-    def requests(self, llm, mode: str, prompt_text: str, params) -> list:
-        """This mode's requests. The first mode asked processes the images; the second gets
-        copies of those under its own ids and encoder-cache identities (`clone_request`),
-        which halves the untimed processing of a pair (on the H200 at COCO sizes 12.7-17.5 s
-        per mode against 4.3-5.1 s timed). Where a copy cannot be made, it processes them
-        again."""
+    def requests(self, llm, label: str, mode: str, prompt_text: str, params) -> list:
+        """Round `label`'s requests for `mode`. The first asked processes the images; later
+        ones get copies of those under their own ids and encoder-cache identities
+        (`clone_request`): the second mode of a round, and with `keep` every later round.
+        That halves the untimed processing of a pair (on the H200 at COCO sizes 12.7-17.5 s
+        per mode against 4.3-5.1 s timed), and with `keep` leaves one processing per run.
+        Where a copy cannot be made, it processes them again."""
         from .. import prompts
 
-        first, self._unchanged = self._unchanged, None  # each list is fed (and changed) once
+        first = self._unchanged
+        if not self.keep:
+            self._unchanged = None  # each list is fed (and changed) once
         if first is not None:
             try:
-                reqs = [clone_request(r, request_id(self.label, mode, i))
+                reqs = [clone_request(r, request_id(label, mode, i))
                         for i, r in enumerate(first)]
                 self.copied = True
                 return reqs
             except CloneError:
-                pass
+                self._unchanged = None
         self.copied = False
         reqs = []
         for i, im in enumerate(self.images):
-            rid = request_id(self.label, mode, i)
+            rid = request_id(label, mode, i)
             p = prompts.request(prompt_text, im)
             p["multi_modal_uuids"] = {"image": [rid]}
             reqs.append(engine_request(llm, rid, p, params))
@@ -526,7 +536,8 @@ def run(opts: ABOptions, log=print) -> dict:
         log(f"[{time.perf_counter() - t_start:7.1f} s] {msg}")
 
     n = opts.images_per_round
-    plan = schedule(opts.warmup_rounds, opts.repeats, opts.profile_images > 0)
+    plan = schedule(opts.warmup_rounds, opts.repeats, opts.profile_images > 0,
+                    same_images=opts.same_images)
     work_dir = Path(opts.work_dir) if opts.work_dir else cache_root / "bench-data"
     sizes = {r["slice"]: (opts.profile_images if r["kind"] == "profile" else n) for r in plan}
     total = sum(sizes.values())
@@ -554,6 +565,7 @@ def run(opts: ABOptions, log=print) -> dict:
                            "processor), then LLMEngine.add_request + step() inside it",
                    "image_identity": "multi_modal_uuids per (round, mode, image): same pixels "
                                      "in both modes of a round, never a cache hit",
+                   "same_images": opts.same_images,
                    "engine_core": opts.engine_core, "gc_off_in_clock": opts.gc_off},
         "model": {"spec": opts.model, "path": spec.model,
                   "synthesized": checkpoint.is_synthesized(spec.model),
@@ -682,10 +694,16 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
     prompt_text = prompts.render(PromptSpec(DEFAULT_PROMPT))
     tpt = engine.tokens_per_tile
     img_id = engine.img_context_id
+    kept: dict[int, Round] = {}  # --same-images: the one slice every round uses
     for r in plan:
         a, b = bounds[r["slice"]]
         t0 = time.perf_counter()
-        rnd = Round(r["label"], [str(images_dir / f) for f in files[a:b]])
+        rnd = kept.get(r["slice"])
+        if rnd is None:
+            rnd = Round([str(images_dir / f) for f in files[a:b]],
+                        keep=opts.same_images and r["kind"] != "profile")
+            if rnd.keep:
+                kept[r["slice"]] = rnd
         decode_s = time.perf_counter() - t0
         row = {"label": r["label"], "kind": r["kind"], "order": r["order"],
                "images": len(rnd.images), "decode_s": round(decode_s, 3), "modes": {}}
@@ -693,8 +711,9 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
         tokens: dict[str, list] = {}
         for m in r["order"]:
             try:
-                row["modes"][m], tokens[m] = _one(llm, rnd, m, r["kind"], prompt_text, params,
-                                                  tpt, img_id, busy, doc, opts)
+                row["modes"][m], tokens[m] = _one(llm, rnd, r["label"], m, r["kind"],
+                                                  prompt_text, params, tpt, img_id, busy, doc,
+                                                  opts)
             except Exception as e:
                 row["modes"][m] = {"error": _err(e)}
                 rec.error(f"round {r['label']} {m}", e)
@@ -730,12 +749,12 @@ def _stop_profile(llm) -> None:
         pass
 
 
-def _one(llm, rnd: Round, mode: str, kind: str, prompt_text: str, params, tpt: int,
-         img_id: int, busy, doc: dict, opts: ABOptions) -> tuple[dict, list]:
+def _one(llm, rnd: Round, label: str, mode: str, kind: str, prompt_text: str, params,
+         tpt: int, img_id: int, busy, doc: dict, opts: ABOptions) -> tuple[dict, list]:
     """One mode of one round: switch, process the requests (untimed), feed them (timed)."""
     rpc(llm, "ivb_encoder_mode", mode)
     t0 = time.perf_counter()
-    reqs = rnd.requests(llm, mode, prompt_text, params)
+    reqs = rnd.requests(llm, label, mode, prompt_text, params)
     pre_s = time.perf_counter() - t0
     rpc(llm, "ivb_encoder_timer", "start")
     if kind == "profile":

@@ -37,6 +37,11 @@ import click
 @click.option("--profile-images", type=int, default=256, show_default=True,
               help="Images of one extra, untimed round per mode under torch.profiler in the "
                    "worker (the encoder's share of GPU kernel time); 0: none.")
+@click.option("--same-images", is_flag=True,
+              help="Every warm-up and timed round on the same images, processed once before "
+                   "the first round (each request still new to the encoder): no untimed "
+                   "decoding and processing between rounds (on the H100 at one tile, 14 s "
+                   "of each 27 s pair: results/h100/issue16-ab).")
 @click.option("--engine-core", type=click.Choice(["inline", "process"]), default="inline",
               show_default=True,
               help="vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0; "
@@ -85,7 +90,8 @@ def bench_ab(**kw):
             max_num_batched_tokens=kw["max_num_batched_tokens"],
             max_model_len=kw["max_model_len"], mm_cache_gb=kw["mm_cache_gb"],
             kv_cache_gb=kw["kv_cache_gb"], gpu_memory_utilization=kw["gpu_memory_utilization"],
-            profile_images=kw["profile_images"], engine_core=kw["engine_core"],
+            profile_images=kw["profile_images"], same_images=kw["same_images"],
+            engine_core=kw["engine_core"],
             gc_off=kw["gc_off"], seed=kw["seed"],
             reuse_compile_cache=kw["reuse_compile_cache"],
             cache_dir=str(cache_root(kw["cache_dir"])), work_dir=kw["work_dir"] or "",

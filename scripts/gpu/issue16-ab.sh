@@ -14,6 +14,8 @@
 # More pairs than one call holds (issue 16's ±2 %): run it again with NAME_SUFFIX=-2 (other
 # file names), then `python -m internvl_batch.bench.ab merge A.json B.json --name NAME`
 # analyses the pairs of both runs together (same settings, device and versions, checked).
+# EXTRA="--same-images" runs every round on one slice processed once, dropping the untimed
+# decode and processing between rounds (14 s of each 27 s pair at one tile on the H100).
 set -uo pipefail
 OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
 export INTERNVL_BATCH_CACHE=${INTERNVL_BATCH_CACHE:-/tmp/ivb-cache}
