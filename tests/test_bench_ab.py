@@ -503,6 +503,11 @@ def test_merge_pools_the_pairs_of_runs_of_one_configuration(tmp_path):
     assert not (tmp_path / "bad.json").exists()
     with pytest.raises(ab.MergeError, match="two or more"):
         ab.merge([a], "x")
+    # a result from before --same-images ran without it: it pools with a run without it
+    b = dict(b, options=dict(a["options"], same_images=False))
+    assert "same_images" not in a["options"] and ab.merge([a, b], "x")["analysis"]
+    with pytest.raises(ab.MergeError, match="option same_images is True, not False"):
+        ab.merge([a, dict(b, options=dict(b["options"], same_images=True))], "x")
 
 
 def test_report_analyses_a_result_again(tmp_path, capsys):

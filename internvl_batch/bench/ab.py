@@ -1121,7 +1121,9 @@ def write_outputs(doc: dict, results_dir: Path) -> dict[str, Path]:
 # what must be equal for two runs' pairs to measure the same thing
 SAME = ("model", "sizes", "images", "max_tokens", "max_dynamic_patch", "max_num_seqs",
         "max_num_batched_tokens", "max_model_len", "mm_cache_gb", "kv_cache_gb",
-        "gpu_memory_utilization", "engine_core", "gc_off")
+        "gpu_memory_utilization", "engine_core", "gc_off", "same_images")
+# what an option read in a result written before it existed
+OLD_DEFAULTS = {"same_images": False}
 
 
 class MergeError(ValueError):
@@ -1140,10 +1142,10 @@ def merge(docs: list[dict], name: str) -> dict:
     first = docs[0]
     for d in docs[1:]:
         for k in SAME:
-            if d.get("options", {}).get(k) != first.get("options", {}).get(k):
-                raise MergeError(f"{d.get('name')}: option {k} is "
-                                 f"{d.get('options', {}).get(k)!r}, not "
-                                 f"{first.get('options', {}).get(k)!r} as in {first.get('name')}")
+            mine, theirs = (x.get("options", {}).get(k, OLD_DEFAULTS.get(k)) for x in (d, first))
+            if mine != theirs:
+                raise MergeError(f"{d.get('name')}: option {k} is {mine!r}, not {theirs!r} "
+                                 f"as in {first.get('name')}")
         for where, k in (("device", "name"), ("versions", "vllm"), ("versions", "torch")):
             if d.get(where, {}).get(k) != first.get(where, {}).get(k):
                 raise MergeError(f"{d.get('name')}: {where} {k} is {d.get(where, {}).get(k)!r}, "
