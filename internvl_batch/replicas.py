@@ -224,9 +224,9 @@ class ReplicaPool(Engines):
             while True:
                 while not exhausted and submitted - yielded < ahead:
                     # a batch back is handed on before the queue is topped up: filling it
-                    # first held the first rows until `ahead` batches were decoded, most
-                    # likely the 2.2-2.5 s from ready to the first row of a 32-image first
-                    # batch on H100 (results/h100/issue15/, call C)
+                    # first held the first rows until `ahead` batches were decoded (on H100
+                    # 2.4-2.7 s from ready to the first row of a 32-image first batch, 1.0-1.3
+                    # s in this order: results/h100/issue15/, calls C and D)
                     if yielded < submitted and dispatch.has(yielded):
                         break
                     nxt = next(it, None)

@@ -15,12 +15,15 @@ echo "{}" > "$OUT/walls.json"
 # PLAIN_RUNS=2: the plain script twice; the second start finds vLLM's own compile cache
 # (~/.cache/vllm) that the first one wrote, as a second job on the same node would
 # PLAIN_N="2000 500": the first run captions 2000 images, the second 500 (default: N each)
+# PLAIN_FRESH=1: empty vLLM's, Inductor's and Triton's caches (default places) before each
+# plain run, so that every one starts as the first on a fresh node does
 plain_n=(${PLAIN_N:-})
 runs=${PLAIN_RUNS:-${#plain_n[@]}}; [ "$runs" -lt 1 ] && runs=1
 for i in $(seq "$runs"); do
   [ -n "${SKIP_PLAIN:-}" ] && break
   pn=${plain_n[$((i - 1))]:-$N}
   log="$OUT/plain.log"; key=plain_wall_s; [ "$i" -gt 1 ] && { log="$OUT/plain-$i.log"; key=plain_${i}_wall_s; }
+  [ -n "${PLAIN_FRESH:-}" ] && rm -rf "$HOME/.cache/vllm" "/tmp/torchinductor_$(id -un)" "$HOME/.triton"
   t0=$(now)
   python3 -m internvl_batch.bench.plain --model /tmp/models/internvl3-1b --images /tmp/d448/images \
     --limit "$pn" --max-dynamic-patch 1 --max-tokens 32 > "$log" 2>&1
