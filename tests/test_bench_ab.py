@@ -392,6 +392,10 @@ def test_results_markdown_has_the_headline_rows():
         assert s in md, s
     assert "CPU run" not in md
     assert "CPU run" in ab.results_markdown(_doc(cuda=False))
+    assert "each its own images" in md
+    same = _doc()
+    same["options"] = dict(same["options"], same_images=True)
+    assert "all on the same images, processed once (--same-images)" in ab.results_markdown(same)
     assert "| InternViT (vision_model) | 250.0 (25.0 %) | GEMM 150.0, attention 80.0, other " \
            "20.0 |" in md
     assert "model step, decode only (LM) | 500.0 (50.0 %)" in md

@@ -848,7 +848,10 @@ def results_markdown(doc: dict) -> str:
         f", garbage collection {'off' if cfg.get('gc_off_in_clock') else 'on'} inside the "
         f"clock. Images: {cfg.get('image_identity')}.",
         f"- Rounds: {opts.get('warmup_rounds')} warm-up, {a.get('rounds_timed')} timed pairs "
-        f"(order alternating), each its own images; ratios per round, summarised as median "
+        f"(order alternating), "
+        + ("all on the same images, processed once (--same-images)"
+           if opts.get("same_images") else "each its own images")
+        + "; ratios per round, summarised as median "
         f"with its 95 % order-statistics interval and as the crossover estimate (order "
         f"effect removed, t interval). Whole run {doc.get('total_s')} s; "
         f"{'complete' if doc.get('complete') else 'INCOMPLETE'}.",
