@@ -3,8 +3,8 @@
 #   make reproduce PY=python3  a Python where the package is importable (GPU host: PYTHONPATH)
 # On a GPU host each config takes ~5-8 min (engine starts + runs) once the compile cache holds
 # its entries (cold: +5 min each); where one command may only run 10 minutes, run
-# `make bench-encoder`, `make bench-2b`, `make bench-1b`, `make bench-coco`, `make report` as
-# separate calls.
+# `make bench-encoder`, `make bench-ab`'s two commands, `make bench-2b`, `make bench-1b`,
+# `make bench-coco`, `make report` as separate calls.
 PY ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 IVB = $(PY) -m internvl_batch
 # headline: one 448 px tile per image (max_dynamic_patch 1), 512 images per repeat, 3 repeats,
@@ -22,7 +22,7 @@ GPU_RUNS = $(RESULTS)/internvl3-2b-448-1tile.json $(RESULTS)/internvl3-1b-448-1t
            $(RESULTS)/internvl3-1b-coco-plain-vs-replicas4.json
 
 .PHONY: install test reproduce reproduce-gpu reproduce-cpu bench-encoder bench-2b bench-1b \
-        bench-coco bench-throughput bench-throughput-coco report
+        bench-coco bench-ab bench-throughput bench-throughput-coco report
 
 install:
 	bash scripts/install-cpu.sh
@@ -36,7 +36,7 @@ reproduce:
 	else echo "no GPU (nvidia-smi failed): small CPU run, NOT the headline numbers"; \
 	$(MAKE) --no-print-directory reproduce-cpu; fi
 
-reproduce-gpu: bench-encoder bench-2b bench-1b bench-coco report
+reproduce-gpu: bench-encoder bench-ab bench-2b bench-1b bench-coco report
 
 # issue 16: the InternViT encoder alone inside a real engine, eager vs compiled vs compiled +
 # encoder CUDA graphs, per tile batch, for InternViT-300M (InternVL3-1B/2B) and InternViT-6B,
@@ -53,6 +53,18 @@ bench-encoder:
 	$(ENC_ENV) $(IVB) bench-encoder --model preset:internvit-6b --batches 1,2,4,8,13,32 \
 	    --repeats 20 --warmup 3 --results-dir $(ENC_OUT) --name encoder-internvit-6b-v1runner
 	$(PY) -m internvl_batch.bench.encoder report $(ENC_OUT) $$(ls $(ENC_OUT)/encoder-*.json)
+
+# issue 16 item 4: compiled vs eager encoder end to end in one engine fed requests processed
+# beforehand, the two modes alternating round by round (bench-ab), with trained-like random
+# weights; the pair counts of the committed H100 runs (results/h100/issue16-ab/: one tile
+# 38 pairs in 527 s with --same-images, COCO sizes 14 pairs in ~470 s), one command each
+AB_OUT ?= $(RESULTS)/issue16-ab
+bench-ab:
+	$(IVB) bench-ab --model preset:internvl3-1b+weights --sizes 448 --images 2048 \
+	    --repeats 38 --same-images --profile-images 0 --results-dir $(AB_OUT) \
+	    --name ab-internvl3-1b-448-same
+	$(IVB) bench-ab --model preset:internvl3-1b+weights --sizes coco --repeats 14 \
+	    --profile-images 0 --results-dir $(AB_OUT) --name ab-internvl3-1b-coco-2
 
 bench-2b:
 	$(IVB) bench --model preset:internvl3-2b $(HEADLINE) --results-dir $(RESULTS) \
