@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, TextIO
 
 from . import __version__, fingerprint, procstart, prompts, stats as stats_mod
 from .children import STOP_SIGNALS
-from .config import EngineSpec, RunConfig
+from .config import ConfigError, EngineSpec, RunConfig
 from .engine import EngineDead, Engines
 from .images import (Decoded, DecodeWorkerDied, make_pool, prefetch, start_workers,
                      stop_pool)
@@ -165,6 +165,28 @@ def _row(d: Decoded, prompt_text: str, tokens_per_tile: int, res=None) -> dict:
     return row
 
 
+class DatasetChanged(ConfigError):
+    """A resumed shard's dataset no longer has, at a position already written, the record
+    that was written there (a file added or removed in the middle, an edited annotations
+    file): skipping by (seq, id) would caption the shifted records again under new
+    positions, and the shard would hold some images twice (exit 2)."""
+
+
+def not_done(records, done: set[tuple[int, str]], output: Path):
+    """The records whose (seq, id) is not written yet; DatasetChanged at the first position
+    written under another id. Records appended after the last one written resume as new."""
+    by_seq = dict(done)
+    for r in records:
+        was = by_seq.get(r.seq)
+        if was is None:
+            yield r
+        elif was != r.id:
+            raise DatasetChanged(
+                f"the dataset changed since {output}'s rows were written: record {r.seq} is "
+                f"now {r.id!r}, the row written for it is {was!r}; rerun with --overwrite to "
+                "caption it again, or write to another --output")
+
+
 class _EarlyStop(Exception):
     """A stop signal before the batches' own handling (`_Signals`) is in place."""
 
@@ -244,7 +266,7 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
                 started_at: float) -> int:
     # by position and id: a dataset may repeat an id; --overwrite: none of the old rows count
     done = set() if cfg.overwrite else writer.done_keys()
-    mine = (r for r in records if (r.seq, r.id) not in done)
+    mine = not_done(records, done, cfg.output)
     if done:
         term.info(f"resuming {writer.name}: {len(done)} rows already written")
     if term.starting is not None:

@@ -17,6 +17,7 @@ whatever the cause.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -67,6 +68,29 @@ def _writes(fn):
 
 class FewerRows(ConfigError):
     """Publishing would replace a final file by one with fewer rows (exit 2, nothing changed)."""
+
+
+class Unreadable(ConfigError):
+    """A chunk or final file that is not whole Parquet. Ours never are (temp + rename), so
+    something else cut or replaced it: a copy, a sync, a full disk outside this tool. One
+    line, exit 2, nothing changed: which file, and what to do."""
+
+
+@contextlib.contextmanager
+def reading(path: Path):
+    """pyarrow's errors reading `path` (no footer, cut, not Parquet) as Unreadable; a file
+    that is not there stays FileNotFoundError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        chunk = path.parent.parent.name == "_parts"
+        todo = ("move it away and rerun: its rows are captioned again" if chunk else
+                "rerun this shard with --overwrite")
+        msg = str(e).strip().splitlines()
+        raise Unreadable(f"cannot read {path} ({msg[0] if msg else type(e).__name__}): it is "
+                         f"not a whole Parquet file; {todo}") from None
 
 
 def shard_name(index: int, count: int) -> str:
@@ -131,7 +155,8 @@ class ShardWriter:
         files = [self.final] if self.is_complete() else self._chunks()
         keys: set[tuple[int, str]] = set()
         for f in files:
-            t = pq.read_table(f, columns=["seq", "id"])
+            with reading(f):
+                t = pq.read_table(f, columns=["seq", "id"])
             keys.update(zip(t.column("seq").to_pylist(), t.column("id").to_pylist()))
         return keys
 
@@ -170,12 +195,15 @@ class ShardWriter:
         """Row, error and token counts of the final file (stats.count_rows)."""
         from .stats import count_rows
 
-        return count_rows(pq.read_table(self.final, columns=[
-            "error", "prompt_tokens", "image_tokens", "output_tokens"]))
+        with reading(self.final):
+            t = pq.read_table(self.final, columns=[
+                "error", "prompt_tokens", "image_tokens", "output_tokens"])
+        return count_rows(t)
 
     def final_rows(self) -> int:
         try:
-            return pq.read_metadata(self.final).num_rows
+            with reading(self.final):
+                return pq.read_metadata(self.final).num_rows
         except FileNotFoundError:
             return 0
 
@@ -260,7 +288,8 @@ class ShardWriter:
         total, last_seq, ordered, counts = 0, -1, True, None
         with pq.ParquetWriter(tmp, schema) as w:
             for c in chunks:
-                t = pq.read_table(c, schema=SCHEMA)
+                with reading(c):
+                    t = pq.read_table(c, schema=SCHEMA)
                 seqs = t.column("seq").to_pylist()
                 if seqs and (seqs[0] <= last_seq or seqs != sorted(seqs)):
                     ordered = False
@@ -302,7 +331,8 @@ class ShardWriter:
 
 
 def read_metadata(path: Path) -> dict:
-    md = pq.read_schema(path).metadata or {}
+    with reading(path):
+        md = pq.read_schema(path).metadata or {}
     return json.loads(md.get(META_KEY, b"{}"))
 
 

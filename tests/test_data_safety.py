@@ -139,6 +139,59 @@ def test_another_dataset_into_the_same_output_is_refused(tmp_path):
         _run(_cfg(tmp_path, f"folder:{a}", out, limit=2))
 
 
+def test_a_dataset_changed_under_a_resume_is_refused_not_captioned_twice(tmp_path):
+    """A file added before the ones written shifted every position: the resume skipped by
+    (seq, id), captioned img0..img3 again under new positions and exited 0 with 9 rows of 5
+    images (found 2026-12-06). Now: exit 2 naming the position, the rows written untouched;
+    a file added after them is captioned as new."""
+    from internvl_batch.pipeline import DatasetChanged
+
+    d = _folder(tmp_path / "imgs", 90)
+    out = tmp_path / "out"
+    assert _run(_cfg(tmp_path, f"folder:{d}", out), DyingEngine(1)) == 4  # 2 rows written
+    w = ShardWriter(out, 0, 1)
+    before = sorted(w.done_keys())
+    assert [i for _, i in before] == ["img0.png", "img1.png"]
+    (d / "a-first.png").write_bytes(_png(10))
+    with pytest.raises(DatasetChanged, match=r"record 0 is now 'a-first.png', the row written "
+                                             r"for it is 'img0.png'; rerun with --overwrite"):
+        _run(_cfg(tmp_path, f"folder:{d}", out))
+    assert sorted(w.done_keys()) == before and not w.is_complete()
+    (d / "a-first.png").unlink()
+    (d / "z-last.png").write_bytes(_png(10))
+    assert _run(_cfg(tmp_path, f"folder:{d}", out)) == 0
+    assert [(r["seq"], r["id"]) for r in _rows(out)] == [
+        (k, f"img{k}.png") for k in range(4)] + [(4, "z-last.png")]
+
+
+def test_a_cut_chunk_or_final_file_is_one_line_naming_it(tmp_path):
+    """A chunk or final file that is not whole Parquet (cut by a copy, edited) raised
+    pyarrow's ArrowInvalid from the settings check, a traceback (found 2026-12-06)."""
+    d = _folder(tmp_path / "imgs", 90)
+    out = tmp_path / "out"
+    assert _run(_cfg(tmp_path, f"folder:{d}", out), DyingEngine(1)) == 4
+    chunk = next((out / "_parts" / NAME).glob("chunk-*.parquet"))
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:100])
+    with pytest.raises(sinks.Unreadable, match=rf"cannot read {chunk} .*not a whole Parquet "
+                                               r"file; move it away and rerun"):
+        _run(_cfg(tmp_path, f"folder:{d}", out))
+    chunk.write_bytes(good)
+    assert _run(_cfg(tmp_path, f"folder:{d}", out)) == 0
+    final = out / f"{NAME}.parquet"
+    final.write_bytes(b"garbage")
+    with pytest.raises(sinks.Unreadable, match=r"rerun this shard with --overwrite"):
+        _run(_cfg(tmp_path, f"folder:{d}", out))
+    # from the command line: one line, exit 2, before any engine starts
+    res = subprocess.run([sys.executable, "-m", "internvl_batch", "run", "--dataset",
+                          f"folder:{d}", "--output", str(out), "--model", "preset:tiny"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT),
+                              "INTERNVL_BATCH_CACHE": str(tmp_path / "cache")})
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and f"cannot read {final}" in res.stderr
+
+
 def test_dataset_identity_is_absolute_and_per_kind(tmp_path, monkeypatch):
     d = _folder(tmp_path / "imgs", 1, n=1)
     monkeypatch.chdir(tmp_path)

@@ -590,6 +590,15 @@ def test_pipeline_crash_before_commit_is_not_complete(tmp_path, fake_engine, mon
     assert ok, report
 
 
+def sample_row(seq: int) -> dict:
+    """row(seq) under the id the embedded sample has at `seq`: a resume refuses rows whose
+    ids do not match the dataset's records (pipeline.DatasetChanged)."""
+    from internvl_batch.sources import SourceSpec, open_source
+
+    rec = next(r for r in open_source(SourceSpec.parse("sample"), 0, 1) if r.seq == seq)
+    return dict(row(seq), id=rec.id)
+
+
 def test_rerun_after_crash_between_finalize_and_stats(tmp_path, fake_engine):
     from internvl_batch import pipeline
     from internvl_batch.config import EngineSpec, RunConfig
@@ -597,7 +606,7 @@ def test_rerun_after_crash_between_finalize_and_stats(tmp_path, fake_engine):
 
     out = tmp_path / "out"
     w = ShardWriter(out, 0, 1).open()
-    w.write([row(0), row(1)])
+    w.write([sample_row(0), sample_row(1)])
     w.finalize({})                       # ... and the process dies here: no stats.json
     assert not w.is_complete()           # nothing published before stats.json and commit()
     cfg = RunConfig(source=SourceSpec.parse("sample"), engine=EngineSpec(model="preset:tiny"),
@@ -605,6 +614,8 @@ def test_rerun_after_crash_between_finalize_and_stats(tmp_path, fake_engine):
     assert pipeline.run(cfg, log=lambda m: None) == 0   # resumes (a fake engine here)
     ok, report = merge_mod.merge_output(out)
     assert ok, report
+    seqs = pq.read_table(w.final, columns=["seq"]).column("seq").to_pylist()
+    assert seqs == list(range(17))  # the sample's 17 records, the 2 written once each
 
 
 def test_rerun_removes_final_temp_of_a_killed_writer(tmp_path, fake_engine):
@@ -612,7 +623,7 @@ def test_rerun_removes_final_temp_of_a_killed_writer(tmp_path, fake_engine):
 
     out = tmp_path / "out"
     w = ShardWriter(out, 0, 1).open()
-    w.write([row(0)])
+    w.write([sample_row(0)])
     w.finalize({})
     stale = w.final.with_name(f".{w.final.name}.tmp999999")  # another (dead) pid's
     w._pending.rename(stale)
