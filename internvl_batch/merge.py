@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from . import stats as stats_mod
-from .sinks import SHARD_RE, shard_name
+from .config import ConfigError
+from .sinks import SHARD_RE, WriteFailed, shard_name
 
 
 def merge_output(output: Path, compact: Path | None = None,
@@ -15,9 +17,11 @@ def merge_output(output: Path, compact: Path | None = None,
     was run with (its stats' metadata), else `max_error_rate` for all."""
     if not output.is_dir():
         return False, f"merge: {output} does not exist"
-    if compact is not None and not compact.parent.is_dir():
-        return False, (f"merge: --compact {compact}: the folder {compact.parent} does not "
-                       "exist; create it or name a file in an existing one")
+    if compact is not None:
+        _check_compact_dest(output, compact)
+        if not compact.parent.is_dir():
+            return False, (f"merge: --compact {compact}: the folder {compact.parent} does not "
+                           "exist; create it or name a file in an existing one")
     names = {m.group(0) for p in output.iterdir() if (m := SHARD_RE.match(p.name))}
     names |= {m.group(0) for p in (output / "_parts").glob("*") if (m := SHARD_RE.match(p.name))}
     counts = {int(SHARD_RE.match(n).group(2)) for n in names}
@@ -26,12 +30,16 @@ def merge_output(output: Path, compact: Path | None = None,
     if len(counts) > 1:
         return False, f"merge: {output} mixes runs with different shard counts {sorted(counts)}"
     total = counts.pop()
-    missing, failed, shards = [], [], []
+    missing, failed, shards, broken = [], [], [], []
     for i in range(total):
         name = shard_name(i, total)
         pq_path, st_path = output / f"{name}.parquet", output / f"{name}.stats.json"
         if pq_path.is_file() and st_path.is_file():
-            shards.append((name, json.loads(st_path.read_text())))
+            st, bad = _read_shard(pq_path, st_path)
+            if bad:
+                broken.append(f"merge: {name}: {bad}; rerun it with --overwrite")
+            else:
+                shards.append((name, st))
         elif (output / "_parts" / name).is_dir():
             failed.append(name)  # started, never finished: failed, preempted or still running
         else:
@@ -43,12 +51,17 @@ def merge_output(output: Path, compact: Path | None = None,
         for name, s in shards:
             cache = "-" if s.get("cache_hit") is None else ("hit" if s["cache_hit"] else "miss")
             lines.append(f"{name:<22} {s.get('rows_in_shard', s['rows']):>8} {s['errors']:>7} "
-                         f"{s['images_per_s']:>9.2f} {s['output_tokens_per_s']:>10.1f} {cache:>6}")
+                         f"{float(s.get('images_per_s') or 0):>9.2f} "
+                         f"{float(s.get('output_tokens_per_s') or 0):>10.1f} {cache:>6}")
+    if broken:
+        lines += broken
     if missing or failed:
         if failed:
             lines.append(f"merge: incomplete shards (failed or still running): {', '.join(failed)}")
         if missing:
             lines.append(f"merge: missing shards (never started): {', '.join(missing)}")
+        return False, "\n".join(lines)
+    if broken:
         return False, "\n".join(lines)
     differ = _settings_differ(output, [n for n, _ in shards])
     if differ:
@@ -59,9 +72,9 @@ def merge_output(output: Path, compact: Path | None = None,
     summary = stats_mod.merge_parallel([s for _, s in shards])
     summary["rows_in_output"] = sum(s.get("rows_in_shard", s["rows"]) for _, s in shards)
     summary["shards"] = total
-    (output / "stats.json").write_text(json.dumps(
-        {**summary, "per_shard": {n: {k: s.get(k) for k in stats_mod.KEYS} for n, s in shards}},
-        indent=2, default=str))
+    doc = {**summary, "per_shard": {n: {k: s.get(k) for k in stats_mod.KEYS} for n, s in shards}}
+    _write_new(output / "stats.json", lambda tmp: tmp.write_text(
+        json.dumps(doc, indent=2, default=str)))
     if compact:
         _compact(output, total, compact)
         lines.append(f"compacted {summary['rows_in_output']} rows into {compact}")
@@ -113,14 +126,71 @@ def _settings_differ(output: Path, names: list[str]) -> list[str]:
     return out
 
 
+def _check_compact_dest(output: Path, dest: Path) -> None:
+    """--compact must not name a file merge reads or keeps: a shard's Parquet or stats file,
+    anything under _parts/, the merged stats.json. Compacting onto shard 0 replaced it by
+    every row, and the next merge published them twice (found 2026-12-06)."""
+    out, d = output.resolve(), dest.resolve()
+    inside = d.parent == out and (SHARD_RE.match(d.name) or d.name == "stats.json")
+    if inside or out / "_parts" in d.parents:
+        raise ConfigError(f"merge: --compact {dest} is one of {output}'s own files; name a "
+                          f"new file, e.g. {output / 'all.parquet'}")
+
+
+def _read_shard(pq_path: Path, st_path: Path) -> tuple[dict | None, str | None]:
+    """(stats, None) for a shard whose stats parse and whose Parquet file holds the rows its
+    stats count; else (None, what is wrong)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        st = json.loads(st_path.read_text())
+        rows = st.get("rows_in_shard", st.get("rows"))
+        if not isinstance(rows, int) or not isinstance(st.get("errors"), int):
+            raise ValueError("no row and error counts")
+    except (OSError, ValueError, AttributeError) as e:
+        return None, f"cannot read {st_path.name} ({_first_line(e)})"
+    try:
+        have = pq.read_metadata(pq_path).num_rows
+    except (pa.ArrowException, OSError) as e:
+        return None, (f"cannot read {pq_path.name} ({_first_line(e)}): not a whole Parquet "
+                      "file")
+    if have != rows:
+        return None, (f"{pq_path.name} holds {have} rows, its stats count {rows} (changed "
+                      "after its run finished)")
+    return st, None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _write_new(dest: Path, write) -> None:
+    """`write(tmp)` then rename onto `dest`: a full disk leaves the old `dest` (or none),
+    never a cut one; the error is WriteFailed naming the file (exit 5)."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"merge: cannot write {dest}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _compact(output: Path, total: int, dest: Path):
     import pyarrow.parquet as pq
 
     paths = [output / f"{shard_name(i, total)}.parquet" for i in range(total)]
     schema = pq.read_schema(paths[0])
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with pq.ParquetWriter(tmp, schema) as w:
-        for p in paths:
-            for batch in pq.ParquetFile(p).iter_batches(batch_size=8192):
-                w.write_batch(batch)
-    tmp.replace(dest)
+
+    def write(tmp: Path):
+        with pq.ParquetWriter(tmp, schema) as w:
+            for p in paths:
+                for batch in pq.ParquetFile(p).iter_batches(batch_size=8192):
+                    w.write_batch(batch)
+
+    _write_new(dest, write)

@@ -254,6 +254,92 @@ def test_merge_refuses_shards_captioned_with_other_settings(tmp_path):
     assert ok and pq.read_metadata(tmp_path / "all.parquet").num_rows == 17
 
 
+def _two_shards(tmp_path, out: Path) -> None:
+    for shard in (0, 1):
+        assert _run(dataclasses.replace(_cfg(tmp_path, "sample", out), num_shards=2,
+                                        shard_index=shard)) == 0
+
+
+def test_merge_never_publishes_rows_twice_or_a_cut_file(tmp_path):
+    """Found 2026-12-06: `--compact` onto a shard's own file replaced it by every row and the
+    next merge published 9 rows of 6 (exit 0 both times); a shard file that no longer holds
+    the rows its stats count merged anyway; a cut stats or Parquet file was a traceback."""
+    from internvl_batch.config import ConfigError
+
+    out = tmp_path / "out"
+    _two_shards(tmp_path, out)
+    s0, s1 = out / "part-00000-of-00002.parquet", out / "part-00001-of-00002.parquet"
+    before = s0.read_bytes()
+    for dest in (s0, out / "part-00001-of-00002.stats.json", out / "stats.json",
+                 out / "_parts" / "x.parquet"):
+        with pytest.raises(ConfigError, match=r"is one of .*'s own files; name a new file"):
+            merge_output(out, compact=dest)
+    assert s0.read_bytes() == before and not (out / "stats.json").exists()
+    # a shard file replaced after its run (by every row): named, not merged
+    pq.write_table(pa.concat_tables([pq.read_table(s0), pq.read_table(s1)]), s0)
+    ok, report = merge_output(out, compact=out / "all.parquet")
+    assert not ok and not (out / "all.parquet").exists()
+    assert "merge: part-00000-of-00002: part-00000-of-00002.parquet holds 17 rows, its stats " \
+           "count 9 (changed after its run finished); rerun it with --overwrite" in report
+    s0.write_bytes(before[:200])
+    ok, report = merge_output(out)
+    assert not ok and "part-00000-of-00002.parquet (" in report and \
+        "not a whole Parquet file; rerun it with --overwrite" in report
+    s0.write_bytes(before)
+    st1 = out / "part-00001-of-00002.stats.json"
+    good = st1.read_text()
+    st1.write_text("")
+    ok, report = merge_output(out)
+    assert not ok and "merge: part-00001-of-00002: cannot read part-00001-of-00002.stats.json" \
+        in report
+    # stats without the rates (an older writer): merged, the rates shown as 0
+    st1.write_text(json.dumps({k: v for k, v in json.loads(good).items()
+                               if not k.endswith("_per_s")}))
+    ok, report = merge_output(out, compact=out / "all.parquet")
+    assert ok, report
+    assert pq.read_metadata(out / "all.parquet").num_rows == 17
+
+
+def test_merge_on_a_full_disk_keeps_what_was_there_and_exits_5(tmp_path, monkeypatch):
+    """stats.json was written in place: a full disk left it empty (and a traceback), and a
+    cut `.all.parquet.tmp` stayed behind (found 2026-12-06)."""
+    from click.testing import CliRunner
+
+    from internvl_batch.cli import cli
+    from internvl_batch.sinks import WriteFailed
+
+    out = tmp_path / "out"
+    _two_shards(tmp_path, out)
+    assert merge_output(out)[0]
+    merged = (out / "stats.json").read_text()
+    real = Path.write_text
+
+    def full(self, data, *a, **kw):
+        if self.name.startswith(".stats.json.tmp"):
+            real(self, data[:10], *a, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(WriteFailed, match=r"merge: cannot write .*stats.json: No space left"):
+        merge_output(out)
+    assert (out / "stats.json").read_text() == merged
+    res = CliRunner().invoke(cli, ["merge", str(out)])
+    assert res.exit_code == 5 and "No space left on device; make room and merge again" in \
+        res.output and "Traceback" not in res.output
+    monkeypatch.undo()
+    import pyarrow.parquet as pq_mod
+
+    class Full(pq_mod.ParquetWriter):
+        def write_batch(self, *a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq_mod, "ParquetWriter", Full)
+    with pytest.raises(WriteFailed, match="all.parquet: No space left"):
+        merge_output(out, compact=tmp_path / "all.parquet")
+    assert not list(tmp_path.glob(".all.parquet*")) and not (tmp_path / "all.parquet").exists()
+
+
 def test_merge_fails_a_shard_above_the_error_rate_it_was_run_with(tmp_path):
     """A shard whose run failed on the error rate (exit 3) is complete, rows kept; merging it
     fails too (a Slurm merge job must not turn that into exit 0), naming the shard, unless

@@ -19,10 +19,16 @@ from .common import user_errors
 @user_errors
 def merge(output, compact, max_error_rate):
     """Check every shard is complete and combine their stats (exit 1 naming missing shards,
-    or shards whose failed rows are above the error rate)."""
+    shards whose files do not agree with their stats, or shards whose failed rows are above
+    the error rate; exit 5 if stats.json or the --compact file cannot be written)."""
     from ..merge import merge_output
+    from ..sinks import WriteFailed
 
-    ok, report = merge_output(Path(output), compact=Path(compact) if compact else None,
-                              max_error_rate=max_error_rate)
+    try:
+        ok, report = merge_output(Path(output), compact=Path(compact) if compact else None,
+                                  max_error_rate=max_error_rate)
+    except WriteFailed as e:  # a full disk: what was there before is untouched
+        click.echo(f"{e}; make room and merge again", err=True)
+        sys.exit(5)
     click.echo(report)
     sys.exit(0 if ok else 1)
