@@ -198,17 +198,34 @@ class RunConfig:
         return d
 
 
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None:
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"{name}={v!r} is not a whole number (set by Slurm, or by hand?); "
+                          "unset it or pass --num-shards and --shard-index") from None
+
+
 def shard_from_env(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
     """Explicit flags win; otherwise a Slurm array task is one shard of the array."""
     tasks_are_shards = os.environ.get("IVB_TASKS_ARE_SHARDS") == "1"
     if num_shards is None:
-        num_shards = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+        num_shards = _env_int("SLURM_ARRAY_TASK_COUNT", 1)
         if tasks_are_shards:
-            num_shards *= int(os.environ.get("SLURM_NTASKS", "1"))
+            num_shards *= _env_int("SLURM_NTASKS", 1)
     if shard_index is None:
-        shard_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        shard_index = _env_int("SLURM_ARRAY_TASK_ID", 0)
         if tasks_are_shards:
             # several srun tasks (one per GPU) inside one array task: each is its own shard
-            shard_index = shard_index * int(os.environ.get("SLURM_NTASKS", "1")) + \
-                int(os.environ.get("SLURM_PROCID", "0"))
+            shard_index = shard_index * _env_int("SLURM_NTASKS", 1) + _env_int("SLURM_PROCID", 0)
+        if not 0 <= shard_index < num_shards and "SLURM_ARRAY_TASK_ID" in os.environ:
+            # the task id is the shard index: --array=1-N leaves shard 0 out and N beyond
+            raise ConfigError(
+                f"Slurm array task {os.environ['SLURM_ARRAY_TASK_ID']} is shard {shard_index}, "
+                f"outside 0..{num_shards - 1} (--num-shards {num_shards}): submit a 0-based "
+                f"array (--array=0-{num_shards - 1}), or pass --num-shards for the whole "
+                "array when resubmitting some of its tasks")
     return num_shards, shard_index

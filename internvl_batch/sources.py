@@ -342,14 +342,26 @@ def _folder_records(root: Path, id_prefix: str = "") -> Iterator[Record]:
     captions: dict[str, tuple[str, ...]] = {}
     cap_file = root / "captions.jsonl"
     if cap_file.is_file():
-        for n, line in enumerate(cap_file.read_text().splitlines(), 1):
+        shape = '{"file": "NAME", "captions": ["text", ...]}'
+        try:
+            text = cap_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{cap_file}: not UTF-8 (byte {e.start}); save it as UTF-8, one "
+                              f"{shape} per line") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                captions[row["file"]] = tuple(row.get("captions") or ())
+                file, caps = row["file"], row.get("captions") or []
             except (ValueError, KeyError, TypeError):
-                raise SourceError(f"{cap_file}:{n}: expected {{\"file\": ..., \"captions\": [...]}}")
+                raise SourceError(f"{cap_file}:{n}: expected {shape}") from None
+            # a string would become its characters, a number a traceback once the engine ran
+            if not isinstance(file, str) or not isinstance(caps, list) or \
+                    not all(isinstance(c, str) for c in caps):
+                raise SourceError(f"{cap_file}:{n}: expected {shape} (file a string, captions "
+                                  "a list of strings)")
+            captions[file] = tuple(caps)
     files = sorted(p for p in root.rglob("*")
                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:

@@ -141,14 +141,31 @@ def test_shard_from_env_array(clean_env):
     clean_env.setenv("SLURM_ARRAY_TASK_COUNT", "16")
     clean_env.setenv("SLURM_ARRAY_TASK_ID", "5")
     assert shard_from_env(None, None) == (16, 5)
-    # explicit flags win over the environment
-    assert shard_from_env(4, None) == (4, 5)
+    # explicit flags win over the environment; a task id beyond them says what to submit
+    with pytest.raises(ConfigError, match=r"^Slurm array task 5 is shard 5, outside 0\.\.3 "
+                                          r"\(--num-shards 4\): submit a 0-based array "
+                                          r"\(--array=0-3\)"):
+        shard_from_env(4, None)
+    assert shard_from_env(8, None) == (8, 5)
     assert shard_from_env(None, 2) == (16, 2)
     assert shard_from_env(32, 31) == (32, 31)
     # SLURM_NTASKS alone changes nothing: several tasks are one shard unless asked
     clean_env.setenv("SLURM_NTASKS", "4")
     clean_env.setenv("SLURM_PROCID", "3")
     assert shard_from_env(None, None) == (16, 5)
+
+
+def test_shard_from_env_one_line_for_what_slurm_did_not_set(clean_env):
+    """Found 2026-12-06: SLURM_ARRAY_TASK_COUNT=abc was a ValueError traceback; a 1-based
+    array's last task said only '--shard-index 3 is outside 0..2'."""
+    clean_env.setenv("SLURM_ARRAY_TASK_COUNT", "abc")
+    with pytest.raises(ConfigError, match=r"^SLURM_ARRAY_TASK_COUNT='abc' is not a whole number"):
+        shard_from_env(None, None)
+    clean_env.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    clean_env.setenv("SLURM_ARRAY_TASK_ID", "3")  # --array=1-3
+    with pytest.raises(ConfigError, match=r"--array=0-2"):
+        shard_from_env(None, None)
+    assert shard_from_env(None, 1) == (3, 1)  # an explicit index wins
 
 
 def test_shard_from_env_tasks_are_shards(clean_env):
