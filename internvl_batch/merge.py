@@ -50,7 +50,7 @@ def merge_output(output: Path, compact: Path | None = None,
                      f"{'cache':>6}")
         for name, s in shards:
             cache = "-" if s.get("cache_hit") is None else ("hit" if s["cache_hit"] else "miss")
-            lines.append(f"{name:<22} {s.get('rows_in_shard', s['rows']):>8} {s['errors']:>7} "
+            lines.append(f"{name:<22} {s.get('rows_in_shard', s.get('rows')):>8} {s['errors']:>7} "
                          f"{float(s.get('images_per_s') or 0):>9.2f} "
                          f"{float(s.get('output_tokens_per_s') or 0):>10.1f} {cache:>6}")
     if broken:
@@ -70,7 +70,7 @@ def merge_output(output: Path, compact: Path | None = None,
     if failed_rate:
         return False, "\n".join(lines + failed_rate)
     summary = stats_mod.merge_parallel([s for _, s in shards])
-    summary["rows_in_output"] = sum(s.get("rows_in_shard", s["rows"]) for _, s in shards)
+    summary["rows_in_output"] = sum(s.get("rows_in_shard", s.get("rows")) for _, s in shards)
     summary["shards"] = total
     doc = {**summary, "per_shard": {n: {k: s.get(k) for k in stats_mod.KEYS} for n, s in shards}}
     _write_new(output / "stats.json", lambda tmp: tmp.write_text(
