@@ -403,16 +403,23 @@ def _parquet(spec: SourceSpec) -> Iterator[Record]:
         except (pa.ArrowException, OSError) as e:
             raise SourceError(f"{f} is not a readable Parquet file ({str(e).splitlines()[0]}); "
                               "narrow the glob to Parquet files") from None
-    first = footers[files[0]].schema.to_arrow_schema()
-    if spec.image_column not in first.names:
-        raise SourceError(f"{files[0]} has no column {spec.image_column!r} "
-                          f"(columns: {', '.join(first.names)}); pass --image-column")
-    for flag, col in (("--caption-column", spec.caption_column), ("--id-column", spec.id_column)):
-        if col and col not in first.names:
-            raise SourceError(f"{files[0]} has no column {col!r} "
-                              f"(columns: {', '.join(first.names)}); fix {flag}")
-    if spec.caption_column:
-        _check_caption_type(first.field(spec.caption_column).type, spec.caption_column)
+    # every file, not the first only: a later one without the id column switched its rows to
+    # name:seq ids, one without the image column became error rows (found 2026-12-06)
+    for f in files:
+        schema = footers[f].schema.to_arrow_schema()
+        if spec.image_column not in schema.names:
+            raise SourceError(f"{f} has no column {spec.image_column!r} "
+                              f"(columns: {', '.join(schema.names)}); pass --image-column, or "
+                              "narrow the glob to files that have it")
+        for flag, col in (("--caption-column", spec.caption_column),
+                          ("--id-column", spec.id_column)):
+            if col and col not in schema.names:
+                raise SourceError(f"{f} has no column {col!r} "
+                                  f"(columns: {', '.join(schema.names)}); fix {flag}, or "
+                                  "narrow the glob to files that have it")
+        if spec.caption_column:
+            _check_caption_type(schema.field(spec.caption_column).type, spec.caption_column,
+                                where=f"{f}: " if len(files) > 1 else "")
 
     def gen():
         seq = 0
@@ -432,7 +439,7 @@ def _parquet(spec: SourceSpec) -> Iterator[Record]:
     return Records(gen(), sum(m.num_rows for m in footers.values()))
 
 
-def _check_caption_type(typ, column: str) -> None:
+def _check_caption_type(typ, column: str, where: str = "") -> None:
     """Reference captions are text, a list of texts, or a struct holding them (COCO-style
     {"raw": [...]}); a number column named by mistake is one line now, not a crash mid-run."""
     import pyarrow as pa
@@ -443,7 +450,7 @@ def _check_caption_type(typ, column: str) -> None:
     ok = texty(typ) or pa.types.is_struct(typ) or (
         (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and texty(typ.value_type))
     if not ok:
-        raise SourceError(f"--caption-column {column!r} holds {typ}, not text or a list of "
+        raise SourceError(f"{where}--caption-column {column!r} holds {typ}, not text or a list of "
                           "texts; name the column with the reference captions, or leave "
                           "--caption-column out")
 

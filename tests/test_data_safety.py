@@ -434,6 +434,17 @@ def test_parquet_globs_and_columns_that_cannot_work_are_one_line(tmp_path):
         open_source(SourceSpec.parse(f"parquet:{d}/*", caption_column="score"))
     with pytest.raises(SourceError, match="no column 'nope'.*fix --id-column"):
         open_source(SourceSpec.parse(f"parquet:{d}/*", id_column="nope"))
+    # every file is checked, not the first only (found 2026-12-06: a later file without the
+    # id column switched to name:seq ids, one without the image column gave error rows)
+    pq.write_table(pa.table({"image": [_png(2)], "score": ["x"]}), d / "b.parquet")
+    with pytest.raises(SourceError, match=r"b.parquet has no column 'k' .*fix --id-column"):
+        open_source(SourceSpec.parse(f"parquet:{d}/*", id_column="k"))
+    assert open_source(SourceSpec.parse(f"parquet:{d}/b*", caption_column="score")).total == 1
+    with pytest.raises(SourceError, match=r"a.parquet: --caption-column 'score' holds double"):
+        open_source(SourceSpec.parse(f"parquet:{d}/*", caption_column="score"))
+    pq.write_table(pa.table({"picture": [_png(3)]}), d / "c.parquet")
+    with pytest.raises(SourceError, match=r"c.parquet has no column 'image'.*narrow the glob"):
+        open_source(SourceSpec.parse(f"parquet:{d}/*"))
     (d / "notes.txt").write_text("x")
     with pytest.raises(SourceError, match=r"notes.txt is not a readable Parquet file"):
         open_source(SourceSpec.parse(f"parquet:{d}/*"))
