@@ -143,8 +143,7 @@ class ShardLock:
                 and mine.get("SLURM_PROCID") == theirs.get("SLURM_PROCID") \
                 and mine.get("SLURM_RESTART_COUNT") != theirs.get("SLURM_RESTART_COUNT"):
             return f"Slurm requeued job {mine['SLURM_JOB_ID']}"
-        beat = float(holder.get("heartbeat_s") or self.heartbeat_s)
-        beats = int(holder.get("stale_beats") or self.stale_beats)
+        beat, beats = self._limits(holder)
         age = self._fs_now() - mtime
         if age > beat * beats:
             return f"no heartbeat for {age:.0f} s (limit {beat * beats:.0f} s)"
@@ -236,12 +235,22 @@ class ShardLock:
                 said = True
             time.sleep(min(WAIT_POLL_S, self.heartbeat_s))
 
+    def _limits(self, holder: dict) -> tuple[float, int]:
+        """The holder's heartbeat and stale-beat count, ours where its file says something
+        else than numbers (an edited or foreign lock file: a ValueError traceback before)."""
+        try:
+            beat = float(holder.get("heartbeat_s") or self.heartbeat_s)
+            beats = int(holder.get("stale_beats") or self.stale_beats)
+        except (TypeError, ValueError):
+            return self.heartbeat_s, self.stale_beats
+        return beat, beats
+
     def _expiry_hint(self) -> str:
         holder = self.read() or {}
         if not holder or holder.get("host") == socket.gethostname():
             return ""
-        limit = float(holder.get("heartbeat_s") or self.heartbeat_s) * \
-            int(holder.get("stale_beats") or self.stale_beats)
+        beat, beats = self._limits(holder)
+        limit = beat * beats
         return f" (if it died, its lock is taken over {limit:.0f} s after its last heartbeat)"
 
     def _start_heartbeat(self):

@@ -130,6 +130,18 @@ def test_other_host_fresh_heartbeat_holds_old_heartbeat_is_stale(tmp_path):
     assert len(logs) == 1 and "host node-b" in logs[0] and "no heartbeat for 7 s" in logs[0]
 
 
+def test_a_lock_file_with_words_for_numbers_uses_our_limits(tmp_path):
+    """An edited or foreign lock file whose heartbeat was not a number: a ValueError
+    traceback (found 2026-12-06). Now our own limits (30 s x 4) decide."""
+    path = _write_lock(tmp_path, host="node-b", pid=os.getpid(), heartbeat_s="abc",
+                       stale_beats=[3])
+    with pytest.raises(OutputBusy, match="taken over 120 s after its last heartbeat"):
+        ShardLock(tmp_path, NAME).acquire()
+    old = time.time() - 121
+    os.utime(path, (old, old))
+    ShardLock(tmp_path, NAME).acquire().release()
+
+
 def test_heartbeat_refreshes_mtime(tmp_path):
     lock = ShardLock(tmp_path, NAME, heartbeat_s=0.2).acquire()
     try:
