@@ -100,8 +100,9 @@ def _inspect_here(timings: InitTimings):
     phase took 16.4 s in each of four cold replicas at once (call C), and 1.1 s plus 1.1 s of
     inspection here with this change (call D, results/h100/issue15/). Here it is safe to
     import the class: this process never uses CUDA (its engine core, a separate process,
-    does) and imports the same module moments later anyway, for the multimodal processor. vLLM still writes its cache file. A vLLM without
-    that private function keeps its own way."""
+    does) and imports the same module moments later anyway, for the multimodal processor.
+    vLLM still writes its cache file. A vLLM without that private function keeps its own
+    way."""
     try:
         from vllm.model_executor.models import registry
 

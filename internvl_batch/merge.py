@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import stats as stats_mod
 from .config import ConfigError
-from .sinks import SHARD_RE, WriteFailed, shard_name
+from .sinks import SHARD_RE, WriteFailed, first_line, shard_name
 
 
 def merge_output(output: Path, compact: Path | None = None,
@@ -50,18 +50,15 @@ def merge_output(output: Path, compact: Path | None = None,
                      f"{'cache':>6}")
         for name, s in shards:
             cache = "-" if s.get("cache_hit") is None else ("hit" if s["cache_hit"] else "miss")
-            lines.append(f"{name:<22} {s.get('rows_in_shard', s.get('rows')):>8} {s['errors']:>7} "
+            lines.append(f"{name:<22} {_shard_rows(s):>8} {s['errors']:>7} "
                          f"{float(s.get('images_per_s') or 0):>9.2f} "
                          f"{float(s.get('output_tokens_per_s') or 0):>10.1f} {cache:>6}")
-    if broken:
-        lines += broken
-    if missing or failed:
-        if failed:
-            lines.append(f"merge: incomplete shards (failed or still running): {', '.join(failed)}")
-        if missing:
-            lines.append(f"merge: missing shards (never started): {', '.join(missing)}")
-        return False, "\n".join(lines)
-    if broken:
+    lines += broken
+    if failed:
+        lines.append(f"merge: incomplete shards (failed or still running): {', '.join(failed)}")
+    if missing:
+        lines.append(f"merge: missing shards (never started): {', '.join(missing)}")
+    if broken or failed or missing:
         return False, "\n".join(lines)
     differ = _settings_differ(output, [n for n, _ in shards])
     if differ:
@@ -70,7 +67,7 @@ def merge_output(output: Path, compact: Path | None = None,
     if failed_rate:
         return False, "\n".join(lines + failed_rate)
     summary = stats_mod.merge_parallel([s for _, s in shards])
-    summary["rows_in_output"] = sum(s.get("rows_in_shard", s.get("rows")) for _, s in shards)
+    summary["rows_in_output"] = sum(_shard_rows(s) for _, s in shards)
     summary["shards"] = total
     doc = {**summary, "per_shard": {n: {k: s.get(k) for k in stats_mod.KEYS} for n, s in shards}}
     _write_new(output / "stats.json", lambda tmp: tmp.write_text(
@@ -94,7 +91,7 @@ def _over_error_rate(shards: list[tuple[str, dict]], max_error_rate: float | Non
         if rate is None:
             config = (s.get("metadata") or {}).get("config") or {}
             rate = config.get("max_error_rate", DEFAULT_MAX_ERROR_RATE)
-        counts = {"rows": s.get("rows_in_shard", s.get("rows")), "errors": s.get("errors"),
+        counts = {"rows": _shard_rows(s), "errors": s.get("errors"),
                   "error_kinds": s.get("error_kinds")}
         bad = stats_mod.error_rate_exceeded(counts, rate)
         if bad:
@@ -126,6 +123,11 @@ def _settings_differ(output: Path, names: list[str]) -> list[str]:
     return out
 
 
+def _shard_rows(st: dict):
+    """A shard's row count from its stats: `rows_in_shard` (all its runs), else `rows`."""
+    return st.get("rows_in_shard", st.get("rows"))
+
+
 def _check_compact_dest(output: Path, dest: Path) -> None:
     """--compact must not name a file merge reads or keeps: a shard's Parquet or stats file,
     anything under _parts/, the merged stats.json. Compacting onto shard 0 replaced it by
@@ -145,25 +147,20 @@ def _read_shard(pq_path: Path, st_path: Path) -> tuple[dict | None, str | None]:
 
     try:
         st = json.loads(st_path.read_text())
-        rows = st.get("rows_in_shard", st.get("rows"))
+        rows = _shard_rows(st)
         if not isinstance(rows, int) or not isinstance(st.get("errors"), int):
             raise ValueError("no row and error counts")
     except (OSError, ValueError, AttributeError) as e:
-        return None, f"cannot read {st_path.name} ({_first_line(e)})"
+        return None, f"cannot read {st_path.name} ({first_line(e)})"
     try:
         have = pq.read_metadata(pq_path).num_rows
     except (pa.ArrowException, OSError) as e:
-        return None, (f"cannot read {pq_path.name} ({_first_line(e)}): not a whole Parquet "
+        return None, (f"cannot read {pq_path.name} ({first_line(e)}): not a whole Parquet "
                       "file")
     if have != rows:
         return None, (f"{pq_path.name} holds {have} rows, its stats count {rows} (changed "
                       "after its run finished)")
     return st, None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _write_new(dest: Path, write) -> None:

@@ -88,9 +88,14 @@ def reading(path: Path):
         chunk = path.parent.parent.name == "_parts"
         todo = ("move it away and rerun: its rows are captioned again" if chunk else
                 "rerun this shard with --overwrite")
-        msg = str(e).strip().splitlines()
-        raise Unreadable(f"cannot read {path} ({msg[0] if msg else type(e).__name__}): it is "
-                         f"not a whole Parquet file; {todo}") from None
+        raise Unreadable(f"cannot read {path} ({first_line(e)}): it is not a whole Parquet "
+                         f"file; {todo}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text for a one-line message (pyarrow's run to many)."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def shard_name(index: int, count: int) -> str:
