@@ -57,7 +57,7 @@ bench-encoder:
 # issue 16 item 4: compiled vs eager encoder end to end in one engine fed requests processed
 # beforehand, the two modes alternating round by round (bench-ab), with trained-like random
 # weights; the pair counts of the committed H100 runs (results/h100/issue16-ab/: one tile
-# 38 pairs in 527 s with --same-images, COCO sizes 14 pairs in ~470 s), one command each
+# 38 pairs in 527 s with --same-images, COCO sizes 14 pairs in 390 s), one command each
 AB_OUT ?= $(RESULTS)/issue16-ab
 bench-ab:
 	$(IVB) bench-ab --model preset:internvl3-1b+weights --sizes 448 --images 2048 \
