@@ -164,7 +164,10 @@ class RunConfig:
     batch_size: int = 256
     num_shards: int = 1
     shard_index: int = 0
-    workers: int = 4
+    workers: int | None = None  # decode processes; None: planned (sizing.plan_feed)
+    # where vLLM renders prompts (tokens, tiles, pixels): "workers", "engine" or "auto"
+    # (preprocess.choose)
+    preprocess: str = "auto"
     replicas: int | None = None  # vLLM engines sharing the GPU (own frontend each); None: auto
     # More than half the rows failing means the input is wrong (a --data-dir that does not
     # match the annotations, the wrong column), not a few bad files in a crawl, which stays
@@ -186,8 +189,11 @@ class RunConfig:
                               f"0..{self.num_shards - 1} (--num-shards {self.num_shards})")
         if self.replicas is not None and not 1 <= self.replicas <= 16:
             raise ConfigError(f"--replicas {self.replicas}: must be between 1 and 16, or auto")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ConfigError("--workers must be >= 0")
+        if self.preprocess not in ("auto", "workers", "engine"):
+            raise ConfigError(f"--preprocess {self.preprocess}: choose from auto, workers, "
+                              "engine")
         if not 0 <= self.max_error_rate <= 1:
             raise ConfigError("--max-error-rate must be between 0 and 1")
 

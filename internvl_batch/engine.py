@@ -518,7 +518,7 @@ class Engine(Engines):
             return []
         params = prompts.sampling_params(sampling, logprobs)
         try:
-            outs = self.llm.generate(reqs, params, use_tqdm=False)
+            outs = self._generate(reqs, params)
             return [self._result(o) for o in outs]
         except Exception as batch_error:
             if _is_engine_death(batch_error):
@@ -531,6 +531,19 @@ class Engine(Engines):
                                         f"{str(batch_error).splitlines()[0][:300]}")]
             # one bad request fails the batch: isolate it, keep the others
             return [r for req in reqs for r in self.generate([req], sampling, logprobs)]
+
+    def _generate(self, reqs: list, params) -> list:
+        """`LLM.generate`, or, for requests the decode workers rendered already
+        (preprocess.Processed), the same minus its rendering step: LLM's own methods add the
+        rendered inputs to the engine and run it until they are done, in request order."""
+        from .preprocess import Processed
+
+        if not isinstance(reqs[0], Processed):
+            return self.llm.generate(reqs, params, use_tqdm=False)
+        from vllm import RequestOutput
+
+        self.llm._render_and_add_requests([r.unpack() for r in reqs], [params] * len(reqs))
+        return self.llm._run_engine(output_type=RequestOutput, use_tqdm=False)
 
     def _result(self, out) -> GenResult:
         c = out.outputs[0]

@@ -45,8 +45,11 @@ class DecodeWorkerDied(RuntimeError):
 @dataclass
 class Decoded:
     record: Record
-    image: object | None  # PIL.Image.Image in RGB, or None on error
+    image: object | None  # PIL.Image.Image in RGB, or None on error (or once rendered)
     error: str | None = None
+    # the engine's input rendered by vLLM in the worker (preprocess.Processed), when the
+    # workers render prompts; the image itself is then not sent back
+    request: object | None = None
 
 
 def load_rgb(payload: bytes | str | None, max_side: int | None = None):
@@ -123,19 +126,48 @@ def decode(record: Record, max_side: int | None = None) -> Decoded:
         return Decoded(record, None, f"decode failed: {type(e).__name__}: {str(e)[:200]}")
 
 
-def _decode_many(records: list[Record], max_side: int | None) -> list[Decoded]:
-    return [decode(r, max_side) for r in records]
+def _decode_many(records: list[Record], max_side: int | None,
+                 render: tuple | None = None) -> list[Decoded]:
+    """Decode `records`; with `render` = (prompt text, mm_processor_kwargs) also render each
+    decodable image into the engine's input with vLLM's renderer (preprocess.py)."""
+    out = [decode(r, max_side) for r in records]
+    if render is not None:
+        for d in out:
+            if d.error is None:
+                _render(d, *render)
+    return out
 
 
-def make_pool(workers: int) -> Executor | None:
-    """Processes sidestep the GIL for decode; 0 means decode inline (debugging, tiny runs)."""
+def _render(d: Decoded, prompt_text: str, mm_kwargs: dict | None) -> None:
+    from . import preprocess, prompts
+
+    try:
+        d.request = preprocess.worker_renderer().process(
+            prompts.request(prompt_text, d.image, mm_kwargs))
+    except Exception as e:  # e.g. a prompt longer than max_model_len: this row fails
+        d.error = f"preprocess: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    d.image = None
+
+
+def make_pool(workers: int, renderer: tuple[dict, dict] | None = None) -> Executor | None:
+    """Processes sidestep the GIL for decode; 0 means decode inline (debugging, tiny runs).
+    `renderer` = (LLM keyword arguments, environment): the workers also render prompts with
+    vLLM (preprocess.py)."""
     if workers <= 0:
         return None
     import multiprocessing as mp
 
     # fork would copy a process that may already hold CUDA/vLLM state; spawn is clean
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_ignore_stop_signals)
+                               initializer=_init_worker, initargs=(renderer,))
+
+
+def _init_worker(renderer: tuple[dict, dict] | None) -> None:
+    _ignore_stop_signals()
+    if renderer is not None:
+        from . import preprocess
+
+        preprocess.init_worker(*renderer)
 
 
 # Stopping is the run's decision (pipeline._Signals: finish the batch, flush, exit 75/130),
@@ -222,7 +254,16 @@ def start_workers(pool: Executor | None, workers: int) -> None:
     if pool is None:
         return
     for _ in range(workers):  # a submit starts a process while none is idle yet
-        pool.submit(_decode_many, [], None)
+        pool.submit(_warm_worker)
+
+
+def _warm_worker() -> None:
+    """A worker's first task: build its renderer now (vLLM import, config), while the
+    engines start, if it renders prompts."""
+    from . import preprocess
+
+    if preprocess._worker_args is not None:
+        preprocess.worker_renderer()
 
 
 def stop_pool(pool: Executor | None) -> None:
@@ -240,11 +281,13 @@ def stop_pool(pool: Executor | None) -> None:
 
 
 def prefetch(records: Iterable[Record], pool: Executor | None, *, window: int = 512,
-             chunk: int = 16, max_side: int | None = None) -> Iterator[Decoded]:
-    """Decode `records` in `pool`, yielding in input order with at most `window` in flight."""
+             chunk: int = 16, max_side: int | None = None,
+             render: tuple | None = None) -> Iterator[Decoded]:
+    """Decode `records` in `pool`, yielding in input order with at most `window` in flight;
+    `render`: see `_decode_many`."""
     if pool is None:
         for r in records:
-            yield decode(r, max_side)
+            yield from _decode_many([r], max_side, render)
         return
     pending: deque[Future] = deque()
     in_flight = 0
@@ -259,7 +302,7 @@ def prefetch(records: Iterable[Record], pool: Executor | None, *, window: int = 
                 exhausted = True
             if buf and (len(buf) >= chunk or exhausted):
                 try:
-                    pending.append(pool.submit(_decode_many, buf, max_side))
+                    pending.append(pool.submit(_decode_many, buf, max_side, render))
                 except BrokenProcessPool:
                     raise _broken(pool) from None
                 in_flight += len(buf)

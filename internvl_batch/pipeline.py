@@ -307,14 +307,15 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
          term: Terminal, started, started_at: float) -> int:
     t_start = time.perf_counter()
     progress.phase("starting the engine")
-    # the decode workers start (spawn, imports) while the engines do: on H200 the first row
-    # came 5.6 s after four warm replicas were ready, with the workers started only then
-    # (results/h200/issue15/)
-    pool = make_pool(cfg.workers)
-    start_workers(pool, cfg.workers)
+    feed, renderer, replicas = plan_feed(cfg, started, term.info)
+    # the decode workers start (spawn, imports; a renderer's vLLM import and config) while
+    # the engines do: on H200 the first row came 5.6 s after four warm replicas were ready,
+    # with the workers started only then (docs/performance.md)
+    pool = make_pool(feed["workers"], renderer)
+    start_workers(pool, feed["workers"])
     t_engines = time.time()
     try:
-        engine, entry = started or start_engines(cfg, term.info)
+        engine, entry = started or open_engines(cfg.engine, cfg.cache_dir, replicas, term.info)
     except BaseException:
         stop_pool(pool)
         raise
@@ -326,6 +327,7 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
     info = engine.info()
     st = _start_stats(engine, entry, info)
     st.started_at = started_at
+    st.feed = feed
     t_ready = time.time()
     if started is None:  # engines handed over (tests, bench) did not start in this run
         st.start_timeline = start_timeline(engine, started_at, t_engines, t_ready)
@@ -339,8 +341,10 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         term.info(f"--overwrite: removed {', '.join(str(p) for p in removed) or 'nothing'}")
     writer.open()
     previous = writer.previous_stats()
-    mine, batch_size = fit_batches(mine, cfg.batch_size, engine.replicas)
-    stream = engine.imap(_requests(mine, pool, batch_size, prompt_text), cfg.sampling)
+    mine, batch_size = fit_batches(mine, feed["batch_size"], engine.replicas)
+    render = (prompt_text, None) if renderer is not None else None
+    stream = engine.imap(_requests(mine, pool, batch_size, prompt_text, feed["window"], render),
+                         cfg.sampling)
     progress.begin()
     code, message = EXIT_OK, None
     tokens_per_tile = engine.tokens_per_tile
@@ -412,13 +416,46 @@ def _metadata(cfg: RunConfig, info: dict, entry: "Entry") -> dict:
             "cache_key": entry.key, "git_sha": git_sha(), "argv": sys.argv}
 
 
-def _requests(records, pool, batch_size: int, prompt_text: str):
-    """(decoded batch, requests of its decodable images): decode runs `window` ahead."""
-    window = max(2 * batch_size, 64)
-    batches = _batches(prefetch(records, pool, window=window), batch_size,
+def _requests(records, pool, batch_size: int, prompt_text: str, window: int,
+              render: tuple | None = None):
+    """(decoded batch, requests of its decodable images): decode runs `window` ahead. With
+    `render` the workers have rendered each request already (preprocess.py)."""
+    batches = _batches(prefetch(records, pool, window=window, render=render), batch_size,
                        first=min(batch_size, FIRST_BATCH))
     for batch in batches:
-        yield batch, [prompts.request(prompt_text, d.image) for d in batch if d.error is None]
+        yield batch, [d.request if render else prompts.request(prompt_text, d.image)
+                      for d in batch if d.error is None]
+
+
+def plan_feed(cfg: RunConfig, started, log) -> tuple[dict, tuple | None, int | None]:
+    """(feed plan, renderer arguments for the decode workers or None, engine count or None
+    for one engine here): where prompts are rendered (`--preprocess`), how many decode
+    workers, the batch size and read-ahead window, from the device, the CPUs, the engines
+    and the largest image the model tiles (sizing.plan_feed)."""
+    from . import preprocess, sizing
+    from .cache import CompileCache, hf_home_default
+    from .engine import has_cuda
+
+    cuda = has_cuda()
+    cache = CompileCache(cfg.cache_dir)
+    spec = cache.resolve(cfg.engine)
+    if started is not None:
+        replicas = n = started[0].replicas
+    else:
+        replicas = cfg.replicas if cfg.replicas is not None else \
+            auto_replica_count(spec, cache, cuda, log)
+        n = replicas
+    mode = preprocess.choose(cfg.preprocess, spec, cuda) if cfg.workers != 0 else "engine"
+    tiles, side = sizing.max_tiles(spec.model, spec.max_dynamic_patch)
+    feed = sizing.plan_feed(render_in_workers=mode == "workers", replicas=n,
+                            cpus=sizing.usable_cpus(), workers=cfg.workers,
+                            batch_size=cfg.batch_size, tiles=tiles, side=side)
+    renderer = (preprocess.renderer_kwargs(spec, cuda), hf_home_default(cache.root)) \
+        if mode == "workers" else None
+    if cuda or mode == "workers":
+        log(f"feed: prompts rendered in the {feed['preprocess']}, {feed['workers']} decode "
+            f"worker(s), batches of {feed['batch_size']} (up to {tiles} tiles per image)")
+    return feed, renderer, replicas
 
 
 def _write_batches(cfg: RunConfig, stream, writer: ShardWriter, st: stats_mod.RunStats,
@@ -496,9 +533,16 @@ def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: l
     return EXIT_OK
 
 
-def start_engines(cfg: RunConfig, log) -> "tuple[Engines, Entry]":
-    """One engine in this process, or `cfg.replicas` engine processes sharing the device."""
-    return open_engines(cfg.engine, cfg.cache_dir, cfg.replicas, log)
+def auto_replica_count(spec: EngineSpec, cache, cuda: bool, log) -> int:
+    """The engine count from the model's and the device's sizes (`--replicas auto`)."""
+    from .engine import gpu_memory_total_gb
+    from .sizing import auto_replicas
+
+    n, why = auto_replicas(cache.resolve(spec).model, cuda,
+                           gpu_memory_total_gb() if cuda else None, spec.kv_cache_gb)
+    if cuda:  # on CPU it is always one engine: nothing worth a line
+        log(f"--replicas auto: {why}")
+    return n
 
 
 def open_engines(spec: EngineSpec, cache_dir, replicas: int | None,
@@ -510,14 +554,9 @@ def open_engines(spec: EngineSpec, cache_dir, replicas: int | None,
     cache = CompileCache(cache_dir)
     n = replicas
     if n is None:
-        from .engine import gpu_memory_total_gb, has_cuda
-        from .sizing import auto_replicas
+        from .engine import has_cuda
 
-        cuda = has_cuda()
-        n, why = auto_replicas(cache.resolve(spec).model, cuda,
-                               gpu_memory_total_gb() if cuda else None, spec.kv_cache_gb)
-        if cuda:  # on CPU it is always one engine: nothing worth a line
-            log(f"--replicas auto: {why}")
+        n = auto_replica_count(spec, cache, has_cuda(), log)
     if n > 1:
         from .replicas import ReplicaPool
 

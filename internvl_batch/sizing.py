@@ -94,3 +94,46 @@ def auto_replicas(model_dir: str, cuda: bool, device_gb: float | None,
     return n, (f"{n} engine replica(s): ~{per:.1f} GB each ({w:.1f} GB weights + {kv_gb:g} GB "
                f"KV + {REPLICA_OVERHEAD_GB:g} GB) in 90 % of {device_gb:.0f} GB, "
                f"{CPUS_PER_REPLICA} of {cpus} CPUs each")
+
+
+# -- the feed: decode workers and batches --------------------------------------------------
+
+# What one batch of rendered requests may hold (bf16 pixels), so that the batches in flight
+# (up to two per replica and 2 x replicas + 1 queued by the main process: replicas.imap)
+# stay a few GB: 256 COCO images of 13 tiles are ~4 GB rendered, ~0.25 GB as decoded RGB.
+BATCH_BYTES = 512 << 20
+# the decode workers `run` starts when nobody said and the engines render their own prompts
+DEFAULT_WORKERS = 4
+
+
+def max_tiles(model_dir: str, max_dynamic_patch: int | None) -> tuple[int, int]:
+    """(tiles of the largest image, tile side in pixels) from config.json: InternVL tiles an
+    image into at most `max_dynamic_patch` tiles plus a thumbnail when it has more than one."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 13, 448
+    mdp = max_dynamic_patch or cfg.get("max_dynamic_patch") or 12
+    side = cfg.get("force_image_size") or cfg.get("vision_config", {}).get("image_size") or 448
+    thumb = 1 if cfg.get("use_thumbnail", True) and mdp > 1 else 0
+    return int(mdp) + thumb, int(side)
+
+
+def plan_feed(*, render_in_workers: bool, replicas: int, cpus: int, workers: int | None,
+              batch_size: int, tiles: int, side: int) -> dict:
+    """Decode workers, batch size and read-ahead window for a run.
+
+    Workers rendering prompts take the cores the engines leave (each replica keeps two busy:
+    its front process and its engine core; the main process one); otherwise DEFAULT_WORKERS.
+    Rendered batches are capped at BATCH_BYTES of bf16 pixels of the largest image, and the
+    window (images decoded ahead) at two batches."""
+    if workers is None:
+        workers = max(2, cpus - 2 * replicas - 1) if render_in_workers else DEFAULT_WORKERS
+    per_image = tiles * 3 * side * side * 2
+    batch = batch_size
+    if render_in_workers:
+        batch = max(1, min(batch_size, BATCH_BYTES // per_image))
+    return {"preprocess": "workers" if render_in_workers else "engine", "workers": workers,
+            "batch_size": batch, "window": max(2 * batch, 2 if render_in_workers else 64),
+            "max_tiles": tiles, "rendered_mb_per_image": round(per_image / 2**20, 1)
+            if render_in_workers else None}

@@ -71,6 +71,9 @@ class RunStats:
     start_timeline: dict | None = None  # pipeline.start_timeline: where the start went
     # host_memory() of every process of the run, at RSS_AT images and at the end
     host_rss: list = field(default_factory=list)
+    # how the run fed its engines (sizing.plan_feed): where prompts were rendered, decode
+    # workers, batch size, read-ahead window, the tiles it planned for
+    feed: dict | None = None
 
     def add_row(self, *, error: str | None, prompt_tokens: int = 0, image_tokens: int = 0,
                 output_tokens: int = 0, answered: bool = False):

@@ -23,6 +23,16 @@ def _replicas(ctx, param, value):
         raise click.BadParameter(f"{value!r}: a number of engines (1-16) or auto") from None
 
 
+def _workers(ctx, param, value):
+    if value in (None, "auto"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: a number of processes (0: inline) or auto") \
+            from None
+
+
 @click.command()
 @click.option("--dataset", required=True, help=dataset_help())
 @click.option("--data-dir", help="coco: image directory.")
@@ -44,8 +54,14 @@ def _replicas(ctx, param, value):
 @click.option("--ignore-eos", is_flag=True, help="Always decode --max-tokens (benchmarks).")
 @click.option("--batch-size", type=int, default=256, show_default=True,
               help="Requests per LLM.generate call (also the commit granularity).")
-@click.option("--workers", type=int, default=4, show_default=True,
-              help="Image-decoding processes (0: decode inline).")
+@click.option("--workers", default="auto", show_default=True, callback=_workers,
+              help="Image-decoding processes (0: decode inline; auto: 4, or the CPUs the "
+                   "engines leave when the workers render prompts).")
+@click.option("--preprocess", type=click.Choice(["auto", "workers", "engine"]), default="auto",
+              show_default=True,
+              help="Where vLLM's input processing (tokens, InternVL tiles, pixels) runs: in "
+                   "the decode workers, on every core, or in each engine's front process, "
+                   "serially (auto: workers on a GPU, engine on CPU).")
 @click.option("--replicas", default="auto", show_default=True, callback=_replicas,
               help="vLLM engines sharing the GPU, each in its own process: vLLM preprocesses "
                    "images serially per engine, so small models need several to fill a GPU "
@@ -93,6 +109,7 @@ def run(**kw):
         sampling=SamplingSpec(kw.pop("max_tokens"), kw.pop("temperature"), kw.pop("top_p"),
                               kw.pop("seed"), kw.pop("ignore_eos")),
         batch_size=kw.pop("batch_size"), workers=kw.pop("workers"), replicas=kw.pop("replicas"),
+        preprocess=kw.pop("preprocess"),
         num_shards=num_shards, shard_index=shard_index,
         max_error_rate=kw.pop("max_error_rate"), cache_dir=cache_root(kw.pop("cache_dir")),
         progress=not kw.pop("no_progress"), overwrite=kw.pop("overwrite"), wait=kw.pop("wait"))
