@@ -40,7 +40,7 @@ reproduce-gpu: bench-encoder bench-ab bench-2b bench-1b bench-coco report
 
 # issue 16: the InternViT encoder alone inside a real engine, eager vs compiled vs compiled +
 # encoder CUDA graphs, per tile batch, for InternViT-300M (InternVL3-1B/2B) and InternViT-6B,
-# as scripts/gpu/issue16-encoder.sh runs it (H100: 156 s and 233 s, engine starts included).
+# as benchmarks/gpu/encoder-alone.sh runs it (H100: 156 s and 233 s, engine starts included).
 # VLLM_USE_V2_MODEL_RUNNER=0: vLLM 0.26's default model runner for InternVL (V2) has no
 # encoder CUDA graphs and ignores cudagraph_mm_encoder; the V1 runner measures all three modes.
 # Not in reproduce-cpu: on CPU only eager runs (vLLM's compiled InternVL encoder fails there),

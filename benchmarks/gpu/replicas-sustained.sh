@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU host, issue 6: one sustained `internvl-batch run --compile --replicas R` over N 448 px
+# GPU host: one sustained `internvl-batch run --compile --replicas R` over N 448 px
 # images (InternVL3-1B, 1 tile, 32 tokens), with the GPU's busy % and the host memory of all
 # python processes sampled; both are cut to the steady state [first batch, last batch].
 set -uo pipefail

@@ -9,7 +9,7 @@ gives no answer in 4 HANG_S) counts as a hang: the pool never failed the future.
   ivb-term     images.make_pool + images._result/_broken, SIGTERM (the workers ignore it)
   ivb-kill     images.make_pool + images._result/_broken, SIGKILL (the OOM killer: not
                ignorable; every try should end in DecodeWorkerDied)
-Usage: python scripts/cpu/pool-kill-hang.py [TRIES]   (prints one count line per layout)
+Usage: python benchmarks/cpu/pool-kill-hang.py [TRIES]   (prints one count line per layout)
 """
 from __future__ import annotations
 

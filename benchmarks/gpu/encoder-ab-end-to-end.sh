@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# GPU host, issue 16 item 4: compiled vs eager encoder end to end where the GPU is the bound:
+# GPU host: compiled vs eager encoder end to end where the GPU is the bound:
 # one engine (compile_mm_encoder on) fed requests processed before the clock, its encoder
 # switched between compiled and eager in alternating rounds (`internvl-batch bench-ab`), at one
 # tile (448 px, max_dynamic_patch 1) and at COCO sizes (default tiles).
 #
-#   source .gpu/p2/activate.sh && bash scripts/gpu/issue16-ab.sh            # both workloads
-#   SIZES=coco bash scripts/gpu/issue16-ab.sh                                # one of them
+#   source .gpu/p2/activate.sh && bash benchmarks/gpu/encoder-ab-end-to-end.sh            # both workloads
+#   SIZES=coco bash benchmarks/gpu/encoder-ab-end-to-end.sh                                # one of them
 #
 # Trained-like random weights (+weights: `model synth --weights`, generated on this host, never
 # committed) so that greedy token agreement between the modes means something; throughput does
 # not depend on the weights' values. Each workload is one process under its own `timeout`.
 # Everything lands in $OUT: ab-internvl3-1b-{448,coco}.{json,md,png} and one log per run.
-# More pairs than one call holds (issue 16's ±2 %): run it again with NAME_SUFFIX=-2 (other
+# More pairs than one call holds (for an interval of ±2 %): run it again with NAME_SUFFIX=-2 (other
 # file names), then `python -m internvl_batch.bench.ab merge A.json B.json --name NAME`
 # analyses the pairs of both runs together (same settings, device and versions, checked).
 # EXTRA="--same-images" runs every round on one slice processed once, dropping the untimed
@@ -25,13 +25,13 @@ SIZES=${SIZES:-448 coco}
 # per-round ratios (96 % coverage); with 7 it is [min, max]
 REPEATS=${REPEATS:-12}
 LIMIT=${LIMIT:-560}  # seconds per workload
-# more bench-ab options, e.g. "--engine-core process" (vLLM's own layout, as on the H100 on
-# 2026-11-25) or "--gc-on"; bench-ab runs its engine core inline, with no garbage collection
+# more bench-ab options, e.g. "--engine-core process" (vLLM's own layout, as in the first H100
+# runs) or "--gc-on"; bench-ab runs its engine core inline, with no garbage collection
 # inside the clock, by default since the CPU A/A test (results/cpu-2core/ab-noise/)
 EXTRA=${EXTRA:-}
 # SPY=1: the whole bench-ab under py-spy (every process, idle threads too, RATE samples/s),
-# summarized per process and category by `python -m internvl_batch.bench.spy` (issue 14's
-# host profile; with EXTRA="--engine-core process" it separates the front and the engine
+# summarized per process and category by `python -m internvl_batch.bench.spy` (the host
+# profile; with EXTRA="--engine-core process" it separates the front and the engine
 # core). Needs the py-spy wheel carried in .whl/.
 SPY=${SPY:-0}; RATE=${RATE:-20}
 SPYCMD=()
@@ -62,7 +62,7 @@ for s in $SIZES; do
     && head -40 "$OUT/$name.spy.md"
   grep -E '^\[ *[0-9.]+ s\]' "$OUT/$name.log" | tail -14
   [ -f "$OUT/$name.md" ] && sed -n '/^| | compiled \/ eager/,/^$/p' "$OUT/$name.md"
-  # issue 14's breakdown of the engine's GPU time (the profiled round)
+  # the breakdown of the engine's GPU time (the profiled round)
   [ -f "$OUT/$name.md" ] && sed -n '/^GPU time by part/,/^- compiled: GPU busy/p' "$OUT/$name.md"
 done
 echo "[$(el) s] done"

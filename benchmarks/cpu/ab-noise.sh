@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU, issue 16 item 4: how much of `bench-ab`'s per-round spread is the harness's own noise.
+# CPU: how much of `bench-ab`'s per-round spread is the harness's own noise.
 # On CPU both "modes" run the same eager encoder (vLLM's compiled InternVL encoder fails
 # there), so every run is an A/A test: the per-round compiled/eager ratio should be 1, and its
 # spread is noise. CONFIGS are `name:bench-ab options`; each runs ROUNDS times, the configs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU, issue 15: the start of `run --replicas 2` with its replica processes forked from the
+# CPU: the start of `run --replicas 2` with its replica processes forked from the
 # fork server (the default) vs spawned (INTERNVL_BATCH_ENGINE_START=spawn: replicas and their
 # engine cores as `python -m` / vLLM's spawn). One warm-up run fills the compile cache; then
 # ROUNDS rounds of the VARIANTS, each `name=mode` or `name=mode@dir` (run from the checkout

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU host, issue 14: one-tile throughput levers screened with `internvl-batch run` (one run
-# each, same images, same warm compile cache as issue15-start.sh): the default, 6 replicas,
+# GPU host: one-tile throughput levers screened with `internvl-batch run` (one run
+# each, same images, same warm compile cache as start-stop.sh): the default, 6 replicas,
 # encoder CUDA graphs, and 6 replicas under CUDA MPS. Host RSS of all python processes and
 # GPU busy % are sampled every 0.5 s; stats.json of each run is kept.
 set -uo pipefail

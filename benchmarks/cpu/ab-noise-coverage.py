@@ -7,7 +7,7 @@ interval (`internvl_batch.bench.encoder`), and prints per layout how many runs' 
 hold 1 and how wide they are. bench-ab alternates the order from eager-first in timed round
 0, so even rounds ran compiled second.
 
-    .venv/bin/python scripts/cpu/ab-noise-coverage.py results/cpu-2core/ab-noise/runs.jsonl
+    .venv/bin/python benchmarks/cpu/ab-noise-coverage.py results/cpu-2core/ab-noise/runs.jsonl
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Host cost per generated token of vLLM's incremental detokenizer (what LLMEngine.step runs
-for every running request at every step) against one batch_decode at the end (issue 14).
+for every running request at every step) against one batch_decode at the end.
 
-    .venv/bin/python scripts/detok_cost.py ~/.cache/internvl-batch/models/internvl3-1b
+    .venv/bin/python benchmarks/detok_cost.py ~/.cache/internvl-batch/models/internvl3-1b
 """
 import inspect
 import random

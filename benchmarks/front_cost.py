@@ -8,7 +8,7 @@ spread of each (timed without a profiler), the bytes per request, and a cProfile
 breakdown of the processing by where the time is spent (a second pass: cProfile slows it,
 so its milliseconds are shares, not timings). No model call is timed; the engine only provides its processor.
 
-    python scripts/front_cost.py --model preset:internvl3-1b --images D/images --n 300 \
+    python benchmarks/front_cost.py --model preset:internvl3-1b --images D/images --n 300 \
         --out front-cost.json
 
 Images are decoded before the clock (in `run` the decode workers do that).

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU host, issue 15: start and stop, measured in one call. The plain LLM.generate script
+# GPU host: start and stop, measured in one call. The plain LLM.generate script
 # (engine start, end to end), then `internvl-batch run --compile` (default replicas) on an
 # empty compile cache (cold) and again on the entry it built (warm), N one-tile images each.
 # Each command's wall time is taken here, outside it, from launch to exit.
 set -uo pipefail
 OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
 N=${N:-2000}        # images for the plain script and the warm run
-NCOLD=${NCOLD:-$N}  # images for the cold run (10240: also the sustained run of issue 14)
+NCOLD=${NCOLD:-$N}  # images for the cold run (10240: also a sustained-throughput run)
 IVB="python3 -m internvl_batch"
 $IVB data coco-synth --sizes 448 --n "${DATA_N:-$NCOLD}" --out /tmp/d448 >/dev/null
 $IVB model synth --preset internvl3-1b --out /tmp/models/internvl3-1b >/dev/null
@@ -34,7 +34,7 @@ done
 # start that INTERNVL_BATCH_ENGINE_START says (procstart.py); a phase ending in -spawn or
 # -fs sets it to spawn or forkserver; one with -fr forks the replicas from the fork server
 # (INTERNVL_BATCH_REPLICA_START=fork; a GPU spawns them by default since the forked ones
-# served a third of the rate, results/h200/issue15-forked/), e.g. warm-fr-2000;
+# served a third of the rate, results/h200/start-stop-forked-replicas/), e.g. warm-fr-2000;
 # one ending in -<digits> captions that many images; -coco: COCO sizes, default tiles;
 # _<k> after all that names a repeat (warm_2). Each is skipped once the call's time runs short.
 for phase in ${PHASES:-cold warm}; do
@@ -47,8 +47,8 @@ for phase in ${PHASES:-cold warm}; do
   [[ $base == *-spawn* ]] && envx="INTERNVL_BATCH_ENGINE_START=spawn"
   [[ $base == *-fs* ]] && envx="INTERNVL_BATCH_ENGINE_START=forkserver"
   [[ $base == *-fr* ]] && envx="INTERNVL_BATCH_REPLICA_START=fork"
-  # a phase with -coco captions COCO-sized images at the default tiles (issue 14's second
-  # workload) instead of one-tile 448 px ones
+  # a phase with -coco captions COCO-sized images at the default tiles (the second
+  # throughput workload) instead of one-tile 448 px ones
   data=/tmp/d448; tiles="--max-dynamic-patch 1"
   if [[ $base == *-coco* ]]; then
     data=/tmp/dcoco; tiles=""
@@ -80,10 +80,10 @@ if st:
 json.dump(w, open(f"{out}/walls.json", "w"), indent=1)
 PY
 done
-# FRONT_COST=1: then one engine front's host cost per image (issue 14, scripts/front_cost.py)
+# FRONT_COST=1: then one engine front's host cost per image (benchmarks/front_cost.py)
 left=$(python3 -c "import time; print(min(int(${DEADLINE:-1e12} - time.time()), 100000))")
 if [ -n "${FRONT_COST:-}" ] && [ "$left" -gt 150 ]; then
-  timeout $((left - 20)) python3 scripts/front_cost.py --model /tmp/models/internvl3-1b \
+  timeout $((left - 20)) python3 benchmarks/front_cost.py --model /tmp/models/internvl3-1b \
     --images /tmp/d448/images --n 300 --out "$OUT/front-cost.json" > "$OUT/front-cost.log" 2>&1
   echo "front cost exit $?"; tail -30 "$OUT/front-cost.log" | grep " ms "
 fi

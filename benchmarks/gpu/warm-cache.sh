@@ -2,7 +2,7 @@
 # GPU host: build compile-cache entries side by side, one `cache warm` per argument
 # "PRESET MAX_DYNAMIC_PATCH" (0: the checkpoint's default), each with a fixed KV cache so
 # they start together, logs under $OUT. The benches that follow then start from hits.
-#   bash scripts/gpu/warm.sh "internvl3-1b 1" "internvl3-2b 1" "internvl3-1b 0"
+#   bash benchmarks/gpu/warm-cache.sh "internvl3-1b 1" "internvl3-2b 1" "internvl3-1b 0"
 set -uo pipefail
 OUT=${OUT:-/tmp/ivb-out}; mkdir -p "$OUT"
 export INTERNVL_BATCH_CACHE=${INTERNVL_BATCH_CACHE:-/tmp/ivb-cache}

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# GPU host, issue 16 items 1, 2, 5: the InternViT encoder alone inside a real vLLM engine,
+# GPU host: the InternViT encoder alone inside a real vLLM engine,
 # eager vs compiled (compile_mm_encoder) vs compiled + encoder CUDA graphs
 # (cudagraph_mm_encoder), for InternViT-300M (InternVL3-1B/2B) and InternViT-6B (InternVL3-38B):
 # timings per tile batch, agreement with eager, and which code path ran.
 #
-#   source .gpu/p2/activate.sh && bash scripts/gpu/issue16-encoder.sh
+#   source .gpu/p2/activate.sh && bash benchmarks/gpu/encoder-alone.sh
 #
 # VLLM_USE_V2_MODEL_RUNNER=0: vLLM 0.26 runs InternVL on its V2 model runner by default
 # (vllm/v1/worker/gpu/model_runner.py), which has no encoder CUDA graph manager and silently
 # ignores cudagraph_mm_encoder; only the V1 runner (vllm/v1/worker/gpu_model_runner.py,
 # _create_encoder_cudagraph_manager from capture_model) measures the third mode. The first
-# H100 run without it (results/h100/encoder/encoder-{internvl3-1b,internvit-6b}.json) got
+# H100 run without it (results/h100/encoder-alone/encoder-{internvl3-1b,internvit-6b}.json) got
 # eager and compiled only; the committed *-v1runner files are this configuration.
 #
 # One process (one engine start) per model, each under its own `timeout`; if a model's engine

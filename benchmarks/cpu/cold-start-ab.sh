@@ -6,7 +6,7 @@
 # (with "model class inspected here" where the engine inspected vLLM's model class itself).
 # RUN_ARGS replaces `--dataset sample`; CACHE=shared keeps one cache per side (warm after
 # its first run; every run is printed with its cache_hit).
-# Usage: BEFORE=5f94d5e RUNS=3 bash scripts/cpu/cold-start-ab.sh
+# Usage: BEFORE=5f94d5e RUNS=3 bash benchmarks/cpu/cold-start-ab.sh
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 before=${BEFORE:?a git revision}; runs=${RUNS:-3}; work=${WORK:-/tmp/cold-start-ab}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU host, issue 6 step 1: where the time goes, then the biggest lever (engine replicas).
+# GPU host: where the time goes, then the biggest lever (engine replicas).
 #   profile: plain LLM.generate on InternVL3-1B, 448 px (1 tile), 32 tokens, cProfile + GPU busy
 #   sweep:   `internvl-batch run --compile` on the same kind of images, 1 / 2 / 4 replicas
 # Everything lands in $OUT: profile.json, sweep.json (rates + GPU busy), logs.

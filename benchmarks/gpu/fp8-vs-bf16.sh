@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# GPU host, issue 14: the opt-in FP8 mode against bf16 in one bench command: the plain script
+# GPU host: the opt-in FP8 mode against bf16 in one bench command: the plain script
 # (bf16), `run`'s path (bf16) and `run`'s path with --quantization fp8, all alive at once,
 # interleaved repeats after a warm-up. Trained-like random weights (+weights, generated here,
 # never committed) so that the caption agreement of FP8 with bf16 means something.
 #
-#   source .gpu/p2/activate.sh && DEADLINE=$(( $(date +%s) + 560 )) bash scripts/gpu/issue14-fp8.sh
-#   SIZES=coco IMAGES=256 bash scripts/gpu/issue14-fp8.sh      # COCO sizes, default tiles
+#   source .gpu/p2/activate.sh && DEADLINE=$(( $(date +%s) + 560 )) bash benchmarks/gpu/fp8-vs-bf16.sh
+#   SIZES=coco IMAGES=256 bash benchmarks/gpu/fp8-vs-bf16.sh      # COCO sizes, default tiles
 #
 # Writes $OUT/fp8/fp8-<sizes>.{json,md,log}.
 set -uo pipefail

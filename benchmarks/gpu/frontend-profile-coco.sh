@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU host, issue 6: where the time goes on COCO-like sizes (default max_dynamic_patch, ~10
+# GPU host: where the time goes on COCO-like sizes (default max_dynamic_patch, ~10
 # tiles per image), where `bench` saw the GPU only ~40 % busy. benchmarks/profile_frontend.py
 # (cProfile of the calling process, GPU busy %) under py-spy, which samples every process,
 # vLLM's engine core included; then the same with the multimodal processor cache off.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU host, issue 14: one-tile throughput levers, each as one `internvl-batch bench
+# GPU host: one-tile throughput levers, each as one `internvl-batch bench
 # --variants pipeline` (one engine-pool start, a warm-up, then REPEATS timed repeats of
 # IMAGES images; median and min-max of images/s, GPU busy %, % of the measured bf16 roofline).
 # CONFIGS: name:flags pairs; a name ending in "mps" runs under CUDA MPS. Each config is
