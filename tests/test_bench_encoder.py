@@ -1,4 +1,4 @@
-"""Encoder micro-benchmark (`internvl-batch bench-encoder`, issue 16): statistics, tolerance,
+"""Encoder micro-benchmark (`internvl-batch bench-encoder`): statistics, tolerance,
 weight re-initialisation and reports as fast unit tests; one real CPU vLLM run (eager only:
 vLLM's compiled InternVL encoder fails on CPU) through the CLI in a subprocess."""
 from __future__ import annotations
