@@ -16,7 +16,7 @@ for c in $CONFIGS; do
   t0=$(date +%s.%N)
   timeout $((left - 10)) python3 -m internvl_batch bench --variants pipeline --sizes 448 \
     --max-dynamic-patch 1 --images "$IMAGES" --repeats "$REPEATS" --warmup-images "$WARM" \
-    --cache-dir /tmp/ivb-cache15 --work-dir /tmp/ivb-bench14 --name "lever-$name" \
+    --cache-dir /tmp/ivb-cache-gpu --work-dir /tmp/ivb-bench-levers --name "lever-$name" \
     --results-dir "$OUT/levers" $flags > "$OUT/levers/lever-$name.log" 2>&1
   code=$?
   case $name in *mps) echo quit | nvidia-cuda-mps-control;; esac

@@ -25,7 +25,7 @@ $(ps -C python3 -o rss= | awk '{s+=$1} END {print s/1048576}')"
   t0=$(date +%s.%N)
   timeout ${LIMIT:-280} $IVB run --dataset coco --data-dir "/tmp/d448-$N/images" --annotations "$ANN" \
     --model preset:internvl3-1b --compile --max-dynamic-patch 1 --max-tokens 32 --ignore-eos \
-    --cache-dir /tmp/ivb-cache15 --no-progress $X --output "/tmp/run14-$c" > "$OUT/run14-$c.log" 2>&1
+    --cache-dir /tmp/ivb-cache-gpu --no-progress $X --output "/tmp/run-$c" > "$OUT/run-$c.log" 2>&1
   code=$?; t1=$(date +%s.%N)
   kill $mon
   [ "$c" = r6mps ] && echo quit | nvidia-cuda-mps-control
@@ -33,7 +33,7 @@ $(ps -C python3 -o rss= | awk '{s+=$1} END {print s/1048576}')"
 import glob, json, sys
 c, code, wall, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 doc = {"config": c, "exit": code, "wall_s": wall}
-st = glob.glob(f"/tmp/run14-{c}/*.stats.json")
+st = glob.glob(f"/tmp/run-{c}/*.stats.json")
 if st:
     d = json.load(open(st[0]))
     doc.update({k: d.get(k) for k in ("images", "errors", "images_per_s", "output_tokens_per_s",
@@ -51,9 +51,9 @@ if st:
         doc["host_rss_gb_all_python_at_10pct"] = round(win[n // 10][3], 2)
         doc["host_rss_gb_all_python_at_end"] = round(win[-1][3], 2)
         doc["host_rss_gb_all_python_max"] = round(max(w[3] for w in win), 2)
-    doc["busy"] = [l.strip()[:300] for l in open(f"{out}/run14-{c}.log") if l.startswith("replicas busy")]
-json.dump(doc, open(f"{out}/run14-{c}.json", "w"), indent=1)
+    doc["busy"] = [l.strip()[:300] for l in open(f"{out}/run-{c}.log") if l.startswith("replicas busy")]
+json.dump(doc, open(f"{out}/run-{c}.json", "w"), indent=1)
 print(json.dumps({k: v for k, v in doc.items() if k != "busy"}))
 PY
-  cp /tmp/run14-$c/*.stats.json "$OUT/run14-$c.stats.json" 2>/dev/null
+  cp /tmp/run-$c/*.stats.json "$OUT/run-$c.stats.json" 2>/dev/null
 done

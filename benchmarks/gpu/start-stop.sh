@@ -39,7 +39,7 @@ done
 # _<k> after all that names a repeat (warm_2). Each is skipped once the call's time runs short.
 for phase in ${PHASES:-cold warm}; do
   base=${phase%_*}
-  n=$N; [ "${base%%-*}" = cold ] && { n=$NCOLD; rm -rf /tmp/ivb-cache15; }
+  n=$N; [ "${base%%-*}" = cold ] && { n=$NCOLD; rm -rf /tmp/ivb-cache-gpu; }
   [[ $base =~ -([0-9]+)$ ]] && n=${BASH_REMATCH[1]}
   left=$(python3 -c "import time; print(min(int(${DEADLINE:-1e12} - time.time()), 100000))")
   [ "$left" -lt 100 ] && { echo "skip $phase: ${left}s left"; continue; }
@@ -59,7 +59,7 @@ for phase in ${PHASES:-cold warm}; do
   env $envx timeout $((left - 10)) $IVB run --dataset coco --limit "$n" --data-dir $data/images \
     --annotations $data/annotations/captions_synth.json \
     --model preset:internvl3-1b --compile $tiles --max-tokens 32 --ignore-eos \
-    --cache-dir /tmp/ivb-cache15 --no-progress ${EXTRA:-} --output "/tmp/run15-$phase" > "$OUT/run-$phase.log" 2>&1
+    --cache-dir /tmp/ivb-cache-gpu --no-progress ${EXTRA:-} --output "/tmp/run15-$phase" > "$OUT/run-$phase.log" 2>&1
   code=$?
   t1=$(now)
   echo "run $phase exit $code wall $(python3 -c "print($t1 - $t0)")"
