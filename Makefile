@@ -38,14 +38,14 @@ reproduce:
 
 reproduce-gpu: bench-encoder bench-ab bench-2b bench-1b bench-coco report
 
-# issue 16: the InternViT encoder alone inside a real engine, eager vs compiled vs compiled +
+# the InternViT encoder alone inside a real engine, eager vs compiled vs compiled +
 # encoder CUDA graphs, per tile batch, for InternViT-300M (InternVL3-1B/2B) and InternViT-6B,
-# as scripts/gpu/issue16-encoder.sh runs it (H100: 156 s and 233 s, engine starts included).
+# as benchmarks/gpu/encoder-alone.sh runs it (H100: 156 s and 233 s, engine starts included).
 # VLLM_USE_V2_MODEL_RUNNER=0: vLLM 0.26's default model runner for InternVL (V2) has no
 # encoder CUDA graphs and ignores cudagraph_mm_encoder; the V1 runner measures all three modes.
 # Not in reproduce-cpu: on CPU only eager runs (vLLM's compiled InternVL encoder fails there),
 # which says nothing about the compiled encoder, and it was not timed under 2 minutes on 2 cores.
-ENC_OUT ?= $(RESULTS)/encoder
+ENC_OUT ?= $(RESULTS)/encoder-alone
 ENC_ENV = VLLM_USE_V2_MODEL_RUNNER=0 TORCH_LOGS=recompiles,graph_breaks
 bench-encoder:
 	$(ENC_ENV) $(IVB) bench-encoder --model preset:internvl3-1b --batches 1,2,4,8,13,32,64,128 \
@@ -54,11 +54,11 @@ bench-encoder:
 	    --repeats 20 --warmup 3 --results-dir $(ENC_OUT) --name encoder-internvit-6b-v1runner
 	$(PY) -m internvl_batch.bench.encoder report $(ENC_OUT) $$(ls $(ENC_OUT)/encoder-*.json)
 
-# issue 16 item 4: compiled vs eager encoder end to end in one engine fed requests processed
+# compiled vs eager encoder end to end in one engine fed requests processed
 # beforehand, the two modes alternating round by round (bench-ab), with trained-like random
-# weights; the pair counts of the committed H100 runs (results/h100/issue16-ab/: one tile
-# 38 pairs in 527 s with --same-images, COCO sizes 14 pairs in 390 s), one command each
-AB_OUT ?= $(RESULTS)/issue16-ab
+# weights; the pair counts of the committed H100 runs (one tile 38 pairs in 527 s with
+# --same-images, COCO sizes 14 pairs in 390 s; docs/performance.md), one command each
+AB_OUT ?= $(RESULTS)/encoder-ab-end-to-end
 bench-ab:
 	$(IVB) bench-ab --model preset:internvl3-1b+weights --sizes 448 --images 2048 \
 	    --repeats 38 --same-images --profile-images 0 --results-dir $(AB_OUT) \
@@ -92,7 +92,7 @@ reproduce-cpu:
 	    --warmup-images 32 --workers 2 --cpu-ok --results-dir $(CPU_OUT) --name cpu-tiny $(BENCH_ARGS)
 	$(PY) -m internvl_batch.bench.report $(CPU_OUT)/cpu-tiny.json --out $(CPU_OUT)
 
-# issue 6, the throughput goal: `run`'s path (4 compiled engine replicas) against the plain
+# the throughput question: `run`'s path (4 compiled engine replicas) against the plain
 # script, in one command, on repeats long enough (3 batches of 256 per replica) that filling
 # and draining the replicas is a small part of each (fits a 10-minute GPU call, warm cache)
 bench-throughput:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where the time goes when `LLM.generate` captions images: the breakdown behind issue 6.
+"""Where the time goes when `LLM.generate` captions images: the breakdown behind engine replicas.
 
     python benchmarks/profile_frontend.py --model preset:internvl3-1b --images 1024 --out prof.json
 

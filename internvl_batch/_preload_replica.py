@@ -1,7 +1,7 @@
 """Imported by procstart's fork server after `_preload` when it forks `run`'s engine replicas:
 what each replica process imported itself before its engine started (on an H200 with four
 starting at once, 13-16 s from the process's start to `Engine.start`, then 8.2-8.7 s for
-`from vllm import LLM`; results/h200/issue15-forkserver/). As in `_preload`, a failure only
+`from vllm import LLM`; docs/performance.md). As in `_preload`, a failure only
 costs the saving."""
 try:
     import transformers  # noqa: F401

@@ -25,7 +25,7 @@ crashed or running build; the next builder (who holds the lock) moves it aside.
 Verification happens in the building engine itself (`hooks.EncoderControl.ivb_encoder_check`):
 the compiled InternViT layers against the same layers with the compiled wrapper bypassed, on
 the same weights and pixels (vision embeddings, within a bf16 tolerance). It used to be a
-second, fully eager engine started for its first tokens (~80 s on H100, issue 15).
+second, fully eager engine started for its first tokens (~80 s on H100, docs/performance.md).
 
 An engine that finds its entry being built does not wait for the lock before starting: it
 starts at once with `hooks.GATE_ENV` set, and its worker holds before its first forward (the
@@ -200,7 +200,7 @@ class Entry:
         # Triton's kernel cache is content-addressed (source, options, GPU, Triton version),
         # so every entry shares one: a new entry's build skips the JIT of kernels an earlier
         # one compiled (vLLM 0.26's V2 runner JIT-compiles its Triton kernels after the CUDA
-        # graph capture: 27 s in a cold build on H200, none when warm, results/h200/issue15/)
+        # graph capture: 27 s in a cold build on H200, none when warm, docs/performance.md)
         env = {"VLLM_CACHE_ROOT": str(p / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(p / "inductor"),
                "TRITON_CACHE_DIR": str(self.root / "shared" / "triton")}
         env.update(hf_home_default(self.root))
@@ -210,7 +210,7 @@ class Entry:
         """Point this entry's `vllm/modelinfos` at the cache's shared one. vLLM caches what it
         learns of a model class there (keyed and checked by the hash of the model's source
         file), or else imports the class in a subprocess: 23-25 s of a cold start on H200
-        (results/h200/issue15/). Best effort: an engine that created the folder first keeps
+        (docs/performance.md). Best effort: an engine that created the folder first keeps
         its own."""
         shared = self.root / "shared" / "modelinfos"
         link = self.path / "vllm" / "modelinfos"

@@ -228,7 +228,7 @@ def become_subreaper() -> bool:
     core is the child of procstart's fork server, which a signal to our process group (Ctrl-C,
     `timeout`) stops first: the engine core then lived on after `run` exited (on CPU, ~4 s);
     on an H200 the replicas' GPU memory was still held when the next command's engine asked
-    for it, 14-44 s later (results/h200/issue15-forked/README.md). As our children,
+    for it, 14-44 s later (docs/performance.md). As our children,
     `reap_descendants` waits for them. Linux only; False where it is not available."""
     try:
         import ctypes

@@ -86,7 +86,7 @@ class EngineSpec:
     # vLLM's multimodal processor cache (GiB per engine; None: vLLM's 4). Off by default: a
     # dataset's images are all new, so it never hits and only holds each image's pixels in
     # the engine core (vLLM CPU, 10,200 images: its RSS 0.92 -> 3.56 GB with the cache, flat
-    # at 0.68 GB without, and 16 % more images/s, 2 runs each; results/cpu-2core/mm-cache/)
+    # at 0.68 GB without, and 16 % more images/s, 2 runs each; docs/performance.md)
     mm_cache_gb: float | None = 0.0
     kv_cache_gb: float | None = None  # a fixed KV cache instead of profiling free memory
     # vLLM's encoder CUDA graphs (`cudagraph_mm_encoder`); vLLM 0.26 honours it only on its V1

@@ -9,8 +9,8 @@ Three things here are not plain vLLM:
   the compile cache. So before any user batch we run a warm-up whose first encoder call holds
   several tiles. On H100 with vLLM 0.26 the compiled encoder then runs; its throughput
   against eager ranged from −3.9 % to +5.3 % requests/s over the committed configurations,
-  every per-repeat spread including zero (results/h100/REPRODUCE.md). The encoder forward
-  alone (`bench-encoder`, results/h100/encoder/ENCODER.md): InternViT-300M 0.95–1.0× at 1–4
+  every per-repeat spread including zero (docs/performance.md). The encoder forward
+  alone (`bench-encoder`): InternViT-300M 0.95–1.0× at 1–4
   tiles per call (host-bound) and 1.11–1.13× from 13 tiles; InternViT-6B 1.37–1.93×.
 * **Timings.** vLLM reports load / compile / CUDA-graph seconds only in its log, partly from
   the engine-core child process. `LogTap` tees our stderr (fd 2, inherited by the child)
@@ -42,7 +42,7 @@ IMG_CONTEXT = "<IMG_CONTEXT>"
 
 # vLLM 0.26 gives its engine-core process 5 s between SIGTERM and SIGKILL when closing
 # (v1/utils.py `shutdown`). Every replica closes at the same time (replicas.ReplicaPool.close),
-# so this bounds the whole stop after the last row, which issue 15 wants within 5 s. Measured
+# so this bounds the whole stop after the last row, which should stay within 5 s. Measured
 # on CPU (vLLM 0.32, preset:tiny, 2 cores), where the engine core waits for its worker
 # process: left alone it exits by itself after 10.3 s (exit code 0), so vLLM killed it at the
 # deadline: close took 5.0 s with vLLM's default, 4.0 s with this. Not measured on a GPU
@@ -96,9 +96,9 @@ def _inspect_here(timings: InitTimings):
     VLLM_CACHE_ROOT/modelinfos or else by importing the class in a subprocess, so that the
     import cannot initialise CUDA in the caller. That subprocess imports torch and vLLM
     from scratch: on a 2-core CPU the cold "config resolved" phase that holds it took 6.7 s,
-    0.2 s with the class inspected here (results/cpu-2core/engine-start/); on H100 the same
-    phase took 16.4 s in each of four cold replicas at once (call C), and 1.1 s plus 1.1 s of
-    inspection here with this change (call D, results/h100/issue15/). Here it is safe to
+    0.2 s with the class inspected here; on H100 the same phase took 16.4 s in each of four
+    cold replicas at once, and 1.1 s plus 1.1 s of inspection here with this change
+    (docs/performance.md). Here it is safe to
     import the class: this process never uses CUDA (its engine core, a separate process,
     does) and imports the same module moments later anyway, for the multimodal processor.
     vLLM still writes its cache file. A vLLM without that private function keeps its own
@@ -311,12 +311,12 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
 
 
 # CUDA-graph sizes: vLLM's own (0.26: 51 language-model sizes on an H100, 1, 2, 4, then
-# every 8 to 256, every 16 to 512). Capturing only 1, 2, 4 ... 256 instead was tried (issue
-# 15): CUDA-graph capture took ~1 s per replica instead of 5-6 s, but a sustained one-tile run
-# gave 266.7 images/s (results/h100/issue14/run14-default.json) against 343.6 with vLLM's
-# sizes (results/h100/issue15/b-final-cold-10k.stats.json) and 315.0 in an earlier session
-# (H100, 4 replicas, 10,240 images, single runs on different hosts), so steps padded up to
-# the next power of two cost far more than the capture saves, and the option was dropped.
+# every 8 to 256, every 16 to 512). Capturing only 1, 2, 4 ... 256 instead was tried:
+# CUDA-graph capture took ~1 s per replica instead of 5-6 s, but a sustained one-tile run
+# gave 266.7 images/s against 343.6 with vLLM's sizes and 315.0 with earlier code (H100,
+# 4 replicas, 10,240 images, single runs on different hosts; docs/performance.md), so steps
+# padded up to the next power of two cost far more than the capture saves, and the option
+# was dropped.
 
 
 def warmup_requests(n: int = 2) -> list[dict]:

@@ -8,7 +8,7 @@ started with `EXTENSION`, so the library (compile cache probe) and the benchmark
 * `ivb_encoder_check(tiles, seed)`: run the encoder that serves (compiled if the engine
   compiled it) and the same layers with the compiled wrapper bypassed, on the same weights and
   pixels, and compare the vision embeddings. This replaces a second, eager engine as the
-  compile cache's correctness probe (issue 15): no engine start, and embeddings are a
+  compile cache's correctness probe: no engine start, and embeddings are a
   stronger check than first tokens of dummy-weight logits.
 * `ivb_encoder_mode(mode)`: switch the serving engine between its compiled and eager encoder
   (same engine, same weights) so compiled vs eager can be timed in interleaved rounds.
@@ -231,7 +231,7 @@ class EncoderControl:
             del model._ivb_calls
         return res
 
-    # -- added for bench-ab (issue 16, item 4) ---------------------------------------------
+    # -- for bench-ab ----------------------------------------------------------------------
     def ivb_encoder_profile(self, action: str) -> dict:
         """'start': torch.profiler over everything this worker runs until 'stop', every
         encoder call (`embed_multimodal`) inside a `record_function("ivb_encoder")` range,

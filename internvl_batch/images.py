@@ -174,10 +174,11 @@ def _init_worker(renderer: tuple[dict, dict] | None) -> None:
 # but `timeout`, Slurm and Ctrl-C signal the whole process group, decode workers included.
 # A worker killed while it sends its decoded images back leaves half a message in the
 # pool's result pipe, and CPython's ProcessPoolExecutor (3.11.7 here) then waits for the
-# rest forever: no future fails, and the run hung after SIGTERM (CI, stop 25). Measured with
-# `scripts/cpu/pool-kill-hang.py` (a 2-worker pool signalled mid-stream): 6 and 11 of 15
-# tries hung in two runs; with the signals ignored, 0 of 15, results kept coming. So the
-# workers ignore the stop signals; the run stops them when it stops the pool.
+# rest forever: no future fails, and the run hung after SIGTERM (on CI). Measured with
+# `benchmarks/cpu/pool-kill-hang.py` (a 2-worker pool signalled mid-stream): 6 and 11 of 15
+# tries hung in two runs; with the signals ignored, 0 of 15, results kept coming
+# (docs/performance.md). So the workers ignore the stop signals; the run stops them when it
+# stops the pool.
 def _ignore_stop_signals() -> None:
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)

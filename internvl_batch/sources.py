@@ -404,7 +404,7 @@ def _parquet(spec: SourceSpec) -> Iterator[Record]:
             raise SourceError(f"{f} is not a readable Parquet file ({str(e).splitlines()[0]}); "
                               "narrow the glob to Parquet files") from None
     # every file, not the first only: a later one without the id column switched its rows to
-    # name:seq ids, one without the image column became error rows (found 2026-12-06)
+    # name:seq ids, one without the image column became error rows
     for f in files:
         schema = footers[f].schema.to_arrow_schema()
         if spec.image_column not in schema.names:

@@ -3,10 +3,14 @@ engine for the whole session (`engine`) and only the tests that must exercise pr
 boundaries (kill -9, the CLI, Slurm) start their own."""
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
+
+# the one rule for skips (IVB_NO_SKIP, the gpu and cpu_only markers): tests/no_skip.py
+from tests.no_skip import (pytest_collection_modifyitems, pytest_configure,  # noqa: F401
+                           pytest_make_collect_report, pytest_runtest_makereport,
+                           pytest_terminal_summary)
 
 
 def _has_vllm() -> bool:
@@ -19,7 +23,7 @@ def _has_vllm() -> bool:
 
 
 HAS_VLLM = _has_vllm()
-needs_vllm = pytest.mark.skipif(not HAS_VLLM and not os.environ.get("CI"),
+needs_vllm = pytest.mark.skipif(not HAS_VLLM,
                                 reason="vLLM is not installed (scripts/install-cpu.sh)")
 
 

@@ -220,11 +220,8 @@ def test_bad_variant_is_a_usage_error():
     assert r.returncode == 2 and "turbo" in r.stderr
 
 
+@pytest.mark.cpu_only
 def test_compiled_refused_without_gpu(tmp_path):
-    from internvl_batch.engine import has_cuda
-
-    if has_cuda():
-        pytest.skip("a GPU is present")
     r = _cli("--model", "preset:tiny", "--images", "2", "--variants", "eager,compiled",
              "--cache-dir", str(tmp_path), "--results-dir", str(tmp_path / "res"))
     assert r.returncode == 2
@@ -233,11 +230,8 @@ def test_compiled_refused_without_gpu(tmp_path):
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.cpu_only
 def test_pipeline_fp8_refused_without_gpu_or_dropped_with_cpu_ok(tmp_path):
-    from internvl_batch.engine import has_cuda
-
-    if has_cuda():
-        pytest.skip("a GPU is present")
     r = _cli("--model", "preset:tiny", "--images", "2", "--variants", "plain,pipeline-fp8",
              "--cache-dir", str(tmp_path), "--results-dir", str(tmp_path / "res"))
     err = [line for line in r.stderr.splitlines() if line.strip()]

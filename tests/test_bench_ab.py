@@ -1,4 +1,4 @@
-"""`internvl-batch bench-ab` (issue 16, item 4): compiled vs eager encoder end to end in one
+"""`internvl-batch bench-ab`: compiled vs eager encoder end to end in one
 engine fed requests processed beforehand. The pure parts (schedule, per-round statistics,
 token agreement, the paired analysis and the Amdahl prediction, vLLM's request path across
 versions, the report) as fast unit tests; one real CPU vLLM run through the CLI."""
@@ -471,8 +471,8 @@ def test_clone_request_gives_a_new_id_and_encoder_identity_and_shares_the_pixels
 
 
 def test_merge_pools_the_pairs_of_runs_of_one_configuration(tmp_path):
-    """Pairs from separate engine starts, one analysis (issue 16's ±2 % needs more pairs
-    than one device call holds); runs that differ in a setting, device or version refuse."""
+    """Pairs from separate engine starts, one analysis (an interval of ±2 % needs more
+    pairs than one device call holds); runs that differ in a setting, device or version refuse."""
     a, b = _doc(), _doc()
     for d, name in ((a, "run-a"), (b, "run-b")):
         d.update(name=name, options=dict(d["options"], model="preset:internvl3-1b",
@@ -574,7 +574,7 @@ def test_cli_turns_sigterm_into_stopped_inside_the_run(monkeypatch):
 
 def test_a_stop_wrapped_by_vllm_is_still_a_stop():
     """vLLM's input processor re-raises what its HF processor raised as a ValueError: a
-    SIGTERM that lands there (H100, 2026-12-05) must read as a stop, not a failure."""
+    SIGTERM that lands there (seen on an H100) must read as a stop, not a failure."""
     def wrapped():
         try:
             raise ab.Stopped("signal SIGTERM")

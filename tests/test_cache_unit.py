@@ -582,7 +582,7 @@ def test_command_restarts_itself_on_a_poisoned_entry(monkeypatch):
 
 def test_a_failed_build_leaves_no_entry(tmp_path, monkeypatch, fake_env):
     """An engine that cannot start (a bad checkpoint, OOM) must not leave an 'incomplete'
-    entry in `cache ls` (issue 13)."""
+    entry in `cache ls`."""
     from internvl_batch import engine
 
     monkeypatch.setattr(engine.Engine, "start", lambda self: (_ for _ in ()).throw(
@@ -619,7 +619,7 @@ def test_a_model_folder_is_checked_before_anything_starts(tmp_path, content, mes
 def test_a_start_that_fails_for_another_reason_keeps_the_entry(tmp_path, monkeypatch, fake_env,
                                                                 crash):
     """Out of memory, a bad setting: the entry is not at fault, and moving a good shared
-    entry aside meant minutes of rebuilding in every job (audit, 2026-12-05)."""
+    entry aside meant minutes of rebuilding in every job."""
     from internvl_batch import engine
 
     monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
@@ -655,7 +655,7 @@ def test_what_the_engine_printed_counts_for_the_verdict():
 @pytest.mark.parametrize("args", [["cache", "warm", "--model", "preset:tiny"],
                                   ["cache", "clear"]])
 def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, args):
-    """A read-only mount or a path under a file: a traceback before (audit 2026-12-05)."""
+    """A read-only mount or a path under a file: a traceback before."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
     res = CliRunner().invoke(cli, [*args, "--cache-dir", str(blocker / "cache")])
@@ -667,7 +667,7 @@ def test_a_cache_dir_that_cannot_be_written_is_one_line(tmp_path, args):
 
 def test_dir_size_skips_files_that_vanish(tmp_path, monkeypatch):
     """`cache ls` beside a running build: a compiler's temporary file gone between listing
-    and stat crashed the listing (2 of 30 tries in the audit)."""
+    and stat crashed the listing (2 of 30 tries)."""
     (tmp_path / "a").write_bytes(b"x" * 10)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "gone").write_bytes(b"y" * 5)

@@ -417,7 +417,7 @@ def test_weights_marker_parse_and_ensure(tiny_weights, synth, tmp_path):
 
 def test_large_vocab_tokenizer_loads_without_the_mistral_regex_warning(tmp_path, capfd):
     """transformers (>100k vocab, no transformers_version in config.json) takes our synthesized
-    tokenizer for a Mistral one and warns on every start (issue 13); OpenGVLab's configs carry
+    tokenizer for a Mistral one and warns on every start; OpenGVLab's configs carry
     the version, and so do ours."""
     from transformers import AutoTokenizer
 

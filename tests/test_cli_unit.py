@@ -148,11 +148,11 @@ def _cases(tmp: str):
           f"{tmp}/captions_x.json", "-o", out],
          f"Error: annotations file {tmp}/captions_x.json not found"),
         # a folder that is no checkpoint: vLLM would fail after the engine started, with a
-        # 74-line pydantic traceback (issue 13)
+        # 74-line pydantic traceback
         (["run", "--dataset", "sample", "--model", tmp, "-o", out],
          f"Error: --model {tmp}: no config.json there; pass a Hugging Face checkpoint folder "
          "(config.json, tokenizer, weights), a hub id, or preset:NAME"),
-        # accepted before, then failing in vLLM after the engine had started (audit 2026-12-05)
+        # accepted before, then failing in vLLM after the engine had started
         (["run", "--dataset", "sample", "--temperature", "nan", "-o", out],
          "Error: --temperature must be a number >= 0"),
         (["run", "--dataset", "sample", "--max-num-seqs", "0", "-o", out],

@@ -1,5 +1,5 @@
-"""Rows neither lost nor mixed, bad input as one line: the holes a read-through found
-(2026-12-05). Each test reproduces one: a resume that skipped every row of a repeated id, a
+"""Rows neither lost nor mixed, bad input as one line: the holes a read-through found.
+Each test reproduces one: a resume that skipped every row of a repeated id, a
 rerun on another dataset that published the first one's captions as its own, a file name
 that is not UTF-8 failing every rerun at the same chunk, merge joining shards of two
 prompts, a writer that kept writing after losing its lock, tracebacks for a glob that
@@ -142,7 +142,7 @@ def test_another_dataset_into_the_same_output_is_refused(tmp_path):
 def test_a_dataset_changed_under_a_resume_is_refused_not_captioned_twice(tmp_path):
     """A file added before the ones written shifted every position: the resume skipped by
     (seq, id), captioned img0..img3 again under new positions and exited 0 with 9 rows of 5
-    images (found 2026-12-06). Now: exit 2 naming the position, the rows written untouched;
+    images. Now: exit 2 naming the position, the rows written untouched;
     a file added after them is captioned as new."""
     from internvl_batch.pipeline import DatasetChanged
 
@@ -166,7 +166,7 @@ def test_a_dataset_changed_under_a_resume_is_refused_not_captioned_twice(tmp_pat
 
 def test_a_cut_chunk_or_final_file_is_one_line_naming_it(tmp_path):
     """A chunk or final file that is not whole Parquet (cut by a copy, edited) raised
-    pyarrow's ArrowInvalid from the settings check, a traceback (found 2026-12-06)."""
+    pyarrow's ArrowInvalid from the settings check, a traceback."""
     d = _folder(tmp_path / "imgs", 90)
     out = tmp_path / "out"
     assert _run(_cfg(tmp_path, f"folder:{d}", out), DyingEngine(1)) == 4
@@ -261,7 +261,7 @@ def _two_shards(tmp_path, out: Path) -> None:
 
 
 def test_merge_never_publishes_rows_twice_or_a_cut_file(tmp_path):
-    """Found 2026-12-06: `--compact` onto a shard's own file replaced it by every row and the
+    """`--compact` onto a shard's own file replaced it by every row and the
     next merge published 9 rows of 6 (exit 0 both times); a shard file that no longer holds
     the rows its stats count merged anyway; a cut stats or Parquet file was a traceback."""
     from internvl_batch.config import ConfigError
@@ -302,7 +302,7 @@ def test_merge_never_publishes_rows_twice_or_a_cut_file(tmp_path):
 
 def test_merge_on_a_full_disk_keeps_what_was_there_and_exits_5(tmp_path, monkeypatch):
     """stats.json was written in place: a full disk left it empty (and a traceback), and a
-    cut `.all.parquet.tmp` stayed behind (found 2026-12-06)."""
+    cut `.all.parquet.tmp` stayed behind."""
     from click.testing import CliRunner
 
     from internvl_batch.cli import cli
@@ -434,7 +434,7 @@ def test_parquet_globs_and_columns_that_cannot_work_are_one_line(tmp_path):
         open_source(SourceSpec.parse(f"parquet:{d}/*", caption_column="score"))
     with pytest.raises(SourceError, match="no column 'nope'.*fix --id-column"):
         open_source(SourceSpec.parse(f"parquet:{d}/*", id_column="nope"))
-    # every file is checked, not the first only (found 2026-12-06: a later file without the
+    # every file is checked, not the first only (a later file without the
     # id column switched to name:seq ids, one without the image column gave error rows)
     pq.write_table(pa.table({"image": [_png(2)], "score": ["x"]}), d / "b.parquet")
     with pytest.raises(SourceError, match=r"b.parquet has no column 'k' .*fix --id-column"):

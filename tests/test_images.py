@@ -209,7 +209,7 @@ def _ignores(pid: int, sig: int) -> bool:
 def test_decode_workers_outlive_the_stop_signals_of_the_process_group(bad_records):
     """`timeout`, Slurm and Ctrl-C signal the run's whole process group; the run decides
     when its workers stop. A worker killed while it sent results back left the pool waiting
-    forever (CPython 3.11.7: `scripts/cpu/pool-kill-hang.py`); now they ignore the signals
+    forever (CPython 3.11.7: `benchmarks/cpu/pool-kill-hang.py`); now they ignore the signals
     and decode on."""
     recs = _mixed_records(bad_records, 45)
     pool = make_pool(2)
@@ -259,7 +259,7 @@ def test_a_dead_decode_worker_is_one_error_not_a_hang():
 def test_prefetch_on_a_pool_broken_by_a_dead_worker_is_one_error(bad_records):
     """Once the pool has noticed the death itself, its next submit raises BrokenProcessPool:
     prefetch turns that into the same DecodeWorkerDied (2 of 15 SIGKILL tries ended there in
-    `scripts/cpu/pool-kill-hang.py` before)."""
+    `benchmarks/cpu/pool-kill-hang.py` before)."""
     from internvl_batch.images import DecodeWorkerDied
 
     pool = make_pool(1)

@@ -284,7 +284,7 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     # run 1 built the cache entry (a miss) and was killed: its stats, saved after each
     # batch, survive; run 2 found the entry complete: a hit
     assert [r["cache_hit"] for r in st["runs"]] == [False, True]
-    # the whole shard, not just run 2's rows (issue 13: 150 rows, stats said 134)
+    # the whole shard, not just run 2's rows (once: 150 rows, stats said 134)
     assert st["rows"] == st["rows_in_shard"] == st["images"] == 40 and st["errors"] == 0
     assert st["runs"][0]["rows"] >= written - 2 and st["runs"][1]["rows"] == 40 - written
     # run 2 counts from its process start (engine start included) to its first row, and
@@ -346,7 +346,7 @@ def _left_after_exit(sid: int) -> list[str]:
 
 
 def test_cli_ctrl_c_then_quiet_resume(tiny_model, tmp_path, clean_env):
-    """What a person sees (issue 13): our lines on the terminal and vLLM's in OUTPUT/logs;
+    """What a person sees: our lines on the terminal and vLLM's in OUTPUT/logs;
     Ctrl-C stops like SIGTERM (exit 130, one line, no traceback, rows kept); `-q` prints
     only the summary, on stdout; the resumed shard has every row once."""
     images, ann = make_coco(tmp_path / "coco", 30)
@@ -398,7 +398,7 @@ def test_cli_sigterm_with_replicas_leaves_no_process(tiny_model, tmp_path, clean
     replicas and their engine cores are in process groups of their own, so the signal
     reaches only ours (main, workers, the fork server); with the fork server gone, forked
     replicas' engine cores outlived the command by ~4 s here and, on an H200, held the
-    replicas' GPU memory when the next command started (results/h200/issue15-forked/).
+    replicas' GPU memory when the next command started (docs/performance.md).
     Both layouts: forked replicas (CPU's default) and spawned ones (a GPU's)."""
     clean_env.setenv("INTERNVL_BATCH_REPLICA_START", replica_start)
     images, ann = make_coco(tmp_path / "coco", 1000)

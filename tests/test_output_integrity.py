@@ -1,4 +1,4 @@
-"""Nothing lost, nothing mixed (issue 13): the shard lock, the settings fingerprint, "never
+"""Nothing lost, nothing mixed: the shard lock, the settings fingerprint, "never
 fewer rows", the error-rate rule with counts by kind, COCO validation, stats over resumes and
 merge's wall-clock rate. No vLLM: real files, real processes where the lock is about process
 boundaries, and the fake engine of test_sinks_stats where a run is needed."""
@@ -132,7 +132,7 @@ def test_other_host_fresh_heartbeat_holds_old_heartbeat_is_stale(tmp_path):
 
 def test_a_lock_file_with_words_for_numbers_uses_our_limits(tmp_path):
     """An edited or foreign lock file whose heartbeat was not a number: a ValueError
-    traceback (found 2026-12-06). Now our own limits (30 s x 4) decide."""
+    traceback. Now our own limits (30 s x 4) decide."""
     path = _write_lock(tmp_path, host="node-b", pid=os.getpid(), heartbeat_s="abc",
                        stale_beats=[3])
     with pytest.raises(OutputBusy, match="taken over 120 s after its last heartbeat"):
@@ -595,7 +595,7 @@ def test_cli_malformed_coco_exits_2_with_one_line(tmp_path):
 
 
 def test_unwritable_output_is_one_line(tmp_path):
-    """Found when the lock is taken: before any engine starts (issue 13 item 3)."""
+    """Found when the lock is taken: before any engine starts."""
     with pytest.raises(ConfigError, match="^--output /proc/ivb is not writable: "):
         ShardLock(Path("/proc/ivb"), NAME).acquire()
     ro = tmp_path / "ro"

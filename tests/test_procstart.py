@@ -76,7 +76,7 @@ def test_a_vllm_without_the_hook_keeps_spawning(monkeypatch):
 
 def test_replicas_are_forked_on_cpu_and_spawned_on_a_gpu_unless_asked(monkeypatch):
     """On an H200 forked replicas served a third of the spawned ones' images/s
-    (results/h200/issue15-forked/): a GPU spawns them unless INTERNVL_BATCH_REPLICA_START
+    (docs/performance.md): a GPU spawns them unless INTERNVL_BATCH_REPLICA_START
     says fork; ENGINE_START=spawn spawns everything."""
     monkeypatch.delenv(procstart.ENV, raising=False)
     monkeypatch.delenv(procstart.REPLICA_ENV, raising=False)

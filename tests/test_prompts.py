@@ -156,7 +156,7 @@ def test_shard_from_env_array(clean_env):
 
 
 def test_shard_from_env_one_line_for_what_slurm_did_not_set(clean_env):
-    """Found 2026-12-06: SLURM_ARRAY_TASK_COUNT=abc was a ValueError traceback; a 1-based
+    """SLURM_ARRAY_TASK_COUNT=abc was a ValueError traceback; a 1-based
     array's last task said only '--shard-index 3 is outside 0..2'."""
     clean_env.setenv("SLURM_ARRAY_TASK_COUNT", "abc")
     with pytest.raises(ConfigError, match=r"^SLURM_ARRAY_TASK_COUNT='abc' is not a whole number"):

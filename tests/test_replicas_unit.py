@@ -154,7 +154,7 @@ def _replicas_running(monkeypatch, tmp_path, n: int, mode: str, sleep: float):
 @pytest.mark.parametrize("mode", MODES)
 def test_pool_closes_replicas_at_the_same_time(monkeypatch, tmp_path, mode):
     """Each replica takes 1 s to close its engine after EOF on stdin: three close in about
-    1 s, not 3 (issue 15: four H100 replicas stopped one after another took ~22 s)."""
+    1 s, not 3 (four H100 replicas stopped one after another took ~22 s)."""
     import time
 
     pool = _replicas_running(monkeypatch, tmp_path, 3, mode, 1.0)

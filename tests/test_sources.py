@@ -245,7 +245,7 @@ def test_folder_errors(tmp_path):
     (root / "captions.jsonl").write_text('{"file": "a.jpg"}\n{"captions": []}\n')
     with pytest.raises(SourceError, match=r"captions\.jsonl:2: expected"):
         _records(f"folder:{root}")
-    # found 2026-12-06: Latin-1 bytes and non-string captions were tracebacks (the latter
+    # Latin-1 bytes and non-string captions were tracebacks (the latter
     # only once the engine had started), a string caption became its characters
     (root / "captions.jsonl").write_bytes(b'{"file": "caf\xe9.jpg", "captions": ["x"]}\n')
     with pytest.raises(SourceError, match=r"captions\.jsonl: not UTF-8 \(byte 13\); save it "

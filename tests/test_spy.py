@@ -1,5 +1,5 @@
 """`python -m internvl_batch.bench.spy`: py-spy's raw stacks summarized per process and
-category (issue 14's host profile). The format is py-spy 0.4's `record --format raw
+category (the host profile). The format is py-spy 0.4's `record --format raw
 --subprocesses`, as recorded on this machine from `bench-ab --engine-core process`."""
 from __future__ import annotations
 

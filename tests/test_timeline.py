@@ -1,8 +1,9 @@
 """timeline.parse on vLLM 0.26's own start-up lines (no engine).
 
 The fixture is the start of a real engine: vLLM 0.26.0 on an H100, InternVL3-1B shapes with
-the compiled encoder (lines 3-165 of results/h100/encoder/encoder-internvl3-1b-v1runner.log,
-without the long config dumps)."""
+the compiled encoder (lines 3-165 of
+results/h100/encoder-alone/encoder-internvl3-1b-v1runner.log, without the long config
+dumps)."""
 from __future__ import annotations
 
 import subprocess

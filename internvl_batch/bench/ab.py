@@ -1,4 +1,4 @@
-"""Compiled vs eager encoder end to end, where the GPU is the bound (issue 16, item 4):
+"""Compiled vs eager encoder end to end, where the GPU is the bound:
 `internvl-batch bench-ab`.
 
 `bench` compares two engines in two processes fed by `LLM.generate`, whose per-request host
@@ -16,7 +16,7 @@ there no encoder speed-up can show. This benchmark removes both blurs:
   its own, so inside the clock every request's pixels are serialized to it, deserialized
   by a thread that shares the core's interpreter lock with its loop, while three processes
   compete for the host's cores. In an A/A test (both modes the same code, CPU, 2 cores,
-  `results/cpu-2core/ab-noise/`, 9 runs each) that layout's per-round ratio had a median SD
+  docs/performance.md, 9 runs each) that layout's per-round ratio had a median SD
   of 34 %, the inline core's 5.6 % (3.9 % with garbage collection off inside the clock,
   `feed`); `--engine-core process` keeps vLLM's layout.
 * **GPU-bound feed.** Every request of a round is turned into vLLM's `EngineCoreRequest`
@@ -24,7 +24,7 @@ there no encoder speed-up can show. This benchmark removes both blurs:
   `LLM.generate` does per prompt: tokenise, run the multimodal processor, pixels to
   tensors). Inside the clock the requests are only handed over (`LLMEngine.add_request`)
   and the engine stepped until all are finished. This is the "one engine fed requests
-  processed beforehand" configuration of issue 14.
+  processed beforehand" configuration.
 * **Same images for both modes of a round, never an encoder-cache hit.** vLLM identifies an
   image by its hash (its pixels) and reuses encoder outputs and processor results of an
   identical item. Every request carries its own `multi_modal_uuids` entry (round, mode,
@@ -43,7 +43,7 @@ there no encoder speed-up can show. This benchmark removes both blurs:
   is the encoder's share; GPU busy % comes from `nvidia-smi` sampled every 100 ms. Optional
   profiled rounds (`ivb_encoder_profile`, torch.profiler in the worker) give the encoder's
   share of all GPU kernel time, and the step's GPU time by part (InternViT, projector,
-  prefill and decode steps, sampling) and kernel class with the GPU's idle gaps: issue 14's
+  prefill and decode steps, sampling) and kernel class with the GPU's idle gaps: the
   breakdown of the engine's own time. From the share and the in-engine encoder gain, Amdahl's law
   predicts the end-to-end gain (`hooks.predicted_speedup`), reported beside the measured one.
 * **Checked.** Greedy token ids of every image are compared between the modes of its round.
@@ -77,10 +77,10 @@ SIZES = ("448", "coco")
 # bench-encoder): add_request then hands the request object over and nothing else competes
 # with the core's loop for the host's cores
 ENGINE_CORES = ("process", "inline")
-# images per round: a round of a few seconds on an H100 at the rates of issue 14 (~230
-# images/s at one tile, ~35 at COCO sizes), long enough that start and tail are small
+# images per round: a round of a few seconds on an H100 (~300-380 images/s at one tile, ~40
+# at COCO sizes, docs/performance.md), long enough that start and tail are small
 DEFAULT_IMAGES = {"448": 1024, "coco": 192}
-TARGET_HALF_WIDTH = 0.02  # issue 16: a 95 % interval narrower than +-2 %
+TARGET_HALF_WIDTH = 0.02  # the precision asked of the answer: a 95 % interval within +-2 %
 
 
 # -- options --------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class ABOptions:
 
     @property
     def dynamic_patch(self) -> int | None:
-        """448 px images are one tile: max_dynamic_patch 1 (issue 14's configuration)."""
+        """448 px images are one tile: max_dynamic_patch 1 (the one-tile workload)."""
         if self.max_dynamic_patch is not None:
             return self.max_dynamic_patch
         return 1 if self.sizes == "448" else None
@@ -895,7 +895,7 @@ def results_markdown(doc: dict) -> str:
             + f". Measured {_f(pr.get('measured'), 4)} against predicted "
             f"{_f(pr.get('predicted'), 4)}. The measured 95 % interval is "
             f"{'within' if a.get('interval_within_target') else 'NOT within'} ±2 % "
-            f"(issue 16's target) as the median's interval and "
+            f"(the target) as the median's interval and "
             f"{'within' if a.get('crossover_within_target') else 'NOT within'} as the "
             f"crossover's.",
             "",
@@ -1078,7 +1078,7 @@ class Stopped(Exception):
 
 def _stop_in(e: BaseException | None) -> Stopped | None:
     """The Stopped behind `e`, if any: a stop that lands inside vLLM's input processor comes
-    back wrapped in its ValueError ("Failed to apply InternVLProcessor", H100, 2026-12-05)."""
+    back wrapped in its ValueError ("Failed to apply InternVLProcessor", seen on an H100)."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, Stopped):

@@ -1,4 +1,4 @@
-"""Encoder micro-benchmark (issue 16, items 1, 2 and 5): the InternViT forward that vLLM runs,
+"""Encoder micro-benchmark: the InternViT forward that vLLM runs,
 eager vs compiled vs compiled + encoder CUDA graphs, timed per tile batch, checked for
 numerical agreement, with the evidence of which path actually ran.
 
@@ -462,7 +462,7 @@ def cudagraph_unavailable_reason(info: dict) -> str:
 
 def model_runner_of(doc: dict) -> dict | None:
     """The runner a result file says ran. Files written before bench-encoder recorded it
-    (the first H100 runs of issue 16) are classified from what they do hold: the error
+    (the first H100 runs) are classified from what they do hold: the error
     'no encoder CUDA graph manager' (what the V2 runner gives; its log says 'Using V2 Model
     Runner'), or encoder CUDA graph replays / a '-v1runner' name (the V1 runner)."""
     eng = doc.get("engine") or {}

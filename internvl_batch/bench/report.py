@@ -286,8 +286,8 @@ def save_figure(fig, path: Path, title: str, cpu: bool) -> Path:
     return path
 
 
-# A REPRODUCE.md may open with a hand-written lead (results/h100: the encoder benchmark,
-# issue 16) ending at this line; regenerating keeps it and rewrites only what follows.
+# A REPRODUCE.md may open with a hand-written lead (results/h100: the encoder benchmark)
+# ending at this line; regenerating keeps it and rewrites only what follows.
 LEAD_END = "<!-- end of the lead; everything below is written by internvl_batch.bench.report -->"
 
 

@@ -1,4 +1,4 @@
-"""Where each process's host time goes, from a py-spy recording (issue 14's host profile).
+"""Where each process's host time goes, from a py-spy recording (the host profile).
 
     py-spy record --subprocesses --idle --nonblocking -r RATE --format raw -o spy.txt --pid PID
     python -m internvl_batch.bench.spy spy.txt --rate RATE [--json out.json]

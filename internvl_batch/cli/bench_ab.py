@@ -41,7 +41,7 @@ import click
               help="Every warm-up and timed round on the same images, processed once before "
                    "the first round (each request still new to the encoder): no untimed "
                    "decoding and processing between rounds (on the H100 at one tile, 14 s "
-                   "of each 27 s pair: results/h100/issue16-ab).")
+                   "of each 27 s pair: docs/performance.md).")
 @click.option("--engine-core", type=click.Choice(["inline", "process"]), default="inline",
               show_default=True,
               help="vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0; "
