@@ -152,11 +152,11 @@ def test_extra_args_engine_options_follow_the_fields():
 def test_slurm_submit_engine_flags_are_checked_and_rendered(tmp_path):
     """`slurm submit` takes the engine options as its own flags too; those win over the same
     ones in --extra-args, and a bad one is a one-line error (exit 2) before any script."""
-    from internvl_batch.cli.slurm import slurm
-
-    base = ["submit", "--dry-run", "--dataset", "sample", "--model", "m", "--output",
+    # through the root group: a command invoked on its own first keeps a help option
+    # without the root's -h (click caches it), which other tests' `slurm -h` would then miss
+    base = ["slurm", "submit", "--dry-run", "--dataset", "sample", "--model", "m", "--output",
             str(tmp_path / "o")]
-    res = CliRunner().invoke(slurm, [*base, "--max-model-len", "4096", "--extra-args",
+    res = CliRunner().invoke(cli, [*base, "--max-model-len", "4096", "--extra-args",
                                      "--max-model-len=2048 --dtype half --max-tokens 8"])
     assert res.exit_code == 0, res.output
     assert "ivb_set_args IVB_ENGINE_ARGS '--max-model-len 4096 --dtype half'" in res.output
@@ -164,7 +164,7 @@ def test_slurm_submit_engine_flags_are_checked_and_rendered(tmp_path):
     for bad, msg in ((["--max-model-len", "100"], "--max-model-len must be >= 256"),
                      (["--extra-args", "--dtype fp4"], "--extra-args: Invalid value for "
                                                        "'--dtype'")):
-        res = CliRunner().invoke(slurm, [*base, *bad])
+        res = CliRunner().invoke(cli, [*base, *bad])
         assert res.exit_code == 2 and msg in res.output, res.output
         assert "==>" not in res.output
 
