@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from importlib import metadata as md
 from pathlib import Path
 
-from .config import ConfigError, EngineSpec
+from .config import KEY, KEY_IF_SET, ConfigError, EngineSpec, option_fields
 from .engine import device_name
 from .hooks import GATE_ENV
 
@@ -145,7 +145,16 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")[:24]
 
 
-NOT_IN_KEY = ("model", "seed", "gpu_memory_utilization", "kv_cache_gb", "mm_cache_gb")
+def engine_key(spec: EngineSpec) -> dict:
+    """The engine options that name an entry: those declared KEY, and those declared
+    KEY_IF_SET where they are not at their defaults (config.option). Memory sizes and the
+    seed change no compiled graph (NOT_KEY): one entry serves 1 engine or N replicas."""
+    out = {}
+    for o in option_fields(type(spec)):
+        value = getattr(spec, o.name)
+        if o.key == KEY or (o.key == KEY_IF_SET and value != o.default):
+            out[o.name] = value
+    return out
 
 
 def key_fields(spec: EngineSpec) -> dict:
@@ -158,8 +167,7 @@ def key_fields(spec: EngineSpec) -> dict:
         "torch": _version("torch"),
         "gpu": device_name(),
         "compile_mm_encoder": spec.compile,
-        # memory sizes change no compiled graph: one entry serves 1 engine or N replicas
-        "engine": {k: v for k, v in spec.to_dict().items() if k not in NOT_IN_KEY},
+        "engine": engine_key(spec),
     }
     # synthesized weights (not dummy) change every output, the probe's reference included.
     # Only added when present, so the keys of existing weightless entries stay as they were.

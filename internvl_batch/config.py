@@ -5,10 +5,13 @@ says what to do, so bad flags fail before any model is loaded.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .sources import SourceSpec
@@ -69,40 +72,167 @@ QUANTIZATIONS = ("fp8",)  # vLLM's `quantization` values `--quantization` accept
 # the `dtype` values vLLM's LLM accepts (ModelConfig: "auto" and these torch dtypes)
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
+# -- engine options: one field each ------------------------------------------------------------
+# Every engine option is one EngineSpec field declared with `option()`: its default, its help,
+# how the command line spells it and whether it names a compile-cache entry. The click options
+# of `run`, `cache warm` and the benchmarks (cli/options.py), the arguments `slurm submit`
+# writes into its job scripts (`engine_argv`) and the cache key (cache.key_fields) are all
+# generated from these fields, so adding an option is one field plus the code that uses it.
+
+# How an option enters the compile-cache key:
+KEY = "key"  # always: it changes what is compiled (graph shapes, dtype, layers)
+# only away from its default: entries built before the option existed keep their keys
+# (the way to add a new option that changes what is compiled)
+KEY_IF_SET = "key-if-set"
+NOT_KEY = "not-key"  # changes no compiled artefact (memory sizes, the seed): one entry serves all
+
+
+def option(default=MISSING, *, help: str, key: str, flag: str | None = None,
+           choices: tuple | None = None, minimum: float | None = None, cli_default=None):
+    """A dataclass field that is an engine option. `flag`: its spelling when not `--name-with-
+    dashes` (e.g. "--compile/--no-compile"); `choices`: the values it accepts; `minimum`: the
+    least value the command line accepts; `cli_default`: the command line's default for a
+    field that has none (the model)."""
+    if key not in (KEY, KEY_IF_SET, NOT_KEY):
+        raise ValueError(f"key={key!r}: use KEY, KEY_IF_SET or NOT_KEY")
+    meta = {"help": help, "key": key, "flag": flag, "choices": choices, "minimum": minimum,
+            "cli_default": cli_default}
+    return field(default=default, metadata={"engine_option": meta})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One engine option as the generators see it (`option_fields`)."""
+    name: str                # the field's
+    type: type               # bool, int, float or str (`X | None` -> X)
+    default: object          # the field's; MISSING: required
+    help: str
+    key: str                 # KEY, KEY_IF_SET or NOT_KEY
+    flag: str                # "--max-model-len", "--compile/--no-compile"
+    choices: tuple | None = None
+    minimum: float | None = None
+    cli_default: object = None  # the command line's default where the field has none
+
+    @property
+    def spellings(self) -> list[str]:
+        return self.flag.split("/")
+
+
+def _base_type(hint) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def option_fields(cls=None) -> tuple[Option, ...]:
+    """The engine options of `cls` (EngineSpec or a subclass), in field order."""
+    return _option_fields(cls or EngineSpec)
+
+
+@functools.cache
+def _option_fields(cls) -> tuple[Option, ...]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        meta = f.metadata.get("engine_option")
+        if meta is None:
+            continue
+        out.append(Option(name=f.name, type=_base_type(hints[f.name]), default=f.default,
+                          help=meta["help"], key=meta["key"],
+                          flag=meta["flag"] or "--" + f.name.replace("_", "-"),
+                          choices=meta["choices"], minimum=meta["minimum"],
+                          cli_default=meta["cli_default"]))
+    return tuple(out)
+
+
+def engine_argv(spec: "EngineSpec", leave_out: tuple[str, ...] = ("model",)) -> list[str]:
+    """The command-line words that give `spec`'s options that differ from their defaults
+    (what `slurm submit` writes for `cache warm` and `run`); `leave_out` travel on their own."""
+    words: list[str] = []
+    for o in option_fields(type(spec)):
+        value = getattr(spec, o.name)
+        if o.name in leave_out or value == o.default:
+            continue
+        if o.type is bool:
+            spellings = o.spellings
+            if value:
+                words.append(spellings[0])
+            elif len(spellings) > 1:
+                words.append(spellings[1])
+            else:
+                raise ConfigError(f"{o.flag} is on by default and has no spelling to turn it off")
+        elif value is None:
+            raise ConfigError(f"{o.flag}: its default cannot be unset on the command line")
+        else:
+            words += [o.spellings[0], str(value)]
+    return words
+
 
 @dataclass(frozen=True)
 class EngineSpec:
-    model: str
-    compile: bool = False
-    max_dynamic_patch: int | None = None  # None: the checkpoint's own setting
-    max_model_len: int = 8192
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    gpu_memory_utilization: float | None = None  # None: 0.9 on GPU, small on CPU
-    dtype: str = "auto"
-    seed: int = 0
-    load_format: str | None = None  # None: "dummy" for weightless synthesized ones, else "auto"
-    enforce_eager: bool = False
+    model: str = option(
+        key=NOT_KEY, cli_default="preset:tiny",  # in the key as the checkpoint's own hash
+        help="Checkpoint dir, hub id, or preset:{tiny,internvl3-1b,internvl3-2b,internvl3-8b,"
+             "internvit-6b}[+weights|+dummy] (synthesized once under the cache dir; tiny has "
+             "random weights, the others dummy unless +weights).")
+    compile: bool = option(
+        False, key=KEY, flag="--compile/--no-compile",
+        help="torch.compile the InternViT encoder (CUDA only; safe warm-up).")
+    max_dynamic_patch: int | None = option(
+        None, key=KEY,  # None: the checkpoint's own setting
+        help="Max tiles per image (default: the checkpoint's, 12 for InternVL3).")
+    max_model_len: int = option(
+        8192, key=KEY, help="vLLM's max_model_len: the longest prompt plus output of a request.")
+    max_num_seqs: int | None = option(
+        None, key=KEY, help="vLLM's max_num_seqs: requests per engine step [default: vLLM's].")
+    max_num_batched_tokens: int | None = option(
+        None, key=KEY,
+        help="vLLM's max_num_batched_tokens: tokens per engine step [default: vLLM's].")
+    gpu_memory_utilization: float | None = option(
+        None, key=NOT_KEY,  # None: 0.9 on GPU, small on CPU
+        help="Fraction of GPU memory (on CPU: of RAM for the KV cache).")
+    dtype: str = option("auto", key=KEY, choices=DTYPES,
+                        help="vLLM's dtype of weights and activations (auto: the checkpoint's).")
+    seed: int = option(0, key=NOT_KEY, help="Seed of the engine and of sampling.")
+    load_format: str | None = option(
+        None, key=KEY,  # None: "dummy" for weightless synthesized ones, else "auto"
+        help="vLLM load format (default: dummy for synthesized checkpoints without weights).")
+    enforce_eager: bool = option(False, key=KEY, help="No torch.compile, no CUDA graphs.")
     # vLLM's multimodal processor cache (GiB per engine; None: vLLM's 4). Off by default: a
     # dataset's images are all new, so it never hits and only holds each image's pixels in
     # the engine core (vLLM CPU, 10,200 images: its RSS 0.92 -> 3.56 GB with the cache, flat
     # at 0.68 GB without, and 16 % more images/s, 2 runs each; docs/performance.md)
-    mm_cache_gb: float | None = 0.0
-    kv_cache_gb: float | None = None  # a fixed KV cache instead of profiling free memory
+    mm_cache_gb: float | None = option(
+        0.0, key=NOT_KEY, minimum=0,
+        help="vLLM's multimodal processor cache per engine, GiB; off by default, as every "
+             "image of a dataset is new (it only helps with repeated images).")
+    kv_cache_gb: float | None = option(
+        None, key=NOT_KEY,
+        help="Fixed KV cache per engine instead of profiling free memory (GPU; default 4 "
+             "with --replicas > 1).")
     # vLLM's encoder CUDA graphs (`cudagraph_mm_encoder`); vLLM 0.26 honours it only on its V1
     # model runner, which Engine.start selects (VLLM_USE_V2_MODEL_RUNNER=0) when this is set
-    encoder_cudagraphs: bool = False
+    encoder_cudagraphs: bool = option(
+        False, key=KEY_IF_SET,
+        help="GPU: CUDA graphs for the vision encoder (vLLM cudagraph_mm_encoder, on vLLM's "
+             "V1 model runner).")
     # vLLM's online quantization of the checkpoint's linear layers at load (None: none). "fp8":
     # weights to FP8 per tensor, activations scaled per token as they come; vLLM passes the
     # config to InternViT and to the language model (the projector, plain nn.Linear, stays bf16)
-    quantization: str | None = None
+    quantization: str | None = option(
+        None, key=KEY_IF_SET, choices=QUANTIZATIONS,
+        help="GPU, opt-in: vLLM's online FP8 for the linear layers of InternViT and the "
+             "language model (weights quantized at load, activations per token). Captions "
+             "may differ from bf16's: compare before relying on it (bench --variants "
+             "plain,pipeline,pipeline-fp8).")
 
     def __post_init__(self):
         if not self.model:
             raise ConfigError("--model is required")
-        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"--quantization {self.quantization}: choose from "
-                              f"{', '.join(QUANTIZATIONS)}")
+        for o in option_fields(type(self)):
+            value = getattr(self, o.name)
+            if o.choices and value is not None and value not in o.choices:
+                raise ConfigError(f"{o.spellings[0]} {value}: choose from "
+                                  f"{', '.join(o.choices)}")
         if self.max_dynamic_patch is not None and not 1 <= self.max_dynamic_patch <= 40:
             raise ConfigError("--max-dynamic-patch must be between 1 and 40")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
@@ -119,21 +249,25 @@ class EngineSpec:
                         ("--max-num-batched-tokens", self.max_num_batched_tokens)):
             if v is not None and v < 1:
                 raise ConfigError(f"{flag} must be >= 1")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype}: choose from {', '.join(DTYPES)}")
         if self.compile and self.enforce_eager:
             raise ConfigError("--compile and --enforce-eager contradict each other")
         check_model_dir(self.model)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        # off: the keys of existing cache entries stay as they were
-        if not d["encoder_cudagraphs"]:
-            del d["encoder_cudagraphs"]
-        if d["quantization"] is None:
-            del d["quantization"]
-        return d
+    @classmethod
+    def from_options(cls, values: Mapping, **overrides) -> "EngineSpec":
+        """The spec of the engine options among `values` (a command's parsed options, a
+        benchmark's settings; other keys are ignored), then `overrides`."""
+        names = {o.name for o in option_fields(cls)}
+        return cls(**{**{k: v for k, v in values.items() if k in names}, **overrides})
 
+    def to_dict(self) -> dict:
+        """The fields, less the KEY_IF_SET options at their defaults (as entries and results
+        written before those options existed have them)."""
+        d = asdict(self)
+        for o in option_fields(type(self)):
+            if o.key == KEY_IF_SET and d[o.name] == o.default:
+                del d[o.name]
+        return d
 
 def check_model_dir(model: str) -> None:
     """A checkpoint folder must hold a readable config.json: without this check vLLM fails

@@ -536,9 +536,7 @@ class Engine(Engines):
         """`LLM.generate`, or, for requests the decode workers rendered already
         (preprocess.Processed), the same minus its rendering step: LLM's own methods add the
         rendered inputs to the engine and run it until they are done, in request order."""
-        from .preprocess import Processed
-
-        if not isinstance(reqs[0], Processed):
+        if not isinstance(reqs[0], prompts.Processed):
             return self.llm.generate(reqs, params, use_tqdm=False)
         from vllm import RequestOutput
 

@@ -23,26 +23,11 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from dataclasses import dataclass
 
 from .config import ConfigError, EngineSpec
+from .prompts import Processed
 
 MODES = ("auto", "workers", "engine")
-
-
-@dataclass(frozen=True)
-class Processed:
-    """One request rendered by vLLM's renderer, pickled (an `EngineInput` dict holding the
-    prompt's token ids and the image's pixel tensors)."""
-
-    blob: bytes
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.blob)
-
-    def unpack(self) -> dict:
-        return pickle.loads(self.blob)
 
 
 def choose(mode: str, spec: EngineSpec, cuda: bool) -> str:

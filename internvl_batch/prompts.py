@@ -6,6 +6,8 @@ marker.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .config import PromptSpec, SamplingSpec
 
 STOP_STRINGS = ["<|im_end|>", "<|endoftext|>"]
@@ -40,3 +42,21 @@ def sampling_params(spec: SamplingSpec, logprobs: int | None = None):
         stop=None if spec.ignore_eos else STOP_STRINGS,
         skip_special_tokens=True, logprobs=logprobs,
     )
+
+
+@dataclass(frozen=True)
+class Processed:
+    """One request rendered by vLLM's renderer outside the engine (preprocess.py), pickled:
+    an `EngineInput` dict with the prompt's token ids and the image's pixel tensors. The
+    main process forwards the bytes; only the engine's process rebuilds the tensors."""
+
+    blob: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.blob)
+
+    def unpack(self) -> dict:
+        import pickle
+
+        return pickle.loads(self.blob)

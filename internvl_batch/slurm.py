@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from .config import default_cache_dir, default_cache_dir_shell
+from .config import EngineSpec, default_cache_dir, default_cache_dir_shell, engine_argv
 
 MARKER = re.compile(r"@@([A-Z_]+)@@")
 SCRIPTS = ("warm-cache.sbatch", "caption-array.sbatch", "merge.sbatch")
@@ -316,11 +316,13 @@ def submit(paths: dict[str, Path], plan: Plan, workdir: str, sbatch_args: list[s
 
 
 
-def submit_plan(*, dataset: str, model: str, output: str, cache_dir: str, engine_args: str,
+def submit_plan(*, dataset: str, engine: EngineSpec, output: str, cache_dir: str,
                 run_args: str, shards: int, gpus_per_node: int, partition: str | None,
                 time_: str, mem: str | None, cpus_per_task: int | None, cpu: bool,
                 max_running: int | None, bin_: str | None, activate: str) -> Plan:
-    """The Plan of `slurm submit`: resources per job from its options (paths absolute)."""
+    """The Plan of `slurm submit`: resources per job from its options (paths absolute). The
+    engine options go to `cache warm` and `run` alike, written from `engine`'s fields (those
+    not at their defaults), so that both build or look up the same compile-cache entry."""
     # what goes into #SBATCH lines and the scripts' header comment (the rest is shell-quoted)
     for flag, v in (("--output", output), ("--partition", partition), ("--time", time_),
                     ("--mem", mem)):
@@ -329,8 +331,9 @@ def submit_plan(*, dataset: str, model: str, output: str, cache_dir: str, engine
     cpus = cpus_per_task or (2 if cpu else 8)
     caption_mem = mem or ("8G" if cpu else f"{64 * k}G")
     return Plan(
-        dataset=dataset, model=model, output=output, cache_dir=cache_dir,
-        engine_args=engine_args, extra_args=run_args, shards=shards, gpu=not cpu,
+        dataset=dataset, model=engine.model, output=output, cache_dir=cache_dir,
+        engine_args=shlex.join(engine_argv(engine)), extra_args=run_args, shards=shards,
+        gpu=not cpu,
         tasks_per_job=k, max_running=max_running, bin=bin_ or default_bin(), activate=activate,
         log_dir=str(Path(output) / "slurm" / "logs"),
         caption=Resources(partition=partition, time=time_, mem=caption_mem, cpus_per_task=cpus),

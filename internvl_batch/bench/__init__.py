@@ -37,7 +37,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -395,11 +395,11 @@ def _plan(opts: dict, log) -> _Plan:
     variants = opts["variants"]
     cuda = has_cuda()
     cache = CompileCache(opts["cache_dir"])
-    spec = cache.resolve(EngineSpec(model=opts["model"], max_dynamic_patch=opts["max_dynamic_patch"]))
+    spec = cache.resolve(EngineSpec.from_options(opts))  # the bench's engine options
     notes = []
     # variants whose engine settings this device cannot run: refused, or dropped with a note
-    gpu_only = {"compiled": EngineSpec(model=spec.model, compile=True),
-                "pipeline-fp8": EngineSpec(model=spec.model, quantization="fp8")}
+    gpu_only = {"compiled": replace(spec, compile=True),
+                "pipeline-fp8": replace(spec, quantization="fp8")}
     for v, needs in gpu_only.items():
         if v not in variants or cuda:
             continue

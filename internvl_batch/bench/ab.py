@@ -128,12 +128,7 @@ class ABOptions:
             raise ConfigError("--max-tokens must be >= 1")
         if self.profile_images < 0:
             raise ConfigError("--profile-images must be >= 0")
-        if self.mm_cache_gb < 0:
-            raise ConfigError("--mm-cache-gb must be >= 0")
-        for flag, v in (("--max-num-seqs", self.max_num_seqs),
-                        ("--max-num-batched-tokens", self.max_num_batched_tokens)):
-            if v is not None and v < 1:
-                raise ConfigError(f"{flag} must be >= 1")
+        self.engine_spec(cuda=True)  # the engine options' own checks (ranges, the model dir)
 
     @property
     def images_per_round(self) -> int:
@@ -147,13 +142,11 @@ class ABOptions:
         return 1 if self.sizes == "448" else None
 
     def engine_spec(self, cuda: bool) -> EngineSpec:
-        return EngineSpec(model=self.model, compile=cuda,
-                          max_dynamic_patch=self.dynamic_patch, max_model_len=self.max_model_len,
-                          max_num_seqs=self.max_num_seqs,
-                          max_num_batched_tokens=self.max_num_batched_tokens,
-                          gpu_memory_utilization=self.gpu_memory_utilization,
-                          mm_cache_gb=self.mm_cache_gb,
-                          kv_cache_gb=self.kv_cache_gb if cuda else None, seed=self.seed)
+        """The engine of the benchmark: its engine options as given, the encoder compiled on
+        CUDA (the mode a round runs is switched in that engine), a fixed KV cache on GPU."""
+        return EngineSpec.from_options(asdict(self), compile=cuda,
+                                       max_dynamic_patch=self.dynamic_patch,
+                                       kv_cache_gb=self.kv_cache_gb if cuda else None)
 
 
 def default_name(opts: ABOptions) -> str:

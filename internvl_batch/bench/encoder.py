@@ -794,9 +794,9 @@ def run(opts: EncoderBenchOptions, log=print) -> dict:
                        "TRITON_CACHE_DIR": str(tmp / "triton")})
     from ..config import default_cache_dir
 
-    spec = CompileCache(opts.cache_dir or default_cache_dir()).resolve(EngineSpec(
-        model=opts.model, compile=cuda and any(m != "eager" for m in modes),
-        max_num_seqs=opts.max_num_seqs, kv_cache_gb=opts.kv_cache_gb if cuda else None))
+    spec = CompileCache(opts.cache_dir or default_cache_dir()).resolve(EngineSpec.from_options(
+        asdict(opts), compile=cuda and any(m != "eager" for m in modes),
+        kv_cache_gb=opts.kv_cache_gb if cuda else None))
     kw = llm_kwargs(spec, cuda=cuda)
     from .. import checkpoint
 

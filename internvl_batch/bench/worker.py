@@ -82,14 +82,10 @@ class Worker:
         from ..config import EngineSpec
         from ..pipeline import open_engines
 
-        spec = EngineSpec(model=c["model"], compile=bool(c["compile"]),
-                          max_dynamic_patch=c["max_dynamic_patch"],
-                          max_model_len=c["max_model_len"],
-                          gpu_memory_utilization=c["gpu_memory_utilization"],
-                          kv_cache_gb=c.get("kv_cache_gb"),
-                          encoder_cudagraphs=bool(c.get("encoder_cudagraphs")
-                                                  and self.variant in PIPELINES),
-                          quantization=PIPELINES.get(self.variant))
+        # the engine options the parent set (run_bench's `base`), and this variant's own
+        spec = EngineSpec.from_options(
+            c, compile=bool(c["compile"]), quantization=PIPELINES.get(self.variant),
+            encoder_cudagraphs=bool(c.get("encoder_cudagraphs") and self.variant in PIPELINES))
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         replicas = c.get("replicas", 1) if self.variant in PIPELINES else 1
         self.engine, self.entry = open_engines(spec, Path(c["cache_dir"]), replicas, log)

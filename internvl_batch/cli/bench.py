@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..bench import VARIANTS
-from .common import UserError, cache_root, exit_now, log, restart_after_poison, user_errors
+from .common import cache_root, engine_options, exit_now, log, restart_after_poison, user_errors
 
 
 def _variants(ctx, param, value):
@@ -40,14 +40,19 @@ def _worker(config_path: str):
 
 
 @click.command()
-@click.option("--model", default="preset:internvl3-1b", show_default=True,
-              help="preset:{tiny,internvl3-1b,internvl3-2b,internvl3-8b} or a checkpoint dir.")
+@engine_options(
+    only=("model", "max_dynamic_patch", "gpu_memory_utilization", "encoder_cudagraphs"),
+    defaults={"model": "preset:internvl3-1b"},
+    helps={"model": "preset:{tiny,internvl3-1b,internvl3-2b,internvl3-8b} or a checkpoint dir.",
+           "max_dynamic_patch": "Max tiles per image [default: the checkpoint's].",
+           "gpu_memory_utilization": "Per engine [default: 0.9/len(variants) - 0.03 on GPU, "
+                                     "0.1 on CPU].",
+           "encoder_cudagraphs": "pipeline variant: vLLM's encoder CUDA graphs (run "
+                                 "--encoder-cudagraphs)."})
 @click.option("--images", type=click.IntRange(1), default=512, show_default=True,
               help="Images per timed repeat (each repeat gets its own images).")
 @click.option("--sizes", type=click.Choice(["coco", "448"]), default="coco", show_default=True,
               help="COCO's size mix, or 448x448 only.")
-@click.option("--max-dynamic-patch", type=int, default=None,
-              help="Max tiles per image [default: the checkpoint's].")
 @click.option("--max-tokens", type=click.IntRange(1), default=32, show_default=True,
               help="Output tokens per request (ignore_eos: always exactly this many).")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True)
@@ -63,8 +68,6 @@ def _worker(config_path: str):
 @click.option("--name", default=None, help="results/<name>.json and .md [default: from the config].")
 @click.option("--results-dir", type=click.Path(file_okay=False), default="results",
               show_default=True)
-@click.option("--gpu-memory-utilization", type=float, default=None,
-              help="Per engine [default: 0.9/len(variants) - 0.03 on GPU, 0.1 on CPU].")
 @click.option("--pipeline-engine", type=click.Choice(["auto", "compiled", "eager"]),
               default="auto", show_default=True,
               help="Encoder of the pipeline variant (auto: compiled on GPU, eager on CPU).")
@@ -74,8 +77,6 @@ def _worker(config_path: str):
               help="pipeline variant: decode processes.")
 @click.option("--replicas", type=click.IntRange(1, 16), default=1, show_default=True,
               help="pipeline variant: vLLM engines sharing the GPU (run --replicas).")
-@click.option("--encoder-cudagraphs", is_flag=True,
-              help="pipeline variant: vLLM's encoder CUDA graphs (run --encoder-cudagraphs).")
 @click.option("--cpu-ok", is_flag=True,
               help="Run without a GPU: drop `compiled` and `pipeline-fp8` with a note "
                    "instead of refusing.")
@@ -88,8 +89,6 @@ def bench(worker, **kw):
     """
     if worker:
         _worker(worker)
-    if kw["gpu_memory_utilization"] is not None and not 0 < kw["gpu_memory_utilization"] <= 1:
-        raise UserError("--gpu-memory-utilization must be in (0, 1]")
     _run_bench(kw)
 
 

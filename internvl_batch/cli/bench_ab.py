@@ -3,14 +3,24 @@ processed beforehand (`internvl_batch/bench/ab.py`)."""
 from __future__ import annotations
 
 import shlex
+from dataclasses import fields
 
 import click
 
+from .common import engine_options
+
 
 @click.command("bench-ab")
-@click.option("--model", default="preset:internvl3-1b", show_default=True,
-              help="preset:{internvl3-1b,internvl3-2b,tiny,...}[+weights|+dummy] or a "
-                   "checkpoint dir (+weights for a meaningful token agreement).")
+@engine_options(
+    only=("model", "max_dynamic_patch", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+          "mm_cache_gb", "kv_cache_gb", "gpu_memory_utilization", "seed"),
+    defaults={"model": "preset:internvl3-1b"},
+    helps={"model": "preset:{internvl3-1b,internvl3-2b,tiny,...}[+weights|+dummy] or a "
+                    "checkpoint dir (+weights for a meaningful token agreement).",
+           "max_dynamic_patch": "Max tiles per image [default: 1 at 448, the checkpoint's "
+                                "at coco].",
+           "kv_cache_gb": "GPU: a fixed KV cache instead of profiling free memory.",
+           "seed": "Engine seed and generated dataset."})
 @click.option("--sizes", type=click.Choice(["448", "coco"]), default="448", show_default=True,
               help="448x448 images (one tile: max_dynamic_patch 1) or COCO's size mix "
                    "(default tiles).")
@@ -22,18 +32,6 @@ import click
               help="Untimed rounds of the pair first.")
 @click.option("--max-tokens", type=int, default=32, show_default=True,
               help="Output tokens per image (ignore_eos: always exactly this many).")
-@click.option("--max-dynamic-patch", type=int, default=None,
-              help="Max tiles per image [default: 1 at 448, the checkpoint's at coco].")
-@click.option("--max-num-seqs", type=int, default=None, help="vLLM's, passed through.")
-@click.option("--max-num-batched-tokens", type=int, default=None,
-              help="vLLM's, passed through.")
-@click.option("--max-model-len", type=int, default=8192, show_default=True)
-@click.option("--mm-cache-gb", type=float, default=0.0, show_default=True,
-              help="vLLM's multimodal processor cache (every image is new: 0 keeps no "
-                   "pixels around).")
-@click.option("--kv-cache-gb", type=float, default=None,
-              help="GPU: a fixed KV cache instead of profiling free memory.")
-@click.option("--gpu-memory-utilization", type=float, default=None)
 @click.option("--profile-images", type=int, default=256, show_default=True,
               help="Images of one extra, untimed round per mode under torch.profiler in the "
                    "worker (the encoder's share of GPU kernel time); 0: none.")
@@ -51,8 +49,6 @@ import click
               help="Collect garbage before each timed feed and none inside it (inside the "
                    "engine core too with --engine-core inline), or let Python collect "
                    "whenever its thresholds say.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Engine seed and generated dataset.")
 @click.option("--reuse-compile-cache", is_flag=True,
               help="Use (and fill) the compile cache under --cache-dir instead of a fresh "
                    "temporary one.")
@@ -83,25 +79,16 @@ def bench_ab(**kw):
     from .common import UserError, cache_root, own_args, write_bench_and_exit
 
     try:
-        opts = ABOptions(
-            model=kw["model"], sizes=kw["sizes"], images=kw["images"], repeats=kw["repeats"],
-            warmup_rounds=kw["warmup_rounds"], max_tokens=kw["max_tokens"],
-            max_dynamic_patch=kw["max_dynamic_patch"], max_num_seqs=kw["max_num_seqs"],
-            max_num_batched_tokens=kw["max_num_batched_tokens"],
-            max_model_len=kw["max_model_len"], mm_cache_gb=kw["mm_cache_gb"],
-            kv_cache_gb=kw["kv_cache_gb"], gpu_memory_utilization=kw["gpu_memory_utilization"],
-            profile_images=kw["profile_images"], same_images=kw["same_images"],
-            engine_core=kw["engine_core"],
-            gc_off=kw["gc_off"], seed=kw["seed"],
-            reuse_compile_cache=kw["reuse_compile_cache"],
-            cache_dir=str(cache_root(kw["cache_dir"])), work_dir=kw["work_dir"] or "",
-            results_dir=kw["results_dir"], name=kw["name"] or "",
-            command="internvl-batch bench-ab " + " ".join(shlex.quote(a) for a in own_args("bench-ab")))
+        given = {f.name: kw[f.name] for f in fields(ABOptions) if f.name in kw}
+        opts = ABOptions(**dict(
+            given, cache_dir=str(cache_root(kw["cache_dir"])), work_dir=kw["work_dir"] or "",
+            name=kw["name"] or "",
+            command="internvl-batch bench-ab " + " ".join(shlex.quote(a) for a in
+                                                          own_args("bench-ab"))))
         if not opts.name:
             from dataclasses import replace
 
             opts = replace(opts, name=default_name(opts))
-        opts.engine_spec(cuda=False)  # engine settings' own checks (ranges, the model dir)
         doc = _run(opts)
     except (ConfigError, CacheError) as e:
         raise UserError(str(e)) from None

@@ -6,10 +6,17 @@ import shlex
 
 import click
 
+from .common import engine_options
+
 
 @click.command("bench-encoder")
-@click.option("--model", default="preset:internvl3-1b", show_default=True,
-              help="preset:{internvl3-1b,internvl3-2b,internvit-6b,tiny,...} or a checkpoint dir.")
+@engine_options(only=("model", "seed", "kv_cache_gb"),
+                defaults={"model": "preset:internvl3-1b", "kv_cache_gb": 1.0},
+                helps={"model": "preset:{internvl3-1b,internvl3-2b,internvit-6b,tiny,...} or a "
+                                "checkpoint dir.",
+                       "seed": "Seed of the engine, the re-initialised weights and the inputs.",
+                       "kv_cache_gb": "GPU: fixed KV cache, so the rest of the memory is free "
+                                      "for large batches."})
 @click.option("--batches", default="1,2,4,8,13,32,64,128", show_default=True,
               help="Tiles per encoder call, comma list.")
 @click.option("--repeats", type=int, default=30, show_default=True,
@@ -27,13 +34,10 @@ import click
               help="Batches at which each mode's code path is traced (layer calls, counters).")
 @click.option("--profile-batches", default="1,13", show_default=True,
               help="Batches whose GPU kernels are profiled per mode ('' for none; GPU only).")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--init-std", type=float, default=0.02, show_default=True,
               help="Std of the re-initialised weight matrices.")
 @click.option("--layer-scale", type=float, default=0.1, show_default=True,
               help="Value of the re-initialised layer scale ls1/ls2.")
-@click.option("--kv-cache-gb", type=float, default=1.0, show_default=True,
-              help="GPU: fixed KV cache, so the rest of the memory is free for large batches.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where presets are synthesized [env INTERNVL_BATCH_CACHE; default "
                    "~/.cache/internvl-batch]. Compile caches are always fresh.")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..config import ConfigError
-from .common import cache_root, engine_options, exit_now, log, make_engine_spec, user_errors
+from ..config import ConfigError, EngineSpec
+from .common import CACHE_DIR_OPTION, cache_root, engine_options, exit_now, log, user_errors
 
 
 @click.group()
@@ -13,7 +13,8 @@ def cache():
 
 
 @cache.command("warm")
-@engine_options
+@engine_options()
+@CACHE_DIR_OPTION
 @click.option("--naive", is_flag=True, hidden=True,
               help="Trace the encoder on one tile first (builds a poisoned entry; tests only).")
 @user_errors
@@ -22,7 +23,7 @@ def cache_warm(naive, **kw):
     from ..cache import CompileCache
 
     cc = CompileCache(cache_root(kw.pop("cache_dir")))
-    engine, entry = cc.start_engine(make_engine_spec(kw), log=log, naive=naive)
+    engine, entry = cc.start_engine(EngineSpec.from_options(kw), log=log, naive=naive)
     t = engine.timings
     click.echo(f"{'hit' if entry.hit else 'built'} {entry.key} init {t.total_s:.1f}s "
                f"(load {t.load_s}, compile {t.compile_s}, cudagraph {t.cudagraph_s})")
@@ -54,14 +55,15 @@ def cache_ls(cache_dir):
 
 
 @cache.command("verify")
-@engine_options
+@engine_options()
+@CACHE_DIR_OPTION
 @user_errors
 def cache_verify(**kw):
     """Load the entry and check its compiled encoder against eager, in the same engine."""
     from ..cache import CacheError, CompileCache, summarize_check
 
     cc = CompileCache(cache_root(kw.pop("cache_dir")))
-    spec = cc.resolve(make_engine_spec(kw))
+    spec = cc.resolve(EngineSpec.from_options(kw))
     entry = cc.entry(spec)
     if not entry.complete:
         raise CacheError(f"no complete entry {entry.key}; run `internvl-batch cache warm` first")

@@ -8,11 +8,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from dataclasses import MISSING
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from ..config import DTYPES, ConfigError, EngineSpec, default_cache_dir
+from ..config import ConfigError, EngineSpec, Option, default_cache_dir, option_fields
 from ..sources import SourceError
 
 
@@ -74,69 +76,61 @@ def cache_root(value) -> Path:
     return Path(value) if value else default_cache_dir()
 
 
-ENGINE_OPTIONS = [
-    click.option("--model", default="preset:tiny", show_default=True,
-                 help="Checkpoint dir, hub id, or preset:{tiny,internvl3-1b,internvl3-2b,"
-                      "internvl3-8b,internvit-6b}[+weights|+dummy] (synthesized once under the "
-                      "cache dir; tiny has random weights, the others dummy unless +weights)."),
-    click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-                 help="torch.compile the InternViT encoder (CUDA only; safe warm-up)."),
-    click.option("--max-dynamic-patch", type=int, default=None,
-                 help="Max tiles per image (default: the checkpoint's, 12 for InternVL3)."),
-    click.option("--max-model-len", type=int, default=8192, show_default=True),
-    click.option("--max-num-seqs", type=int, default=None),
-    click.option("--max-num-batched-tokens", type=int, default=None),
-    click.option("--gpu-memory-utilization", type=float, default=None,
-                 help="Fraction of GPU memory (on CPU: of RAM for the KV cache)."),
-    click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True),
-    click.option("--load-format", default=None,
-                 help="vLLM load format (default: dummy for synthesized checkpoints "
-                      "without weights)."),
-    click.option("--enforce-eager", is_flag=True, help="No torch.compile, no CUDA graphs."),
-    click.option("--encoder-cudagraphs", is_flag=True,
-                 help="GPU: CUDA graphs for the vision encoder (vLLM cudagraph_mm_encoder, "
-                      "on vLLM's V1 model runner)."),
-    click.option("--quantization", type=click.Choice(["fp8"]), default=None,
-                 help="GPU, opt-in: vLLM's online FP8 for the linear layers of InternViT and "
-                      "the language model (weights quantized at load, activations per "
-                      "token). Captions may differ from bf16's: compare before relying on "
-                      "it (bench --variants plain,pipeline,pipeline-fp8)."),
-    click.option("--mm-cache-gb", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                 help="vLLM's multimodal processor cache per engine, GiB; off by default, as "
-                      "every image of a dataset is new (it only helps with repeated images)."),
-    click.option("--kv-cache-gb", type=float, default=None,
-                 help="Fixed KV cache per engine instead of profiling free memory "
-                      "(GPU; default 4 with --replicas > 1)."),
-    click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-                 help="Compile-cache root [env INTERNVL_BATCH_CACHE; default "
-                      "~/.cache/internvl-batch]."),
-]
+CACHE_DIR_OPTION = click.option(
+    "--cache-dir", type=click.Path(file_okay=False), default=None,
+    help="Compile-cache root [env INTERNVL_BATCH_CACHE; default ~/.cache/internvl-batch].")
 
 
-def engine_options(fn):
-    for o in reversed(ENGINE_OPTIONS):
-        fn = o(fn)
-    return fn
+def engine_options(spec_cls=EngineSpec, *, only=None, leave_out=(), defaults=None, helps=None):
+    """A decorator adding one click option per engine option of `spec_cls` (config.option
+    fields, in their order): all of them, or `only` these, less `leave_out`. `defaults` and
+    `helps` ({field: value}) let a benchmark keep its own default or help for an option."""
+    defaults, helps = defaults or {}, helps or {}
+    chosen = [o for o in option_fields(spec_cls)
+              if (only is None or o.name in only) and o.name not in leave_out]
+    decorators = [_click_option(o, defaults.get(o.name, _cli_default(o)),
+                                helps.get(o.name, o.help)) for o in chosen]
+
+    def decorate(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+    return decorate
 
 
-def engine_option_flags() -> dict[str, bool]:
+def _cli_default(o: Option):
+    return o.cli_default if o.default is MISSING else o.default
+
+
+def _click_option(o: Option, default, help_: str):
+    if o.type is bool:
+        # --flag/--no-flag shows its default; a lone --flag is off unless given
+        return click.option(o.flag, o.name, is_flag=True, default=bool(default),
+                            show_default="/" in o.flag, help=help_)
+    if o.choices:
+        kind = click.Choice(o.choices)
+    elif o.minimum is not None:
+        kind = (click.IntRange if o.type is int else click.FloatRange)(min=o.minimum)
+    else:
+        kind = o.type
+    return click.option(o.flag, o.name, type=kind, default=default,
+                        required=default is None and o.default is MISSING,
+                        show_default=default is not None, help=help_)
+
+
+def engine_option_flags(spec_cls=EngineSpec) -> dict[str, bool]:
     """Every spelling of the engine options (what `run` and `cache warm` share) -> is it a
     flag (takes no value). `slurm submit` sends these from --extra-args to the warm job too."""
-    probe = engine_options(lambda: None)  # the decorators collect into __click_params__
-    out = {}
-    for p in probe.__click_params__:
-        for o in [*p.opts, *p.secondary_opts]:
-            out[o] = bool(p.is_flag or p.secondary_opts or p.count)
-    return out
+    return {s: o.type is bool for o in option_fields(spec_cls) for s in o.spellings}
 
 
-def make_engine_spec(kw: dict) -> EngineSpec:
-    return EngineSpec(
-        model=kw.pop("model"), compile=kw.pop("compile_"),
-        max_dynamic_patch=kw.pop("max_dynamic_patch"), max_model_len=kw.pop("max_model_len"),
-        max_num_seqs=kw.pop("max_num_seqs"), max_num_batched_tokens=kw.pop("max_num_batched_tokens"),
-        gpu_memory_utilization=kw.pop("gpu_memory_utilization"), dtype=kw.pop("dtype"),
-        load_format=kw.pop("load_format"), enforce_eager=kw.pop("enforce_eager"),
-        mm_cache_gb=kw.pop("mm_cache_gb"), kv_cache_gb=kw.pop("kv_cache_gb"),
-        encoder_cudagraphs=kw.pop("encoder_cudagraphs", False),
-        quantization=kw.pop("quantization", None), seed=kw.get("seed", 0) or 0)
+def given_engine_options(words: list[str], spec_cls=EngineSpec) -> dict:
+    """The engine options that `words` (as typed for `run`) give -> {field: value}, parsed
+    and checked as `run` parses them; UserError on a bad one."""
+    cmd = click.command("run")(engine_options(spec_cls)(lambda **kw: None))
+    try:
+        ctx = cmd.make_context("run", list(words))
+    except click.ClickException as e:
+        raise UserError(e.format_message()) from None
+    return {k: v for k, v in ctx.params.items()
+            if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..config import (DEFAULT_MAX_ERROR_RATE, DEFAULT_PROMPT, PromptSpec, RunConfig, SamplingSpec,
-                      shard_from_env)
+from ..config import (DEFAULT_MAX_ERROR_RATE, DEFAULT_PROMPT, EngineSpec, PromptSpec, RunConfig,
+                      SamplingSpec, shard_from_env)
 from ..sources import SourceSpec, dataset_help
-from .common import (cache_root, engine_options, exit_now, make_engine_spec,
+from .common import (CACHE_DIR_OPTION, cache_root, engine_options, exit_now,
                      restart_after_poison, user_errors)
 
 
@@ -33,62 +33,71 @@ def _workers(ctx, param, value):
             from None
 
 
-@click.command()
-@click.option("--dataset", required=True, help=dataset_help())
-@click.option("--data-dir", help="coco: image directory.")
-@click.option("--annotations", help="coco: captions_*.json (images[] + annotations[]).")
-@click.option("--split", default="train", show_default=True, help="hf: split.")
-@click.option("--image-column", default="image", show_default=True)
-@click.option("--caption-column", default=None, help="hf/parquet: reference captions column.")
-@click.option("--id-column", default=None, help="hf/parquet: id column (default: position).")
-@click.option("--limit", type=int, default=None, help="Only the first N records.")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
-              help="Output directory (one Parquet + stats.json per shard).")
-@engine_options
-@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
-@click.option("--system-prompt", default=None)
-@click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--ignore-eos", is_flag=True, help="Always decode --max-tokens (benchmarks).")
-@click.option("--batch-size", type=int, default=256, show_default=True,
-              help="Requests per LLM.generate call (also the commit granularity).")
-@click.option("--workers", default="auto", show_default=True, callback=_workers,
-              help="Image-decoding processes (0: decode inline; auto: 4, or the CPUs the "
-                   "engines leave when the workers render prompts).")
-@click.option("--preprocess", type=click.Choice(["auto", "workers", "engine"]), default="auto",
-              show_default=True,
-              help="Where vLLM's input processing (tokens, InternVL tiles, pixels) runs: in "
-                   "the decode workers, on every core, or in each engine's front process, "
-                   "serially (auto: workers on a GPU, engine on CPU).")
-@click.option("--replicas", default="auto", show_default=True, callback=_replicas,
-              help="vLLM engines sharing the GPU, each in its own process: vLLM preprocesses "
-                   "images serially per engine, so small models need several to fill a GPU "
-                   "(auto: as many as fit in GPU memory and ~3 CPUs each, at most 4; 1 on CPU).")
-@click.option("--num-shards", type=int, default=None,
-              help="[default: $SLURM_ARRAY_TASK_COUNT or 1]")
-@click.option("--shard-index", type=int, default=None,
-              help="[default: $SLURM_ARRAY_TASK_ID or 0]")
-@click.option("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE, show_default=True,
-              help="Exit 3 when more than this fraction of rows fail (checked after 20 rows "
-                   "and over the finished shard; 1 accepts any).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace the shard's rows already in --output (e.g. after changing "
-                   "--prompt); they are removed once the engines have started.")
-@click.option("--wait", is_flag=True,
-              help="If another run is writing this shard, wait for it instead of exiting 2.")
-@click.option("--no-progress", is_flag=True)
-@click.option("-q", "--quiet", is_flag=True,
-              help="Print only the summary (stdout) and errors: no status lines, no bar.")
-@click.option("-v", "--verbose", is_flag=True,
-              help="Also stream vLLM's and torch's log to the terminal (always in the log file "
-                   "OUTPUT/logs/SHARD.log).")
-@click.option("--json", "as_json", is_flag=True,
-              help="The summary on stdout as one JSON object instead of a table.")
-@user_errors
-def run(**kw):
-    """Caption a dataset shard and write Parquet + stats.json (resumable)."""
+def run_command(spec_cls=EngineSpec) -> click.Command:
+    """`run`, with one option per engine option of `spec_cls` (tests pass a subclass)."""
+    @click.command("run")
+    @click.option("--dataset", required=True, help=dataset_help())
+    @click.option("--data-dir", help="coco: image directory.")
+    @click.option("--annotations", help="coco: captions_*.json (images[] + annotations[]).")
+    @click.option("--split", default="train", show_default=True, help="hf: split.")
+    @click.option("--image-column", default="image", show_default=True)
+    @click.option("--caption-column", default=None, help="hf/parquet: reference captions column.")
+    @click.option("--id-column", default=None, help="hf/parquet: id column (default: position).")
+    @click.option("--limit", type=int, default=None, help="Only the first N records.")
+    @click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+                  help="Output directory (one Parquet + stats.json per shard).")
+    @engine_options(spec_cls)
+    @CACHE_DIR_OPTION
+    @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
+    @click.option("--system-prompt", default=None)
+    @click.option("--max-tokens", type=int, default=64, show_default=True)
+    @click.option("--temperature", type=float, default=0.0, show_default=True)
+    @click.option("--top-p", type=float, default=1.0, show_default=True)
+    @click.option("--ignore-eos", is_flag=True, help="Always decode --max-tokens (benchmarks).")
+    @click.option("--batch-size", type=int, default=256, show_default=True,
+                  help="Requests per LLM.generate call (also the commit granularity).")
+    @click.option("--workers", default="auto", show_default=True, callback=_workers,
+                  help="Image-decoding processes (0: decode inline; auto: 4, or the CPUs the "
+                       "engines leave when the workers render prompts).")
+    @click.option("--preprocess", type=click.Choice(["auto", "workers", "engine"]),
+                  default="auto", show_default=True,
+                  help="Where vLLM's input processing (tokens, InternVL tiles, pixels) runs: in "
+                       "the decode workers, on every core, or in each engine's front process, "
+                       "serially (auto: workers on a GPU, engine on CPU).")
+    @click.option("--replicas", default="auto", show_default=True, callback=_replicas,
+                  help="vLLM engines sharing the GPU, each in its own process: vLLM "
+                       "preprocesses images serially per engine, so small models need several "
+                       "to fill a GPU (auto: as many as fit in GPU memory and ~3 CPUs each, "
+                       "at most 4; 1 on CPU).")
+    @click.option("--num-shards", type=int, default=None,
+                  help="[default: $SLURM_ARRAY_TASK_COUNT or 1]")
+    @click.option("--shard-index", type=int, default=None,
+                  help="[default: $SLURM_ARRAY_TASK_ID or 0]")
+    @click.option("--max-error-rate", type=float, default=DEFAULT_MAX_ERROR_RATE,
+                  show_default=True,
+                  help="Exit 3 when more than this fraction of rows fail (checked after 20 "
+                       "rows and over the finished shard; 1 accepts any).")
+    @click.option("--overwrite", is_flag=True,
+                  help="Replace the shard's rows already in --output (e.g. after changing "
+                       "--prompt); they are removed once the engines have started.")
+    @click.option("--wait", is_flag=True,
+                  help="If another run is writing this shard, wait for it instead of exiting 2.")
+    @click.option("--no-progress", is_flag=True)
+    @click.option("-q", "--quiet", is_flag=True,
+                  help="Print only the summary (stdout) and errors: no status lines, no bar.")
+    @click.option("-v", "--verbose", is_flag=True,
+                  help="Also stream vLLM's and torch's log to the terminal (always in the log "
+                       "file OUTPUT/logs/SHARD.log).")
+    @click.option("--json", "as_json", is_flag=True,
+                  help="The summary on stdout as one JSON object instead of a table.")
+    @user_errors
+    def run(**kw):
+        """Caption a dataset shard and write Parquet + stats.json (resumable)."""
+        _run(spec_cls.from_options(kw), kw)
+    return run
+
+
+def _run(engine: EngineSpec, kw: dict):
     import json
 
     from ..children import become_subreaper, reap_descendants
@@ -104,10 +113,11 @@ def run(**kw):
         limit=kw.pop("limit"))
     num_shards, shard_index = shard_from_env(kw.pop("num_shards"), kw.pop("shard_index"))
     cfg = RunConfig(
-        source=source, engine=make_engine_spec(kw), output=Path(kw.pop("output")),
+        source=source, engine=engine, output=Path(kw.pop("output")),
         prompt=PromptSpec(kw.pop("prompt"), kw.pop("system_prompt")),
+        # one --seed: the engine's and sampling's
         sampling=SamplingSpec(kw.pop("max_tokens"), kw.pop("temperature"), kw.pop("top_p"),
-                              kw.pop("seed"), kw.pop("ignore_eos")),
+                              engine.seed, kw.pop("ignore_eos")),
         batch_size=kw.pop("batch_size"), workers=kw.pop("workers"), replicas=kw.pop("replicas"),
         preprocess=kw.pop("preprocess"),
         num_shards=num_shards, shard_index=shard_index,
@@ -133,6 +143,9 @@ def run(**kw):
             con.info(f"{reaped['left']} process(es) of the run were still running after it "
                      f"ended; stopped ({reaped['killed']} killed) {reaped['waited_s']} s after")
     exit_now(code)
+
+
+run = run_command()
 
 
 @click.command("replica", hidden=True)

@@ -7,9 +7,10 @@ import shlex
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..config import default_cache_dir
-from .common import engine_option_flags
+from .common import UserError, engine_option_flags, engine_options, given_engine_options
 
 
 def slurm_errors(fn):
@@ -54,8 +55,9 @@ def slurm():
               help="[default: 8; 2 with --cpu]")
 @click.option("--cpu", is_flag=True, help="CPU-only variant: no GPU requests (CI, tests).")
 @click.option("--extra-args", default="", help="More `run` options, shell-quoted, e.g. "
-              "'--data-dir D --annotations A --max-tokens 32'. Engine options among them "
-              "(--compile, --max-model-len ...) also go to the warm-cache job.")
+              "'--data-dir D --annotations A --max-tokens 32'. Engine options (those below, "
+              "from --compile on) may be given here too; they also go to the warm-cache job.")
+@engine_options(leave_out=("model",))
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Working directory of the jobs [default: the current one].")
 @click.option("--max-running", type=click.IntRange(min=1), default=None,
@@ -81,13 +83,14 @@ def submit_cmd(output, cache_dir, extra_args, workdir, sbatch_args, merge_after,
     output = os.path.abspath(os.path.expanduser(output))
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or str(default_cache_dir())))
     workdir = os.path.abspath(workdir or os.getcwd())
-    engine_args, run_args = split_engine_args(extra_args, engine_option_flags())
+    engine_words, run_args = split_engine_args(extra_args, engine_option_flags())
+    engine = _engine_spec(kw, shlex.split(engine_words))
     try:
         sbatch_extra = shlex.split(sbatch_args)
     except ValueError as e:
         raise SlurmError(f"--sbatch-args: {e}") from None
-    plan = submit_plan(output=output, cache_dir=cache_dir, engine_args=engine_args,
-                       run_args=run_args, **kw)
+    plan = submit_plan(output=output, cache_dir=cache_dir, engine=engine, run_args=run_args,
+                       **kw)
     scripts = plan.scripts()
     slurm_dir = Path(output) / "slurm"
     paths = {name: slurm_dir / name for name in scripts}
@@ -107,6 +110,28 @@ def submit_cmd(output, cache_dir, extra_args, workdir, sbatch_args, merge_after,
     for name, job_id in ids.items():
         click.echo(f"{name} {job_id}")
     click.echo(f"scripts in {slurm_dir}, logs in {slurm_dir / 'logs'}", err=True)
+
+
+def _engine_spec(kw: dict, extra_words: list[str]):
+    """The engine options of the jobs (popped from kw): those given to `slurm submit` itself
+    win over the same ones in --extra-args; both checked as `run` checks them."""
+    from ..config import ConfigError, EngineSpec, option_fields
+    from ..slurm import SlurmUsageError
+
+    ctx = click.get_current_context()
+    try:
+        values = given_engine_options(extra_words)
+    except UserError as e:
+        raise SlurmUsageError(f"--extra-args: {e.message}") from None
+    for o in option_fields():
+        if o.name in kw and o.name != "model":
+            value = kw.pop(o.name)
+            if ctx.get_parameter_source(o.name) is ParameterSource.COMMANDLINE:
+                values[o.name] = value
+    try:
+        return EngineSpec.from_options(values, model=kw.pop("model"))
+    except ConfigError as e:
+        raise SlurmUsageError(str(e)) from None
 
 
 @slurm.command("write-jobs", hidden=True)
