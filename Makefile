@@ -21,7 +21,7 @@ GPU_RUNS = $(RESULTS)/internvl3-2b-448-1tile.json $(RESULTS)/internvl3-1b-448-1t
            $(RESULTS)/internvl3-1b-coco.json $(RESULTS)/internvl3-1b-448-1tile-throughput.json \
            $(RESULTS)/internvl3-1b-coco-plain-vs-replicas4.json
 
-.PHONY: install test reproduce reproduce-gpu reproduce-cpu bench-encoder bench-2b bench-1b \
+.PHONY: install test reproduce reproduce-gpu reproduce-cpu bench-encoder bench-2b bench-1b bench-run-coco \
         bench-coco bench-ab bench-throughput bench-throughput-coco report
 
 install:
@@ -106,3 +106,14 @@ bench-throughput-coco:
 	$(IVB) bench --model preset:internvl3-1b --sizes coco --variants plain,pipeline \
 	    --replicas 4 --images 384 --repeats 3 --warmup-images 64 \
 	    --results-dir $(RESULTS) --name internvl3-1b-coco-plain-vs-replicas4 $(BENCH_ARGS)
+
+# `run` itself at COCO sizes (1,024 images, default tiles, --compile), this tree against the
+# tree of commit OLD, each cold on its own cache and then warm, GPU busy % sampled: the check
+# that a change to the feed (workers, replicas, batches) did not cost images/s, e.g.
+#   make bench-run-coco OLD=main~5
+OLD ?= HEAD
+bench-run-coco:
+	rm -rf .bisect && mkdir -p .bisect && git archive $(OLD) internvl_batch | tar -x -C .bisect
+	OLD_TREE=$$PWD/.bisect PHASES="new-cold old-cold new-warm old-warm" \
+	    bash benchmarks/gpu/coco-throughput-ab.sh
+
