@@ -131,19 +131,35 @@ def _decode_many(records: list[Record], max_side: int | None,
     """Decode `records`; with `render` = (prompt text, mm_processor_kwargs) also render each
     decodable image into the engine's input with vLLM's renderer (preprocess.py)."""
     out = [decode(r, max_side) for r in records]
-    if render is not None:
+    if render is not None and out:
+        renderer = _renderer()
         for d in out:
             if d.error is None:
-                _render(d, *render)
+                _render(renderer, d, *render)
     return out
 
 
-def _render(d: Decoded, prompt_text: str, mm_kwargs: dict | None) -> None:
-    from . import preprocess, prompts
+class RendererFailed(RuntimeError):
+    """A decode worker could not build vLLM's renderer: no row of the run can be rendered,
+    so the run stops (exit 4) instead of failing every row."""
+
+
+def _renderer():
+    from . import preprocess
 
     try:
-        d.request = preprocess.worker_renderer().process(
-            prompts.request(prompt_text, d.image, mm_kwargs))
+        return preprocess.worker_renderer()
+    except Exception as e:
+        raise RendererFailed(f"a decode worker could not set up vLLM's renderer: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                             ) from None
+
+
+def _render(renderer, d: Decoded, prompt_text: str, mm_kwargs: dict | None) -> None:
+    from . import prompts
+
+    try:
+        d.request = renderer.process(prompts.request(prompt_text, d.image, mm_kwargs))
     except Exception as e:  # e.g. a prompt longer than max_model_len: this row fails
         d.error = f"preprocess: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     d.image = None
@@ -240,6 +256,8 @@ def _result(future: Future, pool: Executor, poll_s: float = 1.0) -> list:
                 raise DecodeWorkerDied(dead) from None
         except BrokenProcessPool:
             raise _broken(pool) from None
+        except RendererFailed as e:
+            raise DecodeWorkerDied(str(e)) from None
 
 
 def _broken(pool: Executor) -> DecodeWorkerDied:
@@ -264,7 +282,10 @@ def _warm_worker() -> None:
     from . import preprocess
 
     if preprocess._worker_args is not None:
-        preprocess.worker_renderer()
+        try:
+            preprocess.worker_renderer()
+        except Exception:  # said once, by the first batch that needs it (RendererFailed)
+            pass
 
 
 def stop_pool(pool: Executor | None) -> None:

@@ -135,3 +135,25 @@ def test_a_run_fed_by_rendering_workers_writes_the_engines_rows(engine, engine_s
     assert run(cfg, started=engine) == EXIT_OK
     bad = pq.read_table(out / "part-00000-of-00001.parquet").to_pylist()
     assert len(bad) == 3 and all(r["error"].startswith("preprocess:") for r in bad), bad
+
+
+def test_a_worker_that_cannot_build_the_renderer_stops_the_run_not_each_row(monkeypatch,
+                                                                             tmp_path):
+    """No row can be rendered without vLLM's renderer: the first batch raises one error
+    (the run exits 4 with it) instead of writing an error row for every image."""
+    from PIL import Image
+
+    from internvl_batch import images
+    from internvl_batch.sources import Record
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (64, 48)).save(path)
+
+    def broken():
+        raise OSError("config.json: no such file")
+
+    monkeypatch.setattr(preprocess, "worker_renderer", broken)
+    rec = Record(id="a", seq=0, payload=str(path), image_ref=str(path), references=())
+    with pytest.raises(images.RendererFailed, match="could not set up vLLM's renderer: OSError"):
+        images._decode_many([rec], None, ("prompt", None))
+    assert images._decode_many([], None, ("prompt", None)) == []
