@@ -4,7 +4,7 @@
     python benchmarks/wds_read.py [--samples 2000] [--tars 3] [--repeat 3] [--dir /tmp/wdsbench]
 
 Builds `--tars` tars of `--samples` samples each (the package's sample photos as KEY.jpg,
-with KEY.txt and KEY.json, as img2dataset lays them out), then times, best of `--repeat`:
+with KEY.txt and KEY.json, as img2dataset lays them out), then times, best and median of `--repeat`, interleaved:
 a full read (image bytes and captions of every sample), counting the samples (the progress
 bar's total when no img2dataset stats file is beside a tar), and a resume that passes over
 the first 95 % of one tar. Prints one line per measurement.
@@ -65,53 +65,52 @@ def ours_count(paths):
 
 
 def theirs(paths, skip_first: int = 0):
+    """webdataset's reader; it cannot pass over a member without reading it, so a resume
+    reads the samples it skips."""
     import webdataset as wds
 
-    n = nbytes = 0
-    for k, s in enumerate(wds.WebDataset(paths, shardshuffle=False)):
-        if skip_first and k % (len_per := _per(paths)) < skip_first:
-            continue  # it has to read them all the same: it cannot skip a member's data
+    n = nbytes = pos = 0
+    url = None
+    for s in wds.WebDataset(paths, shardshuffle=False):
+        pos = pos + 1 if s["__url__"] == url else 0
+        url = s["__url__"]
+        if pos < skip_first:
+            continue
         n += 1
         nbytes += len(s["jpg"])
         _ = s["txt"].decode(), json.loads(s["json"])
     return n, nbytes
 
 
-def _per(paths):
-    return int(os.environ["WDS_BENCH_PER"])
-
-
-def best(fn, *a, repeat: int):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn(*a)
-        times.append(time.perf_counter() - t)
-    return min(times), out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--tars", type=int, default=3)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default="/tmp/wdsbench")
     a = ap.parse_args()
     paths = build(Path(a.dir), a.tars, a.samples)
-    os.environ["WDS_BENCH_PER"] = str(a.samples)
     mb = sum(os.path.getsize(p) for p in paths) / 1e6
     total = a.tars * a.samples
-    print(f"{a.tars} tars x {a.samples} samples, {mb:.0f} MB")
+    print(f"{a.tars} tars x {a.samples} samples, {mb:.0f} MB; best and median of {a.repeat}, "
+          "the measurements interleaved")
     skip = int(a.samples * 0.95)
-    for what, fn, args in (
-            ("full read, ours (tarfile, random access)", ours, (paths,)),
-            ("full read, webdataset", theirs, (paths,)),
-            ("count samples, ours (headers only)", ours_count, (paths,)),
-            ("resume past 95 % of each tar, ours", ours, (paths, skip)),
-            ("resume past 95 % of each tar, webdataset (reads all)", theirs, (paths, skip))):
-        s, (n, _) = best(fn, *args, repeat=a.repeat)
-        print(f"{what}: {s:.3f} s for {n} samples ({total / s:,.0f} samples/s of the tars, "
-              f"{mb / s:,.0f} MB/s)")
+    cases = (("full read, ours (tarfile, random access)", ours, (paths,)),
+             ("full read, webdataset", theirs, (paths,)),
+             ("count samples, ours (headers only)", ours_count, (paths,)),
+             ("resume past 95 % of each tar, ours", ours, (paths, skip)),
+             ("resume past 95 % of each tar, webdataset (reads all)", theirs, (paths, skip)))
+    times: dict[str, list[float]] = {what: [] for what, _, _ in cases}
+    yielded = {}
+    for _ in range(a.repeat):  # interleaved: load from other work hits every case alike
+        for what, fn, args in cases:
+            t = time.perf_counter()
+            yielded[what] = fn(*args)[0]
+            times[what].append(time.perf_counter() - t)
+    for what, ts in times.items():
+        ts.sort()
+        print(f"{what}: {ts[0]:.3f} s best, {ts[len(ts) // 2]:.3f} s median, "
+              f"{yielded[what]} samples yielded ({total / ts[0]:,.0f} samples/s of the tars)")
 
 
 if __name__ == "__main__":

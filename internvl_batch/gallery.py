@@ -11,7 +11,8 @@ file; large selections are split into several page files linked to each other.
 Images are found again from the run metadata (`config.source` in the Parquet key-value
 metadata) and each row's `image_ref` / `seq`: a path relative to the folder, COCO image
 directory or sample set; for Parquet sources the `seq`-th row of the source glob; for a saved
-Hugging Face dataset its `seq`-th row. An image that cannot be found or decoded becomes a
+Hugging Face dataset its `seq`-th row; for WebDataset tars the member named in `image_ref`
+(TAR#MEMBER). An image that cannot be found or decoded becomes a
 placeholder that says why. Everything taken from the data is HTML-escaped.
 """
 from __future__ import annotations
