@@ -1,13 +1,13 @@
 """Reading WebDataset tars: this tool's reader (stdlib tarfile, random access) against the
 `webdataset` package's (the version img2dataset installs), on the same tars, page cache warm.
 
-    python benchmarks/wds_read.py [--samples 2000] [--tars 3] [--repeat 3] [--dir /tmp/wdsbench]
+    python benchmarks/wds_read.py [--samples 2000] [--tars 3] [--repeat 5] [--dir /tmp/wdsbench]
 
 Builds `--tars` tars of `--samples` samples each (the package's sample photos as KEY.jpg,
-with KEY.txt and KEY.json, as img2dataset lays them out), then times, best and median of `--repeat`, interleaved:
-a full read (image bytes and captions of every sample), counting the samples (the progress
-bar's total when no img2dataset stats file is beside a tar), and a resume that passes over
-the first 95 % of one tar. Prints one line per measurement.
+with KEY.txt and KEY.json, as img2dataset lays them out), then times, best and median of
+`--repeat` rounds with the cases interleaved: a full read (image bytes and captions of every
+sample), counting the samples (the progress bar's total when no img2dataset stats file is
+beside a tar), and a resume that passes over the first 95 % of each tar. One line a case.
 """
 from __future__ import annotations
 
