@@ -402,17 +402,17 @@ def test_sharded_run_with_broken_tars_stopped_and_resumed(engine, engine_spec, b
 
     def cfg(shard):
         return RunConfig(source=SourceSpec.parse(broken), engine=engine_spec, output=out,
-                         sampling=SamplingSpec(max_tokens=4), batch_size=2, workers=0,
+                         sampling=SamplingSpec(max_tokens=4), batch_size=1, workers=0,
                          progress=False, num_shards=2, shard_index=shard)
 
     parts = out / "_parts" / "part-00000-of-00002"
 
-    def preempt():  # once tar 0's six rows are written
-        for _ in range(3000):
+    def preempt():  # tar 0's six rows and one more written; one row a batch: 5+ of 13 to come
+        for _ in range(6000):
             chunks = list(parts.glob("chunk-*.parquet")) if parts.is_dir() else []
             if sum(pq.read_metadata(c).num_rows for c in chunks) >= 7:
                 break
-            threading.Event().wait(0.02)
+            threading.Event().wait(0.01)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     t = threading.Thread(target=preempt)
