@@ -93,7 +93,8 @@ FLAGS = {"model": "--model", "model_config_hash": "model config.json",
          "load_format": "--load-format", "quantization": "--quantization",
          "dataset": "--dataset", "data_dir": "--data-dir", "annotations": "--annotations",
          "split": "--split", "image_column": "--image-column",
-         "caption_column": "--caption-column", "id_column": "--id-column", "limit": "--limit"}
+         "caption_column": "--caption-column", "id_column": "--id-column", "limit": "--limit",
+         "tars": "--dataset's tar files"}
 
 
 def _short(v) -> str:

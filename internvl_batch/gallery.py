@@ -11,7 +11,8 @@ file; large selections are split into several page files linked to each other.
 Images are found again from the run metadata (`config.source` in the Parquet key-value
 metadata) and each row's `image_ref` / `seq`: a path relative to the folder, COCO image
 directory or sample set; for Parquet sources the `seq`-th row of the source glob; for a saved
-Hugging Face dataset its `seq`-th row. An image that cannot be found or decoded becomes a
+Hugging Face dataset its `seq`-th row; for WebDataset tars the member named in `image_ref`
+(TAR#MEMBER). An image that cannot be found or decoded becomes a
 placeholder that says why. Everything taken from the data is HTML-escaped.
 """
 from __future__ import annotations
@@ -88,6 +89,8 @@ class ImageLocator:
                 return self._parquet(rows)
             if self.image_root is None and self.kind == "hf":
                 return self._hf(rows)
+            if self.kind == "wds":
+                return self._wds(rows)
             root = self.image_root or self._root(rows)
         except Exception as e:  # a moved or unreadable source: placeholders, not a crash
             why = f"source unavailable: {type(e).__name__}: {e}"[:200]
@@ -173,6 +176,39 @@ class ImageLocator:
                 continue
             payload, _ = _payload_of(ds[int(seq)][col], Path(target))
             out.append((payload, None if payload is not None else "no image in the row"))
+        return out
+
+
+    def _wds(self, rows):
+        """Members read back from their tars (image_ref TAR#MEMBER; with --image-root, TAR's
+        file name under it), each tar's headers walked once until its members are found."""
+        import tarfile
+
+        out: list = [(None, "no image member")] * len(rows)
+        wanted: dict[str, dict[str, list[int]]] = {}
+        for k, r in enumerate(rows):
+            tar, sep, member = (r.get("image_ref") or "").rpartition("#")
+            if sep:
+                if self.image_root is not None:
+                    tar = str(self.image_root / Path(tar).name)
+                wanted.setdefault(tar, {}).setdefault(member, []).append(k)
+        for tar, members in wanted.items():
+            left = dict(members)
+            try:
+                with tarfile.open(tar, "r:*") as tf:
+                    for m in iter(tf.next, None):
+                        tf.members = []
+                        if left and m.name in left:
+                            data = tf.extractfile(m).read()
+                            for k in left.pop(m.name):
+                                out[k] = (data, None)
+                        if not left:
+                            break
+            except (tarfile.TarError, OSError, EOFError) as e:
+                why = f"tar unavailable: {type(e).__name__}: {e}"[:200]
+                for ks in left.values():
+                    for k in ks:
+                        out[k] = (None, why)
         return out
 
 

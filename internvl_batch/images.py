@@ -118,6 +118,8 @@ def _to_rgb(im):
 
 
 def decode(record: Record, max_side: int | None = None) -> Decoded:
+    if record.error is not None:  # the source knows already (a tar cut short, no image)
+        return Decoded(record, None, record.error)
     try:
         return Decoded(record, load_rgb(record.payload, max_side))
     except ImageError as e:

@@ -266,7 +266,8 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
                 started_at: float) -> int:
     # by position and id: a dataset may repeat an id; --overwrite: none of the old rows count
     done = set() if cfg.overwrite else writer.done_keys()
-    mine = not_done(records, done, cfg.output)
+    # a source that can pass over what is written without reading it does (wds: whole tars)
+    mine = not_done(records.resume(done), done, cfg.output)
     if done:
         term.info(f"resuming {writer.name}: {len(done)} rows already written")
     if term.starting is not None:

@@ -8,8 +8,14 @@ the prefetch window however large the dataset is.
 from __future__ import annotations
 
 import glob
+import hashlib
+import heapq
 import json
+import lzma
 import os
+import re
+import tarfile
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import islice
@@ -30,6 +36,9 @@ class Record:
     image_ref: str
     payload: bytes | str | None = field(repr=False)  # raw bytes, a file path, or None if absent
     references: tuple[str, ...] = ()
+    # why the source itself cannot give this record an image (a tar cut short, a sample
+    # without an image member): the row's error, without asking the decoder
+    error: str | None = None
 
     def __post_init__(self):
         # Parquet strings are UTF-8: a file name that is not (Python keeps its bytes as lone
@@ -114,6 +123,7 @@ class SourceSpec:
             v = getattr(self, opt)
             out[opt] = norm(v) if opt in ("data_dir", "annotations") else v
         out["limit"] = self.limit
+        out.update(READERS[self.kind].identity_of_files(self))
         return out
 
 
@@ -132,6 +142,12 @@ class Records:
 
     def __next__(self) -> Record:
         return next(self._it)
+
+    def resume(self, done: set[tuple[int, str]]) -> "Records":
+        """Told the (seq, id) keys already written before the first record is read. A kind
+        that can pass over written records without reading them (wds: whole tars) does so;
+        the others yield everything and the pipeline's resume filter skips what is done."""
+        return self
 
 
 def shard_size(total: int, shard_index: int, num_shards: int) -> int:
@@ -156,6 +172,12 @@ class Reader:
     @classmethod
     def check(cls, spec: SourceSpec) -> None:
         """Reject options this kind cannot work with (cheap: no file is opened)."""
+
+    @classmethod
+    def identity_of_files(cls, spec: SourceSpec) -> dict:
+        """What decides which record a seq is beyond the --dataset value and options (wds:
+        the tar files and their sizes); {} where the dataset value says it all."""
+        return {}
 
     def records(self) -> Iterator[Record]:
         raise NotImplementedError
@@ -545,3 +567,341 @@ def _hf(spec: SourceSpec) -> Iterator[Record]:
                          _captions_of(row.get(spec.caption_column)))
     # a saved Dataset knows its length; a streamed one does not
     return Records(gen(), len(ds) if hasattr(ds, "__len__") else None)
+
+
+# -- WebDataset tar shards ------------------------------------------------------------------
+
+# A sample's image: the first of these members it has (img2dataset writes KEY.jpg, or KEY.png /
+# KEY.webp with --encode_format)
+WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+# seq = the tar's number in the expanded --dataset list * TAR_STRIDE + the sample's position in
+# it: the same whatever the shard count, known without opening another tar, and readable
+# (12000000345 = tar 12, sample 345)
+TAR_STRIDE = 1_000_000_000
+# An image member above this is no image to caption (a 64 MP RGBA bitmap, images.MAX_PIXELS,
+# is 256 MiB); reading it would only take the host's memory. Captions and metadata: 1 MiB.
+MAX_IMAGE_BYTES, MAX_TEXT_BYTES = 256 << 20, 1 << 20
+# WebDataset's own rule (webdataset.tariterators.base_plus_ext): a member's key is its path up to
+# the first dot of its file name, its suffix the rest
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+# what reading a cut, corrupt or unreadable (.gz, .xz) tar raises
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+@dataclass(frozen=True)
+class Tar:
+    index: int  # position in the expanded --dataset list (the seq's high part)
+    path: str   # absolute
+    size: int   # bytes
+
+
+@register
+class WdsReader(Reader):
+    """WebDataset tar shards as img2dataset writes them: KEY.jpg (.jpeg, .png, .webp) with
+    KEY.txt and/or KEY.json ("caption") per sample. Sharded by tar, balanced by size."""
+
+    kind, usage, needs_target = "wds", "wds:TARS", True
+
+    @classmethod
+    def check(cls, spec: SourceSpec) -> None:
+        if "://" in spec.target or spec.target.startswith("pipe:"):
+            raise SourceError(f"--dataset wds:{spec.target}: reads local tar files (a path, a "
+                              "brace pattern or a glob), not URLs or pipes; copy or mount the "
+                              "tars and pass their path")
+
+    @classmethod
+    def identity_of_files(cls, spec: SourceSpec) -> dict:
+        # which tar a seq's high part names, and which tars each shard reads (by size): a tar
+        # added, removed or changed in size since rows were written is another dataset
+        tars = list_tars(spec.target)
+        listing = "\n".join(f"{t.path}\t{t.size}" for t in tars).encode()
+        return {"tars": f"{len(tars)} tars, {sum(t.size for t in tars)} bytes, "
+                        f"{hashlib.sha256(listing).hexdigest()[:16]}"}
+
+    def records(self) -> Iterator[Record]:
+        return self.read()
+
+    def read(self, shard_index: int = 0, num_shards: int = 1) -> Records:
+        # a shard opens its own tars only; --limit counts within the shard for the same reason
+        tars = list_tars(self.spec.target)
+        mine = assign_tars([t.size for t in tars], num_shards)[shard_index]
+        return TarRecords([tars[i] for i in mine], self.spec.limit)
+
+
+def list_tars(pattern: str) -> list[Tar]:
+    """The tars of a wds: value, in order: braces expanded ({00000..00331}, {a,b}), then each
+    glob matched (sorted); a tar named twice counts once. SourceError, before any engine
+    starts, for a tar that does not exist and for a glob that matches none."""
+    import braceexpand
+
+    try:
+        names = list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError:
+        raise SourceError(f"--dataset wds:{pattern}: unbalanced braces; write ranges as "
+                          "{00000..00331} and lists as {a,b}") from None
+    paths: dict[str, int] = {}
+    missing = []
+    for name in names:
+        found = sorted(glob.glob(name, recursive=True)) if glob.has_magic(name) else [name]
+        found = [f for f in found if os.path.isfile(f)]
+        if not found:
+            missing.append(name)
+        for f in found:
+            paths.setdefault(os.path.abspath(f), os.stat(f).st_size)
+    if missing:
+        hint = (f"{missing[0]} is a folder: use wds:{missing[0].rstrip('/')}/*.tar"
+                if os.path.isdir(missing[0]) else
+                "fix the pattern, or take the tars that are there with a glob (wds:DIR/*.tar)")
+        what = (f"no tar files match {pattern!r}" if not paths else
+                f"{len(missing)} of the {len(names)} tars of {pattern!r} do not exist "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        raise SourceError(f"--dataset wds: {what}; {hint}")
+    return [Tar(i, p, size) for i, (p, size) in enumerate(paths.items())]
+
+
+def assign_tars(sizes: list[int], num_shards: int) -> list[list[int]]:
+    """Tar numbers per shard, balanced by bytes: largest first, each to the shard with the
+    fewest bytes so far (ties: the lower number), so every task computes the same split from
+    the listing alone; each shard's tars in dataset order. Equal sizes deal out round-robin."""
+    loads = [(0, k) for k in range(num_shards)]
+    out: list[list[int]] = [[] for _ in range(num_shards)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, k = heapq.heappop(loads)
+        out[k].append(i)
+        heapq.heappush(loads, (load + sizes[i], k))
+    return [sorted(x) for x in out]
+
+
+class TarRecords(Records):
+    """One shard's tars, in order. `resume` passes over the tars already captioned without
+    opening them: rows are written in the shard's order, so a tar before the last one with
+    rows written was read to its end (its rows then number 0..n-1)."""
+
+    def __init__(self, tars: list[Tar], limit: int | None):
+        self.tars, self.limit = tars, limit
+        self._done: dict[int, set[int]] = {}
+        self._it = self._samples()  # runs from the first next(), after resume()
+        self._total: list[int | None] = []
+
+    @property
+    def total(self) -> int | None:
+        """Asked after `resume`, so that a finished tar counts as its rows written, without
+        opening it; the others from img2dataset's stats, else their headers."""
+        if not self._total:
+            last = self._last_started()
+            finished = {t.index: len(self._done.get(t.index, ())) for t in self.tars
+                        if self._finished(t, last)}
+            total = shard_total([t for t in self.tars if t.index not in finished])
+            if total is not None:
+                total += sum(finished.values())
+                total = min(total, self.limit) if self.limit is not None else total
+            self._total.append(total)
+        return self._total[0]
+
+    def _last_started(self) -> int:
+        return max((t.index for t in self.tars if t.index in self._done), default=-1)
+
+    def _finished(self, tar: Tar, last: int) -> bool:
+        done = self._done.get(tar.index, ())
+        return tar.index < last and (not done or max(done) == len(done) - 1)
+
+    def resume(self, done: set[tuple[int, str]]) -> "TarRecords":
+        for seq, _ in done:
+            self._done.setdefault(seq // TAR_STRIDE, set()).add(seq % TAR_STRIDE)
+        return self
+
+    def _samples(self) -> Iterator[Record]:
+        last = self._last_started()
+        left = self.limit  # positions of the shard, written ones included (as islice did)
+        for tar in self.tars:
+            done = self._done.get(tar.index, set())
+            if self._finished(tar, last):
+                left = None if left is None else left - len(done)
+                continue
+            for rec in tar_samples(tar, done):
+                if left is not None:
+                    if left <= 0:
+                        return
+                    left -= 1
+                if rec is not None:
+                    yield rec
+            if left is not None and left <= 0:
+                return
+
+
+class _Members:
+    """A tar's members grouped into samples (consecutive members sharing a key; a suffix the
+    sample already has starts another sample with the same key), and how the tar ended:
+    `cut` says why it did not end with its end-of-archive marker. tarfile itself stops
+    quietly at a header cut short or at garbage, and at a cut between two members: only
+    that marker tells a whole tar from one that lost its last samples."""
+
+    def __init__(self, tf: tarfile.TarFile):
+        self.tf, self.cut = tf, None
+
+    def groups(self) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+        key, members = None, {}
+        while True:
+            try:
+                m = self.tf.next()
+            except _TAR_ERRORS as e:
+                self.cut = _why(e)
+                break
+            if m is None:
+                if not self._ends_well():
+                    self.cut = "no end-of-archive marker"
+                break
+            self.tf.members = []  # tarfile keeps every header: 10k-sample tars, flat memory
+            match = _KEY_SUFFIX.match(m.name) if m.isreg() else None
+            if match is None:  # a folder, a link, a name without a suffix: not a sample's
+                continue
+            k, suffix = match.group(1), match.group(2).lower()
+            if members and (k != key or suffix in members):
+                yield key, members
+                members = {}
+            key, members[suffix] = k, m
+        if members:
+            yield key, members
+
+    def _ends_well(self) -> bool:
+        try:  # where the last member ended, two zero blocks (POSIX; every writer adds them)
+            self.tf.fileobj.seek(self.tf.offset)
+            return self.tf.fileobj.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
+        except _TAR_ERRORS:
+            return False
+
+
+def _why(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _tar_fault(tar: Tar, pos: int, error: str) -> Record:
+    """The record that says a tar could not be read (further): one row, under the tar's name."""
+    return Record(tar.index * TAR_STRIDE + pos, os.path.basename(tar.path), tar.path, None,
+                  error=error)
+
+
+def tar_samples(tar: Tar, skip: set[int] = frozenset()) -> Iterator[Record | None]:
+    """Every sample of one tar, in order, as a Record; None for a position in `skip` (written
+    already: its members are not read). A tar that cannot be opened is one error record; a
+    tar cut short ends with one more, under the tar's name, after its samples (the one it
+    cut is an error record too). How many records a tar gives depends on its headers only,
+    never on reading member data, so a resume that skips data sees the same positions."""
+    name = os.path.basename(tar.path)
+    try:
+        tf = tarfile.open(tar.path, "r:*")
+    except _TAR_ERRORS as e:
+        if 0 not in skip:
+            yield _tar_fault(tar, 0, f"unreadable tar: {name} ({_why(e)})")
+        return
+    with tf:
+        members, seen, pos = _Members(tf), {}, 0
+        for key, group in members.groups():
+            if pos >= TAR_STRIDE:
+                raise SourceError(f"{tar.path} holds more than {TAR_STRIDE} samples")
+            first = seen.setdefault(key, pos)
+            if pos in skip:
+                yield None
+            else:
+                try:
+                    rec = _sample(tar, tf, pos, key, group, first)
+                except _TAR_ERRORS as e:  # its data is cut short (or corrupt, compressed)
+                    rec = Record(tar.index * TAR_STRIDE + pos, key, f"{tar.path}#{key}", None,
+                                 error=f"truncated tar: {name} is cut short inside this "
+                                       f"sample ({_why(e)})")
+                yield rec
+            pos += 1
+        if members.cut and pos not in skip:
+            yield _tar_fault(tar, pos, f"truncated tar: {name} is cut short "
+                                       f"({members.cut}) after {pos} samples"
+                                       f"{_expected(tar)}; fetch the tar again")
+
+
+def _expected(tar: Tar) -> str:
+    n = _stats_count(tar)
+    return f" (its img2dataset stats say {n})" if n is not None else ""
+
+
+def _sample(tar: Tar, tf: tarfile.TarFile, pos: int, key: str,
+            group: dict[str, tarfile.TarInfo], first: int) -> Record:
+    seq = tar.index * TAR_STRIDE + pos
+    image = next((group[s] for s in WDS_IMAGE_SUFFIXES if s in group), None)
+    ref = f"{tar.path}#{image.name if image is not None else key}"
+    if first != pos:  # ids must name one row each: the first sample with the key is captioned
+        return Record(seq, key, ref, None, error=f"duplicate key: {key} is also sample "
+                      f"{first} of {os.path.basename(tar.path)}; only that one is captioned")
+    refs = _wds_references(tf, group)
+    if image is None:
+        return Record(seq, key, ref, None, refs, error="no image in sample: it has "
+                      f"{', '.join('.' + s for s in group)}; a sample needs "
+                      f"{', '.join('.' + s for s in WDS_IMAGE_SUFFIXES)}")
+    if image.size > MAX_IMAGE_BYTES:
+        return Record(seq, key, ref, None, refs, error=f"too large: {image.name} is "
+                      f"{image.size} bytes (limit {MAX_IMAGE_BYTES})")
+    return Record(seq, key, ref, tf.extractfile(image).read(), refs)
+
+
+def _wds_references(tf: tarfile.TarFile, group: dict[str, tarfile.TarInfo]) -> tuple[str, ...]:
+    """KEY.txt, then KEY.json's caption(s) (img2dataset repeats the .txt there): each once."""
+    refs: list[str] = []
+    if "txt" in group:
+        refs.append(tf.extractfile(group["txt"]).read(MAX_TEXT_BYTES)
+                    .decode("utf-8", "replace").strip())
+    if "json" in group:
+        try:
+            doc = json.loads(tf.extractfile(group["json"]).read(MAX_TEXT_BYTES))
+        except ValueError:  # metadata that is not JSON costs its references, not the image
+            doc = None
+        if isinstance(doc, dict):
+            refs += [c.strip() for c in _captions_of(doc)]
+    return tuple(dict.fromkeys(r for r in refs if r))
+
+
+def _stats_count(tar: Tar) -> int | None:
+    """The samples img2dataset wrote to `tar`: "successes" in the NNNNN_stats.json beside it,
+    else the rows of NNNNN.parquet whose status is "success"; None without either."""
+    stem = os.path.splitext(tar.path)[0]
+    try:
+        with open(stem + "_stats.json", encoding="utf-8") as f:
+            n = json.load(f).get("successes")
+        if isinstance(n, int) and n >= 0:
+            return n
+    except (OSError, ValueError, AttributeError):
+        pass
+    if not os.path.isfile(stem + ".parquet"):
+        return None
+    try:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        status = pq.read_table(stem + ".parquet", columns=["status"]).column("status")
+        return int(pc.sum(pc.equal(status, "success")).as_py() or 0)
+    except Exception:  # not img2dataset's file after all: count the headers instead
+        return None
+
+
+def _header_count(tar: Tar) -> int:
+    """Records `tar` gives, from its headers alone (member data is not read)."""
+    try:
+        with tarfile.open(tar.path, "r:*") as tf:
+            members = _Members(tf)
+            return sum(1 for _ in members.groups()) + (1 if members.cut else 0)
+    except _TAR_ERRORS:
+        return 1  # its error record
+
+
+# Counting samples from headers took 0.46 s for 235 MB of tars on the 2-core dev machine
+# (benchmarks/wds_read.py, README), ~8 s for 4 GiB: past that many bytes of tars without
+# img2dataset's stats the start would wait on it, and the progress bar goes without a total.
+COUNT_HEADERS_BYTES = 4 << 30
+
+
+def shard_total(tars: list[Tar]) -> int | None:
+    """Records the shard's tars give, for the progress bar (a tar cut short may give fewer
+    than its stats say): img2dataset's stats where they are, else counted from headers."""
+    counts = [_stats_count(t) for t in tars]
+    unknown = [t for t, n in zip(tars, counts) if n is None]
+    if sum(t.size for t in unknown) > COUNT_HEADERS_BYTES:
+        return None
+    return sum(n for n in counts if n is not None) + sum(_header_count(t) for t in unknown)

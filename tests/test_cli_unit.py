@@ -116,8 +116,8 @@ def _cases(tmp: str):
     out = f"{tmp}/out"
     return [
         (["run", "--dataset", "nope", "-o", out],
-         "Error: unknown dataset 'nope': use sample, coco, folder:DIR, parquet:GLOB or "
-         "hf:NAME_OR_PATH"),
+         "Error: unknown dataset 'nope': use sample, coco, folder:DIR, parquet:GLOB, "
+         "hf:NAME_OR_PATH or wds:TARS"),
         (["run", "--dataset", "folder:/nonexistent", "-o", out],
          "Error: folder /nonexistent does not exist or is not a directory"),
         (["run", "--dataset", "coco", "-o", out],

@@ -38,10 +38,10 @@ def test_unknown_kind():
     with pytest.raises(SourceError) as e:
         SourceSpec.parse("nope")
     assert str(e.value) == ("unknown dataset 'nope': use sample, coco, folder:DIR, "
-                            "parquet:GLOB or hf:NAME_OR_PATH")
+                            "parquet:GLOB, hf:NAME_OR_PATH or wds:TARS")
 
 
-@pytest.mark.parametrize("kind", ["folder", "parquet", "hf"])
+@pytest.mark.parametrize("kind", ["folder", "parquet", "hf", "wds"])
 def test_missing_target(kind):
     with pytest.raises(SourceError) as e:
         SourceSpec.parse(kind)
@@ -304,8 +304,9 @@ def test_reader_owns_sharding_after_the_limit():
 
 
 def test_registry_drives_parse_and_help():
-    assert list(sources.READERS) == ["sample", "coco", "folder", "parquet", "hf"]
-    assert sources.dataset_help() == "sample | coco | folder:DIR | parquet:GLOB | hf:NAME_OR_PATH"
+    assert list(sources.READERS) == ["sample", "coco", "folder", "parquet", "hf", "wds"]
+    assert sources.dataset_help() == ("sample | coco | folder:DIR | parquet:GLOB | "
+                                      "hf:NAME_OR_PATH | wds:TARS")
 
     @sources.register
     class Numbers(sources.Reader):
