@@ -8,9 +8,10 @@ there no encoder speed-up can show. This benchmark removes both blurs:
 * **One engine, both encoders.** One vLLM engine, started in this process through the compile
   cache like every engine of this package, with `compile_mm_encoder` on (on CPU it cannot be:
   vLLM's compiled InternVL encoder fails there, so the engine is eager and both "modes" run
-  the same code; the report says so). `collective_rpc("ivb_encoder_mode", ...)`
-  (`internvl_batch/hooks.py`) switches its InternViT layers between the compiled graph and
-  the plain forward between rounds: same weights, same KV cache, same scheduler.
+  the same code; the report says so). `collective_rpc("ivb_encoder_mode", ...)` (the
+  library's worker extension, `internvl_batch/hooks.py`) switches its InternViT layers
+  between the compiled graph and the plain forward between rounds: same weights, same KV
+  cache, same scheduler.
 * **Engine core in this process** (`--engine-core inline`, the default;
   `VLLM_ENABLE_V1_MULTIPROCESSING=0`). In vLLM's default layout the core runs in a process of
   its own, so inside the clock every request's pixels are serialized to it, deserialized
@@ -41,11 +42,11 @@ there no encoder speed-up can show. This benchmark removes both blurs:
 * **Measured inside the engine.** `ivb_encoder_timer` puts CUDA events around every encoder
   call of a round: the encoder's GPU milliseconds and tiles. With the round's wall time that
   is the encoder's share; GPU busy % comes from `nvidia-smi` sampled every 100 ms. Optional
-  profiled rounds (`ivb_encoder_profile`, torch.profiler in the worker) give the encoder's
+  profiled rounds (`bench/profiling.py`, torch.profiler in the worker) give the encoder's
   share of all GPU kernel time, and the step's GPU time by part (InternViT, projector,
   prefill and decode steps, sampling) and kernel class with the GPU's idle gaps: the
   breakdown of the engine's own time. From the share and the in-engine encoder gain, Amdahl's law
-  predicts the end-to-end gain (`hooks.predicted_speedup`), reported beside the measured one.
+  predicts the end-to-end gain (`common.predicted_speedup`), reported beside the measured one.
 * **Checked.** Greedy token ids of every image are compared between the modes of its round.
   With dummy weights (`load_format=dummy`, flat logits) agreement proves little: use a
   `+weights` preset for a meaningful check.
@@ -66,9 +67,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..config import ConfigError, DEFAULT_PROMPT, EngineSpec
-from ..hooks import predicted_speedup
-from . import GpuBusy, dataset
-from .encoder import Recorder, _err, _git_sha, crossover, median_ci, paired_speedup
+from . import GpuBusy, dataset, profiling
+from .common import (Recorder, crossover, error_line, git_sha, median_ci, paired_speedup,
+                     predicted_speedup)
 
 MODES = ("eager", "compiled")
 SIZES = ("448", "coco")
@@ -435,7 +436,9 @@ def feed(llm, requests: list, params, gc_off: bool = False
 
 
 def rpc(llm, method: str, *args):
-    """One call of our worker extension (hooks.EncoderControl); the first worker's answer."""
+    """One call of our worker extension (hooks.EncoderControl); the first worker's answer.
+    The wing's own worker-side functions go through its `ivb_call`: `rpc(llm, "ivb_call",
+    profiling.PROFILE, "start")`."""
     return llm.collective_rpc(method, args=tuple(args))[0]
 
 
@@ -565,7 +568,7 @@ def run(opts: ABOptions, log=print) -> dict:
                   "load_format": kw.get("load_format")},
         "engine": {"llm_kwargs": {k: v for k, v in kw.items() if k != "model"}},
         "device": {"name": device_name(), "cuda": cuda},
-        "versions": {"git": _git_sha(), "python": platform.python_version()},
+        "versions": {"git": git_sha(), "python": platform.python_version()},
         "schedule": plan, "rounds": [], "errors": [], "notes": [],
     }
     if not cuda:
@@ -632,7 +635,7 @@ def run(opts: ABOptions, log=print) -> dict:
         if stop is not None:  # the caller's time limit: keep the rounds measured so far
             say(f"STOPPED: {stop}")
         else:
-            say(f"FAILED: {_err(e)}")
+            say(f"FAILED: {error_line(e)}")
             import traceback
 
             traceback.print_exc()
@@ -660,9 +663,9 @@ def _describe(llm, engine, doc: dict, rec: Recorder, say) -> None:
         raise
     doc["engine"]["VLLM_USE_V2_MODEL_RUNNER"] = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     try:
-        doc["engine"]["runner"] = rpc(llm, "ivb_runner_info")
+        doc["engine"]["runner"] = rpc(llm, "ivb_call", profiling.RUNNER_INFO)
     except Exception as e:
-        rec.error("ivb_runner_info", e)
+        rec.error("runner_info", e)
     try:
         chk = rpc(llm, "ivb_encoder_check", engine.img_context_id, (13, 3), 0)
         doc["encoder_check"] = chk
@@ -708,13 +711,13 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
                                                   prompt_text, params, tpt, img_id, busy, doc,
                                                   opts)
             except Exception as e:
-                row["modes"][m] = {"error": _err(e)}
+                row["modes"][m] = {"error": error_line(e)}
                 rec.error(f"round {r['label']} {m}", e)
                 if r["kind"] != "profile":
                     raise
                 # the profile is an extra: its failure keeps every timed round
                 _stop_profile(llm)
-                say(f"profiled round {m} failed: {_err(e)}; going on without it")
+                say(f"profiled round {m} failed: {error_line(e)}; going on without it")
                 break
         if row["modes"] and all(not row["modes"].get(m, {}).get("error") and m in tokens
                                 for m in MODES):
@@ -737,7 +740,7 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
 def _stop_profile(llm) -> None:
     """Leave no profiler running after a failed profiled round (it may not have started)."""
     try:
-        rpc(llm, "ivb_encoder_profile", "stop")
+        rpc(llm, "ivb_call", profiling.PROFILE, "stop")
     except Exception:
         pass
 
@@ -751,10 +754,10 @@ def _one(llm, rnd: Round, label: str, mode: str, kind: str, prompt_text: str, pa
     pre_s = time.perf_counter() - t0
     rpc(llm, "ivb_encoder_timer", "start")
     if kind == "profile":
-        rpc(llm, "ivb_encoder_profile", "start")
+        rpc(llm, "ivb_call", profiling.PROFILE, "start")
     seconds, w0, w1, done = feed(llm, reqs, params, gc_off=opts.gc_off)
     del reqs
-    prof = rpc(llm, "ivb_encoder_profile", "stop") if kind == "profile" else None
+    prof = rpc(llm, "ivb_call", profiling.PROFILE, "stop") if kind == "profile" else None
     enc = rpc(llm, "ivb_encoder_timer", "read")
     outs, tokens = [], [None] * len(rnd.images)
     for rid, o in done.items():
@@ -959,16 +962,14 @@ def results_markdown(doc: dict) -> str:
 
 
 def breakdown_markdown(prof: dict) -> list[str]:
-    """The profiled round's time by part of the engine step, per mode (`hooks.breakdown`):
+    """The profiled round's time by part of the engine step, per mode (`profiling.breakdown`):
     GPU ms and share with the largest kernel classes, then the GPU's idle gaps; on CPU, the
     ranges' calls and CPU ms."""
-    from ..hooks import OUTSIDE, RANGES
-
     modes = [m for m in MODES if (prof.get(m) or {}).get("breakdown")]
     if not modes:
         return []
     bds = {m: prof[m]["breakdown"] for m in modes}
-    names = {**RANGES, OUTSIDE: OUTSIDE}
+    names = {**profiling.RANGES, profiling.OUTSIDE: profiling.OUTSIDE}
     lines = []
     if any(b.get("parts") for b in bds.values()):
         order = list(dict.fromkeys(k for b in bds.values() for k in (b.get("parts") or {})))
@@ -1004,7 +1005,7 @@ def breakdown_markdown(prof: dict) -> list[str]:
                   "| range | " + " | ".join(f"{m} calls | {m} CPU ms" for m in modes) + " |",
                   "|---|" + "---|---|" * len(modes)]
         names["ivb_encoder"] = "encoder (embed_multimodal, all of it)"  # inclusive here
-        for k in RANGES:
+        for k in profiling.RANGES:
             if any(k in (b.get("calls") or {}) for b in bds.values()):
                 lines.append(f"| {names[k]} | " + " | ".join(
                     f"{(bds[m].get('calls') or {}).get(k, 0)} | "
@@ -1213,7 +1214,7 @@ def reanalyse(doc: dict) -> dict:
     doc["analysis"] = analyse(doc["rounds"], doc.get("profile"))
     doc["agreement"] = merge_agreement([r["agreement"] for r in doc["rounds"]
                                         if r.get("agreement")])
-    note = f"Analysis recomputed from the recorded rounds by git {(_git_sha() or '?')[:12]}."
+    note = f"Analysis recomputed from the recorded rounds by git {(git_sha() or '?')[:12]}."
     doc["notes"] = [n for n in doc.get("notes", ())
                     if not n.startswith("Analysis recomputed")] + [note]
     return doc
