@@ -65,6 +65,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..config import ConfigError, DEFAULT_PROMPT, EngineSpec
 from . import GpuBusy, dataset, profiling
@@ -520,7 +521,7 @@ def run(opts: ABOptions, log=print) -> dict:
     """Start the engine, run the rounds, return the result document (also on disk)."""
     from ..cache import CompileCache
     from ..config import default_cache_dir
-    from ..engine import device_name, has_cuda, llm_kwargs
+    from ..engine import has_cuda, llm_kwargs
 
     cuda = has_cuda()
     cache_root = Path(opts.cache_dir or default_cache_dir())
@@ -531,9 +532,49 @@ def run(opts: ABOptions, log=print) -> dict:
     def say(msg: str):
         log(f"[{time.perf_counter() - t_start:7.1f} s] {msg}")
 
-    n = opts.images_per_round
     plan = schedule(opts.warmup_rounds, opts.repeats, opts.profile_images > 0,
                     same_images=opts.same_images)
+    images_dir, files, bounds = _images(opts, plan, cache_root, say)
+    doc = _new_document(opts, spec, kw, cuda, images_dir, plan)
+    rec = Recorder(doc, Path(opts.results_dir))
+    rec.save()
+
+    # a fresh compile cache unless asked: nothing is loaded from, or written into, the
+    # project's cache (as bench-encoder)
+    tmp = None if opts.reuse_compile_cache else Path(tempfile.mkdtemp(prefix="ivb-ab-"))
+    held = SimpleNamespace(engine=None, busy=None)  # what the cleanup below closes
+    if opts.engine_core == "inline":
+        # read by vLLM when the engine starts; this process runs one benchmark and exits
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        _serve(opts, spec, tmp or cache_root, plan, files, images_dir, bounds, rec, say, held)
+    except Exception as e:  # keep what was measured; the caller exits non-zero
+        stop = _stop_in(e)
+        rec.error("run", stop or e)
+        if stop is not None:  # the caller's time limit: keep the rounds measured so far
+            say(f"STOPPED: {stop}")
+        else:
+            say(f"FAILED: {error_line(e)}")
+            import traceback
+
+            traceback.print_exc()
+    finally:
+        doc["total_s"] = round(time.perf_counter() - t_start, 1)
+        rec.save()
+        if held.busy is not None:
+            held.busy.stop()
+        if held.engine is not None:
+            held.engine.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return doc
+
+
+def _images(opts: ABOptions, plan: list[dict], cache_root: Path, say
+            ) -> tuple[Path, list[str], dict]:
+    """The generated images every round draws from: their folder, file names, and each
+    slice's [start, end) in that list (the profiled round's slice has its own size)."""
+    n = opts.images_per_round
     work_dir = Path(opts.work_dir) if opts.work_dir else cache_root / "bench-data"
     sizes = {r["slice"]: (opts.profile_images if r["kind"] == "profile" else n) for r in plan}
     total = sum(sizes.values())
@@ -546,15 +587,23 @@ def run(opts: ABOptions, log=print) -> dict:
         at += sizes[s]
     say(f"dataset: {total} images ({opts.sizes}) under {images_dir.parent} "
         f"({time.perf_counter() - t0:.1f} s)")
+    return images_dir, files, bounds
 
+
+def _new_document(opts: ABOptions, spec: EngineSpec, kw: dict, cuda: bool, images_dir: Path,
+                 plan: list[dict]) -> dict:
+    """The result document before the engine starts: options, configuration, model, device,
+    the schedule, and notes on what a CPU run or dummy weights can show."""
     from .. import checkpoint
+    from ..engine import device_name
 
-    name = opts.name or default_name(opts)
     doc: dict = {
-        "kind": "ab-bench", "name": name, "complete": False, "command": opts.command,
+        "kind": "ab-bench", "name": opts.name or default_name(opts), "complete": False,
+        "command": opts.command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "options": asdict(opts),
-        "config": {"images_per_round": n, "max_dynamic_patch": opts.dynamic_patch,
+        "config": {"images_per_round": opts.images_per_round,
+                   "max_dynamic_patch": opts.dynamic_patch,
                    "prompt": DEFAULT_PROMPT, "ignore_eos": True, "sizes": opts.sizes,
                    "dataset": str(images_dir.parent),
                    "feed": "EngineCoreRequests processed before the clock (renderer + input "
@@ -580,75 +629,52 @@ def run(opts: ABOptions, log=print) -> dict:
         doc["notes"].append(
             "load_format=dummy: weights U(+-0.001), logits nearly flat; token agreement says "
             "little (use a +weights preset).")
-    rec = Recorder(doc, Path(opts.results_dir))
-    rec.save()
-
-    # a fresh compile cache unless asked: nothing is loaded from, or written into, the
-    # project's cache (as bench-encoder)
-    tmp = None
-    if opts.reuse_compile_cache:
-        cc_root = cache_root
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix="ivb-ab-"))
-        cc_root = tmp
-    engine = None
-    busy = None
-    if opts.engine_core == "inline":
-        # read by vLLM when the engine starts; this process runs one benchmark and exits
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        say(f"starting the engine: {opts.model} ({spec.model}), compile_mm_encoder "
-            f"{bool(spec.compile)}, compile cache {'reused: ' + str(cc_root) if tmp is None else 'fresh'}")
-        t0 = time.perf_counter()
-        # verify=False: no second, eager engine for the cache's probe; the encoder check
-        # below and the caption agreement are this benchmark's own
-        engine, entry = CompileCache(cc_root).start_engine(spec, log=say, verify=False)
-        doc["engine"].update(init_s=round(time.perf_counter() - t0, 2),
-                             timings=engine.timings.as_dict(), cache_hit=entry.hit,
-                             cache_key=entry.key, tokens_per_tile=engine.tokens_per_tile)
-        info = engine.info()
-        doc["versions"].update(vllm=info["vllm"], torch=info["torch"])
-        doc["device"]["name"] = info["device"]
-        say(f"engine ready in {doc['engine']['init_s']} s")
-        llm = engine.llm
-        # what vLLM made of the layout: InprocClient (inline) or SyncMPClient (process), and
-        # whether its scheduler overlaps the next step's scheduling with the GPU's work
-        doc["engine"]["core_client"] = type(getattr(llm.llm_engine, "engine_core", None)).__name__
-        sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
-        doc["engine"]["async_scheduling"] = getattr(sched, "async_scheduling", None)
-        _describe(llm, engine, doc, rec, say)
-        if cuda:
-            busy = GpuBusy().start()
-        _rounds(llm, engine, opts, plan, files, images_dir, bounds, rec, say, busy)
-        doc["analysis"] = analyse(doc["rounds"], doc.get("profile"))
-        doc["agreement"] = merge_agreement([r["agreement"] for r in doc["rounds"]
-                                            if r.get("agreement")])
-        doc["complete"] = True
-        a = doc["analysis"]
-        say("compiled/eager images/s " + _x(a["end_to_end"]["images_per_s"]) +
-            "; encoder gain " + _x(a["encoder_gain"]) +
-            f"; predicted {_f(a['prediction'].get('predicted'), 4)}; token agreement "
-            f"{doc['agreement']['identical_pct']} %")
-    except Exception as e:  # keep what was measured; the caller exits non-zero
-        stop = _stop_in(e)
-        rec.error("run", stop or e)
-        if stop is not None:  # the caller's time limit: keep the rounds measured so far
-            say(f"STOPPED: {stop}")
-        else:
-            say(f"FAILED: {error_line(e)}")
-            import traceback
-
-            traceback.print_exc()
-    finally:
-        doc["total_s"] = round(time.perf_counter() - t_start, 1)
-        rec.save()
-        if busy is not None:
-            busy.stop()
-        if engine is not None:
-            engine.close()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return doc
+
+
+def _serve(opts: ABOptions, spec: EngineSpec, cc_root: Path, plan: list[dict],
+           files: list[str], images_dir: Path, bounds: dict, rec: Recorder, say,
+           held: SimpleNamespace) -> None:
+    """Start the engine (through the compile cache under `cc_root`), describe its encoder,
+    run every round, analyse. The engine and the GPU sampler go into `held` as they start,
+    for the caller to close whatever happens here."""
+    from ..cache import CompileCache
+
+    doc = rec.doc
+    say(f"starting the engine: {opts.model} ({spec.model}), compile_mm_encoder "
+        f"{bool(spec.compile)}, compile cache "
+        f"{'reused: ' + str(cc_root) if opts.reuse_compile_cache else 'fresh'}")
+    t0 = time.perf_counter()
+    # verify=False: no second, eager engine for the cache's probe; the encoder check
+    # below and the caption agreement are this benchmark's own
+    engine, entry = CompileCache(cc_root).start_engine(spec, log=say, verify=False)
+    held.engine = engine
+    doc["engine"].update(init_s=round(time.perf_counter() - t0, 2),
+                         timings=engine.timings.as_dict(), cache_hit=entry.hit,
+                         cache_key=entry.key, tokens_per_tile=engine.tokens_per_tile)
+    info = engine.info()
+    doc["versions"].update(vllm=info["vllm"], torch=info["torch"])
+    doc["device"]["name"] = info["device"]
+    say(f"engine ready in {doc['engine']['init_s']} s")
+    llm = engine.llm
+    # what vLLM made of the layout: InprocClient (inline) or SyncMPClient (process), and
+    # whether its scheduler overlaps the next step's scheduling with the GPU's work
+    doc["engine"]["core_client"] = type(getattr(llm.llm_engine, "engine_core", None)).__name__
+    sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+    doc["engine"]["async_scheduling"] = getattr(sched, "async_scheduling", None)
+    _describe(llm, engine, doc, rec, say)
+    if doc["device"]["cuda"]:
+        held.busy = GpuBusy().start()
+    _rounds(llm, engine, opts, plan, files, images_dir, bounds, rec, say, held.busy)
+    doc["analysis"] = analyse(doc["rounds"], doc.get("profile"))
+    doc["agreement"] = merge_agreement([r["agreement"] for r in doc["rounds"]
+                                        if r.get("agreement")])
+    doc["complete"] = True
+    a = doc["analysis"]
+    say("compiled/eager images/s " + _x(a["end_to_end"]["images_per_s"]) +
+        "; encoder gain " + _x(a["encoder_gain"]) +
+        f"; predicted {_f(a['prediction'].get('predicted'), 4)}; token agreement "
+        f"{doc['agreement']['identical_pct']} %")
 
 
 def _describe(llm, engine, doc: dict, rec: Recorder, say) -> None:
@@ -819,6 +845,22 @@ def _ci(st: dict | None, digits: int = 2) -> str:
 
 
 def results_markdown(doc: dict) -> str:
+    lines = _header_markdown(doc)
+    if doc.get("analysis"):
+        lines += _analysis_markdown(doc)
+    lines += _checks_markdown(doc)
+    lines += _profile_markdown(doc.get("profile") or {})
+    lines += _rounds_markdown(doc)
+    errs = doc.get("errors", [])
+    if errs:
+        lines += ["", "Errors:", ""] + [f"- {e['where']}: {e['error']}" for e in errs[:30]]
+    if doc.get("command"):
+        lines += ["", f"Command: `{doc['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _header_markdown(doc: dict) -> list[str]:
+    """Title, CPU warning, what ran (device, model, engine, feed, rounds) and the notes."""
     dev, ver, cfg = doc.get("device", {}), doc.get("versions", {}), doc.get("config", {})
     opts, eng = doc.get("options", {}), doc.get("engine", {})
     a = doc.get("analysis") or {}
@@ -854,66 +896,78 @@ def results_markdown(doc: dict) -> str:
     ]
     lines += [f"- Note: {n}" for n in doc.get("notes", [])]
     lines.append("")
-    if a:
-        e2e, gain, pr = a["end_to_end"], a["encoder_gain"], a["prediction"]
-        ips = e2e["images_per_s"]
-        xo = (a.get("crossover") or {}).get("images_per_s") or {}
-        xg = (a.get("crossover") or {}).get("encoder_gain") or {}
-        lines += [
-            "| | compiled / eager | 95 % interval | half-width |",
-            "|---|---|---|---|",
-            f"| **end to end, images/s (measured)** | **{_f(ips.get('median'), 4)}** "
-            f"({_gain_pct(ips.get('median'))}) | {_interval(ips)} "
-            f"| ±{_f(ips.get('half_width_pct'), 2)} % |",
-            f"| **end to end, images/s, order effect removed** (crossover: mean of the two "
-            f"orders' mean log ratios, t interval, df {xo.get('df', '–')}) | "
-            f"**{_f(xo.get('estimate'), 4)}** ({_gain_pct(xo.get('estimate'))}) | "
-            f"{_f(xo.get('lo'), 4)}–{_f(xo.get('hi'), 4)} | "
-            f"±{_f(xo.get('half_width_pct'), 2)} % |",
-            f"| end to end, output tok/s | {_f(e2e['output_tokens_per_s'].get('median'), 4)} | "
-            f"{_interval(e2e['output_tokens_per_s'])} | "
-            f"±{_f(e2e['output_tokens_per_s'].get('half_width_pct'), 2)} % |",
-            f"| encoder in the engine (eager / compiled ms per tile) | "
-            f"{_f(gain.get('median'), 4)} | {_interval(gain)} | "
-            f"±{_f(gain.get('half_width_pct'), 2)} % |",
-            f"| **predicted end to end** (Amdahl: share {_pct(pr.get('share'))} × gain) | "
-            f"**{_f(pr.get('predicted'), 4)}** ({_gain_pct(pr.get('predicted'))}) | "
-            f"{_f(pr['predicted_interval'][0], 4)}–{_f(pr['predicted_interval'][1], 4)} "
-            f"(from the gain's interval) | |",
-            "",
-            f"The encoder's share of the eager rounds: {_pct(pr.get('share'))} of the wall time "
-            + ("(encoder GPU ms between CUDA events / round wall ms), " if dev.get("cuda") else
-               "(encoder ms by the worker's wall clock / round wall ms), ")
-            + f"{_pct(pr.get('share_of_busy'))} of the GPU's busy time (nvidia-smi)"
-            + (f", {_pct(pr.get('share_of_gpu_kernels'))} of all GPU kernel time in a "
-               f"profiled round (predicting {_f(pr.get('predicted_from_kernel_share'), 4)})"
-               if pr.get("share_of_gpu_kernels") is not None else "")
-            + f". Measured {_f(pr.get('measured'), 4)} against predicted "
-            f"{_f(pr.get('predicted'), 4)}. The measured 95 % interval is "
-            f"{'within' if a.get('interval_within_target') else 'NOT within'} ±2 % "
-            f"(the target) as the median's interval and "
-            f"{'within' if a.get('crossover_within_target') else 'NOT within'} as the "
-            f"crossover's.",
-            "",
-            f"Order effect: the mode that ran second in a round was "
-            f"{_gain_pct(xo.get('order_effect'))} faster than the one that ran first "
-            f"(95 % interval {_gain_pct(xo.get('order_effect_lo'))} to "
-            f"{_gain_pct(xo.get('order_effect_hi'))}; the per-round log ratio's SD within "
-            f"each order {_pct(xo.get('sd_log'))}). The encoder gain with it removed: "
-            f"{_f(xg.get('estimate'), 4)} ({_f(xg.get('lo'), 4)}–{_f(xg.get('hi'), 4)}).",
-            "",
-            "| mode | images/s | output tok/s | round s | GPU busy % | encoder ms/tile | "
-            "tiles/call | encoder share of wall | tiles/image |",
-            "|---|---|---|---|---|---|---|---|---|"]
-        for m in MODES:
-            s = a["modes"][m]
-            lines.append(f"| {m} | {_ci(s['images_per_s'])} | {_ci(s['output_tokens_per_s'], 1)}"
-                         f" | {_ci(s['seconds'], 3)} | {_ci(s['gpu_busy_pct'], 1)} | "
-                         f"{_ci(s['encoder_ms_per_tile'], 4)} | "
-                         f"{_ci(s['encoder_tiles_per_call'], 1)} | "
-                         f"{_ci(s['encoder_share_of_wall'], 4)} | "
-                         f"{_f(s.get('tiles_per_image'), 2)} |")
-        lines.append("")
+    return lines
+
+
+def _analysis_markdown(doc: dict) -> list[str]:
+    """The headline table (measured, order effect removed, predicted), the encoder's share,
+    the order effect and the per-mode medians."""
+    dev, a = doc.get("device", {}), doc["analysis"]
+    e2e, gain, pr = a["end_to_end"], a["encoder_gain"], a["prediction"]
+    ips = e2e["images_per_s"]
+    xo = (a.get("crossover") or {}).get("images_per_s") or {}
+    xg = (a.get("crossover") or {}).get("encoder_gain") or {}
+    lines = [
+        "| | compiled / eager | 95 % interval | half-width |",
+        "|---|---|---|---|",
+        f"| **end to end, images/s (measured)** | **{_f(ips.get('median'), 4)}** "
+        f"({_gain_pct(ips.get('median'))}) | {_interval(ips)} "
+        f"| ±{_f(ips.get('half_width_pct'), 2)} % |",
+        f"| **end to end, images/s, order effect removed** (crossover: mean of the two "
+        f"orders' mean log ratios, t interval, df {xo.get('df', '–')}) | "
+        f"**{_f(xo.get('estimate'), 4)}** ({_gain_pct(xo.get('estimate'))}) | "
+        f"{_f(xo.get('lo'), 4)}–{_f(xo.get('hi'), 4)} | "
+        f"±{_f(xo.get('half_width_pct'), 2)} % |",
+        f"| end to end, output tok/s | {_f(e2e['output_tokens_per_s'].get('median'), 4)} | "
+        f"{_interval(e2e['output_tokens_per_s'])} | "
+        f"±{_f(e2e['output_tokens_per_s'].get('half_width_pct'), 2)} % |",
+        f"| encoder in the engine (eager / compiled ms per tile) | "
+        f"{_f(gain.get('median'), 4)} | {_interval(gain)} | "
+        f"±{_f(gain.get('half_width_pct'), 2)} % |",
+        f"| **predicted end to end** (Amdahl: share {_pct(pr.get('share'))} × gain) | "
+        f"**{_f(pr.get('predicted'), 4)}** ({_gain_pct(pr.get('predicted'))}) | "
+        f"{_f(pr['predicted_interval'][0], 4)}–{_f(pr['predicted_interval'][1], 4)} "
+        f"(from the gain's interval) | |",
+        "",
+        f"The encoder's share of the eager rounds: {_pct(pr.get('share'))} of the wall time "
+        + ("(encoder GPU ms between CUDA events / round wall ms), " if dev.get("cuda") else
+           "(encoder ms by the worker's wall clock / round wall ms), ")
+        + f"{_pct(pr.get('share_of_busy'))} of the GPU's busy time (nvidia-smi)"
+        + (f", {_pct(pr.get('share_of_gpu_kernels'))} of all GPU kernel time in a "
+           f"profiled round (predicting {_f(pr.get('predicted_from_kernel_share'), 4)})"
+           if pr.get("share_of_gpu_kernels") is not None else "")
+        + f". Measured {_f(pr.get('measured'), 4)} against predicted "
+        f"{_f(pr.get('predicted'), 4)}. The measured 95 % interval is "
+        f"{'within' if a.get('interval_within_target') else 'NOT within'} ±2 % "
+        f"(the target) as the median's interval and "
+        f"{'within' if a.get('crossover_within_target') else 'NOT within'} as the "
+        f"crossover's.",
+        "",
+        f"Order effect: the mode that ran second in a round was "
+        f"{_gain_pct(xo.get('order_effect'))} faster than the one that ran first "
+        f"(95 % interval {_gain_pct(xo.get('order_effect_lo'))} to "
+        f"{_gain_pct(xo.get('order_effect_hi'))}; the per-round log ratio's SD within "
+        f"each order {_pct(xo.get('sd_log'))}). The encoder gain with it removed: "
+        f"{_f(xg.get('estimate'), 4)} ({_f(xg.get('lo'), 4)}–{_f(xg.get('hi'), 4)}).",
+        "",
+        "| mode | images/s | output tok/s | round s | GPU busy % | encoder ms/tile | "
+        "tiles/call | encoder share of wall | tiles/image |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for m in MODES:
+        s = a["modes"][m]
+        lines.append(f"| {m} | {_ci(s['images_per_s'])} | {_ci(s['output_tokens_per_s'], 1)}"
+                     f" | {_ci(s['seconds'], 3)} | {_ci(s['gpu_busy_pct'], 1)} | "
+                     f"{_ci(s['encoder_ms_per_tile'], 4)} | "
+                     f"{_ci(s['encoder_tiles_per_call'], 1)} | "
+                     f"{_ci(s['encoder_share_of_wall'], 4)} | "
+                     f"{_f(s.get('tiles_per_image'), 2)} |")
+    lines.append("")
+    return lines
+
+
+def _checks_markdown(doc: dict) -> list[str]:
+    """Greedy token agreement between the modes and the encoder embedding check."""
+    lines: list[str] = []
     ag = doc.get("agreement") or {}
     if ag:
         lines += [f"Greedy token ids, compiled vs eager on the same images (every round): "
@@ -925,7 +979,12 @@ def results_markdown(doc: dict) -> str:
         lines += ["Encoder embeddings, serving (compiled) vs the same layers eager: " + "; ".join(
             f"{k} tiles cos {v.get('cos', float('nan')):.6f}, rel L2 {v.get('rel_l2', 0):.2e}"
             for k, v in chk["batches"].items()) + f" (ok: {chk.get('ok')}).", ""]
-    prof = doc.get("profile") or {}
+    return lines
+
+
+def _profile_markdown(prof: dict) -> list[str]:
+    """The profiled round per mode: encoder and all kernel time, then `breakdown_markdown`."""
+    lines: list[str] = []
     if prof:
         lines += ["Profiled round per mode (torch.profiler in the worker; not timed):", "",
                   "| mode | encoder calls | encoder GPU ms | all GPU kernel ms | encoder share | "
@@ -941,9 +1000,14 @@ def results_markdown(doc: dict) -> str:
                              f"{_pct(p.get('encoder_share_of_wall'))} of wall | – |")
         lines.append("")
         lines += breakdown_markdown(prof)
-    lines += ["Per round (images/s; encoder ms per tile):", "",
-              "| round | order | eager img/s | compiled img/s | compiled/eager | eager enc ms/tile "
-              "| compiled enc ms/tile | tokens identical |", "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _rounds_markdown(doc: dict) -> list[str]:
+    """Every round: both modes' images/s, their ratio, encoder ms per tile, token agreement."""
+    lines = ["Per round (images/s; encoder ms per tile):", "",
+             "| round | order | eager img/s | compiled img/s | compiled/eager | eager enc ms/tile "
+             "| compiled enc ms/tile | tokens identical |", "|---|---|---|---|---|---|---|---|"]
     for r in doc.get("rounds", []):
         e, c = r["modes"].get("eager", {}), r["modes"].get("compiled", {})
         ratio = (c.get("images_per_s") / e["images_per_s"]
@@ -953,12 +1017,7 @@ def results_markdown(doc: dict) -> str:
                      f"{_f(ratio, 4)} | {_f((e.get('encoder') or {}).get('ms_per_tile'), 4)} | "
                      f"{_f((c.get('encoder') or {}).get('ms_per_tile'), 4)} | "
                      f"{(r.get('agreement') or {}).get('identical_pct', '–')} |")
-    errs = doc.get("errors", [])
-    if errs:
-        lines += ["", "Errors:", ""] + [f"- {e['where']}: {e['error']}" for e in errs[:30]]
-    if doc.get("command"):
-        lines += ["", f"Command: `{doc['command']}`"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def breakdown_markdown(prof: dict) -> list[str]:
