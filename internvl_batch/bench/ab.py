@@ -1188,11 +1188,11 @@ class MergeError(ValueError):
 
 def merge(docs: list[dict], name: str) -> dict:
     """The timed pairs of several bench-ab runs of one configuration, analysed together.
-    Issue 16's ±2 % needs more pairs than one 600 s device call holds (on the H200: ~13-21
-    COCO pairs at a per-round SD of 3.7 %, 6 fitted), and each pair is a comparison within
-    one round, so pairs from separate engine starts can be pooled where the settings,
-    device and versions are the same (checked). Rounds are relabelled `<run>:<label>`;
-    the profile and encoder check are the first run's."""
+    An interval within ±2 % (TARGET_HALF_WIDTH) needs more pairs than one 600 s device call
+    holds (on the H200: ~13-21 COCO pairs at a per-round SD of 3.7 %, 6 fitted), and each
+    pair is a comparison within one round, so pairs from separate engine starts can be
+    pooled where the settings, device and versions are the same (checked). Rounds are
+    relabelled `<run>:<label>`; the profile and encoder check are the first run's."""
     if len(docs) < 2:
         raise MergeError("give two or more result files")
     first = docs[0]
