@@ -1,4 +1,4 @@
-"""Issue 14: the host cost per image of one engine's front, measured where vLLM runs.
+"""The host cost per image of one engine's front, measured where vLLM runs.
 
 What `LLM.generate` does per request before vLLM's engine core sees it, done by the
 engine's own code (`bench.ab.engine_request`: renderer + input processor: tiles, resize,
@@ -57,7 +57,7 @@ def _usage(message: str) -> int:
     return 2
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="preset:internvl3-1b")
     ap.add_argument("--images", required=True, help="a folder of images (448 px: one tile)")
@@ -65,12 +65,87 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--max-dynamic-patch", type=int, default=1)
     ap.add_argument("--out", default="front-cost.json")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def _pickle_ms(images) -> list[float]:
+    """`run --replicas`: each decoded image is pickled to its replica (children.send_frame)
+    and unpickled there; milliseconds per image."""
+    out = []
+    for im in images:
+        t = time.perf_counter()
+        pickle.loads(pickle.dumps(im, protocol=5))
+        out.append(1e3 * (time.perf_counter() - t))
+    return out
+
+
+def _measure(llm, reqs: list, warmup: int) -> tuple[dict, cProfile.Profile]:
+    """Per request after `warmup` untimed ones: processing, msgpack encoding for the engine
+    core and decoding there (ms), bytes; then the same requests again under cProfile."""
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from internvl_batch.bench.ab import ab_sampling_params, engine_request
+
+    params = ab_sampling_params(32)
+    enc, dec = MsgpackEncoder(), MsgpackDecoder(EngineCoreRequest)
+    for i, r in enumerate(reqs[:warmup]):
+        dec.decode(enc.encode(engine_request(llm, f"w{i}", r, params)))
+    ms: dict[str, list] = {"proc": [], "enc": [], "dec": [], "bytes": []}
+    for i, r in enumerate(reqs[warmup:]):  # timed: no profiler
+        t = time.perf_counter()
+        req = engine_request(llm, f"r{i}", r, params)
+        t1 = time.perf_counter()
+        bufs = enc.encode(req)
+        t2 = time.perf_counter()
+        dec.decode(bufs)
+        t3 = time.perf_counter()
+        ms["proc"].append(1e3 * (t1 - t))
+        ms["enc"].append(1e3 * (t2 - t1))
+        ms["dec"].append(1e3 * (t3 - t2))
+        ms["bytes"].append(sum(len(memoryview(b)) for b in bufs))
+    prof = cProfile.Profile()  # then the same requests again, profiled (slower)
+    prof.enable()
+    for i, r in enumerate(reqs[warmup:]):
+        engine_request(llm, f"p{i}", r, params)
+    prof.disable()
+    return ms, prof
+
+
+def _profile_parts(prof: cProfile.Profile, n: int) -> dict:
+    """cProfile's functions per image: own time by group, the total, vLLM's and
+    transformers' functions by time including callees, and the top functions by own time."""
+    st = pstats.Stats(prof)
+    total = sum(v[2] for v in st.stats.values())  # own time of every function
+    groups: dict[str, float] = {}
+    top, cum = [], []
+    for (file, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
+        g = group_of(file, func)
+        groups[g] = groups.get(g, 0.0) + tt
+        top.append((tt, f"{Path(file).name}:{line} {func}", nc))
+        cum.append((ct, f"{file.split('site-packages/')[-1]}:{line} {func}", nc))
+    top.sort(reverse=True)
+    cum.sort(reverse=True)
+    return {
+        "profile_ms_per_image_by_group": {k: round(1e3 * v / n, 3) for k, v in
+                                          sorted(groups.items(), key=lambda kv: -kv[1])},
+        "profile_ms_per_image_total": round(1e3 * total / n, 3),
+        # the stages: vLLM's and transformers' functions by time including their callees
+        "stages_cumulative_ms_per_image": [
+            {"function": f, "ms": round(1e3 * ct / n, 3), "calls_per_image": round(nc / n, 2)}
+            for ct, f, nc in cum if any(k in f for k in ("vllm", "transformers"))][:30],
+        "top_functions_own_ms_per_image": [
+            {"function": f, "ms": round(1e3 * tt / n, 3), "calls_per_image": round(nc / n, 2)}
+            for tt, f, nc in top[:20]],
+    }
+
+
+def main() -> int:
+    a = _args()
 
     from PIL import Image
 
     from internvl_batch import prompts
-    from internvl_batch.bench.ab import ab_sampling_params, engine_request
     from internvl_batch.cache import CompileCache
     from internvl_batch.config import EngineSpec, PromptSpec, default_cache_dir
     from internvl_batch.engine import Engine
@@ -83,12 +158,7 @@ def main() -> int:
         return _usage(f"--images {a.images}: {len(files)} images, need {a.n + a.warmup} "
                       "(--n plus --warmup)")
     images = [Image.open(p).convert("RGB") for p in files]
-    # `run --replicas`: each decoded image is pickled to its replica (children.send_frame)
-    pickle_ms = []
-    for im in images[a.warmup:]:
-        t = time.perf_counter()
-        pickle.loads(pickle.dumps(im, protocol=5))
-        pickle_ms.append(1e3 * (time.perf_counter() - t))
+    pickle_ms = _pickle_ms(images[a.warmup:])
     text = prompts.render(PromptSpec())  # run's default prompt
     reqs = [prompts.request(text, im) for im in images]
 
@@ -99,66 +169,20 @@ def main() -> int:
     eng = Engine(spec).start()
     start_s = time.perf_counter() - t0
     try:
-        from vllm.v1.engine import EngineCoreRequest
-        from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
-
-        llm = eng.llm
-        params = ab_sampling_params(32)
-        enc, dec = MsgpackEncoder(), MsgpackDecoder(EngineCoreRequest)
-        for i, r in enumerate(reqs[: a.warmup]):
-            dec.decode(enc.encode(engine_request(llm, f"w{i}", r, params)))
-        proc_ms, enc_ms, dec_ms, nbytes = [], [], [], []
-        for i, r in enumerate(reqs[a.warmup:]):  # timed: no profiler
-            t = time.perf_counter()
-            req = engine_request(llm, f"r{i}", r, params)
-            t1 = time.perf_counter()
-            bufs = enc.encode(req)
-            t2 = time.perf_counter()
-            dec.decode(bufs)
-            t3 = time.perf_counter()
-            proc_ms.append(1e3 * (t1 - t))
-            enc_ms.append(1e3 * (t2 - t1))
-            dec_ms.append(1e3 * (t3 - t2))
-            nbytes.append(sum(len(memoryview(b)) for b in bufs))
-        prof = cProfile.Profile()  # then the same requests again, profiled (slower)
-        prof.enable()
-        for i, r in enumerate(reqs[a.warmup:]):
-            engine_request(llm, f"p{i}", r, params)
-        prof.disable()
+        ms, prof = _measure(eng.llm, reqs, a.warmup)
     finally:
         eng.close()
 
-    st = pstats.Stats(prof)
-    total = sum(v[2] for v in st.stats.values())  # own time of every function
-    groups: dict[str, float] = {}
-    top, cum = [], []
-    for (file, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
-        g = group_of(file, func)
-        groups[g] = groups.get(g, 0.0) + tt
-        top.append((tt, f"{Path(file).name}:{line} {func}", nc))
-        cum.append((ct, f"{file.split('site-packages/')[-1]}:{line} {func}", nc))
-    top.sort(reverse=True)
-    cum.sort(reverse=True)
-    n = a.n
     doc = {
-        "model": a.model, "images": n, "max_dynamic_patch": a.max_dynamic_patch,
+        "model": a.model, "images": a.n, "max_dynamic_patch": a.max_dynamic_patch,
         "image_size": list(images[0].size), "engine_start_s": round(start_s, 2),
         "versions": eng.info(),
         "per_image_ms": {"image pickled to a replica and back (run --replicas)": spread(pickle_ms),
-                         "process (renderer + input processor)": spread(proc_ms),
-                         "encode for the engine core (msgpack)": spread(enc_ms),
-                         "decode in the engine core (msgpack)": spread(dec_ms)},
-        "bytes_per_request": spread(nbytes),
-        "profile_ms_per_image_by_group": {k: round(1e3 * v / n, 3) for k, v in
-                                          sorted(groups.items(), key=lambda kv: -kv[1])},
-        "profile_ms_per_image_total": round(1e3 * total / n, 3),
-        # the stages: vLLM's and transformers' functions by time including their callees
-        "stages_cumulative_ms_per_image": [
-            {"function": f, "ms": round(1e3 * ct / n, 3), "calls_per_image": round(nc / n, 2)}
-            for ct, f, nc in cum if any(k in f for k in ("vllm", "transformers"))][:30],
-        "top_functions_own_ms_per_image": [
-            {"function": f, "ms": round(1e3 * tt / n, 3), "calls_per_image": round(nc / n, 2)}
-            for tt, f, nc in top[:20]],
+                         "process (renderer + input processor)": spread(ms["proc"]),
+                         "encode for the engine core (msgpack)": spread(ms["enc"]),
+                         "decode in the engine core (msgpack)": spread(ms["dec"])},
+        "bytes_per_request": spread(ms["bytes"]),
+        **_profile_parts(prof, a.n),
     }
     Path(a.out).write_text(json.dumps(doc, indent=1))
     print(json.dumps({k: doc[k] for k in ("per_image_ms", "bytes_per_request",

@@ -59,7 +59,7 @@ def split_profile(prof: cProfile.Profile, top: int = 20) -> dict:
     }
 
 
-def main():
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="preset:internvl3-1b")
     ap.add_argument("--images", type=int, default=1024, help="per measurement")
@@ -71,12 +71,15 @@ def main():
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=None, help="write the breakdown as JSON here")
-    a = ap.parse_args()
+    return ap.parse_args()
 
+
+def _model_and_images(a: argparse.Namespace) -> tuple[str, list]:
+    """The checkpoint (a preset is synthesized into the cache) and the generated images of
+    the warm-up and the three measurements, decoded."""
     from pathlib import Path
 
-    from internvl_batch.bench import GpuBusy, dataset
-    from internvl_batch.bench.worker import load_plain
+    from internvl_batch.bench import dataset
     from internvl_batch.cache import CompileCache
     from internvl_batch.config import EngineSpec, default_cache_dir
     from internvl_batch.images import load_rgb
@@ -89,7 +92,35 @@ def main():
     t0 = time.perf_counter()
     images = [load_rgb(str(images_dir / f)) for f in files]
     print(f"decoded {len(images)} images in {time.perf_counter() - t0:.1f}s", flush=True)
+    return model, images
 
+
+def _pixel_values_ms(llm, images: list, max_dynamic_patch: int) -> float:
+    """The model's own image preprocessing, alone (what the frontend runs per image): ms
+    per image."""
+    try:
+        from vllm.transformers_utils.processors.internvl import image_to_pixel_values_internvl
+    except ImportError:
+        from vllm.model_executor.models.internvl import image_to_pixel_values_internvl
+
+    cfg = llm.llm_engine.model_config.hf_config
+    side = cfg.force_image_size or cfg.vision_config.image_size
+    t0 = time.perf_counter()
+    for im in images:
+        image_to_pixel_values_internvl(im, input_size=side, min_num=1,
+                                       max_num=max_dynamic_patch, use_thumbnail=True)
+    return (time.perf_counter() - t0) / len(images) * 1e3
+
+
+def main():
+    a = _args()
+
+    from pathlib import Path
+
+    from internvl_batch.bench import GpuBusy
+    from internvl_batch.bench.worker import load_plain
+
+    model, images = _model_and_images(a)
     plain = load_plain()
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
     import vllm
@@ -126,20 +157,7 @@ def main():
     prof.disable()
     profiled_s = time.perf_counter() - t0
     split = split_profile(prof)
-
-    # the model's own image preprocessing, alone (what the frontend runs per image)
-    try:
-        from vllm.transformers_utils.processors.internvl import image_to_pixel_values_internvl
-    except ImportError:
-        from vllm.model_executor.models.internvl import image_to_pixel_values_internvl
-
-    cfg = llm.llm_engine.model_config.hf_config
-    side = cfg.force_image_size or cfg.vision_config.image_size
-    t0 = time.perf_counter()
-    for im in images[w + 2 * n:w + 3 * n]:
-        image_to_pixel_values_internvl(im, input_size=side, min_num=1,
-                                       max_num=a.max_dynamic_patch, use_thumbnail=True)
-    pv_ms = (time.perf_counter() - t0) / n * 1e3
+    pv_ms = _pixel_values_ms(llm, images[w + 2 * n:w + 3 * n], a.max_dynamic_patch)
 
     doc = {
         "model": a.model, "images": n, "sizes": a.sizes, "max_dynamic_patch": a.max_dynamic_patch,

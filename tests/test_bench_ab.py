@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from internvl_batch.bench import ab
+from internvl_batch.bench import ab, profiling
+from internvl_batch.bench.common import predicted_speedup
 from internvl_batch.config import ConfigError
-from internvl_batch.hooks import predicted_speedup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -321,17 +321,15 @@ def test_a_failed_profiled_round_keeps_the_timed_rounds(tmp_path, monkeypatch):
     assert "agreement" not in rounds[3] and "error" in rounds[3]["modes"]["eager"]
     assert "compiled" not in rounds[3]["modes"]  # stopped after the first failure
     assert [e["where"] for e in rec.doc["errors"]] == ["round p eager"]
-    assert ("ivb_encoder_profile", "stop") in calls
+    assert ("ivb_call", profiling.PROFILE, "stop") in calls
     assert ab.analyse(rounds)["rounds_timed"] == 2
 
 
-# -- the worker-side profile summary (hooks) ---------------------------------------------------------
+# -- the worker-side profile (bench/profiling.py) ----------------------------------------------
 
 def test_summarize_profile_attributes_kernels_to_encoder_ranges():
     pytest.importorskip("torch")
     from torch.autograd import DeviceType
-
-    from internvl_batch.hooks import summarize_profile
 
     cpu, gpu = DeviceType.CPU, DeviceType.CUDA
     ev = [SimpleNamespace(name="ivb_encoder", device_type=cpu, device_time_total=3000.0,
@@ -343,11 +341,11 @@ def test_summarize_profile_attributes_kernels_to_encoder_ranges():
                           device_time_total=2500.0, is_user_annotation=True),
           SimpleNamespace(name="aten::mm", device_type=cpu, device_time_total=3000.0,
                           cpu_time_total=100.0)]
-    s = summarize_profile(ev, cuda=True, wall_ms=20.0)
+    s = profiling.summarize_profile(ev, cuda=True, wall_ms=20.0)
     assert s["encoder_calls"] == 1 and s["gpu_events"] == 2  # GPU-side annotation excluded
     assert s["gpu_ms"] == 10.0 and s["encoder_gpu_ms"] == 3.0
     assert s["encoder_share_of_gpu"] == 0.3 and s["gpu_busy_of_wall"] == 0.5
-    c = summarize_profile(ev[:1], cuda=False, wall_ms=10.0)
+    c = profiling.summarize_profile(ev[:1], cuda=False, wall_ms=10.0)
     assert c["encoder_cpu_ms"] == 5.0 and c["encoder_share_of_wall"] == 0.5
 
 
@@ -682,8 +680,6 @@ def test_bench_ab_on_cpu_vllm(tmp_path, cache_root, layout):
 def test_profile_ranges_wrap_each_part_and_come_off_again():
     from contextlib import contextmanager
 
-    from internvl_batch import hooks
-
     seen = []
 
     @contextmanager
@@ -712,7 +708,7 @@ def test_profile_ranges_wrap_each_part_and_come_off_again():
     model, runner = Model(), Runner()
     timer = model.embed_multimodal  # an instance attribute already there (the encoder timer)
     model.embed_multimodal = timer
-    wrapped = hooks._wrap_ranges(model, runner, record_function)
+    wrapped = profiling.wrap_ranges(model, runner, record_function)
     assert [w[3] for w in wrapped] == ["ivb_encoder", "ivb_vit", "ivb_projector",
                                        "ivb_prefill|ivb_decode|ivb_step", "ivb_sample"]
     assert model.embed_multimodal(pixel_values_flat=1) == 3
@@ -722,21 +718,19 @@ def test_profile_ranges_wrap_each_part_and_come_off_again():
     assert runner.sample_tokens(None) == "sampled"
     assert seen == ["ivb_encoder", "ivb_vit", "ivb_projector", "ivb_prefill", "ivb_decode",
                     "ivb_step", "ivb_sample"]
-    hooks._unwrap(wrapped)
+    profiling.unwrap(wrapped)
     assert model.embed_multimodal is timer  # the timer's wrapper is back, not removed
     for obj, attr in ((model.vision_model, "forward"), (model.mlp1, "forward"),
                       (runner, "execute_model"), (runner, "sample_tokens")):
         assert attr not in vars(obj)
     # a vLLM without a part: skipped, nothing else changes
-    assert [w[3] for w in hooks._wrap_ranges(SimpleNamespace(), SimpleNamespace(),
-                                              record_function)] == []
+    assert [w[3] for w in profiling.wrap_ranges(SimpleNamespace(), SimpleNamespace(),
+                                                record_function)] == []
 
 
 def test_breakdown_attributes_kernels_to_the_innermost_range_and_finds_gaps():
     pytest.importorskip("torch")
     from torch.autograd import DeviceType
-
-    from internvl_batch import hooks
 
     cpu, gpu = DeviceType.CPU, DeviceType.CUDA
     K = lambda name, us: SimpleNamespace(name=name, duration=us)  # noqa: E731
@@ -760,7 +754,7 @@ def test_breakdown_attributes_kernels_to_the_innermost_range_and_finds_gaps():
     annotation = SimpleNamespace(name="ivb_vit", device_type=gpu, is_user_annotation=True,
                                  time_range=SimpleNamespace(start=0, end=50000))
     events = [prefill, enc, vit, proj, decode, mm, inner, lm, dec, loose, *spans, annotation]
-    b = hooks.breakdown(events, cuda=True, wall_ms=20.0)
+    b = profiling.breakdown(events, cuda=True, wall_ms=20.0)
     parts = b["parts"]
     assert parts["ivb_vit"]["gpu_ms"] == 4.0 and parts["ivb_vit"]["classes"] == {
         "GEMM": 3.0, "attention": 1.0}
@@ -768,7 +762,7 @@ def test_breakdown_attributes_kernels_to_the_innermost_range_and_finds_gaps():
     assert parts["ivb_prefill"]["classes"] == {"GEMM": 2.0, "Triton (fused by Inductor)": 0.5}
     # a CUDA graph's kernels hang on the range itself
     assert parts["ivb_decode"]["classes"] == {"GEMM": 1.5, "Triton (fused by Inductor)": 1.0}
-    assert parts[hooks.OUTSIDE]["classes"] == {"copy/memset": 2.0}
+    assert parts[profiling.OUTSIDE]["classes"] == {"copy/memset": 2.0}
     assert b["attributed_gpu_ms"] == 11.5 and parts["ivb_vit"]["share"] == round(4 / 11.5, 4)
     assert list(parts)[0] == "ivb_vit"  # largest first
     assert b["calls"] == {"ivb_prefill": 1, "ivb_encoder": 1, "ivb_vit": 1, "ivb_projector": 1,
@@ -778,8 +772,8 @@ def test_breakdown_attributes_kernels_to_the_innermost_range_and_finds_gaps():
     assert b["idle"] == {"busy_ms": 9.95, "busy_of_wall": 0.4975, "span_ms": 12.0,
                          "gaps_over_0_1ms": 1, "gaps_over_1ms": 1, "gap_ms_over_1ms": 2.0,
                          "largest_gap_ms": 2.0}
-    c = hooks.breakdown(events, cuda=False, wall_ms=20.0)
+    c = profiling.breakdown(events, cuda=False, wall_ms=20.0)
     assert "parts" not in c and c["cpu_ms"]["ivb_prefill"] == 9.0
-    assert hooks.gaps([], 10.0)["busy_ms"] == 0.0
-    assert hooks.kernel_class("fmha_cutlassF_bf16_aligned_64x128") == "attention"
-    assert hooks.kernel_class("void at::native::vectorized_elementwise_kernel") == "other"
+    assert profiling.gaps([], 10.0)["busy_ms"] == 0.0
+    assert profiling.kernel_class("fmha_cutlassF_bf16_aligned_64x128") == "attention"
+    assert profiling.kernel_class("void at::native::vectorized_elementwise_kernel") == "other"

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from internvl_batch.bench import encoder as enc
+from internvl_batch.bench.common import Recorder, median_ci
 from internvl_batch.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,82 +24,6 @@ def _cli(*args, timeout=900, env=None):
     return subprocess.run([sys.executable, "-m", "internvl_batch", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-
-
-# -- statistics --------------------------------------------------------------------------------
-
-def _binom_cdf(n: int, k: int) -> float:
-    return sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-
-
-def test_median_ci_uses_the_textbook_ranks():
-    s = enc.median_ci(range(1, 21))  # n = 20: 6th and 15th order statistics
-    assert (s["lo"], s["hi"], s["median"]) == (6, 15, 10.5)
-    assert s["coverage"] == pytest.approx(1 - 2 * _binom_cdf(20, 5), abs=1e-4)
-    assert s["coverage"] >= 0.95
-
-
-@pytest.mark.parametrize("n", [6, 7, 10, 20, 25, 30, 41, 60])
-def test_median_ci_is_the_tightest_interval_with_95_percent(n):
-    xs = list(range(n))
-    s = enc.median_ci(reversed(xs))  # order of the samples must not matter
-    j = int(s["lo"]) + 1  # 1-based rank of the lower bound
-    assert s["hi"] == xs[n - j]  # symmetric ranks
-    assert 1 - 2 * _binom_cdf(n, j - 1) >= 0.95
-    assert 1 - 2 * _binom_cdf(n, j) < 0.95  # one rank further in would fall short
-
-
-def test_median_ci_small_and_empty_samples():
-    s = enc.median_ci([3.0, 1.0, 2.0])
-    assert (s["lo"], s["median"], s["hi"]) == (1.0, 2.0, 3.0)
-    assert s["coverage"] == pytest.approx(0.75)  # [min, max] of 3 covers 75 %
-    assert enc.median_ci([])["median"] is None
-
-
-def test_paired_speedup_pairs_rounds():
-    s = enc.paired_speedup([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])
-    assert s["median"] == 2.0 and s["n"] == 3
-    assert s["of_medians"] == pytest.approx(4.0 / 2.0)
-    assert enc.paired_speedup([1.0], [0.0])["n"] == 0  # a zero time is not a ratio
-
-
-def test_t_quantile_matches_the_tables():
-    # two-sided 95 % (and one 99 %) critical values of Student's t, from the printed tables
-    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (5, 2.571), (10, 2.228), (18, 2.101),
-                  (30, 2.042), (120, 1.980)):
-        assert enc.t_two_sided(df) == pytest.approx(t, abs=5e-4)
-    assert enc.t_two_sided(10, 0.99) == pytest.approx(3.169, abs=5e-4)
-    with pytest.raises(ValueError):
-        enc.t_two_sided(0)
-
-
-def test_crossover_takes_the_order_effect_out():
-    """Rounds alternate the order; the mode that runs second is 3 % faster. The per-round
-    ratios then swing ±3 % around the true 1.05 (the median's interval spans the swing), while
-    the crossover estimate recovers 1.05 and the 3 % with a narrow interval."""
-    noise = [0.002, -0.001, 0.0, 0.001, -0.002, 0.001, -0.001, 0.0]
-    second = [k % 2 == 0 for k in range(8)]  # num (compiled) runs second in even rounds
-    ratios = [1.05 * (1.03 if s else 1 / 1.03) * math.exp(e) for s, e in zip(second, noise)]
-    x = enc.crossover(ratios, second)
-    assert x["n"] == 8 and x["df"] == 6 and x["n_num_second"] == 4
-    assert x["estimate"] == pytest.approx(1.05, rel=2e-3)
-    assert x["order_effect"] == pytest.approx(1.03, rel=2e-3)
-    assert x["lo"] < 1.05 < x["hi"] and x["half_width_pct"] < 0.5
-    med = enc.median_ci(ratios)
-    assert 100 * (med["hi"] - med["lo"]) / 2 / med["median"] > 2.5
-    # the interval is the t interval of the two groups' pooled variance
-    a = [math.log(r) for r, s in zip(ratios, second) if s]
-    b = [math.log(r) for r, s in zip(ratios, second) if not s]
-    import statistics
-    se = math.sqrt((3 * statistics.variance(a) + 3 * statistics.variance(b)) / 6 * 0.5) / 2
-    assert math.log(x["hi"] / x["estimate"]) == pytest.approx(enc.t_two_sided(6) * se)
-    # no order effect, no noise: the geometric mean, an interval of zero width
-    y = enc.crossover([1.1, 1.1, 1.1, 1.1], [True, False, True, False])
-    assert y["estimate"] == pytest.approx(1.1) and y["lo"] == pytest.approx(1.1)
-    assert y["order_effect"] == pytest.approx(1.0)
-    # fewer than two rounds of each order: no estimate (and failed rounds do not count)
-    z = enc.crossover([1.1, 1.2, 1.0, None], [True, True, False, False])
-    assert z["estimate"] is None and z["n"] == 3
 
 
 # -- parsing and options -------------------------------------------------------------------------
@@ -284,10 +209,10 @@ def test_kernel_rows_count_device_events_only():
 # -- reports -------------------------------------------------------------------------------------
 
 def _mode(ms, speedup=None):
-    st = enc.median_ci(ms)
+    st = median_ci(ms)
     out = {"ms": st, "samples_ms": ms, "tiles_per_s": 1000 / st["median"]}
     if speedup:
-        out["speedup_vs_eager"] = enc.median_ci(speedup)
+        out["speedup_vs_eager"] = median_ci(speedup)
     return out
 
 
@@ -509,7 +434,7 @@ def test_measure_with_all_modes_on_a_fake_harness(tmp_path):
            "model": {"spec": "fake"}, "engine": {}, "device": {"name": "fake", "cuda": False},
            "versions": {}, "degeneracy": {}, "evidence": {}, "batches": [], "errors": [],
            "options": {}}
-    rec = enc.Recorder(doc, tmp_path)
+    rec = Recorder(doc, tmp_path)
     h = FakeHarness(torch)
     enc._measure(h, opts, enc.MODES, rec, lambda m: None)
     saved = json.loads((tmp_path / "fake.json").read_text())

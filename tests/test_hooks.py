@@ -1,4 +1,5 @@
-"""hooks.py's pure parts (the worker-side methods run in the vLLM tests)."""
+"""hooks.py's pure parts and its methods on a fake worker (the real worker runs them in the
+vLLM tests)."""
 from __future__ import annotations
 
 import pytest
@@ -6,10 +7,28 @@ import pytest
 from internvl_batch import hooks
 
 
-def test_predicted_speedup_is_amdahl():
-    assert hooks.predicted_speedup(0.0, 2.0) == 1.0
-    assert hooks.predicted_speedup(1.0, 2.0) == 2.0
-    assert hooks.predicted_speedup(0.2, 1.1) == pytest.approx(1 / (0.8 + 0.2 / 1.1))
+def test_ivb_call_runs_a_named_function_with_the_worker():
+    """The benchmark wing's worker-side code is reached by name: the function gets the
+    worker (its model through `serving_model`) and the call's arguments."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(vision_model=SimpleNamespace(encoder=SimpleNamespace(layers=[
+        SimpleNamespace(do_not_compile=False), SimpleNamespace()])))
+
+    class Worker(hooks.EncoderControl):
+        model_runner = SimpleNamespace(get_model=lambda: model)
+
+    w = Worker()
+    assert w.ivb_call("internvl_batch.hooks:serving_model") is model
+    assert w.ivb_call("internvl_batch.hooks:compile_flags") == [False, True]
+    info = w.ivb_call("internvl_batch.bench.profiling:runner_info")
+    assert (info["encoder_layers"], info["compilable_layers"]) == (2, 1)
+    assert w.ivb_encoder_mode("eager")["compilable_layers"] == 1  # the flags saved first
+    assert [layer.do_not_compile for layer in model.vision_model.encoder.layers] == [True, True]
+    w.ivb_encoder_mode("compiled")
+    assert model.vision_model.encoder.layers[0].do_not_compile is False
+    with pytest.raises(AttributeError):
+        w.ivb_call("internvl_batch.hooks:no_such_function")
 
 
 def test_engine_kwargs_load_the_extension(tmp_path):

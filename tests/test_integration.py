@@ -250,11 +250,7 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     # its first row): a duplicated Slurm task; refused at once
     second = subprocess.run([sys.executable, "-m", "internvl_batch", *args],
                             capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2, second
-    assert second.stderr.splitlines() == [
-        f"Error: another internvl-batch (pid {p.pid} on host {socket.gethostname()}, since "
-        f"{second.stderr.split('since ')[1].split(')')[0]}) is writing part-00000-of-00001 "
-        f"in {out}; wait for it, or pass --wait"], second.stderr
+    _assert_refused_while_held(second, p.pid, out)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 3:
         assert p.poll() is None, p.stdout.read()
@@ -281,6 +277,26 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     ids = [r["id"] for r in _rows(out / "part-00000-of-00001.parquet")]
     assert len(ids) == len(set(ids)) == 40
     st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
+    _assert_stats_of_a_killed_then_resumed_shard(st, written, log)
+    assert "images captioned" in log and "Traceback" not in log
+    entries = list((cache / "entries").iterdir())
+    assert len(entries) == 1 and (entries[0] / ".complete").is_file()
+    manifest = json.loads((entries[0] / "manifest.json").read_text())
+    assert manifest["fields"]["model"] == os.path.realpath(tiny_model)
+
+
+def _assert_refused_while_held(second: subprocess.CompletedProcess, holder: int, out: Path):
+    """A second writer of a held shard: exit 2 and one line naming the holder."""
+    assert second.returncode == 2, second
+    assert second.stderr.splitlines() == [
+        f"Error: another internvl-batch (pid {holder} on host {socket.gethostname()}, since "
+        f"{second.stderr.split('since ')[1].split(')')[0]}) is writing part-00000-of-00001 "
+        f"in {out}; wait for it, or pass --wait"], second.stderr
+
+
+def _assert_stats_of_a_killed_then_resumed_shard(st: dict, written: int, log: str):
+    """The shard's stats.json after run 1 was killed with `written` rows and run 2 finished
+    it: both runs, the shard's totals, run 2's clock and start timeline."""
     # run 1 built the cache entry (a miss) and was killed: its stats, saved after each
     # batch, survive; run 2 found the entry complete: a hit
     assert [r["cache_hit"] for r in st["runs"]] == [False, True]
@@ -310,11 +326,6 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     inspected = [[p["s"] for p in r["start_timeline"]["engines"][0]["phases"]
                   if p["phase"] == "model class inspected here"] for r in (r1, r2)]
     assert len(inspected[0]) == 1 and 0 < inspected[0][0] < 30 and inspected[1] == [], inspected
-    assert "images captioned" in log and "Traceback" not in log
-    entries = list((cache / "entries").iterdir())
-    assert len(entries) == 1 and (entries[0] / ".complete").is_file()
-    manifest = json.loads((entries[0] / "manifest.json").read_text())
-    assert manifest["fields"]["model"] == os.path.realpath(tiny_model)
 
 
 def _session_left(sid: int) -> list[str]:

@@ -15,7 +15,7 @@ import json
 import statistics
 import sys
 
-from internvl_batch.bench.encoder import crossover, median_ci
+from internvl_batch.bench.common import crossover, median_ci
 
 
 def main(path: str) -> int:

@@ -29,20 +29,6 @@ LIMIT=${LIMIT:-560}  # seconds per workload
 # runs) or "--gc-on"; bench-ab runs its engine core inline, with no garbage collection
 # inside the clock, by default since the CPU A/A test (results/cpu-2core/ab-noise/)
 EXTRA=${EXTRA:-}
-# SPY=1: the whole bench-ab under py-spy (every process, idle threads too, RATE samples/s),
-# summarized per process and category by `python -m internvl_batch.bench.spy` (the host
-# profile; with EXTRA="--engine-core process" it separates the front and the engine
-# core). Needs the py-spy wheel carried in .whl/.
-SPY=${SPY:-0}; RATE=${RATE:-20}
-SPYCMD=()
-if [ "$SPY" = 1 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/spy .whl/py_spy-*.whl
-  if [ -x /tmp/spy/bin/py-spy ]; then
-    SPYCMD=(/tmp/spy/bin/py-spy record --subprocesses --idle --nonblocking -r "$RATE" --format raw)
-  else
-    echo "py-spy missing (.whl not carried?): running without it"
-  fi
-fi
 t0=$(date +%s)
 el() { echo $(( $(date +%s) - t0 )); }
 
@@ -50,16 +36,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 for s in $SIZES; do
   name=ab-internvl3-1b-$s${NAME_SUFFIX:-}
   echo "[$(el) s] start $name (limit $LIMIT s)"
-  spy=()
-  [ ${#SPYCMD[@]} -gt 0 ] && spy=("${SPYCMD[@]}" -o "$OUT/$name.spy.txt" --)
   # shellcheck disable=SC2086
-  timeout -k 15 "$LIMIT" ${spy[@]+"${spy[@]}"} python3 -m internvl_batch bench-ab --model "$MODEL" \
+  timeout -k 15 "$LIMIT" python3 -m internvl_batch bench-ab --model "$MODEL" \
     --sizes "$s" --repeats "$REPEATS" --results-dir "$OUT" --name "$name" $EXTRA \
     > "$OUT/$name.log" 2>&1
   echo "[$(el) s] $name exit $?"
-  [ -f "$OUT/$name.spy.txt" ] && python3 -m internvl_batch.bench.spy "$OUT/$name.spy.txt" \
-    --rate "$RATE" --json "$OUT/$name.spy.json" --min-share 0.02 > "$OUT/$name.spy.md" \
-    && head -40 "$OUT/$name.spy.md"
   grep -E '^\[ *[0-9.]+ s\]' "$OUT/$name.log" | tail -14
   [ -f "$OUT/$name.md" ] && sed -n '/^| | compiled \/ eager/,/^$/p' "$OUT/$name.md"
   # the breakdown of the engine's GPU time (the profiled round)

@@ -65,7 +65,6 @@ RATIOS = (("compiled", "eager"), ("pipeline", "plain"), ("pipeline", "compiled")
 METRICS = ("requests_per_s", "output_tokens_per_s", "images_per_s", "seconds")
 KV_CACHE_GB = 2.0  # per engine of ours on GPU: ~170k tokens of InternVL3-1B, ~70k of 2B; all
 # variants (4 replicas included) must fit on one 80 GB GPU at once
-PR_38049 = {"requests_per_s": 4.3, "output_tokens_per_s": 3.8}  # % gains it reported
 
 
 # -- small math, unit-tested -------------------------------------------------------------------

@@ -8,9 +8,10 @@ there no encoder speed-up can show. This benchmark removes both blurs:
 * **One engine, both encoders.** One vLLM engine, started in this process through the compile
   cache like every engine of this package, with `compile_mm_encoder` on (on CPU it cannot be:
   vLLM's compiled InternVL encoder fails there, so the engine is eager and both "modes" run
-  the same code; the report says so). `collective_rpc("ivb_encoder_mode", ...)`
-  (`internvl_batch/hooks.py`) switches its InternViT layers between the compiled graph and
-  the plain forward between rounds: same weights, same KV cache, same scheduler.
+  the same code; the report says so). `collective_rpc("ivb_encoder_mode", ...)` (the
+  library's worker extension, `internvl_batch/hooks.py`) switches its InternViT layers
+  between the compiled graph and the plain forward between rounds: same weights, same KV
+  cache, same scheduler.
 * **Engine core in this process** (`--engine-core inline`, the default;
   `VLLM_ENABLE_V1_MULTIPROCESSING=0`). In vLLM's default layout the core runs in a process of
   its own, so inside the clock every request's pixels are serialized to it, deserialized
@@ -41,11 +42,11 @@ there no encoder speed-up can show. This benchmark removes both blurs:
 * **Measured inside the engine.** `ivb_encoder_timer` puts CUDA events around every encoder
   call of a round: the encoder's GPU milliseconds and tiles. With the round's wall time that
   is the encoder's share; GPU busy % comes from `nvidia-smi` sampled every 100 ms. Optional
-  profiled rounds (`ivb_encoder_profile`, torch.profiler in the worker) give the encoder's
+  profiled rounds (`bench/profiling.py`, torch.profiler in the worker) give the encoder's
   share of all GPU kernel time, and the step's GPU time by part (InternViT, projector,
   prefill and decode steps, sampling) and kernel class with the GPU's idle gaps: the
   breakdown of the engine's own time. From the share and the in-engine encoder gain, Amdahl's law
-  predicts the end-to-end gain (`hooks.predicted_speedup`), reported beside the measured one.
+  predicts the end-to-end gain (`common.predicted_speedup`), reported beside the measured one.
 * **Checked.** Greedy token ids of every image are compared between the modes of its round.
   With dummy weights (`load_format=dummy`, flat logits) agreement proves little: use a
   `+weights` preset for a meaningful check.
@@ -64,11 +65,12 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..config import ConfigError, DEFAULT_PROMPT, EngineSpec
-from ..hooks import predicted_speedup
-from . import GpuBusy, dataset
-from .encoder import Recorder, _err, _git_sha, crossover, median_ci, paired_speedup
+from . import GpuBusy, dataset, profiling
+from .common import (Recorder, crossover, error_line, git_sha, median_ci, paired_speedup,
+                     predicted_speedup)
 
 MODES = ("eager", "compiled")
 SIZES = ("448", "coco")
@@ -435,7 +437,9 @@ def feed(llm, requests: list, params, gc_off: bool = False
 
 
 def rpc(llm, method: str, *args):
-    """One call of our worker extension (hooks.EncoderControl); the first worker's answer."""
+    """One call of our worker extension (hooks.EncoderControl); the first worker's answer.
+    The wing's own worker-side functions go through its `ivb_call`: `rpc(llm, "ivb_call",
+    profiling.PROFILE, "start")`."""
     return llm.collective_rpc(method, args=tuple(args))[0]
 
 
@@ -517,7 +521,7 @@ def run(opts: ABOptions, log=print) -> dict:
     """Start the engine, run the rounds, return the result document (also on disk)."""
     from ..cache import CompileCache
     from ..config import default_cache_dir
-    from ..engine import device_name, has_cuda, llm_kwargs
+    from ..engine import has_cuda, llm_kwargs
 
     cuda = has_cuda()
     cache_root = Path(opts.cache_dir or default_cache_dir())
@@ -528,9 +532,49 @@ def run(opts: ABOptions, log=print) -> dict:
     def say(msg: str):
         log(f"[{time.perf_counter() - t_start:7.1f} s] {msg}")
 
-    n = opts.images_per_round
     plan = schedule(opts.warmup_rounds, opts.repeats, opts.profile_images > 0,
                     same_images=opts.same_images)
+    images_dir, files, bounds = _images(opts, plan, cache_root, say)
+    doc = _new_document(opts, spec, kw, cuda, images_dir, plan)
+    rec = Recorder(doc, Path(opts.results_dir))
+    rec.save()
+
+    # a fresh compile cache unless asked: nothing is loaded from, or written into, the
+    # project's cache (as bench-encoder)
+    tmp = None if opts.reuse_compile_cache else Path(tempfile.mkdtemp(prefix="ivb-ab-"))
+    held = SimpleNamespace(engine=None, busy=None)  # what the cleanup below closes
+    if opts.engine_core == "inline":
+        # read by vLLM when the engine starts; this process runs one benchmark and exits
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        _serve(opts, spec, tmp or cache_root, plan, files, images_dir, bounds, rec, say, held)
+    except Exception as e:  # keep what was measured; the caller exits non-zero
+        stop = _stop_in(e)
+        rec.error("run", stop or e)
+        if stop is not None:  # the caller's time limit: keep the rounds measured so far
+            say(f"STOPPED: {stop}")
+        else:
+            say(f"FAILED: {error_line(e)}")
+            import traceback
+
+            traceback.print_exc()
+    finally:
+        doc["total_s"] = round(time.perf_counter() - t_start, 1)
+        rec.save()
+        if held.busy is not None:
+            held.busy.stop()
+        if held.engine is not None:
+            held.engine.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return doc
+
+
+def _images(opts: ABOptions, plan: list[dict], cache_root: Path, say
+            ) -> tuple[Path, list[str], dict]:
+    """The generated images every round draws from: their folder, file names, and each
+    slice's [start, end) in that list (the profiled round's slice has its own size)."""
+    n = opts.images_per_round
     work_dir = Path(opts.work_dir) if opts.work_dir else cache_root / "bench-data"
     sizes = {r["slice"]: (opts.profile_images if r["kind"] == "profile" else n) for r in plan}
     total = sum(sizes.values())
@@ -543,15 +587,23 @@ def run(opts: ABOptions, log=print) -> dict:
         at += sizes[s]
     say(f"dataset: {total} images ({opts.sizes}) under {images_dir.parent} "
         f"({time.perf_counter() - t0:.1f} s)")
+    return images_dir, files, bounds
 
+
+def _new_document(opts: ABOptions, spec: EngineSpec, kw: dict, cuda: bool, images_dir: Path,
+                 plan: list[dict]) -> dict:
+    """The result document before the engine starts: options, configuration, model, device,
+    the schedule, and notes on what a CPU run or dummy weights can show."""
     from .. import checkpoint
+    from ..engine import device_name
 
-    name = opts.name or default_name(opts)
     doc: dict = {
-        "kind": "ab-bench", "name": name, "complete": False, "command": opts.command,
+        "kind": "ab-bench", "name": opts.name or default_name(opts), "complete": False,
+        "command": opts.command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "options": asdict(opts),
-        "config": {"images_per_round": n, "max_dynamic_patch": opts.dynamic_patch,
+        "config": {"images_per_round": opts.images_per_round,
+                   "max_dynamic_patch": opts.dynamic_patch,
                    "prompt": DEFAULT_PROMPT, "ignore_eos": True, "sizes": opts.sizes,
                    "dataset": str(images_dir.parent),
                    "feed": "EngineCoreRequests processed before the clock (renderer + input "
@@ -565,7 +617,7 @@ def run(opts: ABOptions, log=print) -> dict:
                   "load_format": kw.get("load_format")},
         "engine": {"llm_kwargs": {k: v for k, v in kw.items() if k != "model"}},
         "device": {"name": device_name(), "cuda": cuda},
-        "versions": {"git": _git_sha(), "python": platform.python_version()},
+        "versions": {"git": git_sha(), "python": platform.python_version()},
         "schedule": plan, "rounds": [], "errors": [], "notes": [],
     }
     if not cuda:
@@ -577,75 +629,52 @@ def run(opts: ABOptions, log=print) -> dict:
         doc["notes"].append(
             "load_format=dummy: weights U(+-0.001), logits nearly flat; token agreement says "
             "little (use a +weights preset).")
-    rec = Recorder(doc, Path(opts.results_dir))
-    rec.save()
-
-    # a fresh compile cache unless asked: nothing is loaded from, or written into, the
-    # project's cache (as bench-encoder)
-    tmp = None
-    if opts.reuse_compile_cache:
-        cc_root = cache_root
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix="ivb-ab-"))
-        cc_root = tmp
-    engine = None
-    busy = None
-    if opts.engine_core == "inline":
-        # read by vLLM when the engine starts; this process runs one benchmark and exits
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        say(f"starting the engine: {opts.model} ({spec.model}), compile_mm_encoder "
-            f"{bool(spec.compile)}, compile cache {'reused: ' + str(cc_root) if tmp is None else 'fresh'}")
-        t0 = time.perf_counter()
-        # verify=False: no second, eager engine for the cache's probe; the encoder check
-        # below and the caption agreement are this benchmark's own
-        engine, entry = CompileCache(cc_root).start_engine(spec, log=say, verify=False)
-        doc["engine"].update(init_s=round(time.perf_counter() - t0, 2),
-                             timings=engine.timings.as_dict(), cache_hit=entry.hit,
-                             cache_key=entry.key, tokens_per_tile=engine.tokens_per_tile)
-        info = engine.info()
-        doc["versions"].update(vllm=info["vllm"], torch=info["torch"])
-        doc["device"]["name"] = info["device"]
-        say(f"engine ready in {doc['engine']['init_s']} s")
-        llm = engine.llm
-        # what vLLM made of the layout: InprocClient (inline) or SyncMPClient (process), and
-        # whether its scheduler overlaps the next step's scheduling with the GPU's work
-        doc["engine"]["core_client"] = type(getattr(llm.llm_engine, "engine_core", None)).__name__
-        sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
-        doc["engine"]["async_scheduling"] = getattr(sched, "async_scheduling", None)
-        _describe(llm, engine, doc, rec, say)
-        if cuda:
-            busy = GpuBusy().start()
-        _rounds(llm, engine, opts, plan, files, images_dir, bounds, rec, say, busy)
-        doc["analysis"] = analyse(doc["rounds"], doc.get("profile"))
-        doc["agreement"] = merge_agreement([r["agreement"] for r in doc["rounds"]
-                                            if r.get("agreement")])
-        doc["complete"] = True
-        a = doc["analysis"]
-        say("compiled/eager images/s " + _x(a["end_to_end"]["images_per_s"]) +
-            "; encoder gain " + _x(a["encoder_gain"]) +
-            f"; predicted {_f(a['prediction'].get('predicted'), 4)}; token agreement "
-            f"{doc['agreement']['identical_pct']} %")
-    except Exception as e:  # keep what was measured; the caller exits non-zero
-        stop = _stop_in(e)
-        rec.error("run", stop or e)
-        if stop is not None:  # the caller's time limit: keep the rounds measured so far
-            say(f"STOPPED: {stop}")
-        else:
-            say(f"FAILED: {_err(e)}")
-            import traceback
-
-            traceback.print_exc()
-    finally:
-        doc["total_s"] = round(time.perf_counter() - t_start, 1)
-        rec.save()
-        if busy is not None:
-            busy.stop()
-        if engine is not None:
-            engine.close()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return doc
+
+
+def _serve(opts: ABOptions, spec: EngineSpec, cc_root: Path, plan: list[dict],
+           files: list[str], images_dir: Path, bounds: dict, rec: Recorder, say,
+           held: SimpleNamespace) -> None:
+    """Start the engine (through the compile cache under `cc_root`), describe its encoder,
+    run every round, analyse. The engine and the GPU sampler go into `held` as they start,
+    for the caller to close whatever happens here."""
+    from ..cache import CompileCache
+
+    doc = rec.doc
+    say(f"starting the engine: {opts.model} ({spec.model}), compile_mm_encoder "
+        f"{bool(spec.compile)}, compile cache "
+        f"{'reused: ' + str(cc_root) if opts.reuse_compile_cache else 'fresh'}")
+    t0 = time.perf_counter()
+    # verify=False: no second, eager engine for the cache's probe; the encoder check
+    # below and the caption agreement are this benchmark's own
+    engine, entry = CompileCache(cc_root).start_engine(spec, log=say, verify=False)
+    held.engine = engine
+    doc["engine"].update(init_s=round(time.perf_counter() - t0, 2),
+                         timings=engine.timings.as_dict(), cache_hit=entry.hit,
+                         cache_key=entry.key, tokens_per_tile=engine.tokens_per_tile)
+    info = engine.info()
+    doc["versions"].update(vllm=info["vllm"], torch=info["torch"])
+    doc["device"]["name"] = info["device"]
+    say(f"engine ready in {doc['engine']['init_s']} s")
+    llm = engine.llm
+    # what vLLM made of the layout: InprocClient (inline) or SyncMPClient (process), and
+    # whether its scheduler overlaps the next step's scheduling with the GPU's work
+    doc["engine"]["core_client"] = type(getattr(llm.llm_engine, "engine_core", None)).__name__
+    sched = getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+    doc["engine"]["async_scheduling"] = getattr(sched, "async_scheduling", None)
+    _describe(llm, engine, doc, rec, say)
+    if doc["device"]["cuda"]:
+        held.busy = GpuBusy().start()
+    _rounds(llm, engine, opts, plan, files, images_dir, bounds, rec, say, held.busy)
+    doc["analysis"] = analyse(doc["rounds"], doc.get("profile"))
+    doc["agreement"] = merge_agreement([r["agreement"] for r in doc["rounds"]
+                                        if r.get("agreement")])
+    doc["complete"] = True
+    a = doc["analysis"]
+    say("compiled/eager images/s " + _x(a["end_to_end"]["images_per_s"]) +
+        "; encoder gain " + _x(a["encoder_gain"]) +
+        f"; predicted {_f(a['prediction'].get('predicted'), 4)}; token agreement "
+        f"{doc['agreement']['identical_pct']} %")
 
 
 def _describe(llm, engine, doc: dict, rec: Recorder, say) -> None:
@@ -660,9 +689,9 @@ def _describe(llm, engine, doc: dict, rec: Recorder, say) -> None:
         raise
     doc["engine"]["VLLM_USE_V2_MODEL_RUNNER"] = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     try:
-        doc["engine"]["runner"] = rpc(llm, "ivb_runner_info")
+        doc["engine"]["runner"] = rpc(llm, "ivb_call", profiling.RUNNER_INFO)
     except Exception as e:
-        rec.error("ivb_runner_info", e)
+        rec.error("runner_info", e)
     try:
         chk = rpc(llm, "ivb_encoder_check", engine.img_context_id, (13, 3), 0)
         doc["encoder_check"] = chk
@@ -708,13 +737,13 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
                                                   prompt_text, params, tpt, img_id, busy, doc,
                                                   opts)
             except Exception as e:
-                row["modes"][m] = {"error": _err(e)}
+                row["modes"][m] = {"error": error_line(e)}
                 rec.error(f"round {r['label']} {m}", e)
                 if r["kind"] != "profile":
                     raise
                 # the profile is an extra: its failure keeps every timed round
                 _stop_profile(llm)
-                say(f"profiled round {m} failed: {_err(e)}; going on without it")
+                say(f"profiled round {m} failed: {error_line(e)}; going on without it")
                 break
         if row["modes"] and all(not row["modes"].get(m, {}).get("error") and m in tokens
                                 for m in MODES):
@@ -737,7 +766,7 @@ def _rounds(llm, engine, opts: ABOptions, plan: list[dict], files: list[str], im
 def _stop_profile(llm) -> None:
     """Leave no profiler running after a failed profiled round (it may not have started)."""
     try:
-        rpc(llm, "ivb_encoder_profile", "stop")
+        rpc(llm, "ivb_call", profiling.PROFILE, "stop")
     except Exception:
         pass
 
@@ -751,10 +780,10 @@ def _one(llm, rnd: Round, label: str, mode: str, kind: str, prompt_text: str, pa
     pre_s = time.perf_counter() - t0
     rpc(llm, "ivb_encoder_timer", "start")
     if kind == "profile":
-        rpc(llm, "ivb_encoder_profile", "start")
+        rpc(llm, "ivb_call", profiling.PROFILE, "start")
     seconds, w0, w1, done = feed(llm, reqs, params, gc_off=opts.gc_off)
     del reqs
-    prof = rpc(llm, "ivb_encoder_profile", "stop") if kind == "profile" else None
+    prof = rpc(llm, "ivb_call", profiling.PROFILE, "stop") if kind == "profile" else None
     enc = rpc(llm, "ivb_encoder_timer", "read")
     outs, tokens = [], [None] * len(rnd.images)
     for rid, o in done.items():
@@ -816,6 +845,22 @@ def _ci(st: dict | None, digits: int = 2) -> str:
 
 
 def results_markdown(doc: dict) -> str:
+    lines = _header_markdown(doc)
+    if doc.get("analysis"):
+        lines += _analysis_markdown(doc)
+    lines += _checks_markdown(doc)
+    lines += _profile_markdown(doc.get("profile") or {})
+    lines += _rounds_markdown(doc)
+    errs = doc.get("errors", [])
+    if errs:
+        lines += ["", "Errors:", ""] + [f"- {e['where']}: {e['error']}" for e in errs[:30]]
+    if doc.get("command"):
+        lines += ["", f"Command: `{doc['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _header_markdown(doc: dict) -> list[str]:
+    """Title, CPU warning, what ran (device, model, engine, feed, rounds) and the notes."""
     dev, ver, cfg = doc.get("device", {}), doc.get("versions", {}), doc.get("config", {})
     opts, eng = doc.get("options", {}), doc.get("engine", {})
     a = doc.get("analysis") or {}
@@ -851,66 +896,78 @@ def results_markdown(doc: dict) -> str:
     ]
     lines += [f"- Note: {n}" for n in doc.get("notes", [])]
     lines.append("")
-    if a:
-        e2e, gain, pr = a["end_to_end"], a["encoder_gain"], a["prediction"]
-        ips = e2e["images_per_s"]
-        xo = (a.get("crossover") or {}).get("images_per_s") or {}
-        xg = (a.get("crossover") or {}).get("encoder_gain") or {}
-        lines += [
-            "| | compiled / eager | 95 % interval | half-width |",
-            "|---|---|---|---|",
-            f"| **end to end, images/s (measured)** | **{_f(ips.get('median'), 4)}** "
-            f"({_gain_pct(ips.get('median'))}) | {_interval(ips)} "
-            f"| ±{_f(ips.get('half_width_pct'), 2)} % |",
-            f"| **end to end, images/s, order effect removed** (crossover: mean of the two "
-            f"orders' mean log ratios, t interval, df {xo.get('df', '–')}) | "
-            f"**{_f(xo.get('estimate'), 4)}** ({_gain_pct(xo.get('estimate'))}) | "
-            f"{_f(xo.get('lo'), 4)}–{_f(xo.get('hi'), 4)} | "
-            f"±{_f(xo.get('half_width_pct'), 2)} % |",
-            f"| end to end, output tok/s | {_f(e2e['output_tokens_per_s'].get('median'), 4)} | "
-            f"{_interval(e2e['output_tokens_per_s'])} | "
-            f"±{_f(e2e['output_tokens_per_s'].get('half_width_pct'), 2)} % |",
-            f"| encoder in the engine (eager / compiled ms per tile) | "
-            f"{_f(gain.get('median'), 4)} | {_interval(gain)} | "
-            f"±{_f(gain.get('half_width_pct'), 2)} % |",
-            f"| **predicted end to end** (Amdahl: share {_pct(pr.get('share'))} × gain) | "
-            f"**{_f(pr.get('predicted'), 4)}** ({_gain_pct(pr.get('predicted'))}) | "
-            f"{_f(pr['predicted_interval'][0], 4)}–{_f(pr['predicted_interval'][1], 4)} "
-            f"(from the gain's interval) | |",
-            "",
-            f"The encoder's share of the eager rounds: {_pct(pr.get('share'))} of the wall time "
-            + ("(encoder GPU ms between CUDA events / round wall ms), " if dev.get("cuda") else
-               "(encoder ms by the worker's wall clock / round wall ms), ")
-            + f"{_pct(pr.get('share_of_busy'))} of the GPU's busy time (nvidia-smi)"
-            + (f", {_pct(pr.get('share_of_gpu_kernels'))} of all GPU kernel time in a "
-               f"profiled round (predicting {_f(pr.get('predicted_from_kernel_share'), 4)})"
-               if pr.get("share_of_gpu_kernels") is not None else "")
-            + f". Measured {_f(pr.get('measured'), 4)} against predicted "
-            f"{_f(pr.get('predicted'), 4)}. The measured 95 % interval is "
-            f"{'within' if a.get('interval_within_target') else 'NOT within'} ±2 % "
-            f"(the target) as the median's interval and "
-            f"{'within' if a.get('crossover_within_target') else 'NOT within'} as the "
-            f"crossover's.",
-            "",
-            f"Order effect: the mode that ran second in a round was "
-            f"{_gain_pct(xo.get('order_effect'))} faster than the one that ran first "
-            f"(95 % interval {_gain_pct(xo.get('order_effect_lo'))} to "
-            f"{_gain_pct(xo.get('order_effect_hi'))}; the per-round log ratio's SD within "
-            f"each order {_pct(xo.get('sd_log'))}). The encoder gain with it removed: "
-            f"{_f(xg.get('estimate'), 4)} ({_f(xg.get('lo'), 4)}–{_f(xg.get('hi'), 4)}).",
-            "",
-            "| mode | images/s | output tok/s | round s | GPU busy % | encoder ms/tile | "
-            "tiles/call | encoder share of wall | tiles/image |",
-            "|---|---|---|---|---|---|---|---|---|"]
-        for m in MODES:
-            s = a["modes"][m]
-            lines.append(f"| {m} | {_ci(s['images_per_s'])} | {_ci(s['output_tokens_per_s'], 1)}"
-                         f" | {_ci(s['seconds'], 3)} | {_ci(s['gpu_busy_pct'], 1)} | "
-                         f"{_ci(s['encoder_ms_per_tile'], 4)} | "
-                         f"{_ci(s['encoder_tiles_per_call'], 1)} | "
-                         f"{_ci(s['encoder_share_of_wall'], 4)} | "
-                         f"{_f(s.get('tiles_per_image'), 2)} |")
-        lines.append("")
+    return lines
+
+
+def _analysis_markdown(doc: dict) -> list[str]:
+    """The headline table (measured, order effect removed, predicted), the encoder's share,
+    the order effect and the per-mode medians."""
+    dev, a = doc.get("device", {}), doc["analysis"]
+    e2e, gain, pr = a["end_to_end"], a["encoder_gain"], a["prediction"]
+    ips = e2e["images_per_s"]
+    xo = (a.get("crossover") or {}).get("images_per_s") or {}
+    xg = (a.get("crossover") or {}).get("encoder_gain") or {}
+    lines = [
+        "| | compiled / eager | 95 % interval | half-width |",
+        "|---|---|---|---|",
+        f"| **end to end, images/s (measured)** | **{_f(ips.get('median'), 4)}** "
+        f"({_gain_pct(ips.get('median'))}) | {_interval(ips)} "
+        f"| ±{_f(ips.get('half_width_pct'), 2)} % |",
+        f"| **end to end, images/s, order effect removed** (crossover: mean of the two "
+        f"orders' mean log ratios, t interval, df {xo.get('df', '–')}) | "
+        f"**{_f(xo.get('estimate'), 4)}** ({_gain_pct(xo.get('estimate'))}) | "
+        f"{_f(xo.get('lo'), 4)}–{_f(xo.get('hi'), 4)} | "
+        f"±{_f(xo.get('half_width_pct'), 2)} % |",
+        f"| end to end, output tok/s | {_f(e2e['output_tokens_per_s'].get('median'), 4)} | "
+        f"{_interval(e2e['output_tokens_per_s'])} | "
+        f"±{_f(e2e['output_tokens_per_s'].get('half_width_pct'), 2)} % |",
+        f"| encoder in the engine (eager / compiled ms per tile) | "
+        f"{_f(gain.get('median'), 4)} | {_interval(gain)} | "
+        f"±{_f(gain.get('half_width_pct'), 2)} % |",
+        f"| **predicted end to end** (Amdahl: share {_pct(pr.get('share'))} × gain) | "
+        f"**{_f(pr.get('predicted'), 4)}** ({_gain_pct(pr.get('predicted'))}) | "
+        f"{_f(pr['predicted_interval'][0], 4)}–{_f(pr['predicted_interval'][1], 4)} "
+        f"(from the gain's interval) | |",
+        "",
+        f"The encoder's share of the eager rounds: {_pct(pr.get('share'))} of the wall time "
+        + ("(encoder GPU ms between CUDA events / round wall ms), " if dev.get("cuda") else
+           "(encoder ms by the worker's wall clock / round wall ms), ")
+        + f"{_pct(pr.get('share_of_busy'))} of the GPU's busy time (nvidia-smi)"
+        + (f", {_pct(pr.get('share_of_gpu_kernels'))} of all GPU kernel time in a "
+           f"profiled round (predicting {_f(pr.get('predicted_from_kernel_share'), 4)})"
+           if pr.get("share_of_gpu_kernels") is not None else "")
+        + f". Measured {_f(pr.get('measured'), 4)} against predicted "
+        f"{_f(pr.get('predicted'), 4)}. The measured 95 % interval is "
+        f"{'within' if a.get('interval_within_target') else 'NOT within'} ±2 % "
+        f"(the target) as the median's interval and "
+        f"{'within' if a.get('crossover_within_target') else 'NOT within'} as the "
+        f"crossover's.",
+        "",
+        f"Order effect: the mode that ran second in a round was "
+        f"{_gain_pct(xo.get('order_effect'))} faster than the one that ran first "
+        f"(95 % interval {_gain_pct(xo.get('order_effect_lo'))} to "
+        f"{_gain_pct(xo.get('order_effect_hi'))}; the per-round log ratio's SD within "
+        f"each order {_pct(xo.get('sd_log'))}). The encoder gain with it removed: "
+        f"{_f(xg.get('estimate'), 4)} ({_f(xg.get('lo'), 4)}–{_f(xg.get('hi'), 4)}).",
+        "",
+        "| mode | images/s | output tok/s | round s | GPU busy % | encoder ms/tile | "
+        "tiles/call | encoder share of wall | tiles/image |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for m in MODES:
+        s = a["modes"][m]
+        lines.append(f"| {m} | {_ci(s['images_per_s'])} | {_ci(s['output_tokens_per_s'], 1)}"
+                     f" | {_ci(s['seconds'], 3)} | {_ci(s['gpu_busy_pct'], 1)} | "
+                     f"{_ci(s['encoder_ms_per_tile'], 4)} | "
+                     f"{_ci(s['encoder_tiles_per_call'], 1)} | "
+                     f"{_ci(s['encoder_share_of_wall'], 4)} | "
+                     f"{_f(s.get('tiles_per_image'), 2)} |")
+    lines.append("")
+    return lines
+
+
+def _checks_markdown(doc: dict) -> list[str]:
+    """Greedy token agreement between the modes and the encoder embedding check."""
+    lines: list[str] = []
     ag = doc.get("agreement") or {}
     if ag:
         lines += [f"Greedy token ids, compiled vs eager on the same images (every round): "
@@ -922,7 +979,12 @@ def results_markdown(doc: dict) -> str:
         lines += ["Encoder embeddings, serving (compiled) vs the same layers eager: " + "; ".join(
             f"{k} tiles cos {v.get('cos', float('nan')):.6f}, rel L2 {v.get('rel_l2', 0):.2e}"
             for k, v in chk["batches"].items()) + f" (ok: {chk.get('ok')}).", ""]
-    prof = doc.get("profile") or {}
+    return lines
+
+
+def _profile_markdown(prof: dict) -> list[str]:
+    """The profiled round per mode: encoder and all kernel time, then `breakdown_markdown`."""
+    lines: list[str] = []
     if prof:
         lines += ["Profiled round per mode (torch.profiler in the worker; not timed):", "",
                   "| mode | encoder calls | encoder GPU ms | all GPU kernel ms | encoder share | "
@@ -938,9 +1000,14 @@ def results_markdown(doc: dict) -> str:
                              f"{_pct(p.get('encoder_share_of_wall'))} of wall | – |")
         lines.append("")
         lines += breakdown_markdown(prof)
-    lines += ["Per round (images/s; encoder ms per tile):", "",
-              "| round | order | eager img/s | compiled img/s | compiled/eager | eager enc ms/tile "
-              "| compiled enc ms/tile | tokens identical |", "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _rounds_markdown(doc: dict) -> list[str]:
+    """Every round: both modes' images/s, their ratio, encoder ms per tile, token agreement."""
+    lines = ["Per round (images/s; encoder ms per tile):", "",
+             "| round | order | eager img/s | compiled img/s | compiled/eager | eager enc ms/tile "
+             "| compiled enc ms/tile | tokens identical |", "|---|---|---|---|---|---|---|---|"]
     for r in doc.get("rounds", []):
         e, c = r["modes"].get("eager", {}), r["modes"].get("compiled", {})
         ratio = (c.get("images_per_s") / e["images_per_s"]
@@ -950,25 +1017,18 @@ def results_markdown(doc: dict) -> str:
                      f"{_f(ratio, 4)} | {_f((e.get('encoder') or {}).get('ms_per_tile'), 4)} | "
                      f"{_f((c.get('encoder') or {}).get('ms_per_tile'), 4)} | "
                      f"{(r.get('agreement') or {}).get('identical_pct', '–')} |")
-    errs = doc.get("errors", [])
-    if errs:
-        lines += ["", "Errors:", ""] + [f"- {e['where']}: {e['error']}" for e in errs[:30]]
-    if doc.get("command"):
-        lines += ["", f"Command: `{doc['command']}`"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def breakdown_markdown(prof: dict) -> list[str]:
-    """The profiled round's time by part of the engine step, per mode (`hooks.breakdown`):
+    """The profiled round's time by part of the engine step, per mode (`profiling.breakdown`):
     GPU ms and share with the largest kernel classes, then the GPU's idle gaps; on CPU, the
     ranges' calls and CPU ms."""
-    from ..hooks import OUTSIDE, RANGES
-
     modes = [m for m in MODES if (prof.get(m) or {}).get("breakdown")]
     if not modes:
         return []
     bds = {m: prof[m]["breakdown"] for m in modes}
-    names = {**RANGES, OUTSIDE: OUTSIDE}
+    names = {**profiling.RANGES, profiling.OUTSIDE: profiling.OUTSIDE}
     lines = []
     if any(b.get("parts") for b in bds.values()):
         order = list(dict.fromkeys(k for b in bds.values() for k in (b.get("parts") or {})))
@@ -1004,7 +1064,7 @@ def breakdown_markdown(prof: dict) -> list[str]:
                   "| range | " + " | ".join(f"{m} calls | {m} CPU ms" for m in modes) + " |",
                   "|---|" + "---|---|" * len(modes)]
         names["ivb_encoder"] = "encoder (embed_multimodal, all of it)"  # inclusive here
-        for k in RANGES:
+        for k in profiling.RANGES:
             if any(k in (b.get("calls") or {}) for b in bds.values()):
                 lines.append(f"| {names[k]} | " + " | ".join(
                     f"{(bds[m].get('calls') or {}).get(k, 0)} | "
@@ -1128,11 +1188,11 @@ class MergeError(ValueError):
 
 def merge(docs: list[dict], name: str) -> dict:
     """The timed pairs of several bench-ab runs of one configuration, analysed together.
-    Issue 16's ±2 % needs more pairs than one 600 s device call holds (on the H200: ~13-21
-    COCO pairs at a per-round SD of 3.7 %, 6 fitted), and each pair is a comparison within
-    one round, so pairs from separate engine starts can be pooled where the settings,
-    device and versions are the same (checked). Rounds are relabelled `<run>:<label>`;
-    the profile and encoder check are the first run's."""
+    An interval within ±2 % (TARGET_HALF_WIDTH) needs more pairs than one 600 s device call
+    holds (on the H200: ~13-21 COCO pairs at a per-round SD of 3.7 %, 6 fitted), and each
+    pair is a comparison within one round, so pairs from separate engine starts can be
+    pooled where the settings, device and versions are the same (checked). Rounds are
+    relabelled `<run>:<label>`; the profile and encoder check are the first run's."""
     if len(docs) < 2:
         raise MergeError("give two or more result files")
     first = docs[0]
@@ -1213,7 +1273,7 @@ def reanalyse(doc: dict) -> dict:
     doc["analysis"] = analyse(doc["rounds"], doc.get("profile"))
     doc["agreement"] = merge_agreement([r["agreement"] for r in doc["rounds"]
                                         if r.get("agreement")])
-    note = f"Analysis recomputed from the recorded rounds by git {(_git_sha() or '?')[:12]}."
+    note = f"Analysis recomputed from the recorded rounds by git {(git_sha() or '?')[:12]}."
     doc["notes"] = [n for n in doc.get("notes", ())
                     if not n.startswith("Analysis recomputed")] + [note]
     return doc
