@@ -233,12 +233,14 @@ class EngineSpec:
         help="GPUs one engine spans, each holding a slice of every layer (vLLM tensor "
              "parallel); for models whose weights do not fit one GPU (InternVL3-38B on 80 GB "
              "cards: 2). On CPU: one rank per core.")
-    # vLLM 0.26's InternVLChatModel and its Qwen2 language model implement SupportsPP
+    # vLLM 0.26's InternVLChatModel and its Qwen2 language model implement SupportsPP. Every
+    # stage builds (and holds) the whole vision encoder; only the first runs it
+    # (gpu_model_runner: is_first_rank), so InternViT-6B's work is not split
     pipeline_parallel_size: int = option(
         1, key=KEY_IF_SET, minimum=1,
         help="GPUs one engine's language-model layers are split over, in stages (vLLM "
-             "pipeline parallel; the vision encoder is on every stage). Tensor parallel "
-             "is usually faster within one node.")
+             "pipeline parallel; each stage holds the whole vision encoder, the first runs "
+             "it). Within one node --tensor-parallel-size splits the encoder's work too.")
 
     @property
     def gpus_per_engine(self) -> int:
