@@ -476,8 +476,8 @@ class Engine(Engines):
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.cuda = has_cuda()
         kwargs = llm_kwargs(self.spec, cuda=self.cuda)
-        if not self.cuda:
-            os.environ.update(cpu_parallel_env(self.spec))
+        # read by the engine core we spawn, not by us (and not by a later engine here)
+        spawn_env = {**self.gate, **({} if self.cuda else cpu_parallel_env(self.spec))}
         t0 = time.perf_counter()
         with LogTap() as tap:
             self.tap = tap  # also when the start fails: the cache reads what it said
@@ -490,12 +490,12 @@ class Engine(Engines):
             if forkserver and not procstart.use_for_vllm():
                 self.engine_start = "spawn"
             self.timings.vllm_import_s = time.perf_counter() - t0
-            os.environ.update(self.gate)  # read by the engine core we spawn, not by us
+            os.environ.update(spawn_env)
             try:
                 with _inspect_here(self.timings):
                     self.llm = LLM(**kwargs)
             finally:
-                for k in self.gate:
+                for k in spawn_env:
                     os.environ.pop(k, None)
             init = time.perf_counter()
             if self.spec.compile:
