@@ -181,6 +181,12 @@ def entry_key(fields: dict) -> str:
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
     name = Path(fields["model"]).name or fields["model"]
     mode = "compiled" if fields["compile_mm_encoder"] else "eager"
+    # an engine split over devices compiles each rank's shard: the layout shows in the name
+    # (only when split, so the keys of entries built before it existed stay as they were)
+    engine = fields.get("engine", {})
+    for short, option in (("tp", "tensor_parallel_size"), ("pp", "pipeline_parallel_size")):
+        if engine.get(option, 1) != 1:
+            mode += f"-{short}{engine[option]}"
     return f"{_slug(name)}-{mode}-{_slug(fields['gpu'])}-vllm{fields['vllm']}-{digest}"
 
 

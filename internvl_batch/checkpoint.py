@@ -76,6 +76,10 @@ class Preset:
 
 
 _VIT_300M = VitShape(hidden=1024, layers=24, heads=16, mlp=4096)
+# InternViT-6B-448px-V2_5, the encoder of InternVL3-38B and 78B (the config of its V1-5
+# predecessor, same architecture: huggingface.co/OpenGVLab/InternViT-6B-448px-V1-5)
+_VIT_6B = VitShape(hidden=3200, layers=45, heads=25, mlp=12800, norm_type="rms_norm",
+                   qk_normalization=True, qkv_bias=False, initializer_factor=0.1)
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "tiny (CPU tests)",
                    VitShape(hidden=64, layers=2, heads=4, mlp=128, image_size=224),
@@ -90,14 +94,18 @@ PRESETS: dict[str, Preset] = {
                            LMShape(1536, 28, 12, 2, 8960, 151674)),
     "internvl3-8b": Preset("internvl3-8b", "OpenGVLab/InternVL3-8B", _VIT_300M,
                            LMShape(3584, 28, 28, 4, 18944, 151674)),
-    # InternVL3-38B's encoder, InternViT-6B-448px-V2_5 (config of its V1-5 predecessor, same
-    # architecture: huggingface.co/OpenGVLab/InternViT-6B-448px-V1-5/blob/main/config.json),
-    # with the smallest LM: Qwen2-0.5B shapes (the projector maps 4 x 3200 to any LM width)
+    # the language models of the larger ones: Qwen2.5-14B, -32B and -72B (40/40/64 heads, 8 KV
+    # heads each), with InternVL3's vocabulary
+    "internvl3-14b": Preset("internvl3-14b", "OpenGVLab/InternVL3-14B", _VIT_300M,
+                            LMShape(5120, 48, 40, 8, 13824, 151674)),
+    "internvl3-38b": Preset("internvl3-38b", "OpenGVLab/InternVL3-38B", _VIT_6B,
+                            LMShape(5120, 64, 40, 8, 27648, 151674)),
+    "internvl3-78b": Preset("internvl3-78b", "OpenGVLab/InternVL3-78B", _VIT_6B,
+                            LMShape(8192, 80, 64, 8, 29568, 151674)),
+    # InternVL3-38B's encoder with the smallest LM: Qwen2-0.5B shapes (the projector maps
+    # 4 x 3200 to any LM width)
     "internvit-6b": Preset("internvit-6b", "OpenGVLab/InternVL3-38B vision encoder + 0.5B LM",
-                           VitShape(hidden=3200, layers=45, heads=25, mlp=12800,
-                                    norm_type="rms_norm", qk_normalization=True,
-                                    qkv_bias=False, initializer_factor=0.1),
-                           LMShape(896, 24, 14, 2, 4864, 151674)),
+                           _VIT_6B, LMShape(896, 24, 14, 2, 4864, 151674)),
 }
 
 

@@ -172,8 +172,9 @@ class EngineSpec:
     model: str = option(
         key=NOT_KEY, cli_default="preset:tiny",  # in the key as the checkpoint's own hash
         help="Checkpoint dir, hub id, or preset:{tiny,internvl3-1b,internvl3-2b,internvl3-8b,"
-             "internvit-6b}[+weights|+dummy] (synthesized once under the cache dir; tiny has "
-             "random weights, the others dummy unless +weights).")
+             "internvl3-14b,internvl3-38b,internvl3-78b,internvit-6b}[+weights|+dummy] "
+             "(synthesized once under the cache dir; tiny has random weights, the others "
+             "dummy unless +weights).")
     compile: bool = option(
         False, key=KEY, flag="--compile/--no-compile",
         help="torch.compile the InternViT encoder (CUDA only; safe warm-up).")
@@ -224,6 +225,26 @@ class EngineSpec:
              "language model (weights quantized at load, activations per token). Captions "
              "may differ from bf16's: compare before relying on it (bench --variants "
              "plain,pipeline,pipeline-fp8).")
+    # How one engine is split over devices. Part of the key (the compiled graphs are each
+    # rank's shard), but only away from 1, so entries built before the options existed keep
+    # their keys
+    tensor_parallel_size: int = option(
+        1, key=KEY_IF_SET, minimum=1,
+        help="GPUs one engine spans, each holding a slice of every layer (vLLM tensor "
+             "parallel); for models whose weights do not fit one GPU (InternVL3-38B on 80 GB "
+             "cards: 2). On CPU: one rank per core.")
+    # vLLM 0.26's InternVLChatModel and its Qwen2 language model implement SupportsPP. Every
+    # stage builds (and holds) the whole vision encoder; only the first runs it
+    # (gpu_model_runner: is_first_rank), so InternViT-6B's work is not split
+    pipeline_parallel_size: int = option(
+        1, key=KEY_IF_SET, minimum=1,
+        help="GPUs one engine's language-model layers are split over, in stages (vLLM "
+             "pipeline parallel; each stage holds the whole vision encoder, the first runs "
+             "it). Within one node --tensor-parallel-size splits the encoder's work too.")
+
+    @property
+    def gpus_per_engine(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def __post_init__(self):
         if not self.model:
@@ -248,6 +269,10 @@ class EngineSpec:
         for flag, v in (("--max-num-seqs", self.max_num_seqs),
                         ("--max-num-batched-tokens", self.max_num_batched_tokens)):
             if v is not None and v < 1:
+                raise ConfigError(f"{flag} must be >= 1")
+        for flag, v in (("--tensor-parallel-size", self.tensor_parallel_size),
+                        ("--pipeline-parallel-size", self.pipeline_parallel_size)):
+            if v < 1:
                 raise ConfigError(f"{flag} must be >= 1")
         if self.compile and self.enforce_eager:
             raise ConfigError("--compile and --enforce-eager contradict each other")

@@ -35,6 +35,7 @@ from .config import ConfigError, EngineSpec, SamplingSpec
 from . import checkpoint, procstart, prompts, timeline
 from .hooks import EXTENSION
 from .stats import process_started_at
+from . import sizing
 from .sizing import CPU_FRACTION, gpu_memory_fraction
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -274,6 +275,54 @@ def check_device(spec: EngineSpec, *, cuda: bool | None = None) -> None:
             "argument(s)'); drop --quantization")
 
 
+def device_facts(cuda: bool) -> "sizing.Devices | None":
+    """The GPUs this process may use (CUDA_VISIBLE_DEVICES where set, else every GPU
+    nvidia-smi lists) with the smallest one's memory, or on CPU the host's RAM; None where a
+    GPU's size cannot be read. Without initialising CUDA here (see device_name)."""
+    cpus = sizing.usable_cpus()
+    if not cuda:
+        return sizing.Devices(gpus=0, memory_gb=sizing.host_memory_gb(), cpus=cpus)
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=20)
+        rows = [[c.strip() for c in ln.split(",")] for ln in out.stdout.splitlines() if ln.strip()]
+        # MiB -> GB (1e9 bytes, the unit of the planner's weights)
+        gpus = [(r[0], r[1], float(r[2]) * 2**20 / 1e9) for r in rows] \
+            if out.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        gpus = []
+    if not gpus:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = tuple(e.strip() for e in visible.split(",") if e.strip()) if visible is not None \
+        else tuple(g[0] for g in gpus)
+    mine = [g for g in gpus if g[0] in ids or g[1] in ids] or gpus
+    return sizing.Devices(gpus=len(ids), memory_gb=min(g[2] for g in mine), cpus=cpus, ids=ids)
+
+
+def plan_layout(spec: EngineSpec, replicas: int | None, *, cuda: bool,
+                devices: "sizing.Devices | None" = None) -> "sizing.Layout":
+    """The engines `spec` runs as here (sizing.plan_engines): ConfigError, one line, where
+    the model cannot fit or the parallel sizes cannot work. `devices`: the device facts
+    (default: this machine's). A model or device of unknown size: `replicas` or one engine,
+    as asked."""
+    devices = devices or device_facts(cuda)
+    model = sizing.model_size(spec.model)
+    if model is None or devices is None or (cuda and not devices.memory_gb):
+        n = replicas or 1
+        return sizing.Layout(engines=n, gpus_per_engine=spec.gpus_per_engine,
+                             engines_per_gpu=n, devices=(None,) * n,
+                             why="model or device size unknown: one engine (pass --replicas "
+                                 "N to override)")
+    layout = sizing.plan_engines(model, devices, tp=spec.tensor_parallel_size,
+                                 pp=spec.pipeline_parallel_size, replicas=replicas,
+                                 kv_gb=spec.kv_cache_gb, max_model_len=spec.max_model_len)
+    if layout.refusal:
+        raise ConfigError(layout.refusal)
+    return layout
+
+
 def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
     """Keyword arguments for `vllm.LLM` (pure: unit-tested without vLLM)."""
     check_device(spec, cuda=cuda)
@@ -284,9 +333,10 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
         # a synthesized checkpoint without safetensors has nothing for "auto" to load
         load_format=spec.load_format or
         ("dummy" if synthesized and not checkpoint.has_weights(model) else "auto"),
-        # the CPU backend sizes its KV cache from host RAM with this fraction
+        # the CPU backend sizes its KV cache from host RAM with this fraction, in each rank
         gpu_memory_utilization=spec.gpu_memory_utilization or
-        (gpu_memory_fraction() if cuda else CPU_FRACTION),
+        (gpu_memory_fraction() if cuda else
+         int(100 * CPU_FRACTION / spec.gpus_per_engine) / 100),
         enforce_eager=spec.enforce_eager,
         # our methods in vLLM's worker (hooks.py): the encoder probe, eager/compiled switch
         worker_extension_cls=EXTENSION,
@@ -307,7 +357,30 @@ def llm_kwargs(spec: EngineSpec, *, cuda: bool) -> dict:
             kw["compilation_config"]["cudagraph_mm_encoder"] = True
     if spec.quantization:
         kw["quantization"] = spec.quantization
+    if spec.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = spec.tensor_parallel_size
+    if spec.pipeline_parallel_size > 1:
+        kw["pipeline_parallel_size"] = spec.pipeline_parallel_size
     return kw
+
+
+def cpu_parallel_env(spec: EngineSpec) -> dict[str, str]:
+    """On CPU, an engine of several ranks (tensor or pipeline parallel) gets each rank its own
+    CPUs: vLLM's default binds each rank to a NUMA node and refuses more ranks than nodes
+    ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers" on a one-node
+    host). A bind the user set stays."""
+    ranks = spec.gpus_per_engine
+    if ranks == 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    try:
+        return {"VLLM_CPU_OMP_THREADS_BIND": sizing.cpu_bind(cpus, ranks)}
+    except ValueError as e:
+        raise ConfigError(f"--tensor-parallel-size x --pipeline-parallel-size {ranks} on "
+                          f"CPU: {e}; lower it") from None
 
 
 # CUDA-graph sizes: vLLM's own (0.26: 51 language-model sizes on an H100, 1, 2, 4, then
@@ -403,6 +476,8 @@ class Engine(Engines):
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.cuda = has_cuda()
         kwargs = llm_kwargs(self.spec, cuda=self.cuda)
+        # read by the engine core we spawn, not by us (and not by a later engine here)
+        spawn_env = {**self.gate, **({} if self.cuda else cpu_parallel_env(self.spec))}
         t0 = time.perf_counter()
         with LogTap() as tap:
             self.tap = tap  # also when the start fails: the cache reads what it said
@@ -415,12 +490,12 @@ class Engine(Engines):
             if forkserver and not procstart.use_for_vllm():
                 self.engine_start = "spawn"
             self.timings.vllm_import_s = time.perf_counter() - t0
-            os.environ.update(self.gate)  # read by the engine core we spawn, not by us
+            os.environ.update(spawn_env)
             try:
                 with _inspect_here(self.timings):
                     self.llm = LLM(**kwargs)
             finally:
-                for k in self.gate:
+                for k in spawn_env:
                     os.environ.pop(k, None)
             init = time.perf_counter()
             if self.spec.compile:

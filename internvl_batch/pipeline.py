@@ -240,6 +240,10 @@ def _run_shard(cfg: RunConfig, started, term: Terminal, started_at: float) -> in
         return _complete(cfg, writer, term)
     # raises SourceError before any model is loaded
     records = open_source(cfg.source, cfg.shard_index, cfg.num_shards)
+    if started is None:  # a model that cannot fit here: one line before anything is written
+        from .engine import has_cuda, plan_layout
+
+        plan_layout(cfg.engine, cfg.replicas, cuda=has_cuda())
     # one writer per shard, from before reading what is written to the final commit
     with ShardLock(cfg.output, writer.name).acquire(wait=cfg.wait, log=log) as lock:
         writer.lock = lock
@@ -443,8 +447,7 @@ def plan_feed(cfg: RunConfig, started, log) -> tuple[dict, tuple | None, int | N
     if started is not None:
         replicas = n = started[0].replicas
     else:
-        replicas = cfg.replicas if cfg.replicas is not None else \
-            auto_replica_count(spec, cache, cuda, log)
+        replicas = auto_replica_count(spec, cache, cuda, log, cfg.replicas)
         n = replicas
     mode = preprocess.choose(cfg.preprocess, spec, cuda) if cfg.workers != 0 else "engine"
     tiles, side = sizing.max_tiles(spec.model, spec.max_dynamic_patch)
@@ -534,16 +537,17 @@ def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: l
     return EXIT_OK
 
 
-def auto_replica_count(spec: EngineSpec, cache, cuda: bool, log) -> int:
-    """The engine count from the model's and the device's sizes (`--replicas auto`)."""
-    from .engine import gpu_memory_total_gb
-    from .sizing import auto_replicas
+def auto_replica_count(spec: EngineSpec, cache, cuda: bool, log,
+                       replicas: int | None = None) -> int:
+    """The engine count from the model's and the devices' sizes (`--replicas auto`), or
+    `replicas`; ConfigError (one line, before any engine starts) where the model cannot fit
+    or its parallel sizes cannot work here (engine.plan_layout)."""
+    from .engine import plan_layout
 
-    n, why = auto_replicas(cache.resolve(spec).model, cuda,
-                           gpu_memory_total_gb() if cuda else None, spec.kv_cache_gb)
-    if cuda:  # on CPU it is always one engine: nothing worth a line
-        log(f"--replicas auto: {why}")
-    return n
+    layout = plan_layout(cache.resolve(spec), replicas, cuda=cuda)
+    if replicas is None and (cuda or spec.gpus_per_engine > 1):  # on CPU: one engine
+        log(f"--replicas auto: {layout.why}")
+    return layout.engines
 
 
 def open_engines(spec: EngineSpec, cache_dir, replicas: int | None,

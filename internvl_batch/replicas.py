@@ -34,7 +34,8 @@ from .cache import CompileCache, Entry, EntryPoisoned, hf_home_default, restart_
 from .children import Child, ForkedChild, recv_frame, reply_file, send_frame
 from .config import EngineSpec, SamplingSpec
 from .engine import EngineDead, Engines, InitTimings
-from .sizing import CPU_FRACTION_SHARED, DEFAULT_KV_CACHE_GB, gpu_memory_fraction, usable_cpus
+from .sizing import (CPU_FRACTION_SHARED, DEFAULT_KV_CACHE_GB, gpu_memory_fraction, place,
+                     usable_cpus)
 
 # a replica closes its engine within engine.CLOSE_GRACE_S (vLLM kills the engine core after
 # it) and then leaves with os._exit; past this its process group is killed
@@ -89,8 +90,11 @@ class ReplicaPool(Engines):
 
         self._t0 = time.perf_counter()
         self.cuda = has_cuda()
-        spec = replica_spec(self.spec, self.n, self.cuda)
-        self.log(f"starting {self.n} engine replicas on one device (each: "
+        devices, per_device = self._placement()
+        spec = replica_spec(self.spec, per_device, self.cuda)
+        where = "one device" if devices[0] is None else \
+            "GPUs " + " | ".join(dict.fromkeys(devices))
+        self.log(f"starting {self.n} engine replicas on {where} (each: "
                  f"gpu_memory_utilization {spec.gpu_memory_utilization}, "
                  f"kv cache {spec.kv_cache_gb or 'profiled'} GiB)")
         self._tmp = tempfile.TemporaryDirectory(prefix="ivb-replicas-")
@@ -107,8 +111,8 @@ class ReplicaPool(Engines):
             if threads and "OMP_NUM_THREADS" not in os.environ:
                 env["OMP_NUM_THREADS"] = str(threads)
             procstart.start_server(procstart.PRELOAD_REPLICA, env)
-        self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads, forked)
-                      for k in range(self.n)]
+        self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads, forked,
+                               devices[k]) for k in range(self.n)]
         self._waiters = [threading.Thread(target=self._await_ready, args=(r,), daemon=True)
                          for r in self.procs]
         for t in self._waiters:
@@ -123,6 +127,19 @@ class ReplicaPool(Engines):
             self.close()
             raise
         return self
+
+    def _placement(self) -> tuple[tuple, int]:
+        """(each replica's CUDA_VISIBLE_DEVICES or None, replicas per GPU): on several GPUs,
+        replicas go to disjoint groups of `spec.gpus_per_engine` GPUs in turn
+        (sizing.place); on one GPU (or CPU) all share the process's devices."""
+        if not self.cuda:
+            return (None,) * self.n, self.n
+        from .engine import device_facts
+
+        facts = device_facts(True)
+        if facts is None:
+            return (None,) * self.n, self.n
+        return place(self.n, self.spec.gpus_per_engine, facts.gpu_ids())
 
     def _all_settled(self) -> bool:
         return all(r.settled.is_set() for r in self.procs)
@@ -383,12 +400,15 @@ class _Replica:
     when spawned), results come back on its reply pipe."""
 
     def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, tmp: Path,
-                 threads: int | None = None, forked: bool = False):
+                 threads: int | None = None, forked: bool = False,
+                 devices: str | None = None):
         self.k = k
         self.busy_s = 0.0  # time its engine spent in generate, in the current imap
         self.images = 0
         env = {"OMP_NUM_THREADS": str(threads)} \
             if threads and "OMP_NUM_THREADS" not in os.environ else {}
+        if devices is not None:  # its GPUs (ReplicaPool._placement)
+            env["CUDA_VISIBLE_DEVICES"] = devices
         config = {"spec": asdict(spec), "cache_dir": str(cache_dir), "index": k}
         path = tmp / f"replica-{k}.json"
         if forked:

@@ -30,8 +30,8 @@ SCRIPTS = ("warm-cache.sbatch", "caption-array.sbatch", "merge.sbatch")
 # IVB_* variables the rendered scripts take from the environment before their own defaults;
 # `slurm submit` removes them from sbatch's environment so the options given to it win.
 BAKED_ENV = ("IVB_DATASET", "IVB_MODEL", "IVB_OUTPUT", "IVB_CACHE_DIR", "IVB_ENGINE_ARGS",
-             "IVB_EXTRA_ARGS", "IVB_GPU", "IVB_NUM_SHARDS", "IVB_MERGE_ARGS", "IVB_ACTIVATE",
-             "IVB_BIN")
+             "IVB_EXTRA_ARGS", "IVB_GPU", "IVB_GPUS_PER_TASK", "IVB_NUM_SHARDS",
+             "IVB_MERGE_ARGS", "IVB_ACTIVATE", "IVB_BIN")
 # options that `slurm submit` sets itself and so may not appear in --extra-args
 OWN_OPTIONS = ("--dataset", "--output", "-o", "--model", "--cache-dir", "--num-shards",
                "--shard-index")
@@ -89,8 +89,9 @@ class Resources:
     time: str = "04:00:00"
     mem: str | None = "64G"
     cpus_per_task: int = 8
-    ntasks: int = 1           # srun tasks per job (array task): one per GPU
-    gpu: bool = True          # one GPU per task
+    ntasks: int = 1           # srun tasks per job (array task): one per shard
+    gpu: bool = True          # GPUs for each task
+    gpus: int = 1             # GPUs per task: one engine's (tensor x pipeline parallel size)
     partition_hint: bool = False  # a commented-out --partition line when there is none
 
     def lines(self) -> list[str]:
@@ -106,7 +107,8 @@ class Resources:
         if self.mem:
             out.append(f"#SBATCH --mem={sb(self.mem)}")
         if self.gpu:
-            out.append("#SBATCH --gres=gpu:1" if self.ntasks == 1 else "#SBATCH --gpus-per-task=1")
+            out.append(f"#SBATCH --gres=gpu:{self.gpus}" if self.ntasks == 1 else
+                       f"#SBATCH --gpus-per-task={self.gpus}")
         return out
 
 
@@ -123,6 +125,7 @@ class Plan:
     merge_args: str = ""
     shards: int = 8
     gpu: bool = True
+    gpus_per_task: int = 1      # GPUs of one engine (tensor x pipeline parallel size)
     tasks_per_job: int = 1      # --gpus-per-node: srun tasks (shards) per array task
     caption: Resources = field(default_factory=Resources)
     warm: Resources = field(default_factory=lambda: Resources(time="01:00:00"))
@@ -150,7 +153,8 @@ class Plan:
         v = {"DATASET": q(self.dataset), "MODEL": q(self.model), "OUTPUT": q(self.output),
              "CACHE_DIR": q(self.cache_dir), "ENGINE_ARGS": q(self.engine_args),
              "EXTRA_ARGS": q(self.extra_args), "MERGE_ARGS": q(self.merge_args),
-             "GPU": "1" if self.gpu else "0", "ACTIVATE": q(self.activate), "BIN": q(self.bin),
+             "GPU": "1" if self.gpu else "0", "GPUS_PER_TASK": q(self.gpus_per_task),
+             "ACTIVATE": q(self.activate), "BIN": q(self.bin),
              "NUM_SHARDS": q(self.shards), "GENERATED": self.generated}
         v.update(self.shell_values)
         return v
@@ -167,7 +171,7 @@ class Plan:
 
     def caption_script(self, array_in_script: bool = True) -> str:
         k = self.tasks_per_job
-        res = replace(self.caption, ntasks=k, gpu=self.gpu)
+        res = replace(self.caption, ntasks=k, gpu=self.gpu, gpus=self.gpus_per_task)
         sbatch = ["#SBATCH --job-name=ivb-caption", f"#SBATCH --output={self._log('%x-%A_%a.out')}",
                   "#SBATCH --open-mode=append"]
         if array_in_script:
@@ -179,15 +183,21 @@ class Plan:
             desc = ["Array task i captions shard i of the array's task count (or IVB_NUM_SHARDS)",
                     "and writes <output>/part-0000i-of-N.parquet; rerunning resumes."]
         else:
-            title = f"caption a dataset, {k} shards per array task (one srun task per {unit})"
-            desc = [f"Each array task holds one node with {k} {unit}s and runs {k} srun tasks",
-                    "(--gpus-per-task=1), each its own shard: shard = array task id x tasks +",
-                    "SLURM_PROCID, shard count = array task count x tasks (or IVB_NUM_SHARDS)."]
+            g = self.gpus_per_task
+            per = f"{g} {unit}s" if self.gpu and g > 1 else unit
+            title = f"caption a dataset, {k} shards per array task (one srun task per {per})"
+            desc = [f"Each array task holds one node with {k} srun tasks (--gpus-per-task="
+                    f"{g if self.gpu else 1}),",
+                    "each its own shard: shard = array task id x tasks + SLURM_PROCID, shard",
+                    "count = array task count x tasks (or IVB_NUM_SHARDS)."]
+        if self.gpu and self.gpus_per_task > 1:
+            desc.append(f"Each task's engine spans {self.gpus_per_task} GPUs (tensor/pipeline "
+                        "parallel, in IVB_ENGINE_ARGS).")
         return self._render("caption.sbatch", title, desc, sbatch)
 
     def warm_script(self) -> str:
         sbatch = ["#SBATCH --job-name=ivb-warm", f"#SBATCH --output={self._log('%x-%j.out')}"]
-        sbatch += replace(self.warm, gpu=self.gpu, ntasks=1).lines()
+        sbatch += replace(self.warm, gpu=self.gpu, ntasks=1, gpus=self.gpus_per_task).lines()
         desc = ["Builds the compile-cache entry for the model and engine settings once, so the",
                 "caption array tasks start from it instead of each compiling on its own."]
         return self._render("warm-cache.sbatch", "warm the shared compile cache", desc, sbatch)
@@ -329,15 +339,17 @@ def submit_plan(*, dataset: str, engine: EngineSpec, output: str, cache_dir: str
         one_line(flag, v)
     k = min(gpus_per_node, shards)  # no array task with only idle GPUs
     cpus = cpus_per_task or (2 if cpu else 8)
-    caption_mem = mem or ("8G" if cpu else f"{64 * k}G")
+    g = engine.gpus_per_engine  # GPUs per task: one engine of tensor x pipeline parallel size
+    caption_mem = mem or ("8G" if cpu else f"{64 * k * g}G")
     return Plan(
         dataset=dataset, model=engine.model, output=output, cache_dir=cache_dir,
         engine_args=shlex.join(engine_argv(engine)), extra_args=run_args, shards=shards,
-        gpu=not cpu,
+        gpu=not cpu, gpus_per_task=1 if cpu else g,
         tasks_per_job=k, max_running=max_running, bin=bin_ or default_bin(), activate=activate,
         log_dir=str(Path(output) / "slurm" / "logs"),
         caption=Resources(partition=partition, time=time_, mem=caption_mem, cpus_per_task=cpus),
-        warm=Resources(partition=partition, time="01:00:00", mem=mem or ("8G" if cpu else "64G"),
+        warm=Resources(partition=partition, time="01:00:00",
+                       mem=mem or ("8G" if cpu else f"{64 * g}G"),
                        cpus_per_task=cpus),
         merge=Resources(partition=partition, time="00:30:00", mem="8G" if not cpu else "2G",
                         cpus_per_task=1 if cpu else 2, gpu=False),

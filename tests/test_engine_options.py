@@ -102,7 +102,7 @@ def test_the_cache_key_is_the_fields_marked_as_in_it(fake_env):
     assert in_key == {"compile", "max_dynamic_patch", "max_model_len", "max_num_seqs",
                       "max_num_batched_tokens", "dtype", "load_format", "enforce_eager"}
     assert {o.name for o in option_fields() if o.key == KEY_IF_SET} == \
-        {"encoder_cudagraphs", "quantization"}
+        {"encoder_cudagraphs", "quantization", "tensor_parallel_size", "pipeline_parallel_size"}
     assert set(cache_mod.key_fields(EngineSpec(model="/m"))["engine"]) == in_key
 
 

@@ -23,6 +23,9 @@ ivb_set_args IVB_ENGINE_ARGS @@ENGINE_ARGS@@
 ivb_set_args IVB_EXTRA_ARGS @@EXTRA_ARGS@@
 # 1: a GPU job; 0: the CPU-only variant
 ivb_set IVB_GPU @@GPU@@
+# GPUs of one task's engine: N for --tensor-parallel-size N in IVB_ENGINE_ARGS (the #SBATCH
+# lines above must then request N GPUs per task too)
+ivb_set IVB_GPUS_PER_TASK @@GPUS_PER_TASK@@
 # a shell line run first, e.g. 'source /path/to/venv/bin/activate' or 'module load cuda'
 ivb_set_args IVB_ACTIVATE @@ACTIVATE@@
 # the internvl-batch executable
