@@ -56,6 +56,10 @@ class Terminal:
     stream: Callable[[], TextIO] | None = None
     quiet: bool = False  # no progress bar
     starting: Callable[[], None] | None = None  # called once the checks pass, before the engine
+    # called once the run's work is over (engines closed, rows published or kept), before
+    # its end is recorded: the command line stops any process of the run still left here,
+    # so that the cost figure covers it
+    ending: Callable[[], None] | None = None
 
     def fail(self, message: str) -> None:
         (self.error or self.info)(message)
@@ -269,15 +273,35 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
     mine = not_done(records, done, cfg.output)
     if done:
         term.info(f"resuming {writer.name}: {len(done)} rows already written")
+    # this run's entry in the shard's stats, saved before the engines start (`_run`)
+    rec = stats_mod.RunRecord(writer, stats_mod.RunStats(
+        started_at=started_at, lock_token=getattr(writer.lock, "token", None)),
+        getattr(writer.lock, "took_over", None))
     if term.starting is not None:
         term.starting()
     progress = Progress(records.total, f"caption {writer.name}", initial=len(done),
                         enabled=cfg.progress and not term.quiet,
                         stream=term.stream() if term.stream else None)
+    try:
+        code = _run_trapped(cfg, writer, mine, progress, term, started, rec)
+    finally:
+        if term.ending is not None:
+            term.ending()
+        rec.end()  # last: the cost figure covers the final file, the stats and the reaping
+    if rec.committed:  # the shard is complete: its summary, with the time up to its end
+        term.done(rec.summary, stats_mod.table(rec.summary, rec.title))
+        if rec.failure:
+            term.fail(rec.failure)
+    return code
+
+
+def _run_trapped(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress,
+                 term: Terminal, started, rec: stats_mod.RunRecord) -> int:
+    """_run with its ways of failing turned into exit codes and one line each."""
     # trap preemption from the start: engine start-up alone can take minutes
     with _Signals() as sig:
         try:
-            return _run(cfg, writer, mine, progress, sig, term, started, started_at)
+            return _run(cfg, writer, mine, progress, sig, term, started, rec)
         except (EngineDead, DecodeWorkerDied) as e:  # a process of the run died
             if sig.received:  # the job's signal reached it too: a stop, not a crash
                 term.fail(f"stopped by signal {sig.name}; the batch in flight was dropped, "
@@ -304,8 +328,9 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
 
 
 def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_Signals",
-         term: Terminal, started, started_at: float) -> int:
+         term: Terminal, started, rec: stats_mod.RunRecord) -> int:
     t_start = time.perf_counter()
+    rec.begin(save=not cfg.overwrite)  # before the engines: their start costs too
     progress.phase("starting the engine")
     # the decode workers start (spawn, imports) while the engines do: on H200 the first row
     # came 5.6 s after four warm replicas were ready, with the workers started only then
@@ -324,8 +349,8 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
             engine.close()
         raise Stop(sig.exit_code, "signal during start-up")
     info = engine.info()
-    st = _start_stats(engine, entry, info)
-    st.started_at = started_at
+    st, started_at = rec.st, rec.st.started_at
+    _engine_stats(st, engine, entry, info)
     t_ready = time.time()
     if started is None:  # engines handed over (tests, bench) did not start in this run
         st.start_timeline = start_timeline(engine, started_at, t_engines, t_ready)
@@ -337,8 +362,9 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         # setting on CPU, a signal) leaves the rows it was asked to replace where they were
         removed = writer.clear()
         term.info(f"--overwrite: removed {', '.join(str(p) for p in removed) or 'nothing'}")
+        rec.restart()
     writer.open()
-    previous = writer.previous_stats()
+    previous = rec.previous
     mine, batch_size = fit_batches(mine, cfg.batch_size, engine.replicas)
     stream = engine.imap(_requests(mine, pool, batch_size, prompt_text), cfg.sampling)
     progress.begin()
@@ -367,25 +393,22 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         st.closed_at = time.time()
         st.generate_s = round(st.generate_s, 3)
         st.total_s = round(time.perf_counter() - t_start, 3)
-        runs = previous + [st.to_dict()]
         if code != EXIT_OK or sys.exc_info()[0] is not None:
-            writer.save_partial_stats(runs)  # an engine death too: the next run adds to these
+            rec.save()  # an engine death too: the next run adds to these
     if code != EXIT_OK:
         term.fail(message)
         return code
-    return _finish(cfg, writer, st, runs, metadata, term)
+    return _finish(cfg, writer, rec, metadata)
 
 
-def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunStats:
-    """This run's stats, starting with how the engine started."""
-    st = stats_mod.RunStats()
+def _engine_stats(st: stats_mod.RunStats, engine: Engines, entry: "Entry", info: dict) -> None:
+    """How the engine started, into this run's stats."""
     t = engine.timings
     st.init_s = round(t.total_s, 3)
     st.load_s, st.compile_s, st.cudagraph_s = t.load_s, t.compile_s, t.cudagraph_s
     st.warmup_s = round(t.warmup_s, 3)
     st.cache_hit, st.cache_key = entry.hit, entry.key
     st.gpu_name = info["device"] if info["cuda"] else None
-    return st
 
 
 def start_timeline(engine: Engines, started_at: float, t_engines: float, t_ready: float) -> dict:
@@ -472,26 +495,25 @@ def _check_stop(cfg: RunConfig, st: stats_mod.RunStats, writer: ShardWriter,
                    "command to resume")
 
 
-def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: list[dict],
-            metadata: dict, term: Terminal) -> int:
+def _finish(cfg: RunConfig, writer: ShardWriter, rec: stats_mod.RunRecord,
+            metadata: dict) -> int:
     """Final Parquet file, then stats.json, then the rename that makes the shard complete;
     exit 3 if too many of the whole shard's rows failed (the rows are kept: the shard is
-    done)."""
+    done). The summary is shown by the caller, once the run's end is recorded."""
     total_rows = writer.finalize(metadata)
-    summary = stats_mod.whole_shard(runs, writer.counts)
     try:
-        stats_mod.write(writer.stats_path, summary, runs,
-                        {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
-                         "metadata": metadata, "start_timeline": st.start_timeline})
+        rec.publish(writer.counts, {"shard": writer.name, "rows_in_shard": total_rows,
+                                    "complete": True, "metadata": metadata,
+                                    "start_timeline": rec.st.start_timeline})
     except OSError as e:
         writer.abandon()
         raise WriteFailed(f"cannot write {writer.stats_path}: {e.strerror or e}") from e
     writer.commit()
-    term.done(summary, stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} "
-                                                f"rows -> {writer.final}"))
+    rec.committed = True
+    rec.title = f"internvl-batch {writer.name}: {total_rows} rows -> {writer.final}"
     bad = stats_mod.error_rate_exceeded(writer.counts, cfg.max_error_rate)
     if bad:
-        term.fail(f"failed: {bad}; see the error column in {writer.final}")
+        rec.failure = f"failed: {bad}; see the error column in {writer.final}"
         return EXIT_ERROR_RATE
     return EXIT_OK
 

@@ -257,6 +257,7 @@ class ShardWriter:
 
     @_writes
     def save_partial_stats(self, runs: list[dict]):
+        self.parts.mkdir(parents=True, exist_ok=True)  # a run's start is saved before open()
         tmp = self.partial_stats.with_suffix(".tmp")
         tmp.write_text(json.dumps({"runs": runs}, indent=2))
         os.replace(tmp, self.partial_stats)
