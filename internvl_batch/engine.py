@@ -175,17 +175,22 @@ class LogTap:
         return self
 
     def _pump(self, r: int, out_fd: int):
-        with os.fdopen(r, "rb", buffering=0) as src:
-            buf = b""
-            while chunk := src.read(65536):
-                try:
-                    os.write(out_fd, chunk)
-                except OSError:  # our terminal went away: keep draining regardless
-                    pass
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    self._match(raw.decode("utf-8", "replace"))
+        try:
+            with os.fdopen(r, "rb", buffering=0) as src:
+                buf = b""
+                while chunk := src.read(65536):
+                    try:
+                        os.write(out_fd, chunk)
+                    except OSError:  # our terminal went away: keep draining regardless
+                        pass
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for raw in lines:
+                        self._match(raw.decode("utf-8", "replace"))
+        finally:
+            # every writer is gone: let go of ours too. Left open, it kept the command
+            # line's log pipe (console.py) open, which then waited its full 2 s at every exit
+            os.close(out_fd)
 
     def _match(self, line: str):
         self.tail.append(line)
