@@ -29,8 +29,8 @@ from .images import (Decoded, DecodeWorkerDied, make_pool, prefetch, start_worke
                      stop_pool)
 from .outlock import ShardLock
 from .progress import Progress
-from .sinks import ShardWriter, WriteFailed
-from .sources import open_source
+from .sinks import ShardWriter, WriteFailed, Written
+from .sources import Records, open_source
 
 if TYPE_CHECKING:
     from .cache import Entry
@@ -176,10 +176,11 @@ class DatasetChanged(ConfigError):
     positions, and the shard would hold some images twice (exit 2)."""
 
 
-def not_done(records, done: set[tuple[int, str]], output: Path):
-    """The records whose (seq, id) is not written yet; DatasetChanged at the first position
-    written under another id. Records appended after the last one written resume as new."""
-    by_seq = dict(done)
+def not_done(records, done, output: Path):
+    """The records whose (seq, id) is not written yet (`done`: {seq: id}, or (seq, id)
+    pairs); DatasetChanged at the first position written under another id. Records
+    appended after the last one written resume as new."""
+    by_seq = done if isinstance(done, dict) else dict(done)
     for r in records:
         was = by_seq.get(r.seq)
         if was is None:
@@ -189,6 +190,34 @@ def not_done(records, done: set[tuple[int, str]], output: Path):
                 f"the dataset changed since {output}'s rows were written: record {r.seq} is "
                 f"now {r.id!r}, the row written for it is {was!r}; rerun with --overwrite to "
                 "caption it again, or write to another --output")
+
+
+def resume(records: Records, written: Written, shard_index: int, num_shards: int,
+           output: Path):
+    """The shard's records not written yet. The written prefix (rows are written in seq
+    order) is skipped through `Records.split_at`, which lists its ids without building its
+    records where the source can, and every id is checked against the row written at its
+    position; rows written past the prefix are skipped one by one (`not_done`)."""
+    import pyarrow as pa
+
+    k = written.prefix(shard_index, num_shards)
+    start = shard_index + k * num_shards  # the first seq of the shard not in the prefix
+    ids, rest = records.split_at(start)
+    ids = ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
+    theirs = written.ids.slice(0, min(k, len(ids)))  # a shrunk dataset: what is still there
+    same = ids.slice(0, len(theirs)).equals(theirs)
+    if not same:
+        import numpy as np
+        import pyarrow.compute as pc
+
+        j = int(np.flatnonzero(~pc.equal(ids.slice(0, len(theirs)), theirs)
+                               .to_numpy(zero_copy_only=False))[0])
+        raise DatasetChanged(
+            f"the dataset changed since {output}'s rows were written: record "
+            f"{shard_index + j * num_shards} is now {ids[j].as_py()!r}, the row written for "
+            f"it is {theirs[j].as_py()!r}; rerun with --overwrite to caption it again, or "
+            "write to another --output")
+    return not_done(rest, written.after(k), output)
 
 
 class _EarlyStop(Exception):
@@ -269,9 +298,9 @@ def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
 def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started,
                 started_at: float) -> int:
     # by position and id: a dataset may repeat an id; --overwrite: none of the old rows count
-    done = set() if cfg.overwrite else writer.done_keys()
-    mine = not_done(records, done, cfg.output)
-    if done:
+    done = Written() if cfg.overwrite else writer.written()
+    mine = resume(records, done, cfg.shard_index, cfg.num_shards, cfg.output)
+    if len(done):
         term.info(f"resuming {writer.name}: {len(done)} rows already written")
     # this run's entry in the shard's stats, saved before the engines start (`_run`)
     rec = stats_mod.RunRecord(writer, stats_mod.RunStats(
