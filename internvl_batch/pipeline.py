@@ -203,20 +203,19 @@ def resume(records: Records, written: Written, shard_index: int, num_shards: int
     k = written.prefix(shard_index, num_shards)
     start = shard_index + k * num_shards  # the first seq of the shard not in the prefix
     ids, rest = records.split_at(start)
-    ids = ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
-    theirs = written.ids.slice(0, min(k, len(ids)))  # a shrunk dataset: what is still there
-    same = ids.slice(0, len(theirs)).equals(theirs)
-    if not same:
-        import numpy as np
-        import pyarrow.compute as pc
-
-        j = int(np.flatnonzero(~pc.equal(ids.slice(0, len(theirs)), theirs)
-                               .to_numpy(zero_copy_only=False))[0])
-        raise DatasetChanged(
-            f"the dataset changed since {output}'s rows were written: record "
-            f"{shard_index + j * num_shards} is now {ids[j].as_py()!r}, the row written for "
-            f"it is {theirs[j].as_py()!r}; rerun with --overwrite to caption it again, or "
-            "write to another --output")
+    if not isinstance(ids, pa.ChunkedArray):
+        ids = pa.chunked_array([pa.array(list(ids), pa.string())])
+    step = 65_536  # compared a slice at a time: no copy of a million ids at once
+    for lo in range(0, min(k, len(ids)), step):  # a shrunk dataset: what is still there
+        theirs = written.ids.slice(lo, min(step, k - lo, len(ids) - lo))
+        mine = ids.slice(lo, len(theirs))
+        if not mine.equals(theirs):
+            j = next(j for j in range(len(theirs)) if mine[j] != theirs[j])
+            raise DatasetChanged(
+                f"the dataset changed since {output}'s rows were written: record "
+                f"{shard_index + (lo + j) * num_shards} is now {mine[j].as_py()!r}, the row "
+                f"written for it is {theirs[j].as_py()!r}; rerun with --overwrite to caption "
+                "it again, or write to another --output")
     return not_done(rest, written.after(k), output)
 
 

@@ -47,6 +47,9 @@ SCHEMA = pa.schema([
 ])
 META_KEY = b"internvl_batch"
 ROW_GROUP = 8192
+# chunks per index segment: a resume at a million rows (~3,900 chunks of 256) opens ~16
+# segments and the chunks after the last one instead of every chunk (docs/performance.md)
+INDEX_EVERY = 256
 
 
 class WriteFailed(Exception):
@@ -136,6 +139,7 @@ class ShardWriter:
         self.counts: dict | None = None  # the whole shard's row counts, set by finalize()
         self._pending: Path | None = None  # finalize()'s file, until commit() publishes it
         self._scanned = None  # _scan()'s result, until this writer changes the files
+        self._recent: dict[int, tuple] = {}  # chunk number -> ((seq, id), fingerprint)
 
     # -- resume -------------------------------------------------------------------------
     def is_complete(self) -> bool:
@@ -158,30 +162,58 @@ class ShardWriter:
 
     def _scan(self) -> tuple[pa.Table, list[tuple[Path, dict | None]]]:
         """(seq and id of every row written, sorted by seq; (file, fingerprint) for each
-        distinct fingerprint) of the final file, else of the chunks. Each file is opened once
-        and only its two key columns are read: a resume at a million rows (~3,900 chunks)
-        reads them in ~1.2 s (docs/performance.md), and keeps them as two Arrow columns, not
-        a million Python tuples. Cached until this writer writes or removes files."""
+        distinct fingerprint) of the final file, else of the chunks, through the index
+        segments where they are whole (`_segments`). Only the two key columns are read, and
+        kept as Arrow columns, not a million Python tuples. Cached until this writer writes
+        or removes files."""
         if self._scanned is None:
-            files = [self.final] if self.is_complete() else self._chunks()
-            tables, fps, seen = [], [], set()
-            for f in files:
-                with reading(f):
-                    pf = pq.ParquetFile(f)
-                    try:
-                        md = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
-                        tables.append(pf.read(columns=["seq", "id"]))
-                    finally:
-                        pf.close()
-                fp = md.get("fingerprint")
-                key = json.dumps(fp, sort_keys=True)
-                if key not in seen:
-                    seen.add(key)
-                    fps.append((f, fp))
-            keys = pa.concat_tables(tables) if tables else pa.table(
-                {"seq": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
-            self._scanned = (keys.combine_chunks().sort_by("seq"), fps)
+            if self.is_complete():
+                keys, fps = _keys_of([self.final])
+            else:
+                chunks = self._numbered_chunks()
+                segs = self._segments({n for n, _ in chunks})
+                covered = {n for a, b, _ in segs for n in range(a, b + 1)}
+                keys, fps = _keys_of([c for n, c in chunks if n not in covered],
+                                     [seg for _, _, seg in segs])
+            self._scanned = (keys, fps)
         return self._scanned
+
+    def _segments(self, present: set[int]) -> list[tuple[int, int, tuple]]:
+        """The index segments (first chunk, last chunk, (file, keys, fingerprints)) that read and
+        whose every chunk is still here: a chunk moved away (an unreadable one, as its error
+        says to) voids its segment, and so does a segment that does not read; those chunks
+        are read one by one instead."""
+        out = []
+        for f in sorted(self.parts.glob("index-*.parquet")) if self.parts.is_dir() else ():
+            m = re.fullmatch(r"index-(\d+)-(\d+)", f.stem)
+            if not m or not all(n in present for n in range(int(m[1]), int(m[2]) + 1)):
+                continue
+            try:
+                with pq.ParquetFile(f) as pf:
+                    md = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+                    out.append((int(m[1]), int(m[2]),
+                                (f, pf.read(columns=["seq", "id"]), md["fingerprints"])))
+            except (pa.ArrowException, OSError, ValueError, KeyError):
+                continue
+        return out
+
+    def _index_segment(self, last: int) -> None:
+        """Chunks last-INDEX_EVERY+1 .. last, as one index segment: their (seq, id) and
+        distinct fingerprints in one small file, so that a resume opens one file where it
+        would open INDEX_EVERY. Derived data: a segment that cannot be written or read is
+        only slower, never wrong (`_segments`, `_keys_of`)."""
+        first = last - INDEX_EVERY + 1
+        mine = {n: self._recent.pop(n) for n in range(first, last + 1) if n in self._recent}
+        others = [c for n, c in self._numbered_chunks() if first <= n <= last and n not in mine]
+        if len(mine) + len(others) != INDEX_EVERY:
+            return  # a chunk missing from the range: no segment, its chunks are read instead
+        keys, fps = _keys_of(others, [(None, k, [fp]) for k, fp in mine.values()])
+        meta = {"fingerprints": [fp for _, fp in fps]}
+        try:
+            _atomic_write_table(keys, self.parts / f"index-{first:06d}-{last:06d}.parquet",
+                                meta)
+        except OSError:
+            pass
 
     def written(self) -> "Written":
         """The (seq, id) of every row written, as an index a resume skips by."""
@@ -274,6 +306,10 @@ class ShardWriter:
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         _atomic_write_table(table, self.parts / f"chunk-{self._next:06d}.parquet",
                             {"fingerprint": self.fingerprint} if self.fingerprint else None)
+        # the keys of this writer's chunks until their segment is written: one re-read less
+        self._recent[self._next] = (table.select(["seq", "id"]), self.fingerprint)
+        if (self._next + 1) % INDEX_EVERY == 0:
+            self._index_segment(self._next)
         self._next += 1
         self.rows_written += len(rows)
 
@@ -359,6 +395,33 @@ class ShardWriter:
             pass
 
 
+def _keys_of(files: list[Path], segments: list[tuple] = ()) -> tuple[pa.Table, list]:
+    """(seq and id of every row of `files` and of the index segments already read
+    ((file, keys, fingerprints) each), (file, fingerprint) for each distinct fingerprint).
+    One open per file."""
+    tables, fps, seen = [], [], set()
+
+    def note(f: Path, fp) -> None:
+        key = json.dumps(fp, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            fps.append((f, fp))
+
+    for seg, keys, seg_fps in segments:
+        tables.append(keys)
+        for fp in seg_fps:
+            note(seg, fp)
+    for f in files:
+        with reading(f):
+            with pq.ParquetFile(f) as pf:
+                md = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+                tables.append(pf.read(columns=["seq", "id"]))
+        note(f, md.get("fingerprint"))
+    keys = pa.concat_tables(tables) if tables else pa.table(
+        {"seq": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
+    return keys, fps
+
+
 class Written:
     """The (seq, id) of a shard's rows, sorted by seq: what a resume skips.
 
@@ -368,21 +431,34 @@ class Written:
     and only the few rows past it (batches written out of order) are looked up one by one."""
 
     def __init__(self, table: pa.Table | None = None):
+        import numpy as np
+
         if table is None:
             table = pa.table({"seq": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
-        self.seqs = table.column("seq").to_numpy()
-        self.ids = table.column("id").combine_chunks()
+        chunks = table.column("seq").chunks
+        self.seqs = np.concatenate([c.to_numpy() for c in chunks]) if chunks else \
+            np.zeros(0, np.int64)
+        self.ids = table.column("id")  # chunked as read: no copy of a million ids
+        if len(self.seqs) > 1 and not (self.seqs[1:] > self.seqs[:-1]).all():  # odd resumes
+            order = np.argsort(self.seqs, kind="stable")
+            self.seqs, self.ids = self.seqs[order], self.ids.take(pa.array(order))
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     def prefix(self, shard_index: int, num_shards: int) -> int:
-        """How many of the shard's first records (in seq order) are all written."""
-        import numpy as np
-
-        want = shard_index + num_shards * np.arange(len(self.seqs), dtype=np.int64)
-        off = np.flatnonzero(self.seqs != want)
-        return int(off[0]) if len(off) else len(self.seqs)
+        """How many of the shard's first records (in seq order) are all written. The shard's
+        seqs are shard_index + num_shards * j, written ones unique and sorted, so seqs[j]
+        equals that exactly up to the first gap and exceeds it from there on: a binary
+        search, with no array the size of the index."""
+        lo, hi = 0, len(self.seqs)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(self.seqs[mid]) == shard_index + num_shards * mid:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def after(self, k: int) -> dict[int, str]:
         """{seq: id} of the rows past the first `k` (the prefix)."""

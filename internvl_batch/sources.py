@@ -141,7 +141,7 @@ class Records:
         return next(self._it)
 
     def split_at(self, start: int) -> "tuple[Sequence[str], Records]":
-        """(ids of the records with seq < start, in order: a list, or an Arrow string array
+        """(ids of the records with seq < start, in order: a list, or an Arrow string column
         from a reader's `split`; the records from seq `start`)."""
         got = self._split(start) if self._split is not None else None
         if got is not None:
@@ -504,7 +504,7 @@ def _parquet_rows(spec: SourceSpec, footers: dict, start: int = 0) -> Iterator[R
 
 
 def _parquet_ids(spec: SourceSpec, footers: dict, stop: int):
-    """The ids of the records with seq < stop (an Arrow string array), reading only the id
+    """The ids of the records with seq < stop (an Arrow string column), reading only the id
     column (none at all when ids are positions): what a resume checks its written rows
     against. Text and integer ids stay Arrow arrays: no Python string per row."""
     import pyarrow as pa
@@ -522,12 +522,12 @@ def _parquet_ids(spec: SourceSpec, footers: dict, stop: int):
         elif col.null_count == 0 and (pa.types.is_string(col.type) or
                                       pa.types.is_large_string(col.type) or
                                       pa.types.is_integer(col.type)):
-            parts.append(col.cast(pa.string()))  # what str() makes of each value
+            parts += col.cast(pa.string()).chunks  # what str() makes of each value
         else:
             parts.append(pa.array([str(v) if v is not None else f"{name}:{seq + j}"
                                    for j, v in enumerate(col.to_pylist())], pa.string()))
         seq += take
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+    return pa.chunked_array(parts, pa.string())
 
 
 def _id_column(column: str, path: str, md, take: int):
@@ -539,8 +539,7 @@ def _id_column(column: str, path: str, md, take: int):
         n += md.row_group(len(groups)).num_rows
         groups.append(len(groups))
     with pq.ParquetFile(path) as pf:
-        return pf.read_row_groups(groups, columns=[column]).column(0).combine_chunks() \
-            .slice(0, take)
+        return pf.read_row_groups(groups, columns=[column]).column(0).slice(0, take)
 
 
 def _check_caption_type(typ, column: str, where: str = "") -> None:

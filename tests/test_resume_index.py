@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from itertools import islice
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -111,3 +112,80 @@ def test_rows_past_the_prefix_are_skipped_one_by_one(tmp_path):
                                                                             "x"]}))
     with pytest.raises(DatasetChanged, match="record 6 is now 'k00006'"):
         list(islice(resume(open_source(spec), bad, 0, 1, tmp_path), 20))
+
+
+# -- index segments: a resume opens one file per INDEX_EVERY chunks --------------------------------
+
+def _rows(lo: int, hi: int) -> list[dict]:
+    return [{"id": f"id{s}", "seq": s} for s in range(lo, hi)]
+
+
+def _opened(monkeypatch) -> list[str]:
+    from internvl_batch import sinks
+
+    names, real = [], sinks.pq.ParquetFile
+
+    def spy(path, *a, **k):
+        names.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(sinks.pq, "ParquetFile", spy)
+    return names
+
+
+def test_index_segments_stand_for_their_chunks(tmp_path, monkeypatch):
+    from internvl_batch import sinks
+
+    monkeypatch.setattr(sinks, "INDEX_EVERY", 4)
+    w = ShardWriter(tmp_path, 0, 1)
+    w.fingerprint = {"prompt": "a"}
+    w.open()
+    for c in range(10):
+        w.write(_rows(3 * c, 3 * c + 3))
+    parts = tmp_path / "_parts" / "part-00000-of-00001"
+    assert sorted(p.name for p in parts.glob("index-*")) == [
+        "index-000000-000003.parquet", "index-000004-000007.parquet"]
+    opened = _opened(monkeypatch)
+    again = ShardWriter(tmp_path, 0, 1)
+    assert again.done_keys() == {(s, f"id{s}") for s in range(30)}
+    assert sorted(opened) == ["chunk-000008.parquet", "chunk-000009.parquet",
+                              "index-000000-000003.parquet", "index-000004-000007.parquet"]
+    # a resumed writer completes the next segment from chunks 8-9 on disk and its own 10-11
+    again.open().write(_rows(30, 33))
+    again.write(_rows(33, 36))
+    assert (parts / "index-000008-000011.parquet").is_file()
+    assert ShardWriter(tmp_path, 0, 1).done_keys() == {(s, f"id{s}") for s in range(36)}
+
+
+def test_a_segment_without_all_its_chunks_is_not_used(tmp_path, monkeypatch):
+    """A chunk moved away (what an unreadable chunk's error says to do) must come back as
+    rows to caption, not stay 'written' through its segment; a segment that does not read
+    is only slower."""
+    from internvl_batch import sinks
+
+    monkeypatch.setattr(sinks, "INDEX_EVERY", 4)
+    w = ShardWriter(tmp_path, 0, 1).open()
+    for c in range(8):
+        w.write(_rows(2 * c, 2 * c + 2))
+    parts = tmp_path / "_parts" / "part-00000-of-00001"
+    (parts / "chunk-000002.parquet").rename(tmp_path / "moved.parquet")
+    (parts / "index-000004-000007.parquet").write_bytes(b"not parquet")
+    keys = ShardWriter(tmp_path, 0, 1).done_keys()
+    assert keys == {(s, f"id{s}") for s in range(16) if s not in (4, 5)}
+
+
+def test_settings_of_a_chunk_inside_a_segment_are_still_checked(tmp_path, monkeypatch):
+    from internvl_batch import sinks
+    from internvl_batch.fingerprint import SettingsChanged
+
+    monkeypatch.setattr(sinks, "INDEX_EVERY", 2)
+    w = ShardWriter(tmp_path, 0, 1)
+    w.fingerprint = {"prompt": "a"}
+    w.open().write(_rows(0, 2))
+    w.fingerprint = {"prompt": "b"}  # as a run with another prompt would write
+    w.write(_rows(2, 4))
+    assert (tmp_path / "_parts" / "part-00000-of-00001" / "index-000000-000001.parquet").is_file()
+    again = ShardWriter(tmp_path, 0, 1)
+    assert [fp for _, fp in again.recorded_fingerprints()] == [{"prompt": "a"}, {"prompt": "b"}]
+    with pytest.raises(SettingsChanged):
+        again.check_settings({"prompt": "a"})
