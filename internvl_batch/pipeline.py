@@ -299,15 +299,18 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
     # by position and id: a dataset may repeat an id; --overwrite: none of the old rows count
     done = Written() if cfg.overwrite else writer.written()
     mine = resume(records, done, cfg.shard_index, cfg.num_shards, cfg.output)
-    if len(done):
-        term.info(f"resuming {writer.name}: {len(done)} rows already written")
+    n_done = len(done)
+    if n_done:
+        term.info(f"resuming {writer.name}: {n_done} rows already written")
+        del done
+        writer.forget_index()  # the index is used: ~22 MB at a million rows, then heap
     # this run's entry in the shard's stats, saved before the engines start (`_run`)
     rec = stats_mod.RunRecord(writer, stats_mod.RunStats(
         started_at=started_at, lock_token=getattr(writer.lock, "token", None)),
         getattr(writer.lock, "took_over", None))
     if term.starting is not None:
         term.starting()
-    progress = Progress(records.total, f"caption {writer.name}", initial=len(done),
+    progress = Progress(records.total, f"caption {writer.name}", initial=n_done,
                         enabled=cfg.progress and not term.quiet,
                         stream=term.stream() if term.stream else None)
     try:

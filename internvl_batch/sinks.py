@@ -216,6 +216,13 @@ class ShardWriter:
         except OSError:
             pass
 
+    def forget_index(self) -> None:
+        """Drop the cached keys, and give back to the OS what reading them left in Arrow's
+        memory pool (mimalloc keeps freed pages otherwise, and the whole run would carry
+        them: ~100 MB after indexing a million rows)."""
+        self._scanned = None
+        pa.default_memory_pool().release_unused()
+
     def written(self) -> "Written":
         """The (seq, id) of every row written, as an index a resume skips by."""
         return Written(self._scan()[0])
@@ -351,7 +358,8 @@ class ShardWriter:
         from .stats import count_rows
 
         total, last_seq, ordered, counts = 0, -1, True, None
-        with pq.ParquetWriter(tmp, schema) as w:
+        group: list[pa.Table] = []  # chunks of one row group: a group per chunk made a
+        with pq.ParquetWriter(tmp, schema) as w:  # million-row file's footer 6 MB
             for c in chunks:
                 with reading(c):
                     t = pq.read_table(c, schema=SCHEMA)
@@ -360,9 +368,14 @@ class ShardWriter:
                     ordered = False
                     break
                 last_seq = seqs[-1] if seqs else last_seq
-                w.write_table(t, row_group_size=ROW_GROUP)
+                group.append(t)
+                if sum(g.num_rows for g in group) >= ROW_GROUP:
+                    w.write_table(pa.concat_tables(group), row_group_size=ROW_GROUP)
+                    group = []
                 total += t.num_rows
                 counts = count_rows(t, counts)
+            if group and ordered:
+                w.write_table(pa.concat_tables(group), row_group_size=ROW_GROUP)
         if not ordered:  # only after odd resumes: fall back to an in-memory sort
             t = pa.concat_tables([pq.read_table(c, schema=SCHEMA) for c in chunks])
             t = t.sort_by("seq")

@@ -19,6 +19,8 @@ def test_scale_benchmark_measures_every_field(tmp_path):
     for k in numbers:
         assert isinstance(t[k], (int, float)) and t[k] > 0, k
     assert isinstance(t["main_rss_growth_pct"], float)
+    assert [n for n, _ in t["main_rss_gb_during_large"]][:1] == [1_056]  # sampled at 1,000+
+    assert all(gb > 0 for _, gb in t["main_rss_gb_during_large"])
     assert t["cores_for_8_h100"] == round(8 * 380 / t["feed_images_per_core_s"], 1)
     # the stopped runs wrote at least what they were asked to, the resumed ones finished
     assert t["resume_rows_small"] >= 300 and t["resume_rows_large"] >= 2_000
