@@ -109,11 +109,11 @@ def shard_name(index: int, count: int) -> str:
 SHARD_RE = re.compile(r"part-(\d{5})-of-(\d{5})")  # matches shard_name(): index, count
 
 
-def _atomic_write_table(table: pa.Table, path: Path, metadata: dict | None = None):
+def _atomic_write_table(table: pa.Table, path: Path, metadata: dict | None = None, **kw):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if metadata:
         table = table.replace_schema_metadata({META_KEY: json.dumps(metadata).encode()})
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP, **kw)
     _fsync_rename(tmp, path)
 
 
@@ -211,8 +211,9 @@ class ShardWriter:
         keys, fps = _keys_of(others, [(None, k, [fp]) for k, fp in mine.values()])
         meta = {"fingerprints": [fp for _, fp in fps]}
         try:
+            # ids are unique: a dictionary would only cost memory while writing
             _atomic_write_table(keys, self.parts / f"index-{first:06d}-{last:06d}.parquet",
-                                meta)
+                                meta, use_dictionary=False)
         except OSError:
             pass
 
