@@ -383,8 +383,10 @@ NOTES = """What each figure is:
   the same file (`--limit`).
 - **Merge**: the 1M-row shard split into 1,000 finished shards by the library's ShardWriter
   (stats.json per shard from stats.whole_shard), then `python -m internvl_batch merge` in a
-  process of its own (peak RSS from the kernel).
-- **Peak RSS**: VmHWM of every process of the run, polled every 0.2 s from /proc."""
+  process of its own.
+- **Peak RSS**: VmHWM of every process, polled from /proc (every 0.2 s; 0.05 s for merge).
+  The main process of the feed holds the decode window of decoded images: at COCO sizes
+  that is most of its memory (`scale.json`, `feed.by_role`)."""
 
 
 def main(argv: list[str] | None = None) -> None:
