@@ -8,8 +8,9 @@ final `part-XXXXX-of-YYYYY.parquet` (again temp + rename) and removed.
 
 Resume reads the (seq, id) keys of the chunks and skips those records, so a rerun neither
 duplicates nor loses rows; every INDEX_EVERY chunks the writer also writes their keys as one
-index segment, so that a resume opens a few files, not thousands. Not the id alone: datasets repeat ids (one row per caption, an
-`image_id` column), and every row with an id must not count as done because one of them is.
+index segment, so that a resume opens a few files, not thousands. Not the id alone:
+datasets repeat ids (one row per caption, an `image_id` column), and every row with an id
+must not count as done because one of them is.
 Chunks and the final file record the settings fingerprint (`fingerprint.py`), the dataset
 included (so a seq names the same record in every run), and a rerun with other settings is
 refused instead of mixing captions; one writer at a time is `outlock.py`'s job, and as a

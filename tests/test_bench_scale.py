@@ -24,7 +24,8 @@ def test_scale_benchmark_measures_every_field(tmp_path):
     assert t["cores_for_8_h100"] == round(8 * 380 / t["feed_images_per_core_s"], 1)
     # the stopped runs wrote at least what they were asked to, the resumed ones finished
     assert t["resume_rows_small"] >= 300 and t["resume_rows_large"] >= 2_000
-    assert doc["resume_large"]["stopped"]["code"] == 75 and doc["resume_large"]["resumed"]["code"] == 0
+    large = doc["resume_large"]
+    assert large["stopped"]["code"] == 75 and large["resumed"]["code"] == 0
     assert doc["resume_large"]["rows_in_shard"] == 2_000 + scale.EXTRA
     assert t["merge_shards"] == 8 and t["merge_rows"] == 2_000 + scale.EXTRA
     for key in ("peak_rss_gb_small", "peak_rss_gb_large", "peak_rss_gb_resume_small",

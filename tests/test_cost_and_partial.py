@@ -21,8 +21,8 @@ from internvl_batch import merge as merge_mod
 from internvl_batch import pipeline
 from internvl_batch import stats as stats_mod
 from internvl_batch.sinks import ShardWriter
-from tests.test_sinks_stats import (RUN_A, RUN_B, FakeEngine, _run_cfg, complete_shard,  # noqa: F401
-                                    fake_engine, row)
+from tests.test_sinks_stats import (RUN_A, RUN_B, FakeEngine, _run_cfg,  # noqa: F401
+                                    complete_shard, fake_engine, row)
 
 NAME = "part-00000-of-00001"
 ROOT = Path(__file__).resolve().parents[1]

@@ -287,18 +287,14 @@ def test_cli_kill9_resume_and_cache_hit(tiny_model, tmp_path, clean_env):
     # the whole shard, not just run 2's rows (issue 13: 150 rows, stats said 134)
     assert st["rows"] == st["rows_in_shard"] == st["images"] == 40 and st["errors"] == 0
     assert st["runs"][0]["rows"] >= written - 2 and st["runs"][1]["rows"] == 40 - written
-    # run 2 counts from its command's start (engine start included) to its first row, from
-    # its last row to its engine closed, and to its recorded end; run 1 was killed: no
-    # shutdown, no end, its wall time up to its last sign of life still costs
+    # run 2: start to first row, last row to close, to its end; run 1: to its last sign of life
     r1, r2 = st["runs"]
     assert r2["init_s"] < r2["time_to_first_row_s"] < r2["wall_s"]
-    assert r2["started_at"] < r2["first_batch_at"] <= r2["last_batch_at"] < r2["closed_at"] \
-        <= r2["ended_at"]
+    assert r2["started_at"] < r2["first_batch_at"] <= r2["last_batch_at"] < r2["closed_at"]
     assert 0 < r2["shutdown_s"] < 30 and st["shutdown_s"] == r2["shutdown_s"]
-    assert r1["shutdown_s"] is None and r1["wall_s"] > 0 and r1["end_lost"] is True
+    assert r1["shutdown_s"] is None and r1["end_lost"] and r2["closed_at"] <= r2["ended_at"]
     assert st["time_to_first_row_s"] == max(r1["time_to_first_row_s"], r2["time_to_first_row_s"])
     assert st["gpu_hours"] == pytest.approx((r1["wall_s"] + r2["wall_s"]) / 3600, abs=1e-5)
-    # the killed run's last moments are unknown: no rate over hours known to be short
     assert st["images_per_gpu_hour"] is None and "1 run ended without" in st["cost_unknown"]
     assert "images per device-hour" in log and "first row after / shutdown s" in log
     # where run 2's start went: its one engine's phases, as vLLM logged them
