@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .config import ConfigError
@@ -28,6 +29,7 @@ class Console:
         self.err = sys.stderr  # our status lines, the progress bar, one-line errors
         self._saved: dict[int, int] = {}
         self._pump: threading.Thread | None = None
+        self._read = [0]  # bytes the pump has moved so far
 
     def __enter__(self) -> "Console":
         return self
@@ -54,7 +56,8 @@ class Console:
         for fd in (1, 2):
             os.dup2(w, fd)
         os.close(w)
-        self._pump = threading.Thread(target=_pump, args=(r, log, echo), daemon=True)
+        self._pump = threading.Thread(target=_pump, args=(r, log, echo, self._read),
+                                      daemon=True)
         self._pump.start()
         self.info(f"vLLM's log: {self.log_path}")
 
@@ -75,16 +78,22 @@ class Console:
             os.dup2(saved, fd)  # closes our pipe's write ends at 1 and 2
             os.close(saved)
         self._saved = {}
-        # EOF comes once every writer is gone; an engine process still shutting down keeps
-        # the pipe open, and its last lines are not worth waiting for
-        self._pump.join(timeout=2.0)
+        # EOF comes once every writer is gone, which may be never before we exit:
+        # multiprocessing's resource tracker holds our stderr until then, and an engine
+        # process still shutting down keeps the pipe too. So wait while lines still come,
+        # up to 2 s: waiting for EOF cost every run 2 s after its end was recorded
+        deadline, seen = time.monotonic() + 2.0, -1
+        while self._pump.is_alive() and time.monotonic() < deadline and self._read[0] != seen:
+            seen = self._read[0]
+            self._pump.join(timeout=0.1)
         self.out.flush()
         self.err.flush()
 
 
-def _pump(r: int, log, echo: int | None) -> None:
+def _pump(r: int, log, echo: int | None, read: list[int]) -> None:
     with os.fdopen(r, "rb", buffering=0) as src:
         while chunk := src.read(65536):
+            read[0] += len(chunk)
             try:
                 log.write(chunk)
             except OSError:  # a full disk must not block the engine's logging

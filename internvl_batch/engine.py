@@ -176,17 +176,22 @@ class LogTap:
         return self
 
     def _pump(self, r: int, out_fd: int):
-        with os.fdopen(r, "rb", buffering=0) as src:
-            buf = b""
-            while chunk := src.read(65536):
-                try:
-                    os.write(out_fd, chunk)
-                except OSError:  # our terminal went away: keep draining regardless
-                    pass
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    self._match(raw.decode("utf-8", "replace"))
+        try:
+            with os.fdopen(r, "rb", buffering=0) as src:
+                buf = b""
+                while chunk := src.read(65536):
+                    try:
+                        os.write(out_fd, chunk)
+                    except OSError:  # our terminal went away: keep draining regardless
+                        pass
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for raw in lines:
+                        self._match(raw.decode("utf-8", "replace"))
+        finally:
+            # every writer is gone: let go of ours too. Left open, it kept the command
+            # line's log pipe (console.py) open, which then waited its full 2 s at every exit
+            os.close(out_fd)
 
     def _match(self, line: str):
         self.tail.append(line)
@@ -211,6 +216,18 @@ class LogTap:
             os.dup2(saved, fd)
             os.close(saved)
         return False
+
+
+def maybe_cuda() -> bool:
+    """`has_cuda`, without importing torch where no NVIDIA device can be there (no driver
+    device node, no visible device): a run refused on such a host stays light."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    import shutil
+
+    if not os.path.exists("/dev/nvidiactl") and shutil.which("nvidia-smi") is None:
+        return False
+    return has_cuda()
 
 
 def has_cuda() -> bool:

@@ -28,9 +28,10 @@ def merge_output(output: Path, compact: Path | None = None,
     if not counts:
         return False, f"merge: no shards in {output}"
     if len(counts) > 1:
-        return False, f"merge: {output} mixes runs with different shard counts {sorted(counts)}"
+        return False, _failed(output, [f"merge: {output} mixes runs with different shard "
+                                       f"counts {sorted(counts)}"])
     total = counts.pop()
-    missing, failed, shards, broken = [], [], [], []
+    missing, failed, shards, broken, gone = [], [], [], [], []
     for i in range(total):
         name = shard_name(i, total)
         pq_path, st_path = output / f"{name}.parquet", output / f"{name}.stats.json"
@@ -42,6 +43,12 @@ def merge_output(output: Path, compact: Path | None = None,
                 shards.append((name, st))
         elif (output / "_parts" / name).is_dir():
             failed.append(name)  # started, never finished: failed, preempted or still running
+        elif st_path.is_file():
+            gone.append(name)  # its stats say it finished: its rows were deleted or moved
+        elif pq_path.is_file():
+            broken.append(f"merge: {name}: {st_path.name} is gone (deleted or moved after "
+                          "the shard finished); put it back, or rerun the shard with "
+                          "--overwrite")
         else:
             missing.append(name)
     lines = []
@@ -56,16 +63,20 @@ def merge_output(output: Path, compact: Path | None = None,
     lines += broken
     if failed:
         lines.append(f"merge: incomplete shards (failed or still running): {', '.join(failed)}")
+    if gone:
+        lines.append(f"merge: finished shards whose Parquet file is gone (deleted or moved "
+                     f"after they finished): {', '.join(gone)}; put the files back, or rerun "
+                     "those shards")
     if missing:
         lines.append(f"merge: missing shards (never started): {', '.join(missing)}")
-    if broken or failed or missing:
-        return False, "\n".join(lines)
+    if broken or failed or missing or gone:
+        return False, _failed(output, lines)
     differ = _settings_differ(output, [n for n, _ in shards])
     if differ:
-        return False, "\n".join(lines + differ)
+        return False, _failed(output, lines + differ)
     failed_rate = _over_error_rate(shards, max_error_rate)
     if failed_rate:
-        return False, "\n".join(lines + failed_rate)
+        return False, _failed(output, lines + failed_rate)
     summary = stats_mod.merge_parallel([s for _, s in shards])
     summary["rows_in_output"] = sum(_shard_rows(s) for _, s in shards)
     summary["shards"] = total
@@ -78,6 +89,22 @@ def merge_output(output: Path, compact: Path | None = None,
     lines.append(stats_mod.table(summary, f"merged {total} shards: "
                                           f"{summary['rows_in_output']} rows"))
     return True, "\n".join(lines)
+
+
+def _failed(output: Path, lines: list[str]) -> str:
+    """The report of a merge that failed. The stats.json of an earlier merge that succeeded
+    goes: it counts rows that are no longer all there (or no longer agree), and a reader of
+    the folder would take it for the output's figures."""
+    stale = output / "stats.json"
+    if stale.is_file():
+        try:
+            stale.unlink()
+            lines = lines + [f"merge: removed {stale} (an earlier merge's figures, which no "
+                             "longer describe these shards)"]
+        except OSError as e:
+            lines = lines + [f"merge: {stale} is an earlier merge's and no longer describes "
+                             f"these shards, but cannot be removed ({e.strerror or e})"]
+    return "\n".join(lines)
 
 
 def _over_error_rate(shards: list[tuple[str, dict]], max_error_rate: float | None) -> list[str]:

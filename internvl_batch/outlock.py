@@ -91,6 +91,9 @@ class ShardLock:
         self.stale_beats = stale_beats
         self.token = uuid.uuid4().hex
         self.lost = False
+        # the stale holder this run took the lock over from: its token and its last heartbeat
+        # (the file's mtime), the last moment that run is known to have been alive
+        self.took_over: dict | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -211,6 +214,7 @@ class ShardLock:
                 return False, self.describe(holder, mtime)
             self._take_over(holder)
             took = f"took over the lock of {self.describe(holder, mtime)}: {why}"
+            self.took_over = {"token": holder.get("token"), "beat_at": mtime}
         return False, "the lock file keeps changing hands"
 
     def acquire(self, wait: bool = False, log=print) -> "ShardLock":

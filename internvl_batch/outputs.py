@@ -21,6 +21,9 @@ class OutputError(ValueError):
 class Output:
     path: Path          # what the user named: a folder or one .parquet file
     files: tuple[Path, ...]
+    # one line when shards of the run are not here (unfinished, or missing): what is read is
+    # only part of the run, and `show` and `score` say so
+    note: str | None = None
 
     @property
     def folder(self) -> Path:
@@ -96,7 +99,24 @@ def open_output(path) -> Output:
         hint = " (unfinished shards under _parts/: finish or merge the run first)" \
             if (p / "_parts").is_dir() else ""
         raise OutputError(f"no part-*.parquet in {p}{hint}")
-    return _readable(Output(p, tuple(files)))
+    out = _readable(Output(p, tuple(files)))
+    return Output(out.path, out.files, _absent_shards(p, files, counts[0], out.num_rows()))
+
+
+def _absent_shards(folder: Path, files: list[Path], total: int, rows: int) -> str | None:
+    """One line naming the shards of a `total`-shard run that have no final Parquet file
+    here (unfinished: rows under _parts/; else missing), or None when all are here."""
+    from .sinks import shard_name
+
+    have = {int(SHARD_RE.match(f.name).group(1)) for f in files}
+    absent = [shard_name(i, total) for i in range(total) if i not in have]
+    if not absent:
+        return None
+    what = [f"{n} {'unfinished' if (folder / '_parts' / n).is_dir() else 'missing'}"
+            for n in absent]
+    listed = ", ".join(what[:3]) + (f" and {len(what) - 3} more" if len(what) > 3 else "")
+    return (f"note: {folder} is partial: {len(absent)} of {total} shards have no Parquet "
+            f"file ({listed}); using the {rows} rows of the other {total - len(absent)}")
 
 
 def _readable(out: Output) -> Output:

@@ -29,8 +29,8 @@ from .images import (Decoded, DecodeWorkerDied, make_pool, prefetch, start_worke
                      stop_pool)
 from .outlock import ShardLock
 from .progress import Progress
-from .sinks import ShardWriter, WriteFailed
-from .sources import open_source
+from .sinks import ShardWriter, WriteFailed, Written
+from .sources import Records, open_source
 
 if TYPE_CHECKING:
     from .cache import Entry
@@ -56,6 +56,10 @@ class Terminal:
     stream: Callable[[], TextIO] | None = None
     quiet: bool = False  # no progress bar
     starting: Callable[[], None] | None = None  # called once the checks pass, before the engine
+    # called once the run's work is over (engines closed, rows published or kept), before
+    # its end is recorded: the command line stops any process of the run still left here,
+    # so that the cost figure covers it
+    ending: Callable[[], None] | None = None
 
     def fail(self, message: str) -> None:
         (self.error or self.info)(message)
@@ -172,10 +176,11 @@ class DatasetChanged(ConfigError):
     positions, and the shard would hold some images twice (exit 2)."""
 
 
-def not_done(records, done: set[tuple[int, str]], output: Path):
-    """The records whose (seq, id) is not written yet; DatasetChanged at the first position
-    written under another id. Records appended after the last one written resume as new."""
-    by_seq = dict(done)
+def not_done(records, done, output: Path):
+    """The records whose (seq, id) is not written yet (`done`: {seq: id}, or (seq, id)
+    pairs); DatasetChanged at the first position written under another id. Records
+    appended after the last one written resume as new."""
+    by_seq = done if isinstance(done, dict) else dict(done)
     for r in records:
         was = by_seq.get(r.seq)
         if was is None:
@@ -185,6 +190,33 @@ def not_done(records, done: set[tuple[int, str]], output: Path):
                 f"the dataset changed since {output}'s rows were written: record {r.seq} is "
                 f"now {r.id!r}, the row written for it is {was!r}; rerun with --overwrite to "
                 "caption it again, or write to another --output")
+
+
+def resume(records: Records, written: Written, shard_index: int, num_shards: int,
+           output: Path):
+    """The shard's records not written yet. The written prefix (rows are written in seq
+    order) is skipped through `Records.split_at`, which lists its ids without building its
+    records where the source can, and every id is checked against the row written at its
+    position; rows written past the prefix are skipped one by one (`not_done`)."""
+    import pyarrow as pa
+
+    k = written.prefix(shard_index, num_shards)
+    start = shard_index + k * num_shards  # the first seq of the shard not in the prefix
+    ids, rest = records.split_at(start)
+    if not isinstance(ids, pa.ChunkedArray):
+        ids = pa.chunked_array([pa.array(list(ids), pa.string())])
+    step = 65_536  # compared a slice at a time: no copy of a million ids at once
+    for lo in range(0, min(k, len(ids)), step):  # a shrunk dataset: what is still there
+        theirs = written.ids.slice(lo, min(step, k - lo, len(ids) - lo))
+        mine = ids.slice(lo, len(theirs))
+        if not mine.equals(theirs):
+            j = next(j for j in range(len(theirs)) if mine[j] != theirs[j])
+            raise DatasetChanged(
+                f"the dataset changed since {output}'s rows were written: record "
+                f"{shard_index + (lo + j) * num_shards} is now {mine[j].as_py()!r}, the row "
+                f"written for it is {theirs[j].as_py()!r}; rerun with --overwrite to caption "
+                "it again, or write to another --output")
+    return not_done(rest, written.after(k), output)
 
 
 class _EarlyStop(Exception):
@@ -241,9 +273,9 @@ def _run_shard(cfg: RunConfig, started, term: Terminal, started_at: float) -> in
     # raises SourceError before any model is loaded
     records = open_source(cfg.source, cfg.shard_index, cfg.num_shards)
     if started is None:  # a model that cannot fit here: one line before anything is written
-        from .engine import has_cuda, plan_layout
+        from .engine import maybe_cuda, plan_layout
 
-        plan_layout(cfg.engine, cfg.replicas, cuda=has_cuda())
+        plan_layout(cfg.engine, cfg.replicas, cuda=maybe_cuda())
     # one writer per shard, from before reading what is written to the final commit
     with ShardLock(cfg.output, writer.name).acquire(wait=cfg.wait, log=log) as lock:
         writer.lock = lock
@@ -269,20 +301,44 @@ def _complete(cfg: RunConfig, writer: ShardWriter, term: Terminal) -> int:
 def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, started,
                 started_at: float) -> int:
     # by position and id: a dataset may repeat an id; --overwrite: none of the old rows count
-    done = set() if cfg.overwrite else writer.done_keys()
+    done = Written() if cfg.overwrite else writer.written()
     # a source that can pass over what is written without reading it does (wds: whole tars)
-    mine = not_done(records.resume(done), done, cfg.output)
-    if done:
-        term.info(f"resuming {writer.name}: {len(done)} rows already written")
+    records = records.resume(done.seqs)
+    mine = resume(records, done, cfg.shard_index, cfg.num_shards, cfg.output)
+    n_done = len(done)
+    if n_done:
+        term.info(f"resuming {writer.name}: {n_done} rows already written")
+        del done
+        writer.forget_index()  # the index is used: ~22 MB at a million rows, then heap
+    # this run's entry in the shard's stats, saved before the engines start (`_run`)
+    rec = stats_mod.RunRecord(writer, stats_mod.RunStats(
+        started_at=started_at, lock_token=getattr(writer.lock, "token", None)),
+        getattr(writer.lock, "took_over", None))
     if term.starting is not None:
         term.starting()
-    progress = Progress(records.total, f"caption {writer.name}", initial=len(done),
+    progress = Progress(records.total, f"caption {writer.name}", initial=n_done,
                         enabled=cfg.progress and not term.quiet,
                         stream=term.stream() if term.stream else None)
+    try:
+        code = _run_trapped(cfg, writer, mine, progress, term, started, rec)
+    finally:
+        if term.ending is not None:
+            term.ending()
+        rec.end()  # last: the cost figure covers the final file, the stats and the reaping
+    if rec.committed:  # the shard is complete: its summary, with the time up to its end
+        term.done(rec.summary, stats_mod.table(rec.summary, rec.title))
+        if rec.failure:
+            term.fail(rec.failure)
+    return code
+
+
+def _run_trapped(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress,
+                 term: Terminal, started, rec: stats_mod.RunRecord) -> int:
+    """_run with its ways of failing turned into exit codes and one line each."""
     # trap preemption from the start: engine start-up alone can take minutes
     with _Signals() as sig:
         try:
-            return _run(cfg, writer, mine, progress, sig, term, started, started_at)
+            return _run(cfg, writer, mine, progress, sig, term, started, rec)
         except (EngineDead, DecodeWorkerDied) as e:  # a process of the run died
             if sig.received:  # the job's signal reached it too: a stop, not a crash
                 term.fail(f"stopped by signal {sig.name}; the batch in flight was dropped, "
@@ -309,8 +365,9 @@ def _run_locked(cfg: RunConfig, writer: ShardWriter, records, term: Terminal, st
 
 
 def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_Signals",
-         term: Terminal, started, started_at: float) -> int:
+         term: Terminal, started, rec: stats_mod.RunRecord) -> int:
     t_start = time.perf_counter()
+    rec.begin(save=not cfg.overwrite)  # before the engines: their start costs too
     progress.phase("starting the engine")
     feed, renderer, replicas = plan_feed(cfg, started, term.info)
     # the decode workers start (spawn, imports; a renderer's vLLM import and config) while
@@ -330,8 +387,8 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
             engine.close()
         raise Stop(sig.exit_code, "signal during start-up")
     info = engine.info()
-    st = _start_stats(engine, entry, info)
-    st.started_at = started_at
+    st, started_at = rec.st, rec.st.started_at
+    _engine_stats(st, engine, entry, info)
     st.feed = feed
     t_ready = time.time()
     if started is None:  # engines handed over (tests, bench) did not start in this run
@@ -344,8 +401,9 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         # setting on CPU, a signal) leaves the rows it was asked to replace where they were
         removed = writer.clear()
         term.info(f"--overwrite: removed {', '.join(str(p) for p in removed) or 'nothing'}")
+        rec.restart()
     writer.open()
-    previous = writer.previous_stats()
+    previous = rec.previous
     mine, batch_size = fit_batches(mine, feed["batch_size"], engine.replicas)
     render = (prompt_text, None) if renderer is not None else None
     stream = engine.imap(_requests(mine, pool, batch_size, prompt_text, feed["window"], render),
@@ -376,25 +434,22 @@ def _run(cfg: RunConfig, writer: ShardWriter, mine, progress: Progress, sig: "_S
         st.closed_at = time.time()
         st.generate_s = round(st.generate_s, 3)
         st.total_s = round(time.perf_counter() - t_start, 3)
-        runs = previous + [st.to_dict()]
         if code != EXIT_OK or sys.exc_info()[0] is not None:
-            writer.save_partial_stats(runs)  # an engine death too: the next run adds to these
+            rec.save()  # an engine death too: the next run adds to these
     if code != EXIT_OK:
         term.fail(message)
         return code
-    return _finish(cfg, writer, st, runs, metadata, term)
+    return _finish(cfg, writer, rec, metadata)
 
 
-def _start_stats(engine: Engines, entry: "Entry", info: dict) -> stats_mod.RunStats:
-    """This run's stats, starting with how the engine started."""
-    st = stats_mod.RunStats()
+def _engine_stats(st: stats_mod.RunStats, engine: Engines, entry: "Entry", info: dict) -> None:
+    """How the engine started, into this run's stats."""
     t = engine.timings
     st.init_s = round(t.total_s, 3)
     st.load_s, st.compile_s, st.cudagraph_s = t.load_s, t.compile_s, t.cudagraph_s
     st.warmup_s = round(t.warmup_s, 3)
     st.cache_hit, st.cache_key = entry.hit, entry.key
     st.gpu_name = info["device"] if info["cuda"] else None
-    return st
 
 
 def start_timeline(engine: Engines, started_at: float, t_engines: float, t_ready: float) -> dict:
@@ -513,26 +568,25 @@ def _check_stop(cfg: RunConfig, st: stats_mod.RunStats, writer: ShardWriter,
                    "command to resume")
 
 
-def _finish(cfg: RunConfig, writer: ShardWriter, st: stats_mod.RunStats, runs: list[dict],
-            metadata: dict, term: Terminal) -> int:
+def _finish(cfg: RunConfig, writer: ShardWriter, rec: stats_mod.RunRecord,
+            metadata: dict) -> int:
     """Final Parquet file, then stats.json, then the rename that makes the shard complete;
     exit 3 if too many of the whole shard's rows failed (the rows are kept: the shard is
-    done)."""
+    done). The summary is shown by the caller, once the run's end is recorded."""
     total_rows = writer.finalize(metadata)
-    summary = stats_mod.whole_shard(runs, writer.counts)
     try:
-        stats_mod.write(writer.stats_path, summary, runs,
-                        {"shard": writer.name, "rows_in_shard": total_rows, "complete": True,
-                         "metadata": metadata, "start_timeline": st.start_timeline})
+        rec.publish(writer.counts, {"shard": writer.name, "rows_in_shard": total_rows,
+                                    "complete": True, "metadata": metadata,
+                                    "start_timeline": rec.st.start_timeline})
     except OSError as e:
         writer.abandon()
         raise WriteFailed(f"cannot write {writer.stats_path}: {e.strerror or e}") from e
     writer.commit()
-    term.done(summary, stats_mod.table(summary, f"internvl-batch {writer.name}: {total_rows} "
-                                                f"rows -> {writer.final}"))
+    rec.committed = True
+    rec.title = f"internvl-batch {writer.name}: {total_rows} rows -> {writer.final}"
     bad = stats_mod.error_rate_exceeded(writer.counts, cfg.max_error_rate)
     if bad:
-        term.fail(f"failed: {bad}; see the error column in {writer.final}")
+        rec.failure = f"failed: {bad}; see the error column in {writer.final}"
         return EXIT_ERROR_RATE
     return EXIT_OK
 

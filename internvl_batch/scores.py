@@ -262,6 +262,8 @@ def score_output(output: Output, *, use_java: bool | None = None, spice: bool = 
     extra = {"model": (cfg.get("engine") or {}).get("model"),
              "dataset": (cfg.get("source") or {}).get("kind"),
              "prompt": (cfg.get("prompt") or {}).get("prompt")}
+    if output.note:  # scores.json of part of a run says so too, not only the terminal
+        extra["partial"] = output.note
     return Scores(metrics, unavailable, len(captions), len(cands), excluded, tokenizer,
                   library_version(), str(output.path), extra)
 

@@ -7,8 +7,10 @@ under `_parts/<shard>/`. When the shard is done the chunks are streamed, in orde
 final `part-XXXXX-of-YYYYY.parquet` (again temp + rename) and removed.
 
 Resume reads the (seq, id) keys of the chunks and skips those records, so a rerun neither
-duplicates nor loses rows. Not the id alone: datasets repeat ids (one row per caption, an
-`image_id` column), and every row with an id must not count as done because one of them is.
+duplicates nor loses rows; every INDEX_EVERY chunks the writer also writes their keys as one
+index segment, so that a resume opens a few files, not thousands. Not the id alone:
+datasets repeat ids (one row per caption, an `image_id` column), and every row with an id
+must not count as done because one of them is.
 Chunks and the final file record the settings fingerprint (`fingerprint.py`), the dataset
 included (so a seq names the same record in every run), and a rerun with other settings is
 refused instead of mixing captions; one writer at a time is `outlock.py`'s job, and as a
@@ -47,6 +49,9 @@ SCHEMA = pa.schema([
 ])
 META_KEY = b"internvl_batch"
 ROW_GROUP = 8192
+# chunks per index segment: a resume at a million rows (~3,900 chunks of 256) opens ~16
+# segments and the chunks after the last one instead of every chunk (docs/performance.md)
+INDEX_EVERY = 256
 
 
 class WriteFailed(Exception):
@@ -105,11 +110,11 @@ def shard_name(index: int, count: int) -> str:
 SHARD_RE = re.compile(r"part-(\d{5})-of-(\d{5})")  # matches shard_name(): index, count
 
 
-def _atomic_write_table(table: pa.Table, path: Path, metadata: dict | None = None):
+def _atomic_write_table(table: pa.Table, path: Path, metadata: dict | None = None, **kw):
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if metadata:
         table = table.replace_schema_metadata({META_KEY: json.dumps(metadata).encode()})
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP)
+    pq.write_table(table, tmp, row_group_size=ROW_GROUP, **kw)
     _fsync_rename(tmp, path)
 
 
@@ -135,6 +140,8 @@ class ShardWriter:
         self.lock = None  # an outlock.ShardLock: nothing is written once it is lost
         self.counts: dict | None = None  # the whole shard's row counts, set by finalize()
         self._pending: Path | None = None  # finalize()'s file, until commit() publishes it
+        self._scanned = None  # _scan()'s result, until this writer changes the files
+        self._recent: dict[int, tuple] = {}  # chunk number -> ((seq, id), fingerprint)
 
     # -- resume -------------------------------------------------------------------------
     def is_complete(self) -> bool:
@@ -155,30 +162,84 @@ class ShardWriter:
     def _chunks(self) -> list[Path]:
         return [c for _, c in self._numbered_chunks()]
 
+    def _scan(self) -> tuple[pa.Table, list[tuple[Path, dict | None]]]:
+        """(seq and id of every row written, sorted by seq; (file, fingerprint) for each
+        distinct fingerprint) of the final file, else of the chunks, through the index
+        segments where they are whole (`_segments`). Only the two key columns are read, and
+        kept as Arrow columns, not a million Python tuples. Cached until this writer writes
+        or removes files."""
+        if self._scanned is None:
+            if self.is_complete():
+                keys, fps = _keys_of([self.final])
+            else:
+                chunks = self._numbered_chunks()
+                segs = self._segments({n for n, _ in chunks})
+                covered = {n for a, b, _ in segs for n in range(a, b + 1)}
+                keys, fps = _keys_of([c for n, c in chunks if n not in covered],
+                                     [seg for _, _, seg in segs])
+            self._scanned = (keys, fps)
+        return self._scanned
+
+    def _segments(self, present: set[int]) -> list[tuple[int, int, tuple]]:
+        """The index segments (first chunk, last chunk, (file, keys, fingerprints)) that read and
+        whose every chunk is still here: a chunk moved away (an unreadable one, as its error
+        says to) voids its segment, and so does a segment that does not read; those chunks
+        are read one by one instead."""
+        out = []
+        for f in sorted(self.parts.glob("index-*.parquet")) if self.parts.is_dir() else ():
+            m = re.fullmatch(r"index-(\d+)-(\d+)", f.stem)
+            if not m or not all(n in present for n in range(int(m[1]), int(m[2]) + 1)):
+                continue
+            try:
+                with pq.ParquetFile(f) as pf:
+                    md = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+                    out.append((int(m[1]), int(m[2]),
+                                (f, pf.read(columns=["seq", "id"]), md["fingerprints"])))
+            except (pa.ArrowException, OSError, ValueError, KeyError):
+                continue
+        return out
+
+    def _index_segment(self, last: int) -> None:
+        """Chunks last-INDEX_EVERY+1 .. last, as one index segment: their (seq, id) and
+        distinct fingerprints in one small file, so that a resume opens one file where it
+        would open INDEX_EVERY. Derived data: a segment that cannot be written or read is
+        only slower, never wrong (`_segments`, `_keys_of`)."""
+        first = last - INDEX_EVERY + 1
+        mine = {n: self._recent.pop(n) for n in range(first, last + 1) if n in self._recent}
+        others = [c for n, c in self._numbered_chunks() if first <= n <= last and n not in mine]
+        if len(mine) + len(others) != INDEX_EVERY:
+            return  # a chunk missing from the range: no segment, its chunks are read instead
+        keys, fps = _keys_of(others, [(None, k, [fp]) for k, fp in mine.values()])
+        meta = {"fingerprints": [fp for _, fp in fps]}
+        try:
+            # ids are unique: a dictionary would only cost memory while writing
+            _atomic_write_table(keys, self.parts / f"index-{first:06d}-{last:06d}.parquet",
+                                meta, use_dictionary=False)
+        except OSError:
+            pass
+
+    def forget_index(self) -> None:
+        """Drop the cached keys, and give back to the OS what reading them left in Arrow's
+        memory pool (mimalloc keeps freed pages otherwise, and the whole run would carry
+        them: ~100 MB after indexing a million rows)."""
+        self._scanned = None
+        pa.default_memory_pool().release_unused()
+
+    def written(self) -> "Written":
+        """The (seq, id) of every row written, as an index a resume skips by."""
+        return Written(self._scan()[0])
+
     def done_keys(self) -> set[tuple[int, str]]:
         """(seq, id) of every row written: of the final file, else of the chunks."""
-        files = [self.final] if self.is_complete() else self._chunks()
-        keys: set[tuple[int, str]] = set()
-        for f in files:
-            with reading(f):
-                t = pq.read_table(f, columns=["seq", "id"])
-            keys.update(zip(t.column("seq").to_pylist(), t.column("id").to_pylist()))
-        return keys
+        t = self._scan()[0]
+        return set(zip(t.column("seq").to_pylist(), t.column("id").to_pylist()))
 
     def done_ids(self) -> set[str]:
         return {i for _, i in self.done_keys()}
 
     def recorded_fingerprints(self) -> list[tuple[Path, dict | None]]:
         """(file, its fingerprint) for the final file, or each chunk with a distinct one."""
-        files = [self.final] if self.is_complete() else self._chunks()
-        seen, out = set(), []
-        for f in files:
-            fp = read_metadata(f).get("fingerprint")
-            key = json.dumps(fp, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                out.append((f, fp))
-        return out
+        return self._scan()[1]
 
     def check_settings(self, fp: dict) -> None:
         """Raise fingerprint.SettingsChanged if rows already written used other settings."""
@@ -190,6 +251,7 @@ class ShardWriter:
 
     def clear(self) -> list[Path]:
         """--overwrite: remove this shard's rows, chunks and stats (the caller holds the lock)."""
+        self._scanned = None
         gone = [p for p in (self.final, self.stats_path, self.parts) if p.exists()]
         self.final.unlink(missing_ok=True)
         self.stats_path.unlink(missing_ok=True)
@@ -232,6 +294,7 @@ class ShardWriter:
 
     # -- writing ------------------------------------------------------------------------
     def open(self):
+        self._scanned = None
         self.output.mkdir(parents=True, exist_ok=True)
         self.parts.mkdir(parents=True, exist_ok=True)
         # a writer killed mid-chunk, or between finalize() and commit()
@@ -245,6 +308,7 @@ class ShardWriter:
     def write(self, rows: list[dict]):
         if not rows:
             return
+        self._scanned = None
         if self.lock is not None:
             # re-read the lock file, not only the heartbeat's flag: a run that took the lock
             # over between heartbeats would otherwise get chunks of ours under its numbers
@@ -252,11 +316,16 @@ class ShardWriter:
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
         _atomic_write_table(table, self.parts / f"chunk-{self._next:06d}.parquet",
                             {"fingerprint": self.fingerprint} if self.fingerprint else None)
+        # the keys of this writer's chunks until their segment is written: one re-read less
+        self._recent[self._next] = (table.select(["seq", "id"]), self.fingerprint)
+        if (self._next + 1) % INDEX_EVERY == 0:
+            self._index_segment(self._next)
         self._next += 1
         self.rows_written += len(rows)
 
     @_writes
     def save_partial_stats(self, runs: list[dict]):
+        self.parts.mkdir(parents=True, exist_ok=True)  # a run's start is saved before open()
         tmp = self.partial_stats.with_suffix(".tmp")
         tmp.write_text(json.dumps({"runs": runs}, indent=2))
         os.replace(tmp, self.partial_stats)
@@ -291,7 +360,8 @@ class ShardWriter:
         from .stats import count_rows
 
         total, last_seq, ordered, counts = 0, -1, True, None
-        with pq.ParquetWriter(tmp, schema) as w:
+        group: list[pa.Table] = []  # chunks of one row group: a group per chunk made a
+        with pq.ParquetWriter(tmp, schema) as w:  # million-row file's footer 6 MB
             for c in chunks:
                 with reading(c):
                     t = pq.read_table(c, schema=SCHEMA)
@@ -300,9 +370,14 @@ class ShardWriter:
                     ordered = False
                     break
                 last_seq = seqs[-1] if seqs else last_seq
-                w.write_table(t, row_group_size=ROW_GROUP)
+                group.append(t)
+                if sum(g.num_rows for g in group) >= ROW_GROUP:
+                    w.write_table(pa.concat_tables(group), row_group_size=ROW_GROUP)
+                    group = []
                 total += t.num_rows
                 counts = count_rows(t, counts)
+            if group and ordered:
+                w.write_table(pa.concat_tables(group), row_group_size=ROW_GROUP)
         if not ordered:  # only after odd resumes: fall back to an in-memory sort
             t = pa.concat_tables([pq.read_table(c, schema=SCHEMA) for c in chunks])
             t = t.sort_by("seq")
@@ -321,6 +396,7 @@ class ShardWriter:
 
     @_writes
     def commit(self):
+        self._scanned = None
         n = pq.read_metadata(self._pending).num_rows
         try:
             self._guard(n)  # again: finalize() and commit() are apart by the stats write
@@ -333,6 +409,76 @@ class ShardWriter:
             (self.output / "_parts").rmdir()
         except OSError:
             pass
+
+
+def _keys_of(files: list[Path], segments: list[tuple] = ()) -> tuple[pa.Table, list]:
+    """(seq and id of every row of `files` and of the index segments already read
+    ((file, keys, fingerprints) each), (file, fingerprint) for each distinct fingerprint).
+    One open per file."""
+    tables, fps, seen = [], [], set()
+
+    def note(f: Path, fp) -> None:
+        key = json.dumps(fp, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            fps.append((f, fp))
+
+    for seg, keys, seg_fps in segments:
+        tables.append(keys)
+        for fp in seg_fps:
+            note(seg, fp)
+    for f in files:
+        with reading(f):
+            with pq.ParquetFile(f) as pf:
+                md = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+                tables.append(pf.read(columns=["seq", "id"]))
+        note(f, md.get("fingerprint"))
+    keys = pa.concat_tables(tables) if tables else pa.table(
+        {"seq": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
+    return keys, fps
+
+
+class Written:
+    """The (seq, id) of a shard's rows, sorted by seq: what a resume skips.
+
+    Rows are written in seq order, so most of what a resume skips is a prefix of the shard's
+    records (seq = shard_index, shard_index + num_shards, ...); `prefix_end` finds where it
+    ends, sources skip that prefix without building its records (sources.Records.split_at),
+    and only the few rows past it (batches written out of order) are looked up one by one."""
+
+    def __init__(self, table: pa.Table | None = None):
+        import numpy as np
+
+        if table is None:
+            table = pa.table({"seq": pa.array([], pa.int64()), "id": pa.array([], pa.string())})
+        chunks = table.column("seq").chunks
+        self.seqs = np.concatenate([c.to_numpy() for c in chunks]) if chunks else \
+            np.zeros(0, np.int64)
+        self.ids = table.column("id")  # chunked as read: no copy of a million ids
+        if len(self.seqs) > 1 and not (self.seqs[1:] > self.seqs[:-1]).all():  # odd resumes
+            order = np.argsort(self.seqs, kind="stable")
+            self.seqs, self.ids = self.seqs[order], self.ids.take(pa.array(order))
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def prefix(self, shard_index: int, num_shards: int) -> int:
+        """How many of the shard's first records (in seq order) are all written. The shard's
+        seqs are shard_index + num_shards * j, written ones unique and sorted, so seqs[j]
+        equals that exactly up to the first gap and exceeds it from there on: a binary
+        search, with no array the size of the index."""
+        lo, hi = 0, len(self.seqs)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(self.seqs[mid]) == shard_index + num_shards * mid:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def after(self, k: int) -> dict[int, str]:
+        """{seq: id} of the rows past the first `k` (the prefix)."""
+        return dict(zip(self.seqs[k:].tolist(), self.ids.slice(k).to_pylist()))
 
 
 def read_metadata(path: Path) -> dict:

@@ -18,9 +18,9 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
-from typing import ClassVar, Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator, Sequence
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -132,22 +132,42 @@ class SourceSpec:
 class Records:
     """An iterator of records that knows how many it will yield where that is cheap to know
     (a file listing, a COCO file, Parquet footers): `total`, else None. The progress bar
-    shows percent and ETA from it."""
+    shows percent and ETA from it.
 
-    def __init__(self, it: Iterable[Record], total: int | None):
-        self._it, self.total = iter(it), total
+    `split_at(start)` is how a resume skips what is written: the ids of the records before
+    `start` (to check that they are still the records written there) and the records from
+    `start` on. By default it reads through the records before `start`; a reader that can
+    list ids without building records (`Reader.split`: Parquet reads only its id column)
+    makes a resume at a million rows cost about what reading one index does."""
+
+    def __init__(self, it: Iterable[Record], total: int | None, split=None):
+        self._it, self.total, self._split = iter(it), total, split
 
     def __iter__(self) -> "Records":
         return self
 
     def __next__(self) -> Record:
+        self._split = None  # started: a split now would skip what was taken
         return next(self._it)
 
-    def resume(self, done: set[tuple[int, str]]) -> "Records":
-        """Told the (seq, id) keys already written before the first record is read. A kind
+    def resume(self, seqs: Iterable[int]) -> "Records":
+        """Told the seqs already written before the first record is read. A kind
         that can pass over written records without reading them (wds: whole tars) does so;
         the others yield everything and the pipeline's resume filter skips what is done."""
         return self
+
+    def split_at(self, start: int) -> "tuple[Sequence[str], Records]":
+        """(ids of the records with seq < start, in order: a list, or an Arrow string column
+        from a reader's `split`; the records from seq `start`)."""
+        got = self._split(start) if self._split is not None else None
+        if got is not None:
+            return got[0], Records(got[1], self.total)
+        ids: list[str] = []
+        for r in self._it:
+            if r.seq >= start:
+                return ids, Records(chain([r], self._it), self.total)
+            ids.append(r.id)
+        return ids, Records(iter(()), self.total)
 
 
 def shard_size(total: int, shard_index: int, num_shards: int) -> int:
@@ -182,17 +202,37 @@ class Reader:
     def records(self) -> Iterator[Record]:
         raise NotImplementedError
 
+    def split(self, start: int) -> "tuple[Sequence[str], Iterator[Record]] | None":
+        """(the ids of every record with seq < start, the records from seq `start` on), both
+        in dataset order and before --limit and sharding, without building the records
+        before `start`; None where this kind cannot (Records.split_at then reads through)."""
+        return None
+
     def read(self, shard_index: int = 0, num_shards: int = 1) -> Records:
         records = self.records()  # raises SourceError now, before any model is loaded
         total = getattr(records, "total", None)
-        if self.spec.limit is not None:
+        limit = self.spec.limit
+        if limit is not None:
             # stop reading: a streamed hub dataset may be endless
-            records = islice(records, self.spec.limit)
-            total = min(total, self.spec.limit) if total is not None else None
+            records = islice(records, limit)
+            total = min(total, limit) if total is not None else None
         if num_shards > 1:
             records = (r for r in records if r.seq % num_shards == shard_index)
+
+        def split(start: int):
+            start = start if limit is None else min(start, limit)
+            got = self.split(start)
+            if got is None:
+                return None
+            ids, rest = got
+            if limit is not None:
+                rest = islice(rest, limit - start)
+            ids = ids[shard_index::num_shards] if num_shards > 1 else ids
+            return ids, (r for r in rest if r.seq % num_shards == shard_index)
+
         return Records(records, shard_size(total, shard_index, num_shards)
-                       if total is not None else None)
+                       if total is not None else None,
+                       split if type(self).split is not Reader.split else None)
 
 
 READERS: dict[str, type[Reader]] = {}
@@ -406,10 +446,17 @@ class ParquetReader(Reader):
     options = ("image_column", "caption_column", "id_column")
 
     def records(self) -> Iterator[Record]:
-        return _parquet(self.spec)
+        footers = _parquet_footers(self.spec)
+        # Parquet footers hold the row counts: no data is read for this
+        return Records(_parquet_rows(self.spec, footers), sum(m.num_rows for m in footers.values()))
+
+    def split(self, start: int):
+        footers = _parquet_footers(self.spec)
+        return _parquet_ids(self.spec, footers, start), _parquet_rows(self.spec, footers, start)
 
 
-def _parquet(spec: SourceSpec) -> Iterator[Record]:
+def _parquet_footers(spec: SourceSpec) -> dict:
+    """{file: its footer} of the files matching the glob, in order, once each is checked."""
     files = sorted(f for f in glob.glob(spec.target, recursive=True) if os.path.isfile(f))
     if not files:
         hint = f" (a folder: use parquet:{spec.target.rstrip('/')}/*.parquet)" \
@@ -442,23 +489,79 @@ def _parquet(spec: SourceSpec) -> Iterator[Record]:
         if spec.caption_column:
             _check_caption_type(schema.field(spec.caption_column).type, spec.caption_column,
                                 where=f"{f}: " if len(files) > 1 else "")
+    return footers
 
-    def gen():
-        seq = 0
-        for path in files:
-            pf = pq.ParquetFile(path)
-            cols = [c for c in (spec.image_column, spec.caption_column, spec.id_column)
-                    if c and c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=256, columns=cols):
-                for row in batch.to_pylist():
+
+def _parquet_rows(spec: SourceSpec, footers: dict, start: int = 0) -> Iterator[Record]:
+    """The records from seq `start` on; files and row groups wholly before it are not read."""
+    import pyarrow.parquet as pq
+
+    seq = 0
+    for path, md in footers.items():
+        if seq + md.num_rows <= start:
+            seq += md.num_rows
+            continue
+        pf = pq.ParquetFile(path)
+        cols = [c for c in (spec.image_column, spec.caption_column, spec.id_column)
+                if c and c in pf.schema_arrow.names]
+        groups = []
+        for g in range(md.num_row_groups):
+            n = md.row_group(g).num_rows
+            if seq + n <= start:
+                seq += n
+            else:
+                groups.append(g)
+        for batch in pf.iter_batches(batch_size=256, columns=cols, row_groups=groups):
+            if seq + batch.num_rows <= start:
+                seq += batch.num_rows
+                continue
+            for row in batch.to_pylist():
+                if seq >= start:
                     payload, ref = _payload_of(row.get(spec.image_column), Path(path).parent)
                     rid = row.get(spec.id_column) if spec.id_column else None
                     yield Record(seq, str(rid) if rid is not None else f"{Path(path).name}:{seq}",
                                  ref or f"{Path(path).name}[{seq}]", payload,
                                  _captions_of(row.get(spec.caption_column)))
-                    seq += 1
-    # Parquet footers hold the row counts: no data is read for this
-    return Records(gen(), sum(m.num_rows for m in footers.values()))
+                seq += 1
+
+
+def _parquet_ids(spec: SourceSpec, footers: dict, stop: int):
+    """The ids of the records with seq < stop (an Arrow string column), reading only the id
+    column (none at all when ids are positions): what a resume checks its written rows
+    against. Text and integer ids stay Arrow arrays: no Python string per row."""
+    import pyarrow as pa
+
+    parts = []
+    seq = 0
+    for path, md in footers.items():
+        take = min(md.num_rows, stop - seq)
+        if take <= 0:
+            break
+        name = Path(path).name
+        col = _id_column(spec.id_column, path, md, take) if spec.id_column else None
+        if col is None or col.null_count == len(col):
+            parts.append(pa.array([f"{name}:{seq + j}" for j in range(take)], pa.string()))
+        elif col.null_count == 0 and (pa.types.is_string(col.type) or
+                                      pa.types.is_large_string(col.type) or
+                                      pa.types.is_integer(col.type)):
+            parts += col.cast(pa.string()).chunks  # what str() makes of each value
+        else:
+            parts.append(pa.array([str(v) if v is not None else f"{name}:{seq + j}"
+                                   for j, v in enumerate(col.to_pylist())], pa.string()))
+        seq += take
+    return pa.chunked_array(parts, pa.string())
+
+
+def _id_column(column: str, path: str, md, take: int):
+    """The first `take` values of `column`, reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    groups, n = [], 0
+    while n < take:
+        n += md.row_group(len(groups)).num_rows
+        groups.append(len(groups))
+    with pq.ParquetFile(path) as pf:
+        return pf.read_row_groups(groups, columns=[column]).column(0).slice(0, take)
 
 
 def _check_caption_type(typ, column: str, where: str = "") -> None:
@@ -705,8 +808,8 @@ class TarRecords(Records):
         done = self._done.get(tar.index, ())
         return tar.index < last and (not done or max(done) == len(done) - 1)
 
-    def resume(self, done: set[tuple[int, str]]) -> "TarRecords":
-        for seq, _ in done:
+    def resume(self, seqs: Iterable[int]) -> "TarRecords":
+        for seq in seqs:
             self._done.setdefault(seq // TAR_STRIDE, set()).add(seq % TAR_STRIDE)
         return self
 

@@ -6,6 +6,12 @@ A resumed shard accumulates one entry per invocation in `runs` (saved after ever
 a run killed with -9 keeps its entry); timings sum them, while row, error and token counts of
 a finished shard are recounted from its rows (`count_rows`), so they describe the whole shard
 after any number of resumes.
+
+The cost figure (`wall_s`, `gpu_hours`, `images_per_gpu_hour`) covers each command from its
+start to its exit: a run's entry is saved before its engines start and once more as the last
+thing the run does (`RunRecord`). Where part of the cost is unknown (a run killed before it
+could record its end, a lost stats file, entries without hours) `cost_unknown` says what, and
+images per GPU-hour is None instead of a rate inflated by the missing hours.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ KEYS = (
     "peak_rss_gb", "gpu_name", "gpu_peak_mem_gb",
     "cache_hit", "cache_key",
     "time_to_first_row_s", "shutdown_s", "wall_s", "gpu_hours", "images_per_gpu_hour",
-    "error_kinds", "host_rss",
+    "error_kinds", "host_rss", "cost_unknown",
 )
 COUNT_KEYS = ("rows", "images", "requests", "errors", "input_tokens", "image_tokens",
               "output_tokens")
@@ -55,9 +61,14 @@ class RunStats:
     gpu_peak_mem_gb: float | None = None
     cache_hit: bool | None = None
     cache_key: str | None = None
-    # wall clock of the command's start (the process start for `run`): time to the first row
-    # and the run's wall time count from here, engine start-up and cache build included
+    # wall clock of the command's start (for `run`: when this package was first imported,
+    # internvl_batch.STARTED_AT): time to the first row and the run's wall time count from
+    # here, engine start-up and cache build included
     started_at: float = field(default_factory=time.time)
+    # the last thing the run did (RunRecord.end): None while it runs, and in the entry of a
+    # run killed before it could record its end
+    ended_at: float | None = None
+    lock_token: str | None = None  # the shard lock it held: its heartbeats outlive a kill -9
     gpus: int = 1  # devices the run occupies: every engine (replicas too) shares one GPU
     # wall clock of the first and last batch written: lines up GPU/host monitoring with the
     # steady state, engine start-up excluded
@@ -101,9 +112,10 @@ class RunStats:
         # the last row is durable (a Parquet chunk) before the engines are asked to close
         d["shutdown_s"] = (round(self.closed_at - self.last_batch_at, 3)
                            if self.closed_at and self.last_batch_at else None)
-        # the cost figure: start and stop included; saved mid-run (a run killed with -9
-        # keeps it), the time so far
-        d["wall_s"] = round((self.closed_at or time.time()) - self.started_at, 3)
+        # the cost figure, from the command's start to its end; saved mid-run (a run killed
+        # with -9 keeps it), the time so far
+        d["saved_at"] = now = time.time()
+        d["wall_s"] = round((self.ended_at or now) - self.started_at, 3)
         d["gpu_hours"] = round(d["wall_s"] * self.gpus / 3600, 6)
         d["images_per_gpu_hour"] = _rate(self.images, d["gpu_hours"])
         return d
@@ -337,12 +349,12 @@ def summarize(runs: list[dict]) -> dict:
         vals = [r[k] for r in runs if r.get(k) is not None]
         out[k] = max(vals) if vals else None
     # GPU-hours add up over resumes and over shards (unlike rates): images per GPU-hour of
-    # the whole is the total over the total
+    # the whole is the total over the total, given only when every hour is known
     for k, nd in (("wall_s", 3), ("gpu_hours", 6)):
         vals = [float(r[k]) for r in runs if r.get(k) is not None]
         out[k] = round(sum(vals), nd) if vals else None
-    out["images_per_gpu_hour"] = _rate(out["images"], out["gpu_hours"]) \
-        if out["gpu_hours"] else None
+    out["cost_unknown"] = cost_gaps(runs)
+    _cost_rate(out)
     kinds = Counter()
     for r in runs:
         kinds.update(r.get("error_kinds") or {})
@@ -351,12 +363,72 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def _cost_rate(out: dict) -> None:
+    out["images_per_gpu_hour"] = _rate(out["images"], out["gpu_hours"]) \
+        if out["gpu_hours"] and not out["cost_unknown"] else None
+
+
+def _end_lost(r: dict) -> bool:
+    """An entry whose run never recorded its end. Entries written before runs recorded one
+    (no `ended_at` key) count as ended if they have hours."""
+    return bool(r.get("end_lost")) or ("ended_at" in r and r["ended_at"] is None)
+
+
+def cost_gaps(items: list[dict]) -> str | None:
+    """What makes the summed cost of `items` (a shard's runs, or merge's shards) a lower
+    bound, in one phrase; None when every hour is known."""
+    lost = sum(1 for r in items if _end_lost(r))
+    no_hours = sum(1 for r in items if r.get("gpu_hours") is None and not r.get("cost_unknown"))
+    shards = [f"{r.get('shard') or 'a shard'}: {r['cost_unknown']}" for r in items
+              if r.get("cost_unknown")]
+    parts = []
+    if lost:
+        parts.append(f"{lost} run{'s' if lost > 1 else ''} ended without recording the end "
+                     "(killed with -9 or out of memory?), counted up to the last sign of life")
+    if no_hours:
+        parts.append(f"{no_hours} of {len(items)} entries have no hours recorded")
+    if shards:
+        more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
+        parts.append("; ".join(shards[:3]) + more)
+    return "; ".join(parts) or None
+
+
+def settle_lost(runs: list[dict], beat: dict | None = None) -> list[dict]:
+    """Earlier runs of a shard that never recorded their end (`kill -9`, the OOM killer, a
+    node lost), marked `end_lost` and counted up to their last sign of life: their last save,
+    or the last heartbeat of the shard lock they held when this run took it over (`beat`:
+    {"token", "beat_at"}), which comes every outlock.HEARTBEAT_S even while an engine starts.
+    The time after it is unknown, which `cost_gaps` says."""
+    out = []
+    for r in runs:
+        if isinstance(r, dict) and "ended_at" in r and r["ended_at"] is None \
+                and not r.get("end_lost"):
+            r = dict(r, end_lost=True)
+            seen = [r.get("saved_at")]
+            if beat and r.get("lock_token") and beat.get("token") == r["lock_token"]:
+                seen.append(beat.get("beat_at"))
+            seen = [t for t in seen if isinstance(t, (int, float))]
+            if seen and isinstance(r.get("started_at"), (int, float)):
+                r["last_alive_at"] = max(seen)
+                r["wall_s"] = round(max(0.0, max(seen) - r["started_at"]), 3)
+                r["gpu_hours"] = round(r["wall_s"] * (r.get("gpus") or 1) / 3600, 6)
+        out.append(r)
+    return out
+
+
 def whole_shard(runs: list[dict], counts: dict | None) -> dict:
     """summarize(runs) with counts taken from the shard's rows when known: runs killed before
     their stats were saved, or shards written before stats survived kill -9, still count.
-    Rates divide the rows' counts by the recorded generation time."""
+    Rates divide the rows' counts by the recorded generation time. Rows that no run's entry
+    accounts for (a lost or cut stats.partial.json) were paid for by runs whose hours are
+    gone: the cost is then unknown, not those rows over the surviving runs' hours."""
     out = summarize(runs)
     if counts:
+        unaccounted = (counts.get("rows") or 0) - sum(int(r.get("rows") or 0) for r in runs)
+        if unaccounted > 0:
+            gap = (f"{unaccounted} rows were written by runs whose stats are lost (a "
+                   "deleted or cut stats.partial.json)")
+            out["cost_unknown"] = "; ".join(filter(None, [out["cost_unknown"], gap]))
         for k in COUNT_KEYS:
             out[k] = counts[k]
         out["error_kinds"] = dict(counts.get("error_kinds") or {})
@@ -366,8 +438,7 @@ def whole_shard(runs: list[dict], counts: dict | None) -> dict:
         out["requests_per_s"] = _rate(out["requests"], g)
         out["output_tokens_per_s"] = _rate(out["output_tokens"], g)
         out["total_tokens_per_s"] = _rate(out["total_tokens"], g)
-        if out["gpu_hours"]:
-            out["images_per_gpu_hour"] = _rate(out["images"], out["gpu_hours"])
+        _cost_rate(out)
     return out
 
 
@@ -430,6 +501,19 @@ def _memory_line(samples: list[dict]) -> str:
     return ", ".join(parts) + f" ({samples[-1].get('processes')} processes)"
 
 
+def _cost_row(summary: dict) -> tuple[str, str]:
+    """Images per GPU-hour; on a CPU (no GPU named) per device-hour: the run's wall time
+    times the devices it held, from the command's start to its exit."""
+    unit = "GPU-hour" if summary.get("gpu_name") else "device-hour"
+    hours = summary.get("gpu_hours") or 0
+    if summary.get("cost_unknown"):
+        return (f"images per {unit}", f"unknown: {summary['cost_unknown']} (at least "
+                                      f"{hours:.4g} {unit}s)")
+    rate = summary.get("images_per_gpu_hour")
+    return (f"images per {unit}", f"{'-' if rate is None else f'{rate:,.2f}'} (over "
+                                  f"{hours:.4g} {unit}s, the command's start to its exit)")
+
+
 def table(summary: dict, title: str = "internvl-batch") -> str:
     """The end-of-run summary a person reads."""
     def f(v, unit=""):
@@ -443,8 +527,7 @@ def table(summary: dict, title: str = "internvl-batch") -> str:
         ("images captioned", f(summary["images"])), ("error rows", f(summary["errors"])),
         ("input / output tokens", f"{f(summary['input_tokens'])} / {f(summary['output_tokens'])}"),
         ("images/s", f(summary["images_per_s"])),
-        ("images per GPU-hour", f"{f(summary.get('images_per_gpu_hour'))} (over "
-         f"{summary.get('gpu_hours') or 0:.4g} GPU-hours, start and stop included)"),
+        _cost_row(summary),
         ("requests/s", f(summary["requests_per_s"])),
         ("output tok/s", f(summary["output_tokens_per_s"])),
         ("total tok/s", f(summary["total_tokens_per_s"])),
@@ -473,3 +556,72 @@ def table(summary: dict, title: str = "internvl-batch") -> str:
     w = max(len(k) for k, _ in rows)
     lines = [title, "-" * (w + 30)] + [f"{k:<{w}}  {v}" for k, v in rows]
     return "\n".join(lines)
+
+
+class RunRecord:
+    """This run's entry in its shard's stats, from the command's start to its exit.
+
+    `begin` saves it before any engine starts (a run that fails to start, or is killed with
+    -9 before its first batch, still leaves its start and its lock's token), `publish` writes
+    the finished shard's stats.json before the commit that makes the shard complete, and
+    `end` is the run's last act: after the final file, the stats and the reaping of its
+    processes, it records the end and saves the entry again (stats.json when published, else
+    the partial stats). What no entry can count: the interpreter's start before this package
+    is imported (~0.03 s) and, after `end`, printing the summary, releasing the lock and the
+    process's exit."""
+
+    def __init__(self, writer, st: RunStats, took_over: dict | None = None):
+        self.writer, self.st, self.took_over = writer, st, took_over
+        self.previous: list[dict] = []
+        self.saving = False  # False until the shard's earlier entries are known
+        self.published: tuple[dict, dict] | None = None  # (counts, extra) of stats.json
+        self.committed = False  # the shard's final file is published: stats.json is ours
+        self.summary: dict | None = None
+        self.title, self.failure = "", None  # of the summary the run shows after `end`
+
+    def begin(self, save: bool = True) -> None:
+        """Read the earlier runs' entries (settling those that never recorded an end) and
+        save ours. `save=False` (--overwrite): the old entries go with the old rows, once the
+        engines are up (`restart`)."""
+        self.previous = settle_lost(self.writer.previous_stats(), self.took_over)
+        if save:
+            self.saving = True
+            self.save()
+
+    def restart(self) -> None:
+        """The shard's rows were removed (--overwrite): only this run's entry is left."""
+        self.previous, self.saving = [], True
+        self.save()
+
+    def runs(self) -> list[dict]:
+        return self.previous + [self.st.to_dict()]
+
+    def save(self) -> None:
+        self.writer.save_partial_stats(self.runs())
+
+    def publish(self, counts: dict, extra: dict) -> dict:
+        """stats.json of the finished shard, ended as of now; `end` moves the end later."""
+        self.st.ended_at = time.time()
+        self.published = (counts, extra)
+        return self._write_final()
+
+    def _write_final(self) -> dict:
+        runs = self.runs()
+        self.summary = whole_shard(runs, self.published[0])
+        write(self.writer.stats_path, self.summary, runs, self.published[1])
+        return self.summary
+
+    def end(self) -> None:
+        """Record the end, now. A statistic: a failure to save it never changes the run's
+        exit (the entry saved before stands)."""
+        self.st.ended_at = time.time()
+        lock = getattr(self.writer, "lock", None)
+        if lock is not None and (lock.lost or not lock.holds()):
+            return  # another run owns the shard now: its files are not ours to write
+        try:
+            if self.committed:
+                self._write_final()
+            elif self.saving:
+                self.save()
+        except Exception:
+            pass

@@ -497,7 +497,7 @@ def test_partial_stats_saved_after_every_batch(tmp_path, fake_engine, monkeypatc
 
     monkeypatch.setattr(ShardWriter, "save_partial_stats", spy)
     assert pipeline.run(_run_cfg(tmp_path, out), log=lambda m: None) == 0
-    assert seen == [2, 4, 5]  # batches of 2 over 5 rows
+    assert seen == [0, 2, 4, 5]  # the start, then batches of 2 over 5 rows
 
 
 def _shard_stats(out: Path, i: int, n: int, rows: int, images: int, gen_s: float,

@@ -203,7 +203,7 @@ def test_run_stats_add_row():
     d = st.to_dict()
     assert d["peak_rss_gb"] > 0 and set(stats_mod.KEYS) - set(d) == {
         "total_tokens", "images_per_s", "requests_per_s", "output_tokens_per_s",
-        "total_tokens_per_s"}
+        "total_tokens_per_s", "cost_unknown"}  # a summary's: over the runs
 
 
 def test_table_labels():
@@ -226,20 +226,23 @@ def test_table_labels():
 
 def test_run_stats_start_stop_and_gpu_hours():
     """Time to the first row counts from the command's start, shutdown from the last row
-    written to the engines closed; images per GPU-hour over the whole wall time."""
+    written to the engines closed; images per GPU-hour over the whole wall time, from the
+    command's start to its recorded end (after the close: final file, stats, reaping)."""
     st = stats_mod.RunStats(started_at=1000.0)
     for _ in range(36):
         st.add_row(error=None, answered=True)
     st.first_batch_at, st.last_batch_at, st.closed_at = 1030.0, 1100.0, 1103.25
+    st.ended_at = 1105.0
     d = st.to_dict()
     assert d["time_to_first_row_s"] == 30.0 and d["shutdown_s"] == 3.25
-    assert d["wall_s"] == 103.25 and d["gpu_hours"] == round(103.25 / 3600, 6)
-    assert d["images_per_gpu_hour"] == round(36 / round(103.25 / 3600, 6), 3)  # ~1255
+    assert d["wall_s"] == 105.0 and d["gpu_hours"] == round(105.0 / 3600, 6)
+    assert d["images_per_gpu_hour"] == round(36 / round(105.0 / 3600, 6), 3)  # ~1234
     assert "closed_at" in d and "started_at" in d  # kept for lining up with monitoring
     # saved mid-run (after a batch, engines still open): no shutdown yet, the time so far
-    st.closed_at = None
+    st.closed_at = st.ended_at = None
     mid = st.to_dict()
     assert mid["shutdown_s"] is None and mid["wall_s"] > 1e6  # started_at is in 1970
+    assert mid["saved_at"] - mid["wall_s"] == pytest.approx(1000.0, abs=1e-3)
     # before any row: none of the rates divide by zero
     empty = stats_mod.RunStats().to_dict()
     assert empty["time_to_first_row_s"] is None and empty["images_per_gpu_hour"] == 0.0
@@ -253,8 +256,8 @@ def test_gpu_hours_add_up_over_resumes_and_shards():
     assert s["images_per_gpu_hour"] == round(13 / 0.3, 3)
     assert (s["time_to_first_row_s"], s["shutdown_s"]) == (90.0, 4.0)  # the slowest
     # recounted from the shard's rows: the rows' images over the runs' GPU-hours
-    counts = {k: 0 for k in stats_mod.COUNT_KEYS} | {"rows": 30, "images": 30}
-    assert stats_mod.whole_shard([a, b], counts)["images_per_gpu_hour"] == 100.0
+    counts = {k: 0 for k in stats_mod.COUNT_KEYS} | {"rows": 15, "images": 12}
+    assert stats_mod.whole_shard([a, b], counts)["images_per_gpu_hour"] == 40.0
     # merge: shards' GPU-hours add up (two shards on two GPUs cost both)
     m = stats_mod.merge_parallel([stats_mod.summarize([a]), stats_mod.summarize([b])])
     assert m["gpu_hours"] == 0.3 and m["images_per_gpu_hour"] == s["images_per_gpu_hour"]
@@ -475,9 +478,10 @@ def test_pipeline_writes_stats_between_finalize_and_commit(tmp_path, fake_engine
     monkeypatch.setattr(stats_mod, "write", write)
     assert pipeline.run(_run_cfg(tmp_path, out), log=lambda m: None) == 0
     # (event, final parquet visible?, stats.json present?)
+    # ... and once more at the run's end, the time up to it included
     assert events == [("finalize", False, False), ("finalized", False, False),
                       ("stats", False, False), ("commit", False, True),
-                      ("committed", True, True)]
+                      ("committed", True, True), ("stats", True, True)]
     assert len(fake_engine) == 1 and fake_engine[0].requests == 5 and fake_engine[0].closed
     assert pq.read_table(final).num_rows == 5
     doc = json.loads(stats_path.read_text())
@@ -515,7 +519,7 @@ def test_pipeline_times_start_and_stop(tmp_path, fake_engine, monkeypatch):
     term = pipeline.Terminal(info=lambda m: None, summary=lambda doc, table: shown.append(table))
     t_cmd = time.time() - 2.0  # the process started 2 s before pipeline.run
     assert pipeline.run(_run_cfg(tmp_path, out), term=term, started_at=t_cmd) == 0
-    assert events == ["closed", "stats"]
+    assert events == ["closed", "stats", "stats"]  # before the commit, then at the end
     st = json.loads((out / "part-00000-of-00001.stats.json").read_text())
     run = st["runs"][-1]
     assert run["started_at"] == t_cmd
@@ -524,7 +528,9 @@ def test_pipeline_times_start_and_stop(tmp_path, fake_engine, monkeypatch):
     assert run["wall_s"] >= 2.3 and run["wall_s"] == st["wall_s"]
     assert run["closed_at"] - run["last_batch_at"] == pytest.approx(run["shutdown_s"], abs=1e-3)
     assert st["images_per_gpu_hour"] == round(5 / st["gpu_hours"], 3)
-    assert "first row after / shutdown s" in shown[0] and "images per GPU-hour" in shown[0]
+    # the fake engine's device is a CPU: no GPU-hours on a run without a GPU
+    assert "first row after / shutdown s" in shown[0] and "images per device-hour" in shown[0]
+    assert "GPU-hour" not in shown[0]
     assert f"{st['shutdown_s']:,.2f}" in shown[0]
     # where the start went: from the command's start until the engines were asked for,
     # until they were ready, and each engine's phases

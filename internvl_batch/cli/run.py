@@ -103,8 +103,8 @@ def _run(engine: EngineSpec, kw: dict):
     from ..children import become_subreaper, reap_descendants
     from ..console import NORMAL, QUIET, VERBOSE, Console
     from ..pipeline import Terminal, run as run_pipeline
+    from .. import STARTED_AT
     from ..sinks import shard_name
-    from ..stats import process_started_at
 
     source = SourceSpec.parse(
         kw.pop("dataset"), data_dir=kw.pop("data_dir"), annotations=kw.pop("annotations"),
@@ -132,16 +132,22 @@ def _run(engine: EngineSpec, kw: dict):
         def summary(doc: dict, table: str):
             print(json.dumps(doc, sort_keys=True) if as_json else table, file=con.out,
                   flush=True)
+
+        def reap():
+            # the command ends when its processes have: a vLLM engine core left running (its
+            # fork server stopped by the same signal as we were) would hold the GPU's memory
+            reaped = reap_descendants()
+            if reaped["left"]:
+                con.info(f"{reaped['left']} process(es) of the run were still running after "
+                         f"it ended; stopped ({reaped['killed']} killed) {reaped['waited_s']} "
+                         "s after")
         term = Terminal(info=con.info, error=con.error, summary=summary, stream=lambda: con.err,
-                        quiet=quiet, starting=con.capture)
+                        quiet=quiet, starting=con.capture, ending=reap)
         become_subreaper()  # before any process starts: orphans below us stay ours
-        code = run_pipeline(cfg, term=term, started_at=process_started_at())
-        # the command ends when its processes have: a vLLM engine core left running (its
-        # fork server stopped by the same signal as we were) would hold the GPU's memory
-        reaped = reap_descendants()
-        if reaped["left"]:
-            con.info(f"{reaped['left']} process(es) of the run were still running after it "
-                     f"ended; stopped ({reaped['killed']} killed) {reaped['waited_s']} s after")
+        # the clock starts when this package was imported, not at the process's start in
+        # /proc: a `bash -c "... && internvl-batch run"` forked it long before it exec'ed us
+        code = run_pipeline(cfg, term=term, started_at=STARTED_AT)
+        reap()  # again: a run that stopped before its engines never called `ending`
     exit_now(code)
 
 

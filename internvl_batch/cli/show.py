@@ -32,8 +32,10 @@ def show(output, out, sample, all_, page_size, seed, max_errors, image_root):
     opts = GalleryOptions(sample=None if all_ else sample, page_size=page_size, seed=seed,
                           max_errors=max_errors,
                           image_root=Path(image_root) if image_root else None)
-    pages = build(open_output(output), Path(out) if out else None, opts,
-                  log=lambda s: click.echo(s, err=True))
+    o = open_output(output)
+    if o.note:  # a partial run: shown, but not as if it were all of it
+        click.echo(o.note, err=True)
+    pages = build(o, Path(out) if out else None, opts, log=lambda s: click.echo(s, err=True))
     more = f" (+{len(pages) - 1} more pages beside it)" if len(pages) > 1 else ""
     click.echo(f"{pages[0]}{more}")
 
@@ -49,6 +51,8 @@ def score(output, no_spice):
     from ..outputs import open_output
 
     o = open_output(output)
+    if o.note:  # scores of part of the run: said before the table
+        click.echo(o.note, err=True)
     result = scores.score_output(o, spice=not no_spice)
     path = scores.write(result, o.beside("scores.json"))
     click.echo(result.table())
