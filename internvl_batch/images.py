@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .children import STOP_SIGNALS
+from .processes import STOP_SIGNALS, lifeline
 from .sources import Record
 
 # A 16-bit TIFF or a 10k x 10k PNG decodes to hundreds of MB; past this it is not a caption
@@ -135,7 +135,15 @@ def make_pool(workers: int) -> Executor | None:
 
     # fork would copy a process that may already hold CUDA/vLLM state; spawn is clean
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_ignore_stop_signals)
+                               initializer=_start_worker, initargs=(lifeline.token(),))
+
+
+def _start_worker(parent: lifeline.Parent) -> None:
+    """A decode worker ignores the stop signals (below) and leaves when `parent`, the
+    process that made the pool, is gone: the pool's queues would otherwise keep it waiting
+    for work forever after a `kill -9` of the run."""
+    _ignore_stop_signals()
+    lifeline.watch(parent)
 
 
 # Stopping is the run's decision (pipeline._Signals: finish the batch, flush, exit 75/130),

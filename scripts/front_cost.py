@@ -83,7 +83,7 @@ def main() -> int:
         return _usage(f"--images {a.images}: {len(files)} images, need {a.n + a.warmup} "
                       "(--n plus --warmup)")
     images = [Image.open(p).convert("RGB") for p in files]
-    # `run --replicas`: each decoded image is pickled to its replica (children.send_frame)
+    # `run --replicas`: each decoded image is pickled to its replica (processes.children.send_frame)
     pickle_ms = []
     for im in images[a.warmup:]:
         t = time.perf_counter()

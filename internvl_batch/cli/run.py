@@ -1,5 +1,4 @@
-"""`run` (caption a dataset shard) and the hidden `replica` command that `run --replicas N`
-starts once per engine."""
+"""`run`: caption a dataset shard."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +8,7 @@ import click
 from ..config import (DEFAULT_MAX_ERROR_RATE, DEFAULT_PROMPT, PromptSpec, RunConfig, SamplingSpec,
                       shard_from_env)
 from ..sources import SourceSpec, dataset_help
-from .common import (cache_root, engine_options, exit_now, make_engine_spec,
-                     restart_after_poison, user_errors)
+from .common import cache_root, engine_options, exit_now, make_engine_spec, user_errors
 
 
 def _replicas(ctx, param, value):
@@ -75,7 +73,7 @@ def run(**kw):
     """Caption a dataset shard and write Parquet + stats.json (resumable)."""
     import json
 
-    from ..children import become_subreaper, reap_descendants
+    from ..processes.lifeline import become_subreaper, reap_descendants
     from ..console import NORMAL, QUIET, VERBOSE, Console
     from ..pipeline import Terminal, run as run_pipeline
     from ..sinks import shard_name
@@ -117,16 +115,3 @@ def run(**kw):
                      f"ended; stopped ({reaped['killed']} killed) {reaped['waited_s']} s after")
     exit_now(code)
 
-
-@click.command("replica", hidden=True)
-@click.argument("config_path")
-def replica(config_path):
-    """One engine of `run --replicas N` (started by the parent, talks over pipes)."""
-    from ..cache import EntryPoisoned
-    from ..replicas import main as replica_main
-
-    try:
-        code = replica_main(config_path)
-    except EntryPoisoned as e:  # the reply pipe stays open across the restart
-        restart_after_poison(e)
-    exit_now(code)
