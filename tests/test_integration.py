@@ -588,6 +588,37 @@ def test_an_engine_started_during_a_build_loads_it_the_moment_it_completes(tiny_
         done["engine"].close()
 
 
+def test_an_engine_starts_again_in_the_process_whose_engine_core_died(engine, engine_spec,
+                                                                      cache_root):
+    """What healing a poisoned compile-cache entry in-process relies on (cache.start_engine
+    rebuilds it where the engine crashed, instead of re-executing the command): once an
+    engine whose engine core died is closed, a new engine starts in the same process,
+    from the same entry, and captions."""
+    from PIL import Image
+
+    from internvl_batch import prompts
+    from internvl_batch.cache import CompileCache
+    from internvl_batch.engine import Engine, EngineDead
+
+    cc = CompileCache(cache_root)
+    env = cc.entry(cc.resolve(engine_spec)).env()  # the session engine's (complete) entry
+    reqs = [prompts.request(prompts.render(prompts.PROBE), Image.new("RGB", (448, 448)))]
+    first = Engine(engine_spec, env).start()
+    try:
+        core = first.llm.llm_engine.engine_core.resources.engine_manager.processes[0]
+        os.kill(core.pid, signal.SIGKILL)  # as a crash in its first forward ends it
+        with pytest.raises(EngineDead):
+            first.generate(reqs, SamplingSpec(max_tokens=4))
+    finally:
+        first.close()
+    second = Engine(engine_spec, env).start()
+    try:
+        (res,) = second.generate(reqs, SamplingSpec(max_tokens=4))
+        assert res.error is None and res.text
+    finally:
+        second.close()
+
+
 def test_synthesized_weights_give_per_image_captions(engine, engine_spec):
     """The session's tiny checkpoint carries random weights at trained-like scales, loaded
     by vLLM with load_format="auto" (which refuses a missing or unknown tensor name), so
