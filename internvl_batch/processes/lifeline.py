@@ -62,7 +62,9 @@ def _watch(parent: Parent, take_group: bool) -> None:
         fd = None
     if start_time(pid) == started:  # still there after the pidfd: it is the right process
         if fd is not None:
-            select.select([fd], [], [])  # readable once it has exited
+            poll = select.poll()  # not select(): a process of vLLM may hold fds past 1024
+            poll.register(fd, select.POLLIN)
+            poll.poll()  # readable once it has exited
         else:
             while start_time(pid) == started:
                 time.sleep(POLL_S)

@@ -164,7 +164,7 @@ class ChildProcess:
         env = self.__dict__.get("_ivb", {}).get("env")
         if self._start_method != "spawn" or not env:
             return super().start()
-        with _environ(env):  # a spawned interpreter reads some at its start (PYTHONPATH)
+        with _environ(env):  # what an interpreter reads at its start (PYTHONUNBUFFERED)
             return super().start()
 
     def __getstate__(self):
