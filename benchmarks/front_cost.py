@@ -69,8 +69,8 @@ def _args() -> argparse.Namespace:
 
 
 def _pickle_ms(images) -> list[float]:
-    """`run --replicas`: each decoded image is pickled to its replica (children.send_frame)
-    and unpickled there; milliseconds per image."""
+    """`run --replicas`: each decoded image is pickled to its replica
+    (processes.children.send_frame) and unpickled there; milliseconds per image."""
     out = []
     for im in images:
         t = time.perf_counter()

@@ -51,18 +51,13 @@ from .config import KEY, KEY_IF_SET, ConfigError, EngineSpec, option_fields
 from .engine import device_name
 from .hooks import GATE_ENV
 
-HEALED_ENV = "INTERNVL_BATCH_HEALED"
-
-
 class CacheError(RuntimeError):
     pass
 
 
 class EntryPoisoned(RuntimeError):
-    """A complete compiled entry crashed on load or warm-up and has been moved aside. This
-    process holds a dead engine and torch.compile state: the caller restarts its command in
-    a fresh process (setting HEALED_ENV), which rebuilds the entry. With HEALED_ENV already
-    set the original error is raised instead, so a rebuild that crashes too stops."""
+    """A complete compiled entry crashed on load or warm-up and has been moved aside
+    (`_start_hit`): `start_engine` builds it again, once."""
 
 
 # A failed start of a complete entry says why. These causes are not the entry's: quarantining
@@ -123,16 +118,9 @@ def model_config_hash(model: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def restart_healed(args: list[str]):
-    """Re-execute `python -m internvl_batch ARGS` in this process (same pid and fds): this
-    process holds a dead engine and torch.compile state. The cache has moved the poisoned
-    entry aside; the new process rebuilds it, and HEALED_ENV stops a second restart."""
-    import sys
-
-    os.environ[HEALED_ENV] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "internvl_batch", *args])
+def _engine_core_in_process() -> bool:
+    """vLLM runs its engine core in the caller's process (the benchmarks' choice)."""
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1").strip().lower() in ("0", "false")
 
 
 def hf_home_default(root: Path) -> dict[str, str]:
@@ -360,7 +348,26 @@ class CompileCache:
     # -- the one entry point the pipeline uses -----------------------------------------------
     def start_engine(self, spec: EngineSpec, log=print, *, naive: bool = False,
                      verify: bool | None = None):
-        """Return (started Engine, Entry): from a complete entry (hit) or by building it."""
+        """Return (started Engine, Entry): from a complete entry (hit) or by building it.
+
+        An entry that crashes the engine on load or warm-up is poisoned (a graph traced on
+        one tile crashes on the first multi-tile batch): it is moved aside and built again,
+        once, in this process. The compiled graphs lived in vLLM's engine-core process,
+        which is gone with the crash, so nothing of them is left here. Where the engine core
+        ran in this process, its torch.compile state is, and the run stops with one line
+        instead: a rerun builds the entry in a fresh process."""
+        try:
+            return self._start_engine(spec, log, naive, verify, heal=True)
+        except EntryPoisoned as e:
+            if _engine_core_in_process():
+                raise CacheError(f"compile cache: {e}; the entry was moved aside and this "
+                                 "process holds the crashed engine: rerun to build it "
+                                 "again") from None
+            log("compile cache: building the entry again in this process")
+            return self._start_engine(spec, log, naive, verify, heal=False)
+
+    def _start_engine(self, spec: EngineSpec, log, naive: bool, verify: bool | None,
+                      heal: bool):
         from .engine import has_cuda, llm_kwargs
 
         spec = self.resolve(spec)
@@ -369,17 +376,17 @@ class CompileCache:
         entry = self.entry(spec)
         if entry.complete:
             entry.hit = True
-            return self._start_hit(spec, entry, log), entry
+            return self._start_hit(spec, entry, log, heal=heal), entry
         with self.try_lock(entry.key) as mine:
             if mine and not entry.complete:
                 return self._build(spec, entry, log, naive, verify), entry
         entry.hit = True
         if entry.complete:
-            return self._start_hit(spec, entry, log), entry
+            return self._start_hit(spec, entry, log, heal=heal), entry
         # someone else is building it: start now, hold before the first forward (hooks.py)
         log(f"compile cache: {entry.key} is being built by another job; starting meanwhile, "
             "loading it the moment it is complete")
-        return self._start_hit(spec, entry, log, gate=True), entry
+        return self._start_hit(spec, entry, log, gate=True, heal=heal), entry
 
     def _build(self, spec: EngineSpec, entry: "Entry", log, naive: bool, verify: bool | None):
         """Build `entry` (caller holds its lock): engine, encoder check, manifest."""
@@ -427,7 +434,11 @@ class CompileCache:
                              f"({e.strerror or e}); free space in --cache-dir and rerun") from None
         return engine
 
-    def _start_hit(self, spec: EngineSpec, entry: Entry, log, gate: bool = False):
+    def _start_hit(self, spec: EngineSpec, entry: Entry, log, gate: bool = False,
+                   heal: bool = True):
+        """Start on a complete entry (`gate`: one being built). A crash that is the entry's
+        moves it aside and raises EntryPoisoned if `heal`; else (a rebuilt entry that
+        crashes too) the crash itself is raised."""
         from .engine import Engine
 
         entry.touch()
@@ -435,7 +446,7 @@ class CompileCache:
         try:
             return engine.start()
         except Exception as e:
-            if not spec.compile or os.environ.get(HEALED_ENV):
+            if not spec.compile or not heal:
                 raise
             # stop the dying engine first: its processes still write into the entry
             engine.close()
@@ -445,9 +456,8 @@ class CompileCache:
                     "is kept")
                 raise
             # a complete entry that crashes on a multi-tile batch is poisoned (a graph traced
-            # on one tile): move it aside and start over in a fresh process, since this one
-            # holds a dead engine and torch.compile state
-            # several replicas (or array tasks) crash on the same entry: only move it if it is
+            # on one tile): move it aside, and start_engine builds it again.
+            # Several replicas (or array tasks) crash on the same entry: only move it if it is
             # still the complete one, never a rebuild another process has started meanwhile
             moved = entry.quarantine(f"crashed on load/warm-up: {type(e).__name__}: {e}"[:2000]) \
                 if entry.complete else "(already moved aside by another process)"

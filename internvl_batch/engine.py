@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
 from .config import ConfigError, EngineSpec, SamplingSpec
-from . import checkpoint, procstart, prompts, timeline
+from . import checkpoint, prompts, timeline
+from .processes import start as process_start
 from .hooks import EXTENSION
 from .stats import process_started_at
 from . import sizing
@@ -478,14 +479,14 @@ class Engine(Engines):
         self.cuda = False
         self.tap: LogTap | None = None
         self.started_at = time.time()
-        self.engine_start = "spawn"  # how vLLM's engine core process starts (procstart.py)
+        self.engine_start = "spawn"  # how vLLM's engine core starts (processes/start.py)
 
     def start(self) -> "Engine":
         self.started_at = time.time()
         os.environ.update(self.cache_env)  # before vllm import: it reads these lazily
         # not fork: a forked engine core dies if anything here touched CUDA first, and four
-        # forked from replicas hung at their first step on an H200 (vLLM 0.26). procstart's
-        # fork server forks it from a clean process; spawn where that is turned off
+        # forked from replicas hung at their first step on an H200 (vLLM 0.26). Our fork
+        # server forks it from a clean process; spawn where that is turned off
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         if self.spec.encoder_cudagraphs:
@@ -498,13 +499,15 @@ class Engine(Engines):
         t0 = time.perf_counter()
         with LogTap() as tap:
             self.tap = tap  # also when the start fails: the cache reads what it said
-            forkserver = procstart.wanted()
+            forkserver = process_start.engine_from_server()
             self.engine_start = "forkserver" if forkserver else "spawn"
             if forkserver:  # before our vllm import, which it then overlaps
-                procstart.start_server()
+                process_start.start_server()
             from vllm import LLM
 
-            if forkserver and not procstart.use_for_vllm():
+            # vLLM's processes start as ours (lifeline included); where this vLLM cannot
+            # be told, it spawns them itself
+            if not process_start.use_for_vllm():
                 self.engine_start = "spawn"
             self.timings.vllm_import_s = time.perf_counter() - t0
             os.environ.update(spawn_env)

@@ -22,7 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .children import STOP_SIGNALS
+from .processes import STOP_SIGNALS, lifeline
 from .sources import Record
 
 # A 16-bit TIFF or a 10k x 10k PNG decodes to hundreds of MB; past this it is not a caption
@@ -177,11 +177,17 @@ def make_pool(workers: int, renderer: tuple[dict, dict] | None = None) -> Execut
 
     # fork would copy a process that may already hold CUDA/vLLM state; spawn is clean
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               initializer=_init_worker, initargs=(renderer,))
+                               initializer=_start_worker,
+                               initargs=(lifeline.token(), renderer))
 
 
-def _init_worker(renderer: tuple[dict, dict] | None) -> None:
+def _start_worker(parent: lifeline.Parent, renderer: tuple[dict, dict] | None) -> None:
+    """A decode worker ignores the stop signals (below) and leaves when `parent`, the
+    process that made the pool, is gone: the pool's queues would otherwise keep it waiting
+    for work forever after a `kill -9` of the run. The lifeline comes before the renderer,
+    whose vLLM import takes seconds a dead parent should not wait for."""
     _ignore_stop_signals()
+    lifeline.watch(parent)
     if renderer is not None:
         from . import preprocess
 

@@ -21,13 +21,13 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from . import __version__, fingerprint, procstart, prompts, stats as stats_mod
-from .children import STOP_SIGNALS
+from . import __version__, fingerprint, prompts, stats as stats_mod
 from .config import ConfigError, EngineSpec, RunConfig
 from .engine import EngineDead, Engines
 from .images import (Decoded, DecodeWorkerDied, make_pool, prefetch, start_workers,
                      stop_pool)
 from .outlock import ShardLock
+from .processes import STOP_SIGNALS, start as process_start
 from .progress import Progress
 from .sinks import ShardWriter, WriteFailed, Written
 from .sources import Records, open_source
@@ -267,7 +267,7 @@ def _run_shard(cfg: RunConfig, started, term: Terminal, started_at: float) -> in
         from .engine import check_device
 
         check_device(cfg.engine)  # GPU-only settings on CPU
-        procstart.fork_replicas(cuda=False)  # a bad INTERNVL_BATCH_{ENGINE,REPLICA}_START
+        process_start.method()  # a bad INTERNVL_BATCH_START_METHOD
     if writer.is_complete() and not cfg.overwrite:
         return _complete(cfg, writer, term)
     # raises SourceError before any model is loaded

@@ -6,32 +6,30 @@ that frontend work, not the GPU, sets the rate (measured on H100: ~96 images/s w
 mostly idle; see docs/performance.md). N engines give N frontends and N engine cores that
 time-share the GPU; the parent only decodes (in its pool), dispatches and writes.
 
-Each replica is `python -m internvl_batch replica CONFIG` on a GPU, or forked from
-procstart's fork server, which has imported torch and vLLM (`forked_main`), on CPU or where
-INTERNVL_BATCH_REPLICA_START=fork asks (`procstart.fork_replicas` says why a GPU spawns
-them). Either way it starts its engine through the compile cache (so the first
-replica builds the entry under the cache lock and the others load it, and a replica that finds
-the entry poisoned restarts itself), then answers batches from its command pipe with results
-on a reply pipe, as streamed pickles. Replicas start concurrently; each reserves a
-fixed KV cache (`kv_cache_gb`) instead of profiling free memory, which other replicas
-starting at the same moment would distort.
+Each replica is a process running `main` (processes.children.Child): forked from the fork
+server, which has imported torch and vLLM, on CPU, or spawned on a GPU (the start method:
+processes/__init__.py; `processes.start.fork_replicas` says why a GPU spawns them). Either
+way it starts its engine through the compile cache (so the first replica builds the entry
+under the cache lock and the others load it, and a replica that finds the entry poisoned
+rebuilds it), then answers batches from its command pipe with results on a reply pipe, as
+streamed pickles. Replicas start concurrently; each reserves a fixed KV cache
+(`kv_cache_gb`) instead of profiling free memory, which other replicas starting at the same
+moment would distort.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import procstart
-from .cache import CompileCache, Entry, EntryPoisoned, hf_home_default, restart_healed
-from .children import Child, ForkedChild, recv_frame, reply_file, send_frame
+from .cache import CompileCache, Entry, hf_home_default
+from .processes import REPLICA_NAME, start as process_start
+from .processes.children import Child, recv_frame, send_frame
 from .config import EngineSpec, SamplingSpec
 from .engine import EngineDead, Engines, InitTimings
 from .sizing import (CPU_FRACTION_SHARED, DEFAULT_KV_CACHE_GB, gpu_memory_fraction, place,
@@ -97,22 +95,21 @@ class ReplicaPool(Engines):
         self.log(f"starting {self.n} engine replicas on {where} (each: "
                  f"gpu_memory_utilization {spec.gpu_memory_utilization}, "
                  f"kv cache {spec.kv_cache_gb or 'profiled'} GiB)")
-        self._tmp = tempfile.TemporaryDirectory(prefix="ivb-replicas-")
         # torch's CPU pool defaults to every core in every process; N frontends each spinning
         # that many OpenMP threads for small per-image tensor ops would fight over the host
         threads = max(1, usable_cpus() // (2 * self.n)) if self.cuda else None
-        forked = procstart.fork_replicas(self.cuda)
+        forked = process_start.fork_replicas(self.cuda)
         if forked:  # its imports run while we go on; the first fork waits for them
             # HF_HOME is read once at import, and so are the thread pools' sizes (torch's,
             # OpenBLAS's): the server imports with the replicas' values, as a spawned replica
-            # and its engine core would (procstart._threads_from_env covers a server that
-            # was already running)
+            # and its engine core would (ChildProcess applies the thread share to a server
+            # that was already running)
             env = hf_home_default(CompileCache(self.cache_dir).root)
             if threads and "OMP_NUM_THREADS" not in os.environ:
                 env["OMP_NUM_THREADS"] = str(threads)
-            procstart.start_server(procstart.PRELOAD_REPLICA, env)
-        self.procs = [_Replica(k, spec, self.cache_dir, Path(self._tmp.name), threads, forked,
-                               devices[k]) for k in range(self.n)]
+            process_start.start_server(process_start.PRELOAD_REPLICA, env)
+        self.procs = [_Replica(k, spec, self.cache_dir, threads, forked, devices[k])
+                      for k in range(self.n)]
         self._waiters = [threading.Thread(target=self._await_ready, args=(r,), daemon=True)
                          for r in self.procs]
         for t in self._waiters:
@@ -164,8 +161,8 @@ class ReplicaPool(Engines):
                     # ready) is left out and the others serve its share: its feeder takes no
                     # job (_Dispatch._feed), so no row is lost. start() raises only when every
                     # replica has failed. (A replica that finds the entry poisoned does not
-                    # get here: it re-executes itself with the same pid and reply pipe,
-                    # cli/run.py, and is only later ready.)
+                    # get here: it rebuilds the entry in its own process, cache.py, and is
+                    # only later ready.)
                     left = sum(1 for q in self.procs if q is not r and q.error is None)
                     if left:
                         self.log(f"{err}; going on with {left} of {self.n} replicas")
@@ -396,12 +393,11 @@ class _Dispatch:
 
 
 class _Replica:
-    """One replica process: batches go out as pickled frames on its command pipe (stdin
-    when spawned), results come back on its reply pipe."""
+    """One replica process: batches go out as pickled frames on its command pipe, results
+    come back on its reply pipe."""
 
-    def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, tmp: Path,
-                 threads: int | None = None, forked: bool = False,
-                 devices: str | None = None):
+    def __init__(self, k: int, spec: EngineSpec, cache_dir: Path, threads: int | None = None,
+                 forked: bool = False, devices: str | None = None):
         self.k = k
         self.busy_s = 0.0  # time its engine spent in generate, in the current imap
         self.images = 0
@@ -410,12 +406,8 @@ class _Replica:
         if devices is not None:  # its GPUs (ReplicaPool._placement)
             env["CUDA_VISIBLE_DEVICES"] = devices
         config = {"spec": asdict(spec), "cache_dir": str(cache_dir), "index": k}
-        path = tmp / f"replica-{k}.json"
-        if forked:
-            self.child: Child = ForkedChild(forked_main, config, path, env=env,
-                                            name=f"{procstart.REPLICA_NAME}-{k}")
-        else:
-            self.child = Child(["replica"], config, path, env=env)
+        self.child = Child(main, config, forked=forked, env=env,
+                           name=f"{REPLICA_NAME}-{k}")
         self.replies = os.fdopen(self.child.reply_fd, "rb", closefd=False)
         self._send_lock = threading.Lock()
         # set by ReplicaPool once its start is over: `ready` (its message) or `error`
@@ -455,59 +447,29 @@ class _Replica:
 
 # -- the replica process ----------------------------------------------------------------------
 
-def forked_main(config_path: str, fds: dict[str, int]) -> None:
-    """A replica forked from procstart's fork server (`procstart.fork_replicas`): `main`,
-    reading batches from `fds["command"]` and replying on `fds["reply"]`, which go into its
-    config, so that a restart after a poisoned entry (`python -m internvl_batch replica
-    CONFIG`, in this process) finds them. Leaves with os._exit like the command
-    (cli.common.exit_now)."""
-    code = 1
-    try:
-        for fd in fds.values():
-            os.set_inheritable(fd, True)
-        path = Path(config_path)
-        path.write_text(json.dumps(dict(json.loads(path.read_text()),
-                                        command_fd=fds["command"], reply_fd=fds["reply"])))
-        try:
-            code = main(config_path)
-        except EntryPoisoned:
-            restart_healed(["replica", config_path])
-    except BaseException:  # noqa: BLE001 - reported like an uncaught error, then exit 1
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def main(config_path: str) -> int:
-    """One replica: start the engine, then answer (idx, batch) frames until its command
-    pipe (stdin, or `command_fd` in its config) closes."""
+def main(cfg: dict, fds: dict[str, int]) -> int:
+    """One replica (the target of its process, processes.children.Child): start the engine,
+    then answer (idx, batch) frames until its command pipe, `fds["command"]`, closes;
+    replies go to `fds["reply"]`. Returns the process's exit code."""
     from .engine import _is_engine_death
 
-    cfg = json.loads(Path(config_path).read_text())
-    commands = sys.stdin.buffer if cfg.get("command_fd") is None else \
-        os.fdopen(cfg["command_fd"], "rb")
-    if procstart.wanted():  # (a no-op where the server forked us: procstart.attached)
+    commands = os.fdopen(fds["command"], "rb")
+    if process_start.engine_from_server():  # (a no-op where the server forked us: attached)
         # first thing: the server's imports then overlap ours. HF_HOME is read once at
         # import, so the server must see the value that cache.Entry.env would set
         os.environ.update(hf_home_default(CompileCache(cfg["cache_dir"]).root))
-        procstart.start_server()
-    reply = reply_file(cfg, "wb")
+        process_start.start_server()
+    reply = os.fdopen(fds["reply"], "wb")
     spec = EngineSpec(**cfg["spec"])
     tag = f"[replica {cfg['index']}]"
     try:
         engine, entry = CompileCache(cfg["cache_dir"]).start_engine(
             spec, log=lambda m: print(f"{tag} {m}", file=sys.stderr, flush=True))
-    except EntryPoisoned:
-        raise  # the command layer restarts this replica in a fresh process
     except BaseException as e:
         send_frame(reply, (-1, {"ready": False, "error": f"{type(e).__name__}: {e}"[:500]}))
         return 1
     timeline = engine.start_timeline(f"replica {cfg['index']}")
-    timeline["replica_start"] = "forked" if procstart.attached() else "spawned"
+    timeline["replica_start"] = "forked" if process_start.attached() else "spawned"
     send_frame(reply, (-1, {"ready": True, "timings": engine.timings.as_dict(),
                             "cache_key": entry.key, "cache_hit": entry.hit,
                             "cache_fields": entry.fields, "info": engine.info(),
@@ -540,7 +502,7 @@ def main(config_path: str) -> int:
         if code:
             break
     # every reply is flushed (send_frame); the engine closes within engine.CLOSE_GRACE_S,
-    # then the command leaves with os._exit (cli.common.exit_now), skipping the
+    # then the process leaves with os._exit (children.run_child), skipping the
     # interpreter's teardown of vLLM and torch
     engine.close()
     reply.close()

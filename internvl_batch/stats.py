@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .procstart import REPLICA_NAME
+from .processes import REPLICA_NAME
 
 # Fixed keys: downstream tooling (merge, bench, dashboards) may rely on every one existing.
 KEYS = (
@@ -219,7 +219,7 @@ def host_memory(images: int, end: bool = False, root: int | None = None) -> dict
     for pid, ppid in _process_tree(root):  # parents before their children
         roles[pid] = role = _role(pid, root)
         if role == "fork server" and roles.get(ppid) == "fork server":
-            # a child of our fork server that neither vLLM nor procstart named (its cmdline
+            # a child of our fork server that neither vLLM nor we named (its cmdline
             # is the server's): what the server forks unnamed is vLLM's engine core
             roles[pid] = role = "vLLM engine core"
         rss, pss, threads = _memory_threads(pid)
@@ -291,7 +291,7 @@ def _role(pid: int, root: int) -> str:
             comm = f.read().strip()
     except OSError:
         return "?"
-    # a process forked by our fork server keeps the server's cmdline; procstart names it
+    # a process forked by our fork server keeps the server's cmdline; ChildProcess names it
     # after its Process in comm. Spawned, vLLM titles its own (VLLM::EngineCore_DP0)
     if comm.startswith(REPLICA_NAME):
         return "replica"
@@ -303,8 +303,6 @@ def _role(pid: int, root: int) -> str:
         return "fork server"
     if "resource_tracker" in cmd:
         return "resource tracker"
-    if "internvl_batch" in cmd and " replica " in f" {cmd} ":
-        return "replica"
     if "multiprocessing.spawn" in cmd:
         return "decode worker"
     return comm or "?"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 from internvl_batch.synthdata import make_coco as _make_coco
@@ -70,3 +71,48 @@ def hold_lock(path: str, ready, release) -> None:
     ready.set()
     release.wait(300)
     os.close(fd)
+
+
+# -- process trees, read from /proc ------------------------------------------------------------
+
+def proc_name(pid: int) -> str | None:
+    """The process's name (comm), or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+    return None if rest.split()[0] in ("Z", "X") else comm
+
+
+def descendants(root: int) -> dict[int, str]:
+    """{pid: name} of the living processes below `root` (by parent pid, in /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(d))
+    out, todo = {}, list(kids.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        name = proc_name(pid)
+        if name is not None:
+            out[pid] = name
+        todo.extend(kids.get(pid, ()))
+    return out
+
+
+def still_alive(pids, within_s: float) -> dict[int, str]:
+    """{pid: name} of `pids` still running after up to `within_s` seconds."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while True:
+        left = {pid: n for pid in pids if (n := proc_name(pid)) is not None}
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)

@@ -516,7 +516,7 @@ def test_resolve_other_models(tmp_path):
     assert cc.resolve(EngineSpec(model="OpenGVLab/InternVL3-1B")).model == "OpenGVLab/InternVL3-1B"
 
 
-# -- a poisoned entry: moved aside, and the command restarts itself -----------------------------
+# -- a poisoned entry: moved aside and built again -----------------------------
 
 def _poisoned_start(tmp_path, monkeypatch):
     """A complete compiled entry whose engine crashes on start (as a graph traced on one tile
@@ -537,47 +537,54 @@ def _poisoned_start(tmp_path, monkeypatch):
     return cc, spec, entry
 
 
-def test_poisoned_entry_is_moved_aside_and_reported(tmp_path, monkeypatch, fake_env):
-    monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
+def test_a_poisoned_entry_is_moved_aside_and_rebuilt_in_this_process(tmp_path, monkeypatch,
+                                                                     fake_env):
+    """The engine crashes on a complete entry: the entry is moved aside and built again by
+    the same call, in this process (the crashed engine core was a process of its own); no
+    command is re-executed."""
+    from internvl_batch import engine
+
     cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
+    starts = []
+
+    def start(self):  # the poisoned entry crashes it; the rebuilt one does not
+        starts.append(self.gate)
+        if len(starts) == 1:
+            raise RuntimeError("split_with_sizes expects split_sizes to sum exactly to 1025")
+        return self
+
+    monkeypatch.setattr(engine.Engine, "start", start)
+    monkeypatch.setattr(engine.Engine, "encoder_check", lambda self: {"ok": True})
     logs = []
-    with pytest.raises(cache_mod.EntryPoisoned, match=entry.key):
-        cc.start_engine(spec, log=logs.append)
-    assert not entry.path.exists()
+    started, got = cc.start_engine(spec, log=logs.append)
+    assert isinstance(started, engine.Engine) and len(starts) == 2
+    assert got.key == entry.key and not got.hit and entry.complete  # built again, complete
     moved = list((cc.root / "quarantine").iterdir())
     assert len(moved) == 1 and "split_with_sizes" in (moved[0] / "QUARANTINED").read_text()
     assert any("is poisoned" in m for m in logs)
+    assert any("building the entry again in this process" in m for m in logs), logs
 
 
-def test_poisoned_entry_after_a_restart_raises_the_crash(tmp_path, monkeypatch, fake_env):
-    """A rebuilt entry that crashes too: no second restart, the original error."""
-    monkeypatch.setenv(cache_mod.HEALED_ENV, "1")
+def test_a_rebuilt_entry_that_crashes_too_raises_the_crash(tmp_path, monkeypatch, fake_env):
+    """No second round: the rebuild's crash is the error, and only the first entry was
+    moved aside (the failed build leaves none)."""
     cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="split_with_sizes"):
         cc.start_engine(spec, log=lambda m: None)
-    assert entry.complete  # left alone
+    assert len(list((cc.root / "quarantine").iterdir())) == 1
+    assert not entry.path.exists()
 
 
-def test_command_restarts_itself_on_a_poisoned_entry(monkeypatch):
-    """The command layer answers EntryPoisoned by re-executing the same command, marked."""
-    import sys
-
-    from internvl_batch.cli import common
-
-    monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
-    calls = []
-    monkeypatch.setattr(common.os, "execv", lambda exe, argv: calls.append((exe, argv)))
-    monkeypatch.setattr(sys, "argv", ["/usr/bin/internvl-batch", "run", "--dataset", "sample"])
-
-    @common.user_errors
-    def command():
-        raise cache_mod.EntryPoisoned("k: crashed")
-
-    command()
-    assert calls == [(sys.executable, [sys.executable, "-m", "internvl_batch", "run",
-                                       "--dataset", "sample"])]
-    assert os.environ[cache_mod.HEALED_ENV] == "1"
-    monkeypatch.delenv(cache_mod.HEALED_ENV)
+def test_a_poisoned_entry_with_the_engine_core_in_this_process_is_one_line(tmp_path,
+                                                                          monkeypatch, fake_env):
+    """The benchmarks run vLLM's engine core in their own process: its torch.compile state
+    is then there, so the entry is moved aside and the command stops with a user error that
+    says to rerun, instead of building in a poisoned process."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
+    with pytest.raises(cache_mod.CacheError, match="moved aside.*rerun to build it again"):
+        cc.start_engine(spec, log=lambda m: None)
+    assert not entry.path.exists() and len(list((cc.root / "quarantine").iterdir())) == 1
 
 
 def test_a_failed_build_leaves_no_entry(tmp_path, monkeypatch, fake_env):
@@ -622,7 +629,6 @@ def test_a_start_that_fails_for_another_reason_keeps_the_entry(tmp_path, monkeyp
     entry aside meant minutes of rebuilding in every job."""
     from internvl_batch import engine
 
-    monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
     cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
     monkeypatch.setattr(engine.Engine, "start", lambda self: (_ for _ in ()).throw(
         RuntimeError(crash)))
@@ -636,7 +642,6 @@ def test_a_start_that_fails_for_another_reason_keeps_the_entry(tmp_path, monkeyp
 def test_a_start_failing_after_a_stop_signal_keeps_the_entry(tmp_path, monkeypatch, fake_env):
     """The job's SIGTERM reaches vLLM's engine core during start-up: the crash that follows
     is the signal's, and what the engine printed names no cause."""
-    monkeypatch.delenv(cache_mod.HEALED_ENV, raising=False)
     cc, spec, entry = _poisoned_start(tmp_path, monkeypatch)
     monkeypatch.setattr(cache_mod, "_stop", {"requested": False})
     cache_mod.request_stop()

@@ -47,7 +47,8 @@ def test_a_new_field_is_an_option_of_run():
 def test_a_new_field_reaches_the_runs_spec(tmp_path, monkeypatch):
     """`run --foo-level 5` builds a RunConfig whose engine has foo_level 5 (the pipeline is
     stubbed: no engine starts)."""
-    from internvl_batch import children, pipeline
+    from internvl_batch import pipeline
+    from internvl_batch.processes import lifeline
 
     seen = {}
 
@@ -56,8 +57,8 @@ def test_a_new_field_reaches_the_runs_spec(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(pipeline, "run", fake_run)
-    monkeypatch.setattr(children, "become_subreaper", lambda: None)
-    monkeypatch.setattr(children, "reap_descendants", lambda: {"left": 0})
+    monkeypatch.setattr(lifeline, "become_subreaper", lambda: None)
+    monkeypatch.setattr(lifeline, "reap_descendants", lambda: {"left": 0})
     monkeypatch.setattr(run_mod, "exit_now", lambda code: None)
     plus = spec_plus()
     cmd = run_mod.run_command(plus)

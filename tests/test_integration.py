@@ -425,17 +425,17 @@ def test_cli_ctrl_c_then_quiet_resume(tiny_model, tmp_path, clean_env):
     assert st["rows"] == 30 and len(st["runs"]) == 2
 
 
-@pytest.mark.parametrize("replica_start", ["fork", "spawn"])
+@pytest.mark.parametrize("start_method", ["auto", "spawn"])
 def test_cli_sigterm_with_replicas_leaves_no_process(tiny_model, tmp_path, clean_env,
-                                                      replica_start):
+                                                      start_method):
     """`timeout` (or a Slurm step's signal) stops `run --replicas 2`: exit 75, the rows
     written are kept, and no process of the run is left once the command has exited. The
     replicas and their engine cores are in process groups of their own, so the signal
     reaches only ours (main, workers, the fork server); with the fork server gone, forked
     replicas' engine cores outlived the command by ~4 s here and, on an H200, held the
-    replicas' GPU memory when the next command started (docs/performance.md).
-    Both layouts: forked replicas (CPU's default) and spawned ones (a GPU's)."""
-    clean_env.setenv("INTERNVL_BATCH_REPLICA_START", replica_start)
+    replicas' GPU memory when the next command started. Both start methods: replicas and
+    engine cores forked from the fork server (CPU's default), and every process spawned."""
+    clean_env.setenv("INTERNVL_BATCH_START_METHOD", start_method)
     images, ann = make_coco(tmp_path / "coco", 1000)
     out = tmp_path / "out"
     p = subprocess.Popen(
@@ -454,6 +454,55 @@ def test_cli_sigterm_with_replicas_leaves_no_process(tiny_model, tmp_path, clean
     assert _left_after_exit(p.pid) == [], stderr
     assert p.returncode == 75, stderr
     assert "Traceback" not in stderr and "stopped by signal SIGTERM" in stderr
+    written = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
+    assert 0 < written < 1000
+
+
+def test_cli_kill9_of_main_alone_leaves_no_process(tiny_model, tmp_path, clean_env):
+    """The kernel's OOM killer (or `kill -9`) takes `run`'s main process alone while its
+    decode workers, two replicas and their engine cores are busy: nobody is left to stop
+    them, and before each child watched its parent, 8 of them were still running 40 s
+    later, each engine core holding its memory. Now every process of the run, recorded
+    from /proc before the kill, is gone 10 s after it."""
+    from tests.helpers import descendants, still_alive
+
+    images, ann = make_coco(tmp_path / "coco", 1000)
+    out = tmp_path / "out"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "internvl_batch", "run", "--dataset", "coco",
+         "--data-dir", str(images), "--annotations", str(ann), "--model", tiny_model,
+         "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--max-tokens", "6",
+         "--replicas", "2", "--workers", "2", "--batch-size", "8", "--max-model-len", "4096",
+         "--no-progress"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr", "w"),
+        start_new_session=True)  # a file: a pipe nobody reads could block the children
+    parts = out / "_parts" / "part-00000-of-00001"
+    tree: dict[int, str] = {}
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list(parts.glob("chunk-*.parquet"))) < 2:
+            assert p.poll() is None, (tmp_path / "stderr").read_text()
+            time.sleep(0.05)
+        for _ in range(5):  # rows are being written: the whole tree is up
+            tree.update(descendants(p.pid))
+            time.sleep(0.1)
+        names = sorted(tree.values())
+        assert sum(n.startswith("ivb-replica") for n in names) == 2, names
+        assert sum(n.startswith("EngineCore") for n in names) == 2, names
+        assert len(tree) >= 2 + 2 + 2 + 1, names  # decode workers, replicas, cores, server
+        p.kill()  # main alone, SIGKILL: no handler runs, nothing is signalled
+        p.wait()
+        t0 = time.monotonic()
+        left = still_alive(tree, within_s=10.0)
+        print(f"{len(tree)} processes below main; all gone "
+              f"{time.monotonic() - t0:.1f} s after its kill -9" if not left else "")
+        assert left == {}, (left, names, (tmp_path / "stderr").read_text()[-3000:])
+    finally:
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
     written = sum(pq.read_metadata(c).num_rows for c in parts.glob("chunk-*.parquet"))
     assert 0 < written < 1000
 
@@ -574,6 +623,37 @@ def test_an_engine_started_during_a_build_loads_it_the_moment_it_completes(tiny_
         done["engine"].close()
 
 
+def test_an_engine_starts_again_in_the_process_whose_engine_core_died(engine, engine_spec,
+                                                                      cache_root):
+    """What healing a poisoned compile-cache entry in-process relies on (cache.start_engine
+    rebuilds it where the engine crashed, instead of re-executing the command): once an
+    engine whose engine core died is closed, a new engine starts in the same process,
+    from the same entry, and captions."""
+    from PIL import Image
+
+    from internvl_batch import prompts
+    from internvl_batch.cache import CompileCache
+    from internvl_batch.engine import Engine, EngineDead
+
+    cc = CompileCache(cache_root)
+    env = cc.entry(cc.resolve(engine_spec)).env()  # the session engine's (complete) entry
+    reqs = [prompts.request(prompts.render(prompts.PROBE), Image.new("RGB", (448, 448)))]
+    first = Engine(engine_spec, env).start()
+    try:
+        core = first.llm.llm_engine.engine_core.resources.engine_manager.processes[0]
+        os.kill(core.pid, signal.SIGKILL)  # as a crash in its first forward ends it
+        with pytest.raises(EngineDead):
+            first.generate(reqs, SamplingSpec(max_tokens=4))
+    finally:
+        first.close()
+    second = Engine(engine_spec, env).start()
+    try:
+        (res,) = second.generate(reqs, SamplingSpec(max_tokens=4))
+        assert res.error is None and res.text
+    finally:
+        second.close()
+
+
 def test_synthesized_weights_give_per_image_captions(engine, engine_spec):
     """The session's tiny checkpoint carries random weights at trained-like scales, loaded
     by vLLM with load_format="auto" (which refuses a missing or unknown tensor name), so
@@ -604,9 +684,10 @@ def test_replicas_give_the_same_rows_as_one_engine(engine, engine_spec, coco_bad
     """`--replicas 2`: two real engine processes, batches dispatched and written back in
     order; captions (greedy) and error rows identical to the single in-process engine. The
     pool serves two runs in a row (as in `bench`), so its pipes must stay in step. The
-    default path: the fork server (procstart.py) forks the replica processes and their
-    engine cores."""
-    from internvl_batch import procstart, stats
+    default path: the fork server (processes/start.py) forks the replica processes and
+    their engine cores."""
+    from internvl_batch import stats
+    from internvl_batch.processes import start as procstart
     from internvl_batch.replicas import ReplicaPool
 
     monkeypatch.delenv(procstart.ENV, raising=False)

@@ -159,3 +159,109 @@ def test_the_checks_see_a_cycle_and_a_lazy_import():
     del sources["pkg.b"]
     sources["pkg.b"] = "import os\n"
     assert cycles(graph(mods, root="pkg", sources=sources)) == []
+
+
+# -- the library starts no command line ---------------------------------------------------------
+
+CLI_MODULES = {ROOT, f"{ROOT}.__main__", f"{ROOT}.cli"}  # what `python -m` runs as the CLI
+CLI_BIN = "internvl-batch"
+EXEC = {"execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe"}
+LAUNCHERS = {"run", "Popen", "call", "check_call", "check_output", "getoutput",
+             "getstatusoutput", "system", "popen", "create_subprocess_exec",
+             "create_subprocess_shell"}
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def _strings(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant)
+            and isinstance(n.value, str)]
+
+
+def _names_the_cli(text: str) -> bool:
+    """A command line (one string, as for a shell) that runs the CLI."""
+    words = text.split()
+    return any(w == CLI_BIN or w.endswith("/" + CLI_BIN) for w in words) or any(
+        a == "-m" and b in CLI_MODULES for a, b in zip(words, words[1:]))
+
+
+def _constants(node: ast.AST) -> list:
+    return [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+
+
+def cli_launches(source: str) -> list[str]:
+    """Where `source` re-executes its process (os.exec*) or runs the command line as a
+    subprocess, by line: an argv with `-m internvl_batch`, a launcher (subprocess, os.system)
+    given the `internvl-batch` executable or `-m internvl_batch`, or the package handed to
+    a helper of this module that builds `python -m MODULE` argvs."""
+    tree = ast.parse(source)
+    argv_helpers = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                    and any(isinstance(n, (ast.List, ast.Tuple)) and "-m" in _constants(n)
+                            for n in ast.walk(f))}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            last = name.rpartition(".")[2]
+            if last in EXEC and name in (last, f"os.{last}"):
+                found.append(f"line {node.lineno}: {name}")
+            elif last in LAUNCHERS and any(_names_the_cli(s) for s in _strings(node)):
+                found.append(f"line {node.lineno}: {name} runs the CLI")
+            elif last in argv_helpers and any(isinstance(a, ast.Constant)
+                                              and a.value in CLI_MODULES for a in node.args):
+                found.append(f"line {node.lineno}: {name} builds a CLI argv")
+        elif isinstance(node, (ast.List, ast.Tuple)):
+            items = _constants(node)
+            if any(a == "-m" and b in CLI_MODULES for a, b in zip(items, items[1:])):
+                found.append(f"line {node.lineno}: an argv that runs the CLI")
+    return found
+
+
+def test_the_library_starts_no_command_line():
+    """Library processes start from library entry points (processes/), never as
+    `python -m internvl_batch COMMAND` or by re-executing the command: the CLI is a layer
+    above the library, and a process re-executed in place hides what started it."""
+    offenders = []
+    for m, (path, _) in modules().items():
+        if m == "internvl_batch.__main__" or _inside(m, "internvl_batch.cli") \
+                or _inside(m, "internvl_batch.bench"):
+            continue
+        offenders += [f"{m} {hit}" for hit in cli_launches(path.read_text())]
+    assert offenders == []
+
+
+def test_the_command_line_check_sees_a_launch():
+    """Not vacuous: what the library did before (a replica as a hidden command, a restart
+    with os.execv) and other spellings are found; other subprocesses and entry points of
+    library modules are not."""
+    flagged = {
+        "exec": "import os, sys\n"
+                "os.execv(sys.executable, [sys.executable, '-m', 'internvl_batch', *args])\n",
+        "execl": "from os import execl\nexecl('/bin/sh', 'sh')\n",
+        "helper": "import subprocess, sys\n"
+                  "def module_argv(module, *args):\n"
+                  "    return [sys.executable, '-m', module, *args]\n"
+                  "subprocess.Popen(module_argv('internvl_batch', 'replica', 'c'))\n",
+        "argv": "import subprocess, sys\n"
+                "subprocess.Popen([sys.executable, '-m', 'internvl_batch', 'replica', 'c'])\n",
+        "bin": "import subprocess\nsubprocess.run(['internvl-batch', 'run', '-o', 'x'])\n",
+        "shell": "import os\nos.system('cd /x && /venv/bin/internvl-batch run -o out')\n",
+    }
+    for name, source in flagged.items():
+        assert cli_launches(source), name
+    allowed = (
+        "import shutil, subprocess, sys\n"
+        "subprocess.run(['sbatch', '--parsable', 'job.sbatch'])\n"
+        "subprocess.Popen([sys.executable, '-m', 'internvl_batch.processes.entry'])\n"
+        "exe = shutil.which('internvl-batch')\n"
+        "text = f'srun {exe} run --output out'\n"
+        "row = ('internvl-batch', md.get('internvl_batch'))\n"
+        "pkg = resources.files('internvl_batch')\n"
+    )
+    assert cli_launches(allowed) == []

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from internvl_batch.config import EngineSpec, SamplingSpec
-from internvl_batch.children import recv_frame, send_frame
+from internvl_batch.processes.children import recv_frame, send_frame
 from internvl_batch.replicas import replica_spec
 
 
@@ -78,61 +78,41 @@ def test_cli_replicas_option():
     assert r.exit_code == 2 and "or auto" in r.output
 
 
-ROOT = str(Path(__file__).resolve().parents[1])
-MODES = ["forked", "spawned"]  # from the fork server (the default) or `python -m`
+MODES = ["forked", "spawned"]  # from the fork server (CPU's default) or spawned (a GPU's)
 
 
 def _use_mode(monkeypatch, mode: str, target, **fake):
     """Replica processes run `target(cfg, commands, reply, **fake)` instead of an engine (no
-    vLLM): forked from the fork server (preloading nothing), or as `python -c`."""
+    vLLM): forked from the fork server (preloading nothing), or spawned."""
     import json
-    import sys
 
-    from internvl_batch import children, procstart, replicas
+    from internvl_batch import replicas
+    from internvl_batch.processes import start
 
     monkeypatch.setenv("IVB_FAKE_REPLICA", json.dumps([target.__name__, fake]))
+    monkeypatch.setattr(replicas, "main", _fake)
+    monkeypatch.setattr(start, "PRELOAD_REPLICA", [])
     if mode == "forked":
-        monkeypatch.delenv(procstart.ENV, raising=False)
-        monkeypatch.setattr(procstart, "PRELOAD_REPLICA", [])
-        monkeypatch.setattr(replicas, "forked_main", _fake_forked_main)
+        monkeypatch.delenv(start.ENV, raising=False)
     else:
-        monkeypatch.setenv(procstart.ENV, "spawn")
-        code = (f"import sys; sys.path.insert(0, {ROOT!r}); "
-                "from tests.test_replicas_unit import _fake_spawned_main; _fake_spawned_main()")
-        monkeypatch.setattr(children, "module_argv",
-                            lambda module, *args: [sys.executable, "-c", code, *map(str, args)])
+        monkeypatch.setenv(start.ENV, "spawn")
 
 
-def _fake(cfg, commands, reply):
+def _fake(cfg, fds):
+    """A replica's process target (replicas.main's place)."""
     import json
     import os
 
     name, fake = json.loads(os.environ["IVB_FAKE_REPLICA"])
-    return globals()[name](cfg, commands, reply, **fake)
-
-
-def _fake_forked_main(config_path, fds):
-    import json
-    import os
-
-    cfg = json.loads(Path(config_path).read_text())
-    sys_exit = _fake(cfg, os.fdopen(fds["command"], "rb"), os.fdopen(fds["reply"], "wb"))
-    os._exit(sys_exit or 0)
-
-
-def _fake_spawned_main():
-    import json
-    import sys
-
-    from internvl_batch.children import reply_file
-
-    cfg = json.loads(Path(sys.argv[-1]).read_text())
-    sys.exit(_fake(cfg, sys.stdin.buffer, reply_file(cfg)))
+    return globals()[name](cfg, os.fdopen(fds["command"], "rb"), os.fdopen(fds["reply"], "wb"),
+                           **fake)
 
 
 def _sleeper(cfg, commands, reply, sleep: float):
     import time
 
+    reply.write(b"up\n")
+    reply.flush()
     commands.read()
     time.sleep(sleep)
 
@@ -143,9 +123,10 @@ def _replicas_running(monkeypatch, tmp_path, n: int, mode: str, sleep: float):
 
     _use_mode(monkeypatch, mode, _sleeper, sleep=sleep)
     pool = ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", n)
-    pool.procs = [_Replica(k, pool.spec, pool.cache_dir, tmp_path, forked=mode == "forked")
+    pool.procs = [_Replica(k, pool.spec, pool.cache_dir, forked=mode == "forked")
                   for k in range(n)]
     for r in pool.procs:  # as if started: close() kills at once a replica still starting
+        assert r.replies.readline() == b"up\n"  # running (imports done): time only the close
         r.ready = {"ready": True}
         r.settled.set()
     return pool
@@ -153,8 +134,8 @@ def _replicas_running(monkeypatch, tmp_path, n: int, mode: str, sleep: float):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_pool_closes_replicas_at_the_same_time(monkeypatch, tmp_path, mode):
-    """Each replica takes 1 s to close its engine after EOF on stdin: three close in about
-    1 s, not 3 (four H100 replicas stopped one after another took ~22 s)."""
+    """Each replica takes 1 s to close its engine after EOF on its command pipe: three
+    close in about 1 s, not 3 (four H100 replicas stopped one after another took ~22 s)."""
     import time
 
     pool = _replicas_running(monkeypatch, tmp_path, 3, mode, 1.0)
@@ -188,7 +169,7 @@ def _engine_stand_in(cfg, commands, reply, delays: list[float], fail: list[int])
     0.05 s. cache_hit is false for replica 1 only."""
     import time
 
-    from internvl_batch.children import recv_frame, send_frame
+    from internvl_batch.processes.children import recv_frame, send_frame
 
     k = cfg["index"]
     time.sleep(delays[k])
@@ -315,7 +296,7 @@ def test_pool_start_fails_when_every_replica_fails(monkeypatch, tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_pool_close_while_replicas_start(monkeypatch, tmp_path, mode):
-    """Replicas still starting (they read no stdin yet) are killed at once, quietly."""
+    """Replicas still starting (they read no commands yet) are killed at once, quietly."""
     import time
 
     logs: list[str] = []
@@ -330,49 +311,12 @@ def test_pool_close_while_replicas_start(monkeypatch, tmp_path, mode):
     assert not any("failed to start" in m for m in logs), logs
 
 
-def test_a_forked_replica_restarts_with_its_pipes_in_its_config(monkeypatch, tmp_path):
-    """A forked replica that finds its entry poisoned re-executes itself as `python -m
-    internvl_batch replica CONFIG` (cache.restart_healed): its config must then name the
-    command and reply fds it holds, and they must survive the exec (inheritable)."""
-    import json
-    import multiprocessing
-
-    from internvl_batch import replicas
-    from internvl_batch.cache import EntryPoisoned
-
-    seen = tmp_path / "seen.json"
-
-    def poisoned(config_path):
-        raise EntryPoisoned("k: crashed")
-
-    def restart(args):  # instead of the exec: what it would start with
-        cfg = json.loads(Path(args[1]).read_text())
-        seen.write_text(json.dumps({"args": args, "cfg": cfg, "inheritable": [
-            os.get_inheritable(cfg["command_fd"]), os.get_inheritable(cfg["reply_fd"])]}))
-        os._exit(0)
-
-    monkeypatch.setattr(replicas, "main", poisoned)
-    monkeypatch.setattr(replicas, "restart_healed", restart)
-    config = tmp_path / "replica-0.json"
-    config.write_text(json.dumps({"index": 0, "reply_fd": None}))
-    r, w = os.pipe()
-    p = multiprocessing.get_context("fork").Process(
-        target=replicas.forked_main, args=(str(config),), kwargs={"fds": {"command": r,
-                                                                          "reply": w}})
-    p.start()
-    p.join(30)
-    assert p.exitcode == 0
-    got = json.loads(seen.read_text())
-    assert got["args"] == ["replica", str(config)]
-    assert (got["cfg"]["command_fd"], got["cfg"]["reply_fd"]) == (r, w)
-    assert got["inheritable"] == [True, True] and got["cfg"]["index"] == 0
-
-
 def test_the_replicas_fork_server_imports_with_their_thread_share(monkeypatch, tmp_path):
     """Forked replicas (and their engine cores) get the thread pools a spawned replica's
     import would size: the server imports torch with OMP_NUM_THREADS at the replicas'
     share (16 cores, 4 replicas: 2), unless the user set it."""
-    from internvl_batch import engine, procstart, replicas
+    from internvl_batch import engine, replicas
+    from internvl_batch.processes import start as procstart
 
     seen = []
 
@@ -383,8 +327,7 @@ def test_the_replicas_fork_server_imports_with_their_thread_share(monkeypatch, t
     monkeypatch.setattr(engine, "has_cuda", lambda: True)
     monkeypatch.setattr(replicas, "usable_cpus", lambda: 16)
     monkeypatch.setattr(procstart, "start_server", fake_server)
-    monkeypatch.setenv(procstart.REPLICA_ENV, "fork")
-    monkeypatch.delenv(procstart.ENV, raising=False)
+    monkeypatch.setenv(procstart.ENV, "forkserver")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     pool = replicas.ReplicaPool(EngineSpec(model="/m"), tmp_path / "cache", 4, log=lambda m: None)
     with pytest.raises(RuntimeError, match="stop here"):

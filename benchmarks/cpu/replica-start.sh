@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU: the start of `run --replicas 2` with its replica processes forked from the
-# fork server (the default) vs spawned (INTERNVL_BATCH_ENGINE_START=spawn: replicas and their
-# engine cores as `python -m` / vLLM's spawn). One warm-up run fills the compile cache; then
+# fork server (the default) vs spawned (INTERNVL_BATCH_START_METHOD=spawn: replicas and their
+# engine cores as fresh interpreters, vLLM's way). One warm-up run fills the compile cache; then
 # ROUNDS rounds of the VARIANTS, each `name=mode` or `name=mode@dir` (run from the checkout
 # in dir: an older commit), order rotating. Each command's wall time is taken here, from
 # launch to exit; the rest comes from its stats.json.
@@ -16,7 +16,7 @@ one() {  # one <name> <engine start mode> [<checkout>]
   rm -rf "$OUT/$1"
   local t0 t1
   t0=$(now)
-  (cd "${3:-.}" && INTERNVL_BATCH_ENGINE_START=$2 $IVB run --dataset coco --data-dir $D/images \
+  (cd "${3:-.}" && INTERNVL_BATCH_START_METHOD=$2 $IVB run --dataset coco --data-dir $D/images \
     --annotations $D/annotations/captions_synth.json --limit "$N" --replicas 2 \
     --max-dynamic-patch 1 --max-tokens 4 --no-progress --cache-dir "$CACHE" \
     --output "$OUT/$1" > "$OUT/$1.log" 2>&1)

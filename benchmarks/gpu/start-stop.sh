@@ -31,9 +31,9 @@ for i in $(seq "$runs"); do
   python3 -c "import json; w=json.load(open('$OUT/walls.json')); w['$key']=$t1-$t0; json.dump(w, open('$OUT/walls.json','w'))"
 done
 # PHASES: cold (on an emptied cache) and warm, each with the engine-core
-# start that INTERNVL_BATCH_ENGINE_START says (procstart.py); a phase ending in -spawn or
-# -fs sets it to spawn or forkserver; one with -fr forks the replicas from the fork server
-# (INTERNVL_BATCH_REPLICA_START=fork; a GPU spawns them by default since the forked ones
+# start that INTERNVL_BATCH_START_METHOD says (internvl_batch/processes/); a phase ending in
+# -spawn or -fs sets it to spawn or auto; one with -fr forks the replicas from the fork server
+# (INTERNVL_BATCH_START_METHOD=forkserver; a GPU spawns them by default since the forked ones
 # served a third of the rate, results/h200/start-stop-forked-replicas/), e.g. warm-fr-2000;
 # one ending in -<digits> captions that many images; -coco: COCO sizes, default tiles;
 # _<k> after all that names a repeat (warm_2). Each is skipped once the call's time runs short.
@@ -44,9 +44,9 @@ for phase in ${PHASES:-cold warm}; do
   left=$(python3 -c "import time; print(min(int(${DEADLINE:-1e12} - time.time()), 100000))")
   [ "$left" -lt 100 ] && { echo "skip $phase: ${left}s left"; continue; }
   envx=""
-  [[ $base == *-spawn* ]] && envx="INTERNVL_BATCH_ENGINE_START=spawn"
-  [[ $base == *-fs* ]] && envx="INTERNVL_BATCH_ENGINE_START=forkserver"
-  [[ $base == *-fr* ]] && envx="INTERNVL_BATCH_REPLICA_START=fork"
+  [[ $base == *-spawn* ]] && envx="INTERNVL_BATCH_START_METHOD=spawn"
+  [[ $base == *-fs* ]] && envx="INTERNVL_BATCH_START_METHOD=auto"
+  [[ $base == *-fr* ]] && envx="INTERNVL_BATCH_START_METHOD=forkserver"
   # a phase with -coco captions COCO-sized images at the default tiles (the second
   # throughput workload) instead of one-tile 448 px ones
   data=/tmp/d448; tiles="--max-dynamic-patch 1"

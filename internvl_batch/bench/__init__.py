@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import children
+from ..processes import children
 from ..config import ConfigError, DEFAULT_PROMPT
 from ..sizing import CPU_FRACTION_SHARED, gpu_memory_fraction, lm_shape
 
@@ -294,11 +294,11 @@ class Child:
     def __init__(self, variant: str, cfg: dict, raw_dir: Path):
         self.variant = variant
         self.log_path = raw_dir / f"{variant}.log"
-        # `python -m internvl_batch bench --worker`: the command line, which restarts the
-        # worker in a fresh process if the compile cache finds its entry poisoned
-        self.worker = children.Child(["bench", "--worker"], dict(cfg, variant=variant),
-                                     raw_dir / f"{variant}.worker.json",
-                                     log_path=self.log_path, text=True)
+        # bench.worker.main, named as text: importing it here would make an import cycle
+        # (it imports this package)
+        self.worker = children.Child("internvl_batch.bench.worker:main",
+                                     dict(cfg, variant=variant), log_path=self.log_path,
+                                     text=True)
         self.proc = self.worker.proc
         self.info: dict = {}
         self.compile = bool(cfg.get("compile"))

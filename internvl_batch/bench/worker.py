@@ -1,9 +1,10 @@
 """One `bench` variant in its own process: one vLLM engine, kept alive across repeats.
 
-The parent (`bench.py`) starts one worker per variant, all alive at once with a share of GPU
-memory each, and sends them one command at a time over stdin (JSON lines), so only one
-variant computes at any moment. Replies go back, one JSON line each, on the file descriptor
-named in the worker's config (stdout and stderr belong to vLLM's log, tee'd to a file).
+The parent (`bench.py`) starts one worker per variant (`main`, in a process of
+processes.children.Child), all alive at once with a share of GPU memory each, and sends them
+one command at a time on their command pipe (JSON lines), so only one variant computes at
+any moment. Replies go back, one JSON line each, on the reply pipe (stdout and stderr belong
+to vLLM's log, tee'd to a file).
 
 Workloads, per command `{"cmd": "run", "slice": NAME}` (a slice = a disjoint set of images;
 `"captions": true` also returns every caption, in the slice's file order, for the parent's
@@ -196,14 +197,10 @@ def _captions_by_file(out_dir: Path) -> dict[str, str | None]:
     return got
 
 
-def main(config_path: str) -> int:
-    """Run the command loop; returns the exit code. Errors go to the parent, except
-    EntryPoisoned, which the command layer answers by restarting this worker."""
-    from ..cache import EntryPoisoned
-    from ..children import reply_file
-
-    cfg = json.loads(Path(config_path).read_text())
-    reply = reply_file(cfg, "w")
+def main(cfg: dict, fds: dict[str, int]) -> int:
+    """Run the command loop (commands on `fds["command"]`, replies on `fds["reply"]`);
+    returns the exit code. Errors go to the parent."""
+    reply = os.fdopen(fds["reply"], "w", buffering=1)
 
     def send(doc: dict):
         reply.write(json.dumps(doc, default=str) + "\n")
@@ -214,14 +211,12 @@ def main(config_path: str) -> int:
     try:
         info = worker.start()
         send({"ready": True, "start_wall_s": round(time.perf_counter() - t0, 2), **info})
-    except EntryPoisoned:
-        raise  # the command layer restarts this worker in a fresh process
     except BaseException as e:
         traceback.print_exc()
         send({"ready": False, "error": _one_line(e)})
         return 1
     code = 0
-    for line in sys.stdin:
+    for line in os.fdopen(fds["command"]):
         if not line.strip():
             continue
         cmd = json.loads(line)

@@ -14,7 +14,7 @@ from .bench_encoder import bench_encoder
 from .cache import cache
 from .merge import merge
 from .model import data, model
-from .run import replica, run
+from .run import run
 from .show import score, show
 from .slurm import slurm
 
@@ -31,7 +31,6 @@ def cli():
 
 
 cli.add_command(run)
-cli.add_command(replica)
 cli.add_command(model)
 cli.add_command(data)
 cli.add_command(cache)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..bench import VARIANTS
-from .common import cache_root, engine_options, exit_now, log, restart_after_poison, user_errors
+from .common import cache_root, engine_options, exit_now, log, user_errors
 
 
 def _variants(ctx, param, value):
@@ -25,18 +25,6 @@ def _command_line() -> str:
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         return "internvl-batch bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     return " ".join(map(shlex.quote, sys.argv))
-
-
-def _worker(config_path: str):
-    """One variant's process (started by the parent bench, talks over pipes)."""
-    from ..bench.worker import main
-    from ..cache import EntryPoisoned
-
-    try:
-        code = main(config_path)
-    except EntryPoisoned as e:  # the reply pipe stays open across the restart
-        restart_after_poison(e)
-    exit_now(code)
 
 
 @click.command()
@@ -80,15 +68,12 @@ def _worker(config_path: str):
 @click.option("--cpu-ok", is_flag=True,
               help="Run without a GPU: drop `compiled` and `pipeline-fp8` with a note "
                    "instead of refusing.")
-@click.option("--worker", hidden=True, default=None)
-def bench(worker, **kw):
+def bench(**kw):
     """Benchmark compiled vs eager encoder and internvl-batch vs a plain vLLM script.
 
     Each variant runs in its own process with its own engine; repeats are interleaved
     after a warm-up; results go to RESULTS_DIR/NAME.json and NAME.md.
     """
-    if worker:
-        _worker(worker)
     _run_bench(kw)
 
 
@@ -101,7 +86,7 @@ def _run_bench(kw: dict):
     kw["name"] = kw["name"] or default_name(kw["model"], kw["sizes"], kw["max_dynamic_patch"])
     kw["command"] = _command_line()
 
-    def _terminate(signum, frame):  # unwind, so the workers (own sessions) are stopped too
+    def _terminate(signum, frame):  # unwind, so the workers (own groups) are stopped too
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)

@@ -23,27 +23,17 @@ class UserError(click.ClickException):
 
 
 def user_errors(fn):
-    """Turn the application's own error types into one-line Click errors, and restart the
-    command in a fresh process when the compile cache found a poisoned entry."""
+    """Turn the application's own error types into one-line Click errors."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
-        from ..cache import CacheError, EntryPoisoned
+        from ..cache import CacheError
         from ..outputs import OutputError
 
         try:
             return fn(*a, **kw)
         except (ConfigError, SourceError, CacheError, OutputError) as e:
             raise UserError(str(e)) from None
-        except EntryPoisoned as e:
-            restart_after_poison(e)
     return wrapper
-
-
-def restart_after_poison(e) -> None:
-    """Re-execute this command (same arguments) in a fresh process (cache.restart_healed)."""
-    from ..cache import restart_healed
-
-    restart_healed(sys.argv[1:])
 
 
 def exit_now(code: int):

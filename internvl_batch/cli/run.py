@@ -1,5 +1,4 @@
-"""`run` (caption a dataset shard) and the hidden `replica` command that `run --replicas N`
-starts once per engine."""
+"""`run`: caption a dataset shard."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +8,7 @@ import click
 from ..config import (DEFAULT_MAX_ERROR_RATE, DEFAULT_PROMPT, EngineSpec, PromptSpec, RunConfig,
                       SamplingSpec, shard_from_env)
 from ..sources import SourceSpec, dataset_help
-from .common import (CACHE_DIR_OPTION, cache_root, engine_options, exit_now,
-                     restart_after_poison, user_errors)
+from .common import CACHE_DIR_OPTION, cache_root, engine_options, exit_now, user_errors
 
 
 def _replicas(ctx, param, value):
@@ -100,7 +98,7 @@ def run_command(spec_cls=EngineSpec) -> click.Command:
 def _run(engine: EngineSpec, kw: dict):
     import json
 
-    from ..children import become_subreaper, reap_descendants
+    from ..processes.lifeline import become_subreaper, reap_descendants
     from ..console import NORMAL, QUIET, VERBOSE, Console
     from ..pipeline import Terminal, run as run_pipeline
     from .. import STARTED_AT
@@ -152,17 +150,3 @@ def _run(engine: EngineSpec, kw: dict):
 
 
 run = run_command()
-
-
-@click.command("replica", hidden=True)
-@click.argument("config_path")
-def replica(config_path):
-    """One engine of `run --replicas N` (started by the parent, talks over pipes)."""
-    from ..cache import EntryPoisoned
-    from ..replicas import main as replica_main
-
-    try:
-        code = replica_main(config_path)
-    except EntryPoisoned as e:  # the reply pipe stays open across the restart
-        restart_after_poison(e)
-    exit_now(code)

@@ -1,14 +1,16 @@
-"""procstart: engine cores forked from a fork server get their parent's environment and
-fds 1/2 as of the fork, not the server's (fast: a server without preload, no vLLM)."""
+"""processes: how the run's processes start (the fork server: a child gets its parent's
+environment and fds 1/2 as of the fork, not the server's; fast: a server without preload, no
+vLLM), and how they end (the lifeline, the reaper)."""
 from __future__ import annotations
 
 import os
 import sys
 from multiprocessing import forkserver
+from pathlib import Path
 
 import pytest
 
-from internvl_batch import procstart
+from internvl_batch.processes import lifeline, start as procstart
 from internvl_batch.config import ConfigError
 
 
@@ -19,16 +21,22 @@ def _child(path):
         f.write(os.environ.get("IVB_PROCSTART_T", "unset"))
 
 
-def test_mode_from_the_environment(monkeypatch):
-    monkeypatch.delenv(procstart.ENV, raising=False)
-    assert procstart.wanted() is True  # the default
+def test_one_start_method_from_the_environment(monkeypatch):
+    for k in (procstart.ENV, *procstart._RETIRED):
+        monkeypatch.delenv(k, raising=False)
+    assert procstart.method() == "auto" and procstart.engine_from_server()  # the default
     monkeypatch.setenv(procstart.ENV, "spawn")
-    assert procstart.wanted() is False
+    assert procstart.method() == "spawn" and not procstart.engine_from_server()
     monkeypatch.setenv(procstart.ENV, "forkserver")
-    assert procstart.wanted() is True
+    assert procstart.engine_from_server()
     monkeypatch.setenv(procstart.ENV, "fork")
-    with pytest.raises(ConfigError, match="spawn or forkserver, or unset it"):
-        procstart.wanted()
+    with pytest.raises(ConfigError, match="auto, forkserver or spawn, or unset it"):
+        procstart.method()
+    monkeypatch.setenv(procstart.ENV, "auto")
+    monkeypatch.setenv("INTERNVL_BATCH_ENGINE_START", "spawn")  # the switch it replaced
+    with pytest.raises(ConfigError, match="^INTERNVL_BATCH_ENGINE_START is no longer read: "
+                                          "set INTERNVL_BATCH_START_METHOD"):
+        procstart.method()
 
 
 def test_forked_child_gets_the_env_and_fds_of_the_moment(tmp_path, monkeypatch):
@@ -40,7 +48,7 @@ def test_forked_child_gets_the_env_and_fds_of_the_moment(tmp_path, monkeypatch):
         with open(out, "w") as fo, open(err, "w") as fe:
             os.dup2(fo.fileno(), 1)
             os.dup2(fe.fileno(), 2)
-            p = procstart._Context().Process(target=_child, args=(str(seen),))
+            p = procstart.get_context(True).Process(target=_child, args=(str(seen),))
             p.start()
             p.join(30)
     finally:
@@ -64,33 +72,31 @@ def test_a_vllm_without_the_hook_keeps_spawning(monkeypatch):
     workers = types.ModuleType("vllm.v1.executor.multiproc_executor")
     monkeypatch.setitem(sys.modules, "vllm.v1.engine.utils", fake)
     monkeypatch.setitem(sys.modules, "vllm.v1.executor.multiproc_executor", workers)
+    monkeypatch.delenv(procstart.ENV, raising=False)
     assert procstart.use_for_vllm() is False
     fake.get_mp_context = lambda: "vllm's own"
     assert procstart.use_for_vllm() is True
-    assert isinstance(fake.get_mp_context(), procstart._Context)
+    assert isinstance(fake.get_mp_context(), procstart._ForkServerContext)
     assert not hasattr(workers, "get_mp_context")
     workers.get_mp_context = lambda: "vllm's own"
     assert procstart.use_for_vllm() is True
-    assert isinstance(workers.get_mp_context(), procstart._Context)
+    assert isinstance(workers.get_mp_context(), procstart._ForkServerContext)
+    # spawned, they still start as ours: with a lifeline
+    monkeypatch.setenv(procstart.ENV, "spawn")
+    assert procstart.use_for_vllm() is True
+    assert isinstance(fake.get_mp_context(), procstart._SpawnContext)
 
 
 def test_replicas_are_forked_on_cpu_and_spawned_on_a_gpu_unless_asked(monkeypatch):
     """On an H200 forked replicas served a third of the spawned ones' images/s
-    (docs/performance.md): a GPU spawns them unless INTERNVL_BATCH_REPLICA_START
-    says fork; ENGINE_START=spawn spawns everything."""
+    (docs/performance.md): `auto` spawns them on a GPU, `forkserver` forks them there too,
+    `spawn` spawns everything."""
     monkeypatch.delenv(procstart.ENV, raising=False)
-    monkeypatch.delenv(procstart.REPLICA_ENV, raising=False)
     assert [procstart.fork_replicas(cuda) for cuda in (False, True)] == [True, False]
-    monkeypatch.setenv(procstart.REPLICA_ENV, "fork")
+    monkeypatch.setenv(procstart.ENV, "forkserver")
     assert [procstart.fork_replicas(cuda) for cuda in (False, True)] == [True, True]
     monkeypatch.setenv(procstart.ENV, "spawn")
     assert [procstart.fork_replicas(cuda) for cuda in (False, True)] == [False, False]
-    monkeypatch.delenv(procstart.ENV)
-    monkeypatch.setenv(procstart.REPLICA_ENV, "spawn")
-    assert [procstart.fork_replicas(cuda) for cuda in (False, True)] == [False, False]
-    monkeypatch.setenv(procstart.REPLICA_ENV, "forkserver")
-    with pytest.raises(ConfigError, match="set it to fork or spawn, or unset it"):
-        procstart.fork_replicas(False)
 
 
 def _threads(path):
@@ -113,7 +119,7 @@ def test_a_forked_child_gets_the_thread_budget_of_its_environment(tmp_path, monk
     forkserver.ensure_running()
     monkeypatch.setenv("OMP_NUM_THREADS", str(n))
     seen = tmp_path / "seen"
-    p = procstart._Context().Process(target=_threads, args=(str(seen),))
+    p = procstart.get_context(True).Process(target=_threads, args=(str(seen),))
     p.start()
     p.join(60)
     assert p.exitcode == 0
@@ -143,14 +149,15 @@ def test_a_bad_mode_is_one_line_before_any_engine(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["run", "--dataset", "sample", "--replicas", "2", "-o", str(out)])
     assert res.exit_code == 2, res.output
     assert res.output.splitlines() == [
-        f"Error: {procstart.ENV}='fork': set it to spawn or forkserver, or unset it"]
+        f"Error: {procstart.ENV}='fork': set it to auto, forkserver or spawn, or unset it"]
     assert not out.exists()
     monkeypatch.delenv(procstart.ENV)
-    monkeypatch.setenv(procstart.REPLICA_ENV, "forked")
+    monkeypatch.setenv("INTERNVL_BATCH_REPLICA_START", "fork")
     res = CliRunner().invoke(cli, ["run", "--dataset", "sample", "--replicas", "2", "-o", str(out)])
     assert res.exit_code == 2, res.output
     assert res.output.splitlines() == [
-        f"Error: {procstart.REPLICA_ENV}='forked': set it to fork or spawn, or unset it"]
+        f"Error: INTERNVL_BATCH_REPLICA_START is no longer read: set {procstart.ENV} to auto, "
+        "forkserver or spawn instead (or unset both)"]
     assert not out.exists()
 
 
@@ -163,7 +170,7 @@ def _replica_like(path, fds):
     """Forked by the server; starts a process of its own through our context, as a replica
     starts vLLM's engine core."""
     got = os.read(fds["command"], 100).decode()
-    p = procstart._Context().Process(target=_grandchild, args=(path + ".g",))
+    p = procstart.get_context(True).Process(target=_grandchild, args=(path + ".g",))
     p.start()
     p.join(30)
     with open(path, "w") as f:
@@ -178,8 +185,8 @@ def test_a_forked_child_forks_through_the_same_server(tmp_path):
     server_pid = forkserver._forkserver._forkserver_pid
     r, w = os.pipe()
     path = str(tmp_path / "seen")
-    p = procstart.EnvProcess(target=_replica_like, args=(path,), pass_fds={"command": r},
-                             own_group=True)
+    p = procstart.get_context(True).Process(target=_replica_like, args=(path,),
+                                            pass_fds={"command": r}, own_group=True)
     p.start()
     os.close(r)
     os.write(w, b"hello")
@@ -197,7 +204,7 @@ def test_a_forked_child_forks_through_the_same_server(tmp_path):
 
 _REAP = r"""
 import json, subprocess, sys
-from internvl_batch.children import _descendants, become_subreaper, reap_descendants
+from internvl_batch.processes.lifeline import _descendants, become_subreaper, reap_descendants
 assert become_subreaper()
 kinds = {
     "ignores SIGTERM": "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)",
@@ -227,3 +234,105 @@ def test_the_command_waits_for_its_orphans_and_stops_the_stragglers():
     assert got["before"] == 3 and got["after"] == 0, got
     assert (got["left"], got["killed"]) == (2, 1), got
     assert 3.0 <= got["waited_s"] < 6.0, got
+
+
+# -- the lifeline: main killed with no chance to clean up --------------------------------------
+
+def _orphan_worker():  # stands for vLLM's worker: lives until its asker is gone
+    import time
+
+    time.sleep(120)
+
+
+def _orphan_core(forked: bool):  # stands for vLLM's engine core: asks for a worker
+    import time
+
+    procstart.get_context(forked).Process(target=_orphan_worker, name="ivb-t-worker").start()
+    time.sleep(120)
+
+
+def _orphan_replica(cfg: dict, fds: dict) -> int:  # a replica (children.Child's target)
+    import time
+
+    procstart.get_context(cfg["forked"]).Process(target=_orphan_core, args=(cfg["forked"],),
+                                                 name="ivb-t-core").start()
+    os.write(fds["reply"], b"started\n")
+    time.sleep(120)
+    return 0
+
+
+def _orphan_main(forked: bool):
+    """A run's main in miniature: the fork server (forked), two decode workers, two
+    replicas, each with an "engine core" that has a "worker"; then it waits to be killed."""
+    import time
+
+    from internvl_batch import images
+    from internvl_batch.processes import children
+
+    if forked:
+        procstart.start_server([])  # no preload: fast
+    pool = images.make_pool(2)
+    images.start_workers(pool, 2)
+    reps = [children.Child(_orphan_replica, {"forked": forked}, forked=forked,
+                           name=f"ivb-t-replica{k}") for k in range(2)]
+    assert [r.read_line() for r in reps] == [b"started"] * 2
+    print("ready", flush=True)
+    time.sleep(120)
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "spawned"])
+def test_a_kill_9_of_main_leaves_no_process_behind(forked):
+    """Every process below main (decode workers, replicas, what they asked for, the fork
+    server, multiprocessing's resource tracker) leaves within a few seconds of main's
+    `kill -9`, though the forked ones are the fork server's children in /proc, not their
+    asker's, and nothing signals them. Without the lifeline all of them stayed."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import descendants, still_alive
+
+    root = str(Path(__file__).resolve().parents[1])
+    main = subprocess.Popen(
+        [sys.executable, "-c", f"from tests.test_processes import _orphan_main; "
+                               f"_orphan_main({forked})"],
+        cwd=root, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    tree = {}
+    try:
+        assert main.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 60
+        while list(tree.values()).count("ivb-t-worker") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            tree = descendants(main.pid)
+        names = sorted(tree.values())
+        assert names.count("ivb-t-worker") == names.count("ivb-t-core") == 2, names
+        assert len(tree) == 2 + 6 + 1 + forked, names  # decode, replicas..., tracker, server
+        main.kill()  # SIGKILL: no handler, no cleanup
+        main.wait()
+        left = still_alive(tree, within_s=5.0)
+        assert left == {}, (left, tree)
+    finally:
+        for pid in set(tree) | {main.pid}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def test_the_watch_works_without_a_pidfd():
+    """Where os.pidfd_open is missing (Python < 3.9) or fails (Linux < 5.3), the watch
+    reads /proc: the child leaves within a poll of its parent's end (a zombie counts)."""
+    import subprocess
+    import time
+
+    code = ("import os, subprocess, sys; del os.pidfd_open\n"
+            "from internvl_batch.processes import lifeline\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1)'])\n"
+            "lifeline._watch((p.pid, lifeline.start_time(p.pid)), False)\n")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=30)
+    took = time.monotonic() - t0
+    assert p.returncode == 1, p.stderr
+    assert "its parent" in p.stderr and "has ended" in p.stderr
+    assert 1.0 <= took < 1.0 + lifeline.POLL_S + 1.5, took
