@@ -69,8 +69,8 @@ from types import SimpleNamespace
 
 from ..config import ConfigError, DEFAULT_PROMPT, EngineSpec
 from . import GpuBusy, dataset, profiling
-from .common import (Recorder, crossover, error_line, git_sha, median_ci, paired_speedup,
-                     predicted_speedup)
+from .common import (Recorder, crossover, error_line, footer_markdown, git_sha, median_ci,
+                     paired_speedup, predicted_speedup)
 
 MODES = ("eager", "compiled")
 SIZES = ("448", "coco")
@@ -851,11 +851,7 @@ def results_markdown(doc: dict) -> str:
     lines += _checks_markdown(doc)
     lines += _profile_markdown(doc.get("profile") or {})
     lines += _rounds_markdown(doc)
-    errs = doc.get("errors", [])
-    if errs:
-        lines += ["", "Errors:", ""] + [f"- {e['where']}: {e['error']}" for e in errs[:30]]
-    if doc.get("command"):
-        lines += ["", f"Command: `{doc['command']}`"]
+    lines += footer_markdown(doc)
     return "\n".join(lines) + "\n"
 
 

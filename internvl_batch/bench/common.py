@@ -170,3 +170,14 @@ def paired_speedup(base: list[float], other: list[float]) -> dict:
 def predicted_speedup(share: float, gain: float) -> float:
     """Amdahl: a part taking `share` of the time that becomes `gain` times faster."""
     return 1.0 / ((1.0 - share) + share / gain)
+
+
+def footer_markdown(doc: dict) -> list[str]:
+    """A report's last lines: the errors it met (at most 30) and the command that made it."""
+    lines = []
+    errs = doc.get("errors", [])
+    if errs:
+        lines += ["", "Errors:", ""] + [f"- {e['where']}: {e['error']}" for e in errs[:30]]
+    if doc.get("command"):
+        lines += ["", f"Command: `{doc['command']}`"]
+    return lines

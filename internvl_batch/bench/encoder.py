@@ -64,7 +64,8 @@ from pathlib import Path
 
 from ..config import ConfigError, EngineSpec
 from ..hooks import TILES_PER_IMAGE, agreement, item_layout, tolerance
-from .common import CONFIDENCE, Recorder, error_line, git_sha, median_ci, paired_speedup
+from .common import (CONFIDENCE, Recorder, error_line, footer_markdown, git_sha, median_ci,
+                     paired_speedup)
 
 MODES = ("eager", "compiled", "cudagraph")
 DEFAULT_BATCHES = (1, 2, 4, 8, 13, 32, 64, 128)
@@ -1085,11 +1086,7 @@ def results_markdown(doc: dict) -> str:
                              f"{'yes' if a.get('ok') else '**NO**'}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *evidence_markdown(doc)]
-    errs = doc.get("errors", [])
-    if errs:
-        lines += ["", "Errors:", ""] + [f"- {e['where']}: {e['error']}" for e in errs[:30]]
-    if doc.get("command"):
-        lines += ["", f"Command: `{doc['command']}`"]
+    lines += footer_markdown(doc)
     return "\n".join(lines) + "\n"
 
 

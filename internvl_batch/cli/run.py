@@ -11,24 +11,20 @@ from ..sources import SourceSpec, dataset_help
 from .common import CACHE_DIR_OPTION, cache_root, engine_options, exit_now, user_errors
 
 
-def _replicas(ctx, param, value):
-    """'auto' -> None; a number passes through for RunConfig to range-check."""
-    if value in (None, "auto"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: a number of engines (1-16) or auto") from None
+def _auto_or_int(what: str):
+    """A click callback: 'auto' -> None; a number passes through for RunConfig to check."""
+    def parse(ctx, param, value):
+        if value in (None, "auto"):
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: {what} or auto") from None
+    return parse
 
 
-def _workers(ctx, param, value):
-    if value in (None, "auto"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: a number of processes (0: inline) or auto") \
-            from None
+_replicas = _auto_or_int("a number of engines (1-16)")
+_workers = _auto_or_int("a number of processes (0: inline)")
 
 
 def run_command(spec_cls=EngineSpec) -> click.Command:
