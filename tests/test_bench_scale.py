@@ -8,7 +8,7 @@ from internvl_batch.bench import scale
 
 
 def test_scale_benchmark_measures_every_field(tmp_path):
-    doc = scale.run_all(tmp_path / "work", records=2_000, small=300, coco=24, shards=8,
+    doc = scale.run_all(tmp_path / "work", records=2_000, small=300, coco=200, shards=8,
                         workers=1, log=lambda m: None)
     t = doc["table"]
     numbers = ["feed_images_per_s", "feed_cpu_ms_per_image", "feed_images_per_core_s",
@@ -28,10 +28,14 @@ def test_scale_benchmark_measures_every_field(tmp_path):
     assert large["stopped"]["code"] == 75 and large["resumed"]["code"] == 0
     assert doc["resume_large"]["rows_in_shard"] == 2_000 + scale.EXTRA
     assert t["merge_shards"] == 8 and t["merge_rows"] == 2_000 + scale.EXTRA
-    for key in ("peak_rss_gb_small", "peak_rss_gb_large", "peak_rss_gb_resume_small",
-                "peak_rss_gb_resume_large"):
-        assert t[key]["main"] > 0 and t[key]["decode worker"] > 0, key
-    assert doc["feed"]["images"] == 24 and doc["feed"]["errors"] == 0
+    keys = ("peak_rss_gb_small", "peak_rss_gb_large", "peak_rss_gb_resume_small",
+            "peak_rss_gb_resume_large")
+    for key in keys:
+        assert t[key]["main"] > 0 and all(gb > 0 for gb in t[key].values()), key
+    # /proc is polled every 0.2 s: a short run's decode workers can come and go unseen, the
+    # long ones' cannot
+    assert any(t[key].get("decode worker", 0) > 0 for key in keys), t
+    assert doc["feed"]["images"] == 200 and doc["feed"]["errors"] == 0
     doc["command"], doc["host"] = "python -m internvl_batch.bench.scale …", {"cpus": 2}
     scale.write(tmp_path / "result", doc)
     assert json.loads((tmp_path / "result" / "scale.json").read_text())["table"] == t

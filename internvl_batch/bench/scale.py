@@ -124,6 +124,9 @@ def feed(work: Path, n: int, workers: int, log) -> dict:
         log(f"feed {label}: {runs[label]['wall_s']} s, {runs[label]['cpu_s']} CPU-s")
     a, b = runs["all"], runs["start"]
     per_image = (a["cpu_s"] - b["cpu_s"]) / (a["stats"]["images"] - b["stats"]["images"])
+    if per_image <= 0:  # the start-up's own variation exceeded the images' cost
+        raise SystemExit(f"feed: {n} images are too few to tell their CPU from start-up's "
+                         "(the marginal cost came out <= 0); pass more --coco images")
     st = a["stats"]
     return {"images": st["images"], "errors": st["errors"], "workers": workers,
             "wall_s": a["wall_s"], "generate_s": st["generate_s"],
