@@ -137,7 +137,10 @@ class Watch:
                             if ln.startswith("VmHWM:")), None)
                 if hwm is None:
                     continue
-                p = self.procs.setdefault(pid, {"role": _role(pid, self.root, cmd)})
+                p = self.procs.setdefault(pid, {})
+                # named at every look: between its fork and its exec a spawned worker
+                # still shows its parent's command line
+                p["role"] = _role(pid, self.root, cmd)
                 p["peak_rss_gb"] = round(hwm / 2**20, 3)
                 p["cpu_s"] = round((int(stat[11]) + int(stat[12])) / tick, 2)
             self._stop.wait(self.every_s)
