@@ -782,9 +782,16 @@ class TarRecords(Records):
 
     def __init__(self, tars: list[Tar], limit: int | None):
         self.tars, self.limit = tars, limit
+        self._split = None
         self._done: dict[int, set[int]] = {}
         self._it = self._samples()  # runs from the first next(), after resume()
         self._total: list[int | None] = []
+
+    def split_at(self, start: int) -> "tuple[list[str], TarRecords]":
+        """Nothing to split off: `resume` has passed over every written position already, and
+        a shard's seqs (tar number x TAR_STRIDE + position) are not the strided ones the
+        default split assumes, so it would swallow unwritten records below `start`."""
+        return [], self
 
     @property
     def total(self) -> int | None:
