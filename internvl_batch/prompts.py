@@ -52,10 +52,6 @@ class Processed:
 
     blob: bytes
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.blob)
-
     def unpack(self) -> dict:
         import pickle
 
